@@ -1,0 +1,162 @@
+"""Question tokenisation for both text paths of the model: ViLT's BERT WordPiece and CLIP's BPE.
+
+ViLT's tokenizer is BERT WordPiece. With a pretrained ViLT checkpoint its own tokenizer files are used; without one a
+WordPiece vocabulary is trained on the training questions with the `tokenizers` library and saved in the run folder,
+so a run is reproducible offline. CLIP's tokenizer is open_clip's own (its BPE vocabulary ships with the package).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_META = "question_tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built or loaded; the message names the path."""
+
+
+def _train_wordpiece(questions: Iterable[str], vocab_size: int) -> dict[str, int]:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(questions, trainer=trainer)
+    vocab = tok.get_vocab()
+    # Special tokens come first, in BERT's order, so [PAD] is id 0 as ViLT's embedding padding_idx expects.
+    if [vocab[t] for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
+        raise TokenizerError(f"WordPiece trainer did not place {SPECIAL_TOKENS} first")
+    return vocab
+
+
+class QuestionTokenizer:
+    """Turns question strings into ViLT WordPiece ids (+ mask) and CLIP BPE ids, padded to fixed lengths."""
+
+    def __init__(
+        self, vilt_tokenizer, *, clip_arch: str, max_text_len: int, clip_context_length: int
+    ) -> None:
+        import open_clip
+
+        from trainer.clip_configs import register_project_configs
+
+        register_project_configs()
+        self.vilt = vilt_tokenizer
+        self.clip_arch = clip_arch
+        self.max_text_len = max_text_len
+        self.clip_context_length = clip_context_length
+        self.clip = open_clip.get_tokenizer(clip_arch, context_length=clip_context_length)
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        questions: Iterable[str],
+        out_dir: str | Path,
+        *,
+        clip_arch: str,
+        max_text_len: int,
+        clip_context_length: int,
+        vocab_size: int = 1000,
+    ) -> QuestionTokenizer:
+        """Train a BERT WordPiece vocabulary on `questions`, save it (and the settings) in `out_dir`, load it."""
+        from transformers import BertTokenizerFast
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        vocab = _train_wordpiece(questions, vocab_size)
+        # BertTokenizerFast adds [CLS] ... [SEP] itself (the raw `tokenizers` trainer does not): ViLT's pooler
+        # reads the [CLS] position.
+        vilt = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+        vilt.save_pretrained(str(out))
+        self = cls(
+            vilt, clip_arch=clip_arch, max_text_len=max_text_len, clip_context_length=clip_context_length
+        )
+        self._save_meta(out, source="built")
+        log.info("built a WordPiece vocabulary of %d tokens in %s", len(vilt), out)
+        return self
+
+    @classmethod
+    def from_pretrained_vilt(
+        cls, path: str, *, clip_arch: str, max_text_len: int, clip_context_length: int
+    ) -> QuestionTokenizer:
+        """ViLT's own tokenizer from a transformers checkpoint directory (or a hub name already in the cache)."""
+        from transformers import BertTokenizerFast
+
+        try:
+            vilt = BertTokenizerFast.from_pretrained(path, local_files_only=True)
+        except OSError as exc:
+            raise TokenizerError(
+                f"no ViLT tokenizer at '{path}': pass a directory saved with save_pretrained "
+                f"(tokenizer.json or vocab.txt) or download the checkpoint first ({exc.__class__.__name__})"
+            ) from None
+        return cls(
+            vilt, clip_arch=clip_arch, max_text_len=max_text_len, clip_context_length=clip_context_length
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path) -> QuestionTokenizer:
+        """Reload a tokenizer saved in a run folder by `build` or `save`."""
+        from transformers import BertTokenizerFast
+
+        d = Path(directory)
+        meta_file = d / _META
+        if not meta_file.is_file():
+            raise TokenizerError(f"no question tokenizer in '{d}' ({_META} is missing)")
+        meta = json.loads(meta_file.read_text())
+        vilt = BertTokenizerFast.from_pretrained(str(d), local_files_only=True)
+        return cls(
+            vilt,
+            clip_arch=meta["clip_arch"],
+            max_text_len=meta["max_text_len"],
+            clip_context_length=meta["clip_context_length"],
+        )
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.vilt.save_pretrained(str(d))
+        self._save_meta(d, source="saved")
+
+    def _save_meta(self, d: Path, source: str) -> None:
+        meta = {
+            "clip_arch": self.clip_arch,
+            "max_text_len": self.max_text_len,
+            "clip_context_length": self.clip_context_length,
+            "vilt_vocab_size": self.vilt_vocab_size,
+            "source": source,
+        }
+        tmp = d / (_META + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(d / _META)
+
+    # -- use ----------------------------------------------------------------------------------------------------
+    @property
+    def vilt_vocab_size(self) -> int:
+        return len(self.vilt)
+
+    def __call__(self, questions: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.vilt(
+            questions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {
+            "vilt_ids": enc["input_ids"].long(),
+            "vilt_mask": enc["attention_mask"].long(),
+            "clip_ids": self.clip(questions).long(),
+        }

@@ -1,0 +1,54 @@
+"""Tiny model configurations and synthetic batches for unit tests (CPU, milliseconds per step)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from trainer.config import LossConfig, ModelConfig, RunConfig
+
+TINY_MODEL = ModelConfig(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    patch_size=8,
+    clip_arch="ViT-tiny-8",
+    image_size=32,
+    max_text_len=8,
+    clip_context_length=12,
+)
+N_ANSWERS = 7
+VOCAB = 50
+EOT = 49407  # CLIP's end-of-text id: open_clip pools the text feature at the argmax token
+
+
+def tiny_config(variant: str, **loss) -> RunConfig:
+    return RunConfig(model=dataclasses.replace(TINY_MODEL, variant=variant), loss=LossConfig(**loss))
+
+
+def synthetic_batch(n: int, seed: int, cfg: ModelConfig = TINY_MODEL) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    vilt_ids = torch.randint(5, VOCAB, (n, cfg.max_text_len), generator=g)
+    vilt_ids[:, 0] = 2  # [CLS]
+    lengths = torch.randint(3, cfg.max_text_len + 1, (n,), generator=g)
+    mask = (torch.arange(cfg.max_text_len)[None] < lengths[:, None]).long()
+    vilt_ids = vilt_ids * mask
+    clip_ids = torch.randint(1, 1000, (n, cfg.clip_context_length), generator=g)
+    clip_ids[torch.arange(n), torch.randint(2, cfg.clip_context_length, (n,), generator=g)] = EOT
+    targets = torch.zeros(n, N_ANSWERS)
+    targets[torch.arange(n), torch.randint(0, N_ANSWERS, (n,), generator=g)] = 1.0
+    targets[torch.arange(n), torch.randint(0, N_ANSWERS, (n,), generator=g)] = 0.3
+    return {
+        "pixels": torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g),
+        "vilt_ids": vilt_ids,
+        "vilt_mask": mask,
+        "clip_ids": clip_ids,
+        "targets": targets,
+        "question_id": torch.arange(n),
+    }
+
+
+def to_double(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}

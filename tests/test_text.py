@@ -1,0 +1,64 @@
+"""Question tokenisation: a WordPiece vocabulary built offline from the questions, and CLIP's BPE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertTokenizerFast
+
+from data_pipeline.text import QuestionTokenizer, TokenizerError
+
+QUESTIONS = [
+    "What color is the shape?",
+    "Is there a red circle?",
+    "What shape is in the image?",
+    "Is it blue?",
+] * 5
+
+
+def _build(tmp_path, **kw):
+    return QuestionTokenizer.build(
+        QUESTIONS, tmp_path / "tok", clip_arch="ViT-tiny-8", max_text_len=12, clip_context_length=16, **kw
+    )
+
+
+def test_wordpiece_built_offline_wraps_questions_in_cls_sep(tmp_path):
+    tok = _build(tmp_path, vocab_size=120)
+    enc = tok(["What color is the shape?", "is it blue"])
+    assert set(enc) == {"vilt_ids", "vilt_mask", "clip_ids"}
+    assert enc["vilt_ids"].shape == (2, 12) and enc["vilt_ids"].dtype == torch.int64
+    assert enc["clip_ids"].shape == (2, 16)
+    ids = enc["vilt_ids"][0][enc["vilt_mask"][0].bool()].tolist()
+    assert ids[0] == tok.vilt.cls_token_id == 2 and ids[-1] == tok.vilt.sep_token_id == 3
+    assert tok.vilt.pad_token_id == 0 and (enc["vilt_ids"][enc["vilt_mask"] == 0] == 0).all()
+    assert tok.vilt.unk_token_id not in ids, "every word of the training questions is in the vocabulary"
+    assert tok.vilt.decode(ids, skip_special_tokens=True) == "what color is the shape?"
+    assert enc["clip_ids"][0, 0] == 49406  # CLIP's start-of-text
+
+
+def test_saved_tokenizer_reloads_identically(tmp_path):
+    tok = _build(tmp_path)
+    again = QuestionTokenizer.load(tmp_path / "tok")
+    for key, value in tok(QUESTIONS[:4]).items():
+        torch.testing.assert_close(again(QUESTIONS[:4])[key], value)
+    assert again.vilt_vocab_size == tok.vilt_vocab_size
+
+
+def test_pretrained_vilt_tokenizer_from_a_saved_directory(tmp_path):
+    vocab = {
+        t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "it", "?"])
+    }
+    BertTokenizerFast(vocab=vocab).save_pretrained(tmp_path / "vilt")
+    tok = QuestionTokenizer.from_pretrained_vilt(
+        str(tmp_path / "vilt"), clip_arch="ViT-tiny-8", max_text_len=6, clip_context_length=16
+    )
+    assert tok(["what is it?"])["vilt_ids"][0].tolist() == [2, 5, 6, 7, 8, 3]
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="no question tokenizer in"):
+        QuestionTokenizer.load(tmp_path)
+    with pytest.raises(TokenizerError, match="no ViLT tokenizer at"):
+        QuestionTokenizer.from_pretrained_vilt(
+            str(tmp_path / "missing"), clip_arch="ViT-tiny-8", max_text_len=6, clip_context_length=16
+        )

@@ -1,0 +1,143 @@
+"""The losses of the paper: ViLT's VQA loss and the InfoNCE alignment of CLIP's image and question features.
+
+InfoNCE is the paper's form (SimCLR's NT-Xent over 2M embeddings): the M image features I and M text features T of a
+batch make 2M embeddings z. Each of the 2M anchors z_a has one positive, its pair (I_i <-> T_i), and its denominator
+runs over all the other 2M-1 embeddings of both modalities (k != a):
+
+    l_a = -log( exp(s(z_a, z_p(a)) / tau) / sum_{k != a} exp(s(z_a, z_k) / tau) )
+
+with s = cosine similarity (paper eq. 1, `similarity="cosine"`) or the raw inner product (eq. 2, `"dot"`), and the
+loss is the mean of l_a over the 2M anchors. The paper prints eq. (1) with tau in the numerator only; that is a typo:
+the temperature divides every term, as in SimCLR.
+
+Across ranks, M is the whole global batch: features are all-gathered with a gradient-carrying all-gather and each
+rank computes the loss of its own anchors against all 2M global embeddings. Data-parallel averaging of the gradients
+(DeepSpeed's) then gives exactly the gradient of the global-batch loss. With gradient accumulation, the negatives come
+from one micro-batch on every rank (micro_batch_size * world_size pairs), not from the whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+SIMILARITIES = ("cosine", "dot")
+
+
+def _wide(x: Tensor) -> Tensor:
+    """fp32, or the input's own dtype where it is wider (float64 in exactness tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """ViLT's VQA loss: BCE with logits against soft answer scores, times the number of answer classes."""
+    logits = _wide(logits)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype)) * targets.shape[1]
+
+
+def _check_features(image_features: Tensor, text_features: Tensor) -> None:
+    if image_features.ndim != 2 or text_features.ndim != 2:
+        raise ValueError(
+            f"info_nce: features must be 2-D [M, D], got image {tuple(image_features.shape)} "
+            f"and text {tuple(text_features.shape)}"
+        )
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"info_nce: image features {tuple(image_features.shape)} and text features "
+            f"{tuple(text_features.shape)} must have the same shape (one text per image)"
+        )
+
+
+def _anchor_losses(z: Tensor, rows: Tensor, temperature: float, similarity: str) -> Tensor:
+    """Per-anchor InfoNCE terms for the anchors `rows` of the 2M embeddings `z` (fp32)."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"info_nce: unknown similarity '{similarity}' (one of: {', '.join(SIMILARITIES)})")
+    if temperature <= 0:
+        raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    if similarity == "cosine":
+        z = F.normalize(z, dim=-1)
+    m = z.shape[0] // 2
+    logits = (z[rows] @ z.T) / temperature  # [anchors, 2M]
+    # k != a: the anchor itself never enters its own denominator.
+    logits = logits.masked_fill(F.one_hot(rows, z.shape[0]).bool(), float("-inf"))
+    positives = torch.where(rows < m, rows + m, rows - m)
+    # log-sum-exp keeps this finite for inner products in the tens of thousands (feature norms in the hundreds).
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, positives[:, None]).squeeze(1)
+
+
+def info_nce(image_features: Tensor, text_features: Tensor, *, temperature: float, similarity: str) -> Tensor:
+    """The paper's InfoNCE (eq. 1 with `similarity="cosine"`, eq. 2 with `"dot"`), mean over all 2M anchors.
+
+    Computed in fp32 with autocast off, whatever the input dtype.
+    """
+    _check_features(image_features, text_features)
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        z = _wide(torch.cat([image_features, text_features]))
+        rows = torch.arange(z.shape[0], device=z.device)
+        return _anchor_losses(z, rows, temperature, similarity).mean()
+
+
+def clip_symmetric_loss(image_features: Tensor, text_features: Tensor, *, temperature: float) -> Tensor:
+    """CLIP's own loss, for comparison: symmetric image->text and text->image cross-entropy on cosine logits."""
+    _check_features(image_features, text_features)
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        i = F.normalize(_wide(image_features), dim=-1)
+        t = F.normalize(_wide(text_features), dim=-1)
+        logits = i @ t.T / temperature
+        labels = torch.arange(i.shape[0], device=i.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather along dim 0 with gradients flowing back to every rank's slice.
+
+    torch.distributed.nn's all_gather sums the incoming gradients onto the owning rank in backward, which is what
+    makes the data-parallel mean of the per-rank losses differentiate exactly like the single-process global loss.
+    (Gathering into a list and putting the local tensor back gives gradients wrong by a factor of the world size.)
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def _dist_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_contrastive_loss(
+    image_features: Tensor, text_features: Tensor, *, temperature: float, kind: str
+) -> Tensor:
+    """Contrastive loss of this rank's anchors against the features of the whole global batch.
+
+    `kind` is "cosine" or "dot" (the paper's InfoNCE) or "clip" (CLIP's symmetric cross-entropy). Without an
+    initialised multi-rank process group this is the single-process loss. The value is this rank's share: the mean
+    over ranks (what data-parallel averaging computes) equals the single-process loss on the concatenated batch.
+    """
+    _check_features(image_features, text_features)
+    if kind not in (*SIMILARITIES, "clip"):
+        raise ValueError(f"contrastive loss: unknown kind '{kind}' (one of: cosine, dot, clip)")
+    if not _dist_active():
+        if kind == "clip":
+            return clip_symmetric_loss(image_features, text_features, temperature=temperature)
+        return info_nce(image_features, text_features, temperature=temperature, similarity=kind)
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    m_local = image_features.shape[0]
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        all_i = gather_with_grad(_wide(image_features))
+        all_t = gather_with_grad(_wide(text_features))
+        if all_i.shape[0] != m_local * world:
+            raise RuntimeError("contrastive loss: every rank must contribute the same number of features")
+        local = torch.arange(m_local, device=all_i.device) + rank * m_local
+        if kind == "clip":
+            i = F.normalize(all_i, dim=-1)
+            t = F.normalize(all_t, dim=-1)
+            logits_i = i[local] @ t.T / temperature
+            logits_t = t[local] @ i.T / temperature
+            return (F.cross_entropy(logits_i, local) + F.cross_entropy(logits_t, local)) / 2
+        m_global = all_i.shape[0]
+        z = torch.cat([all_i, all_t])
+        rows = torch.cat([local, local + m_global])  # this rank's image anchors and text anchors
+        return _anchor_losses(z, rows, temperature, kind).mean()

@@ -1,0 +1,276 @@
+"""The fused ViLT + CLIP model and the ViLT baseline, built from the run configuration.
+
+Paper models (see README): `baseline` is ViLT with its own patch projection; the `clip-*` variants replace that visual
+embedding by CLIP's image encoder, whose patch tokens (with the class token) are projected to ViLT's hidden size and
+fused with the question by ViLT's transformer. CLIP also encodes the question, so that its image feature I and text
+feature T can be aligned by InfoNCE before fusion.
+
+transformers' ViLT modules and open_clip's models are reused as they are, under their own parameter names, so that
+pretrained checkpoints of either load unchanged. Two things are replaced: the fusion encoder's self-attention runs
+through `F.scaled_dot_product_attention` (the stock module materialises the attention matrix), and the baseline's
+visual embedding is vectorised (the stock one loops over the samples in Python to sample patches; with full-size
+images and no patch limit its output is the same up to token order, which attention does not see).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import ViltConfig, ViltModel
+from transformers.models.vilt.modeling_vilt import ViltSelfAttention
+
+from trainer.clip_configs import register_project_configs
+from trainer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+VILT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class ModelBuildError(ValueError):
+    """A model that cannot be built as configured; the message names the option or path to fix."""
+
+
+class SdpaViltSelfAttention(ViltSelfAttention):
+    """ViLT self-attention through scaled_dot_product_attention; same parameters (query/key/value) as the stock one.
+
+    Takes a boolean mask broadcastable to [B, heads, N, N] (True = attend) so fused kernels can be used.
+    """
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, output_attentions: bool = False
+    ):
+        if output_attentions:
+            raise ValueError(
+                "SdpaViltSelfAttention does not return attention weights; use model.attention=eager"
+            )
+        b, n, _ = hidden_states.shape
+        shape = (b, n, self.num_attention_heads, self.attention_head_size)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
+        )
+        return (out.transpose(1, 2).reshape(b, n, self.all_head_size),)
+
+
+def _vilt_config(cfg: ModelConfig, vocab_size: int) -> ViltConfig:
+    return ViltConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        max_position_embeddings=max(40, cfg.max_text_len),
+        max_image_length=-1,
+    )
+
+
+def load_vilt(cfg: ModelConfig, vocab_size: int) -> ViltModel:
+    """ViLT from a checkpoint directory / cached hub name, or randomly initialised from the configured size."""
+    if cfg.vilt_pretrained is None:
+        return ViltModel(_vilt_config(cfg, vocab_size))
+    try:
+        # local_files_only: nothing here reaches the network; a hub name must already be in the local cache.
+        model = ViltModel.from_pretrained(cfg.vilt_pretrained, local_files_only=True)
+    except OSError as exc:
+        raise ModelBuildError(
+            f"model.vilt_pretrained: cannot load ViLT from '{cfg.vilt_pretrained}' "
+            f"({str(exc).splitlines()[0][:160]}). Pass a directory written by save_pretrained, or download the "
+            f"checkpoint beforehand (e.g. `huggingface-cli download dandelin/vilt-b32-mlm`)."
+        ) from None
+    if model.config.vocab_size != vocab_size:
+        raise ModelBuildError(
+            f"model.vilt_pretrained: checkpoint vocabulary has {model.config.vocab_size} tokens but the question "
+            f"tokenizer has {vocab_size}; use the checkpoint's own tokenizer"
+        )
+    return model
+
+
+def load_clip(cfg: ModelConfig) -> nn.Module:
+    """An open_clip model by architecture name, random or with weights from a pretrained tag or local file."""
+    import open_clip
+
+    register_project_configs()
+    known = open_clip.list_models()
+    if cfg.clip_arch not in known:
+        raise ModelBuildError(
+            f"model.clip_arch: '{cfg.clip_arch}' is not an open_clip architecture; valid: {', '.join(known)}"
+        )
+    pretrained = cfg.clip_pretrained
+    if pretrained is not None and (
+        "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    ):
+        if not Path(pretrained).is_file():
+            raise ModelBuildError(
+                f"model.clip_pretrained: no checkpoint file at '{pretrained}' "
+                f"(pass an open_clip pretrained tag or a local file saved with torch.save(model.state_dict()))"
+            )
+    try:
+        model = open_clip.create_model(
+            cfg.clip_arch,
+            pretrained=pretrained,
+            force_image_size=cfg.image_size,
+            force_context_length=cfg.clip_context_length,
+        )
+    except RuntimeError as exc:
+        raise ModelBuildError(
+            f"model.clip_pretrained: cannot load '{pretrained}' for {cfg.clip_arch}: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    # open_clip's logit_scale is a 0-dim parameter, which DeepSpeed cannot broadcast; this model takes its
+    # temperature from the loss config instead, so the parameter is dropped.
+    model.logit_scale = None
+    if getattr(model, "logit_bias", None) is not None:
+        model.logit_bias = None
+    return model
+
+
+def _drop_text_tower(clip: nn.Module) -> None:
+    """Variants without a contrastive loss never run CLIP's text tower: drop it so no parameter goes unused."""
+    for name in ("transformer", "token_embedding", "ln_final"):
+        if hasattr(clip, name):
+            setattr(clip, name, None)
+    for name in ("positional_embedding", "text_projection"):
+        if hasattr(clip, name):
+            setattr(clip, name, None)
+    if hasattr(clip, "text"):  # custom-text towers (HF text models)
+        clip.text = None
+
+
+class FusedViltClip(nn.Module):
+    """ViLT fusion over either ViLT's own patch embedding (baseline) or CLIP's image tokens (clip-* variants).
+
+    forward returns the VQA logits and, for the CLIP variants, CLIP's image and text features (I, T).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, n_answers: int, vilt_vocab_size: int) -> None:
+        super().__init__()
+        if n_answers < 1:
+            raise ModelBuildError(f"n_answers must be >= 1, got {n_answers}")
+        self.cfg = cfg
+        self.vilt = load_vilt(cfg, vilt_vocab_size)
+        h = self.vilt.config.hidden_size
+        if cfg.attention == "sdpa":
+            for layer in self.vilt.encoder.layer:
+                stock = layer.attention.attention
+                sdpa = SdpaViltSelfAttention(self.vilt.config)
+                sdpa.load_state_dict(stock.state_dict())
+                layer.attention.attention = sdpa
+        self.clip: nn.Module | None = None
+        if cfg.visual == "clip":
+            self.clip = load_clip(cfg)
+            if cfg.contrastive == "none":
+                _drop_text_tower(self.clip)
+                self.clip.visual.proj = None  # I is only used by the contrastive loss
+            # The baseline's patch projection is not used by the CLIP variants: drop it (no unused parameters).
+            emb = self.vilt.embeddings
+            emb.patch_embeddings = None
+            emb.cls_token = None
+            emb.position_embeddings = None
+            self.visual_proj = nn.Linear(self._clip_token_width(), h)
+            self.image_mean = tuple(self.clip.visual.image_mean)
+            self.image_std = tuple(self.clip.visual.image_std)
+        else:
+            self.image_mean, self.image_std = VILT_MEAN_STD
+        # Same layout and names as transformers' ViltForQuestionAnswering.classifier, so its weights load.
+        self.classifier = nn.Sequential(
+            nn.Linear(h, 2 * h), nn.LayerNorm(2 * h), nn.GELU(), nn.Linear(2 * h, n_answers)
+        )
+        self.classifier.apply(self.vilt._init_weights)
+
+    def _clip_token_width(self) -> int:
+        visual = self.clip.visual
+        was_training = visual.training
+        visual.eval()  # a one-image probe through BatchNorm (convolutional towers) needs eval mode
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size)
+            width = self._clip_image_tokens(probe)[0].shape[-1]
+        visual.train(was_training)
+        return width
+
+    def _clip_image_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """CLIP image tokens [B, N, C] (class token first where the tower has one) and pooled feature I [B, D]."""
+        out = self.clip.visual.forward_intermediates(
+            pixels, indices=1, normalize_intermediates=True, output_fmt="NCHW", output_extra_tokens=True
+        )
+        tokens = out["image_intermediates"][-1]
+        if tokens.ndim == 4:  # NCHW feature map (ViT reshaped, or a convolutional tower)
+            tokens = tokens.flatten(2).transpose(1, 2)
+        prefix = out.get("image_intermediates_prefix")
+        if prefix:
+            tokens = torch.cat([prefix[-1], tokens], dim=1)
+        return tokens, out["image_features"]
+
+    def _vilt_visual_embed(self, pixels: Tensor) -> Tensor:
+        """ViLT's patch embedding with interpolated position embeddings, vectorised over the batch."""
+        emb = self.vilt.embeddings
+        x = emb.patch_embeddings(pixels)  # [B, h, gh, gw]
+        b, c, gh, gw = x.shape
+        grid = self.vilt.config.image_size // self.vilt.config.patch_size
+        spatial = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, c, grid, grid)
+        pos = F.interpolate(spatial, size=(gh, gw), mode="bilinear", align_corners=True)
+        x = x.flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2)
+        cls = (emb.cls_token + emb.position_embeddings[:, :1, :]).expand(b, -1, -1)
+        return emb.dropout(torch.cat([cls, x], dim=1))
+
+    def forward(
+        self, pixels: Tensor, vilt_ids: Tensor, vilt_mask: Tensor, clip_ids: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        emb = self.vilt.embeddings
+        text = emb.text_embeddings(input_ids=vilt_ids)
+        out: dict[str, Tensor] = {}
+        if self.clip is None:
+            image = self._vilt_visual_embed(pixels)
+        else:
+            tokens, out["image_features"] = self._clip_image_tokens(pixels)
+            image = self.visual_proj(tokens)
+            if self.cfg.contrastive != "none":
+                out["text_features"] = self.clip.encode_text(clip_ids)
+        text = text + emb.token_type_embeddings(torch.zeros_like(vilt_ids))
+        image = image + emb.token_type_embeddings.weight[1]
+        x = torch.cat([text, image], dim=1)
+        keep = torch.cat([vilt_mask.bool(), vilt_mask.new_ones(image.shape[:2], dtype=torch.bool)], dim=1)
+        if self.cfg.attention == "sdpa":
+            mask = keep[:, None, None, :]
+        else:  # the stock attention adds a float mask to its scores
+            mask = (~keep[:, None, None, :]).to(x.dtype) * torch.finfo(x.dtype).min
+        for layer in self.vilt.encoder.layer:
+            x = layer(x, mask)[0]
+        pooled = self.vilt.pooler(self.vilt.layernorm(x))
+        out["logits"] = self.classifier(pooled)
+        return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _fmt_millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
+
+
+def describe(model: FusedViltClip) -> str:
+    parts = [f"variant={model.cfg.variant}", f"params={_fmt_millions(count_parameters(model))}"]
+    if model.clip is not None:
+        parts.append(f"clip={model.cfg.clip_arch}")
+    parts.append(f"vilt={model.vilt.config.num_hidden_layers}x{model.vilt.config.hidden_size}")
+    return " ".join(parts)
+
+
+__all__ = [
+    "FusedViltClip",
+    "ModelBuildError",
+    "SdpaViltSelfAttention",
+    "describe",
+    "load_clip",
+    "load_vilt",
+]
