@@ -7,6 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${VQA_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 DRY_RUN=0
+# A new subcommand: a cmd_NAME function (answering --help), a line in usage, a line in main's case, a name here.
+COMMANDS="setup, test, train, tensorboard, help"
 
 usage() {
     cat <<'USAGE'
@@ -15,6 +17,9 @@ Usage: ./launch.sh [--dry-run] COMMAND [ARGS...]
 Commands:
   setup        create or update the virtual environment .venv from pyproject.toml (idempotent)
   test         set up, then run the whole test suite (ruff + pytest); extra ARGS go to pytest
+  train        set up, then train with DeepSpeed: this node's GPUs, several nodes over ssh, or one node of
+               several without ssh (Kubernetes, Slurm); ARGS go to trainer/main.py
+  tensorboard  set up, then serve TensorBoard for the runs (on 127.0.0.1 unless told otherwise)
   help         this message
 
 Options:
@@ -25,6 +30,7 @@ USAGE
 }
 
 die() { echo "launch.sh: error: $*" >&2; exit 2; }
+note() { echo "launch.sh: $*" >&2; }
 
 run() {
     if [[ "$DRY_RUN" == 1 ]]; then
@@ -33,6 +39,18 @@ run() {
         "$@"
     fi
 }
+
+# Writes LINES to FILE, one a line; a dry run prints the equivalent shell command instead.
+write_lines() {
+    local file="$1"; shift
+    if [[ "$DRY_RUN" == 1 ]]; then
+        printf '%s' "printf '%s\n'"; printf ' %q' "$@"; printf ' > %q\n' "$file"
+    else
+        printf '%s\n' "$@" > "$file"
+    fi
+}
+
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 # Cheap fingerprint of everything that decides what is installed: re-install only when it changes.
 setup_stamp() { cat "$ROOT/pyproject.toml" "$ROOT/launch.sh" | sha256sum | cut -d' ' -f1; }
@@ -60,7 +78,7 @@ cmd_setup() {
     run "$PY" -m pip install --quiet --upgrade "pip>=24" setuptools wheel
     run "$PY" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
     # DS_BUILD_OPS=0: no CUDA ops at install time here (the Docker image pre-builds fused Adam itself).
-    DS_BUILD_OPS=0 run "$PY" -m pip install --quiet -e "$ROOT[dev]"
+    DS_BUILD_OPS=0 run "$PY" -m pip install --quiet -e "${ROOT}[dev]"
     [[ "$DRY_RUN" == 1 ]] || echo "$stamp" > "$VENV/.setup-stamp"
 }
 
@@ -77,6 +95,409 @@ cmd_test() {
     run "$PY" -m pytest "$@"
 }
 
+# ---------------------------------------------------------------------------------------------------------------
+# train: DeepSpeed's launcher (deepspeed, from the venv) running trainer/main.py. docs/cluster.md has the recipes.
+
+train_usage() {
+    cat <<'USAGE'
+Usage: ./launch.sh train [LAUNCH OPTIONS] [--] [TRAINER ARGS...]
+
+Runs `deepspeed [LAUNCH OPTIONS] trainer/main.py [TRAINER ARGS]` from the repository root. Launch options come
+first; the first other argument, or everything after `--`, goes to trainer/main.py unchanged
+(./launch.sh train -- --help shows the trainer's options). Relative paths in TRAINER ARGS are taken from the
+repository root, where trainer/main.py runs.
+
+One node (default):
+  --num_gpus N        processes on this node. Default: one per local GPU (nvidia-smi --list-gpus; with
+                      CUDA_VISIBLE_DEVICES set, DeepSpeed takes exactly the GPUs listed there); on a machine
+                      without a GPU, one CPU process (--num_gpus 1: DeepSpeed's CPU accelerator, gloo)
+
+Several nodes over ssh, started from node 0 (DeepSpeed's pdsh launcher, passwordless ssh to every node, the
+repository and .venv at the same path on every node):
+  --hostfile FILE     one line per node: HOST slots=GPUS (e.g. "worker-0 slots=8"); # comments allowed
+  --num_nodes K       use only the first K hosts of the hostfile
+  --num_gpus N        use GPUs 0..N-1 of each node instead of the hostfile's slots
+  --master_addr ADDR  address of node 0 that every node can reach (default: DeepSpeed asks node 0's
+                      `hostname -I` over ssh)
+  --master_port PORT  rendezvous port on node 0 (DeepSpeed's default: 29500)
+  --ssh_port PORT     ssh port of the nodes, if not 22
+
+One node of several without ssh (Kubernetes, Slurm, one container per node): run the same command on every
+node, each with its own --node_rank; each node starts only its own processes.
+  --no_ssh            this mode
+  --node_rank R       this node's rank, 0 <= R < number of nodes (node 0 hosts the rendezvous)
+  --master_addr ADDR  required: node 0's address
+  --num_nodes K       K nodes with the same number of GPUs (--num_gpus, or this node's GPU count), or
+  --hostfile FILE     the same hostfile on every node; its line order gives the node ranks
+  --master_port PORT  as above
+
+Environment:
+  --env NAME=VALUE    one more variable for the processes of every node (repeatable)
+  Every node's processes get: every NCCL_* variable set here, with NCCL_DEBUG=WARN unless set;
+  TORCH_NCCL_ASYNC_ERROR_HANDLING (default 1: a failed or hung collective aborts the job instead of hanging it);
+  VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR, HF_HOME, HF_HUB_OFFLINE, TORCH_HOME, OMP_NUM_THREADS when set.
+  Over ssh DeepSpeed exports them on the other nodes from a file named by DS_ENV_FILE (launch.sh writes it,
+  after the lines of your own ~/.deepspeed_env and ./.deepspeed_env); without ssh each node exports its own.
+  VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR also become --train-data, --val-data, --run-dir for
+  trainer/main.py unless TRAINER ARGS give them.
+
+SIGTERM (docker stop, Kubernetes, Slurm, cloud preemption) goes to every rank of this node at once, and
+launch.sh waits for them to exit (the trainer checkpoints on SIGTERM); over ssh, to DeepSpeed's runner, which
+stops every node. Ctrl-C acts as with plain deepspeed.
+
+Examples:
+  ./launch.sh train --preset tiny --train-data data/easyvqa/train --val-data data/easyvqa/test --run-dir runs/tiny
+  ./launch.sh train --hostfile hostfile --master_addr 10.0.0.1 -- --preset vqa2-base --resume latest ...
+  ./launch.sh train --no_ssh --num_nodes 2 --node_rank 1 --master_addr 10.0.0.1 -- --preset vqa2-base ...
+USAGE
+}
+
+# Variables that every node's processes get besides DeepSpeed's own (RANK, MASTER_ADDR, ...), when set here;
+# every NCCL_* variable too. train_usage and docs/cluster.md say what each one is for.
+NODE_ENV_NAMES=(TORCH_NCCL_ASYNC_ERROR_HANDLING VQA_TRAIN_DATA VQA_VAL_DATA VQA_RUN_DIR HF_HOME HF_HUB_OFFLINE
+    TORCH_HOME OMP_NUM_THREADS)
+
+in_list() { local x="$1" y; shift; for y in "$@"; do [[ "$x" == "$y" ]] && return 0; done; return 1; }
+
+# NAME=VALUE for every variable that goes to every node: NCCL_*, NODE_ENV_NAMES, and the names given as arguments.
+node_env_lines() {
+    local name
+    for name in $(compgen -e | LC_ALL=C sort); do
+        if [[ "$name" == NCCL_* ]] || in_list "$name" "${NODE_ENV_NAMES[@]}" "$@"; then
+            printf '%s=%s\n' "$name" "${!name}"
+        fi
+    done
+}
+
+# The NAME=VALUE lines of the user's own DeepSpeed environment files, which DeepSpeed would read if launch.sh did
+# not point DS_ENV_FILE at its own file: $HOME/NAME, then ./NAME, NAME being $DS_ENV_FILE or .deepspeed_env.
+user_deepspeed_env_lines() {
+    local name="${DS_ENV_FILE:-.deepspeed_env}" file line
+    local -a files=("$HOME/$name" "$ROOT/$name")
+    [[ "$name" == /* ]] && files=("$name")
+    for file in "${files[@]}"; do
+        [[ -f "$file" ]] || continue
+        while IFS= read -r line || [[ -n "$line" ]]; do
+            [[ "$line" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] && printf '%s\n' "$line"
+        done < "$file"
+    done
+    return 0
+}
+
+# GPUs on this machine: nvidia-smi's list, else the /dev/nvidiaN device files (a container given GPUs but not
+# the driver's utilities sees only its own); 0 where neither shows one.
+local_gpu_count() {
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ' || true
+        return 0
+    fi
+    local -a devices=()
+    shopt -s nullglob
+    devices=(/dev/nvidia[0-9]*)
+    shopt -u nullglob
+    echo "${#devices[@]}"
+}
+
+# Reads a DeepSpeed hostfile into HOSTFILE_HOSTS and HOSTFILE_SLOTS, refusing what DeepSpeed would refuse or
+# misread: a missing file, a line that is not "HOST slots=N", a host listed twice, no host at all.
+read_hostfile() {
+    local file="$1" line n=0
+    HOSTFILE_HOSTS=(); HOSTFILE_SLOTS=()
+    [[ -e "$file" ]] || die "train: hostfile '$file' does not exist"
+    [[ -f "$file" && -r "$file" ]] || die "train: hostfile '$file' is not a readable file"
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        n=$((n + 1))
+        line="${line#"${line%%[![:space:]]*}"}"
+        [[ -z "$line" || "$line" == \#* ]] && continue
+        if [[ ! "$line" =~ ^([^[:space:]]+)[[:space:]]+slots=([0-9]+)([[:space:]]|$) ]]; then
+            die "train: hostfile '$file' line $n: expected 'HOST slots=N' (e.g. 'worker-0 slots=8'), got '$line'"
+        fi
+        in_list "${BASH_REMATCH[1]}" "${HOSTFILE_HOSTS[@]}" && die "train: hostfile '$file' lists ${BASH_REMATCH[1]} twice"
+        (( 10#${BASH_REMATCH[2]} >= 1 )) || die "train: hostfile '$file' line $n: slots must be at least 1"
+        HOSTFILE_HOSTS+=("${BASH_REMATCH[1]}"); HOSTFILE_SLOTS+=("$((10#${BASH_REMATCH[2]}))")
+    done < "$file"
+    (( ${#HOSTFILE_HOSTS[@]} > 0 )) || die "train: hostfile '$file' lists no node: it needs one 'HOST slots=N' line per node (e.g. 'worker-0 slots=8')"
+}
+
+# Does the argument list hold OPTION, as `OPTION VALUE` or `OPTION=VALUE`?
+has_option() {
+    local option="$1" arg; shift
+    for arg in "$@"; do [[ "$arg" == "$option" || "$arg" == "$option="* ]] && return 0; done
+    return 1
+}
+
+# A temporary folder for the files handed to DeepSpeed (env file, generated hostfile), removed when launch.sh
+# exits. A dry run prints the mktemp command and uses its template as the path.
+make_launch_dir() {
+    local template="${TMPDIR:-/tmp}/vqa-align.XXXXXX"
+    if [[ "$DRY_RUN" == 1 ]]; then
+        run mktemp -d "$template"
+        LAUNCH_DIR="$template"
+    else
+        LAUNCH_DIR="$(mktemp -d "$template")"
+        trap 'rm -rf "$LAUNCH_DIR"' EXIT
+    fi
+}
+
+# Runs the launcher and waits for it, passing SIGTERM on. DeepSpeed's runner has no SIGTERM handler when it starts
+# this node's processes itself (one node, or --no_ssh): it would die and leave the ranks running, untold. And its
+# per-node launcher (deepspeed.launcher.launch) passes a SIGTERM on to the ranks one at a time, waiting for each to
+# exit (30 s, then SIGKILL) before telling the next, which deadlocks a checkpoint that needs every rank. So
+# launch.sh sends SIGTERM to every rank of this node at once and waits for them; the launcher sees them exit with
+# their own status. Over ssh (TARGET=runner) the runner's own handler stops pdsh and the remote launchers.
+# The launcher starts in the background so that the trap can run while it works; the subshell undoes what bash
+# does to background jobs (SIGINT ignored, stdin from /dev/null) so that Ctrl-C acts as with plain deepspeed.
+run_passing_sigterm() {
+    local target="$1"; shift
+    if [[ "$DRY_RUN" == 1 ]]; then run "$@"; return 0; fi
+    TRAIN_PID="" TRAIN_SIGNAL_TARGET="$target"
+    trap pass_sigterm TERM
+    trap ':' INT  # Ctrl-C reaches the launcher's processes directly; keep waiting for them to finish
+    ( trap - INT QUIT TERM; exec "$@" ) <&0 &
+    TRAIN_PID=$!
+    local rc again
+    while true; do
+        rc=0; wait "$TRAIN_PID" || rc=$?
+        kill -0 "$TRAIN_PID" 2>/dev/null || break  # still running: a trap interrupted `wait`
+    done
+    # If a trap interrupted the last `wait` just as the launcher ended, its status is still to be collected.
+    if (( rc > 128 )); then
+        again=0; wait "$TRAIN_PID" 2>/dev/null || again=$?
+        (( again == 127 )) || rc=$again
+    fi
+    trap - TERM INT
+    return "$rc"
+}
+
+# The trap for SIGTERM: every rank (the per-node launcher's children) at once; before the ranks exist, the
+# launcher; before that, the runner.
+pass_sigterm() {
+    local -a launchers=() ranks=()
+    if [[ -z "$TRAIN_PID" ]]; then
+        note "SIGTERM before the launch: not launching"
+        exit 143
+    fi
+    if [[ "$TRAIN_SIGNAL_TARGET" == runner ]]; then
+        note "SIGTERM: passing it to DeepSpeed's runner, which stops the processes of every node"
+        kill -TERM "$TRAIN_PID" 2>/dev/null || true
+        return 0
+    fi
+    mapfile -t launchers < <(pgrep -P "$TRAIN_PID" || true)
+    if (( ${#launchers[@]} > 0 )); then
+        mapfile -t ranks < <(pgrep -P "$(IFS=,; echo "${launchers[*]}")" || true)
+    fi
+    if (( ${#ranks[@]} > 0 )); then
+        note "SIGTERM: passing it to every rank on this node (pids ${ranks[*]}) and waiting for them"
+        kill -TERM "${ranks[@]}" 2>/dev/null || true
+    elif (( ${#launchers[@]} > 0 )); then
+        note "SIGTERM before the ranks started: stopping DeepSpeed's launcher"
+        kill -TERM "${launchers[@]}" 2>/dev/null || true
+    else
+        kill -TERM "$TRAIN_PID" 2>/dev/null || true
+    fi
+}
+
+cmd_train() {
+    local num_gpus="" hostfile="" num_nodes="" master_addr="" master_port="" node_rank="" ssh_port="" no_ssh=0
+    local -a env_names=()
+    while [[ $# -gt 0 ]]; do
+        case "$1" in  # --option=value as --option value
+            --num_gpus=*|--hostfile=*|--num_nodes=*|--master_addr=*|--master_port=*|--node_rank=*|--ssh_port=*|--env=*)
+                set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+        esac
+        case "$1" in
+            --help|-h) train_usage; return 0 ;;
+            --no_ssh) no_ssh=1; shift; continue ;;
+            --) shift; break ;;
+            --num_gpus|--hostfile|--num_nodes|--master_addr|--master_port|--node_rank|--ssh_port|--env)
+                [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "train: $1 needs a value (see ./launch.sh train --help)" ;;
+            *) break ;;
+        esac
+        case "$1" in
+            --num_gpus) num_gpus="$2" ;;
+            --hostfile) hostfile="$2" ;;
+            --num_nodes) num_nodes="$2" ;;
+            --master_addr) master_addr="$2" ;;
+            --master_port) master_port="$2" ;;
+            --node_rank) node_rank="$2" ;;
+            --ssh_port) ssh_port="$2" ;;
+            --env)
+                [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "train: --env takes NAME=VALUE, got '$2'"
+                env_names+=("${2%%=*}")
+                export "${2?}" ;;
+        esac
+        shift 2
+    done
+    local -a trainer_args=("$@")
+
+    # Numbers first, so that every later message can rely on them.
+    if [[ -n "$num_gpus" ]] && ! { is_uint "$num_gpus" && (( 10#$num_gpus >= 1 )); }; then
+        die "train: --num_gpus must be a whole number of at least 1, got '$num_gpus'"
+    fi
+    if [[ -n "$num_nodes" ]] && ! { is_uint "$num_nodes" && (( 10#$num_nodes >= 1 )); }; then
+        die "train: --num_nodes must be a whole number of at least 1, got '$num_nodes'"
+    fi
+    if [[ -n "$node_rank" ]] && ! is_uint "$node_rank"; then
+        die "train: --node_rank must be a whole number (0 for the first node), got '$node_rank'"
+    fi
+    local port
+    for port in "$master_port" "$ssh_port"; do
+        if [[ -n "$port" ]] && ! { is_uint "$port" && (( 10#$port >= 1 && 10#$port <= 65535 )); }; then
+            die "train: a port must be a number from 1 to 65535, got '$port'"
+        fi
+    done
+
+    # How many nodes, and is this an ssh launch from node 0?
+    local nodes=1 over_ssh=0
+    if [[ -n "$hostfile" ]]; then
+        read_hostfile "$hostfile"
+        # Absolute, since DeepSpeed runs from the repository root (and takes a hostfile it cannot find for "no
+        # hostfile": one node, silently).
+        hostfile="$(cd "$(dirname "$hostfile")" && pwd)/$(basename "$hostfile")"
+        nodes=${#HOSTFILE_HOSTS[@]}
+        if [[ -n "$num_nodes" ]]; then
+            (( 10#$num_nodes <= nodes )) || die "train: --num_nodes $num_nodes, but hostfile '$hostfile' lists only $nodes node(s)"
+            nodes=$((10#$num_nodes))
+        fi
+    elif [[ -n "$num_nodes" ]]; then
+        (( no_ssh )) || die "train: --num_nodes needs --hostfile (several nodes over ssh) or --no_ssh (one node of several)"
+        nodes=$((10#$num_nodes))
+    fi
+    if (( no_ssh )); then
+        [[ -n "$hostfile" || -n "$num_nodes" ]] || die "train: --no_ssh needs the nodes: --num_nodes K (K alike nodes) or --hostfile FILE (the same file on every node)"
+        [[ -n "$master_addr" ]] || die "train: --no_ssh needs --master_addr, the address of node 0 that every node can reach"
+        [[ -n "$node_rank" ]] || die "train: --no_ssh needs --node_rank, this node's rank from 0 to $((nodes - 1))"
+        (( 10#$node_rank < nodes )) || die "train: --node_rank $node_rank is out of range: $nodes node(s), so 0 to $((nodes - 1))"
+        [[ -z "$ssh_port" ]] || die "train: --ssh_port means nothing with --no_ssh"
+    else
+        [[ -z "$node_rank" ]] || die "train: --node_rank goes with --no_ssh (over ssh DeepSpeed numbers the nodes itself)"
+        [[ -n "$hostfile" || -z "$ssh_port" ]] || die "train: --ssh_port goes with --hostfile (several nodes over ssh)"
+        if [[ -n "$hostfile" ]] && (( nodes > 1 )); then over_ssh=1; fi
+    fi
+    if (( over_ssh )) && [[ "$DRY_RUN" != 1 ]] && ! command -v pdsh >/dev/null 2>&1; then
+        die "train: several nodes over ssh need pdsh, DeepSpeed's launcher (apt-get install pdsh), or run --no_ssh on every node"
+    fi
+
+    # The processes of every node get the same environment (see train_usage).
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    local -a env_lines=()
+    mapfile -t env_lines < <(node_env_lines "${env_names[@]}")
+    local line
+    if (( over_ssh )); then
+        # DeepSpeed's runner exports these on the other nodes in its pdsh command line, wrapping values in double
+        # quotes: these characters would break it.
+        for line in "${env_lines[@]}"; do
+            [[ "$line" != *[\"\$\`\\]* ]] || die "train: cannot pass ${line%%=*} to the other nodes over ssh: its value holds a quote, \$, \` or backslash"
+        done
+    fi
+
+    cmd_setup
+    run cd "$ROOT"
+    for line in "${env_lines[@]}"; do run export "$line"; done
+
+    local -a launch=("$VENV/bin/deepspeed")
+    if [[ -n "$hostfile" ]]; then
+        launch+=(--hostfile "$hostfile")
+        [[ -z "$num_nodes" ]] || launch+=(--num_nodes "$num_nodes")
+        [[ -z "$num_gpus" ]] || launch+=(--num_gpus "$num_gpus")
+    else
+        local gpus slots
+        gpus="$(local_gpu_count)"
+        if [[ -n "$num_gpus" ]]; then
+            slots="$num_gpus"
+        elif (( gpus > 0 )); then
+            slots="$gpus"
+        else
+            slots=1
+            note "no GPU found (nvidia-smi): launching one CPU process (--num_gpus 1)"
+        fi
+        if (( no_ssh )); then
+            # DeepSpeed needs the list of nodes even when it launches only this one: K alike nodes.
+            make_launch_dir
+            local -a host_lines=()
+            local i
+            for ((i = 0; i < nodes; i++)); do host_lines+=("node-$i slots=$slots"); done
+            write_lines "$LAUNCH_DIR/hostfile" "${host_lines[@]}"
+            launch+=(--hostfile "$LAUNCH_DIR/hostfile")
+        elif [[ -z "$num_gpus" && "$gpus" -gt 0 && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+            note "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: DeepSpeed launches one process per GPU listed there"
+        else
+            launch+=(--num_gpus "$slots")
+        fi
+    fi
+    if (( no_ssh )); then
+        launch+=(--no_ssh --node_rank "$node_rank")
+    fi
+    [[ -z "$master_addr" ]] || launch+=(--master_addr "$master_addr")
+    [[ -z "$master_port" ]] || launch+=(--master_port "$master_port")
+    [[ -z "$ssh_port" ]] || launch+=(--ssh_port "$ssh_port")
+
+    if (( over_ssh )); then
+        make_launch_dir
+        local -a file_lines=()
+        mapfile -t file_lines < <(user_deepspeed_env_lines)
+        write_lines "$LAUNCH_DIR/deepspeed_env" "${file_lines[@]}" "${env_lines[@]}"
+        run export "DS_ENV_FILE=$LAUNCH_DIR/deepspeed_env"
+    fi
+
+    local -a defaults=()
+    if [[ -n "${VQA_TRAIN_DATA:-}" ]] && ! has_option --train-data "${trainer_args[@]}"; then
+        defaults+=(--train-data "$VQA_TRAIN_DATA")
+    fi
+    if [[ -n "${VQA_VAL_DATA:-}" ]] && ! has_option --val-data "${trainer_args[@]}"; then
+        defaults+=(--val-data "$VQA_VAL_DATA")
+    fi
+    if [[ -n "${VQA_RUN_DIR:-}" ]] && ! has_option --run-dir "${trainer_args[@]}"; then
+        defaults+=(--run-dir "$VQA_RUN_DIR")
+    fi
+
+    local target=launcher
+    if (( over_ssh )); then target=runner; fi
+    run_passing_sigterm "$target" "${launch[@]}" trainer/main.py "${defaults[@]}" "${trainer_args[@]}"
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+
+cmd_tensorboard() {
+    local logdir="${VQA_RUNS_DIR:-$ROOT/runs}" host="127.0.0.1" port="6006"
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --logdir=*|--host=*|--port=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+        esac
+        case "$1" in
+            --help|-h)
+                cat <<'USAGE'
+Usage: ./launch.sh tensorboard [--logdir DIR] [--host HOST] [--port PORT] [--] [TENSORBOARD ARGS...]
+
+Serve TensorBoard for every run under DIR (default: $VQA_RUNS_DIR, else runs/ in the repository), which the
+trainer fills from rank 0 (train/..., val/... tags).
+  --logdir DIR   the folder of run folders
+  --host HOST    address to listen on (default 127.0.0.1: this machine only; from elsewhere, tunnel with
+                 ssh -L 6006:127.0.0.1:6006 NODE). Inside a container use 0.0.0.0 and let the published
+                 port decide who can reach it (docker/compose.yaml publishes it on 127.0.0.1).
+  --port PORT    default 6006
+Other arguments go to tensorboard unchanged.
+USAGE
+                return 0 ;;
+            --logdir|--host|--port)
+                [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "tensorboard: $1 needs a value (see ./launch.sh tensorboard --help)"
+                case "$1" in
+                    --logdir) logdir="$2" ;;
+                    --host) host="$2" ;;
+                    --port) port="$2" ;;
+                esac
+                shift 2 ;;
+            --) shift; break ;;
+            *) break ;;
+        esac
+    done
+    { is_uint "$port" && (( 10#$port >= 1 && 10#$port <= 65535 )); } || die "tensorboard: --port must be a number from 1 to 65535, got '$port'"
+    [[ -d "$logdir" ]] || die "tensorboard: log folder '$logdir' does not exist (train first, or give --logdir)"
+    cmd_setup
+    run "$VENV/bin/tensorboard" --logdir "$logdir" --host "$host" --port "$port" "$@"
+}
+
 main() {
     while [[ $# -gt 0 && "$1" == --* ]]; do
         case "$1" in
@@ -90,9 +511,14 @@ main() {
     case "$cmd" in
         setup) cmd_setup "$@" ;;
         test) cmd_test "$@" ;;
+        train) cmd_train "$@" ;;
+        tensorboard) cmd_tensorboard "$@" ;;
         help) usage ;;
-        *) die "unknown command '$cmd' (one of: setup, test, help; see ./launch.sh --help)" ;;
+        *) die "unknown command '$cmd' (one of: $COMMANDS; see ./launch.sh --help)" ;;
     esac
 }
 
-main "$@"
+# Run unless sourced (the tests source this file to call its functions).
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

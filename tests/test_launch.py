@@ -1,0 +1,550 @@
+"""launch.sh: every subcommand's --help, refusals of bad input, and the exact commands `train` and `tensorboard`
+would run (--dry-run); then SIGTERM reaching every rank through DeepSpeed's real launcher.
+
+Each test runs a copy of launch.sh in a temporary folder with a fake, already set-up virtual environment and a
+fake nvidia-smi, in an environment built from scratch, so that neither this machine's GPUs and variables nor the
+repository's .venv change what is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The environment running these tests (.venv here, /opt/venv in the Docker image), whose DeepSpeed the slow test uses.
+REAL_VENV = Path(sys.executable).parent.parent
+
+
+@dataclass
+class Checkout:
+    root: Path
+    venv: Path
+    bin: Path
+    tmp: Path
+    home: Path
+
+    @property
+    def deepspeed(self) -> str:
+        return f"{self.venv}/bin/deepspeed"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.home),
+            "TMPDIR": str(self.tmp),
+            "VQA_VENV": str(self.venv),
+            "LC_ALL": "C",
+            **extra,
+        }
+
+    def launch(self, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.root / "launch.sh"), *args],
+            env=self.env(**extra_env),
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def dry(self, *args: str, **extra_env: str) -> list[list[str]]:
+        """The commands `./launch.sh --dry-run ARGS` prints, each split into words as the shell would (the
+        quoting of bash's printf %q and Python's shlex differ, the words do not); fails on a non-zero exit."""
+        result = self.launch("--dry-run", *args, **extra_env)
+        assert result.returncode == 0, result.stderr
+        return [shlex.split(line) for line in result.stdout.splitlines()]
+
+    def gpus(self, count: int) -> None:
+        """Make nvidia-smi list COUNT GPUs (0: none)."""
+        lines = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})"\n' for i in range(count))
+        write_executable(self.bin / "nvidia-smi", f"#!/bin/sh\n{lines}exit 0\n")
+
+    def hostfile(self, text: str, name: str = "hostfile") -> Path:
+        path = self.tmp / name
+        path.write_text(text)
+        return path
+
+
+def write_executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def stamp_for(launch_sh: Path) -> str:
+    """The set-up stamp launch.sh itself computes for its checkout (sourcing it does not run main)."""
+    result = subprocess.run(
+        ["bash", "-c", 'source "$1" && setup_stamp', "_", str(launch_sh)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Checkout:
+    root, venv, bin_dir, tmp, home = (tmp_path / n for n in ("repo", "venv", "bin", "tmp", "home"))
+    for d in (root, venv / "bin", bin_dir, tmp, home):
+        d.mkdir(parents=True)
+    shutil.copy2(REPO / "launch.sh", root / "launch.sh")
+    shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
+    for name in ("python", "deepspeed", "tensorboard", "ruff"):
+        write_executable(venv / "bin" / name, "#!/bin/sh\nexit 0\n")
+    (venv / ".setup-stamp").write_text(stamp_for(root / "launch.sh"))
+    c = Checkout(root, venv, bin_dir, tmp, home)
+    c.gpus(0)
+    return c
+
+
+def node_env(**overrides: str) -> list[list[str]]:
+    """The exports every train dry run starts with, sorted by name as launch.sh prints them."""
+    env = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", **overrides}
+    return [["export", f"{k}={v}"] for k, v in sorted(env.items())]
+
+
+def words(line: str) -> list[str]:
+    return shlex.split(line)
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+
+def usage_commands(checkout: Checkout) -> list[str]:
+    """The commands `./launch.sh --help` lists."""
+    usage = checkout.launch("--help")
+    assert usage.returncode == 0
+    block = usage.stdout.split("Commands:")[1].split("Options:")[0]
+    return [line.split()[0] for line in block.splitlines() if line.startswith("  ") and line[2] != " "]
+
+
+def test_every_command_in_usage_answers_help(checkout: Checkout) -> None:
+    commands = usage_commands(checkout)
+    assert {"setup", "test", "train", "tensorboard", "help"} <= set(commands)
+    for command in commands:
+        result = checkout.launch(command, "--help")
+        assert result.returncode == 0, (command, result.stderr)
+        assert "Usage: ./launch.sh" in result.stdout, command
+
+
+def test_unknown_command_and_option_are_refused(checkout: Checkout) -> None:
+    result = checkout.launch("trian")
+    assert result.returncode == 2
+    assert "unknown command 'trian'" in result.stderr
+    listed = result.stderr.split("one of: ")[1].split(";")[0].split(", ")
+    assert listed == usage_commands(checkout)  # the message lists every command there is
+    result = checkout.launch("--verbose", "train")
+    assert result.returncode == 2 and "unknown option '--verbose'" in result.stderr
+    assert checkout.launch().returncode == 2  # no command: usage, and a failure
+
+
+def test_setup_and_test_still_run_what_they_ran(checkout: Checkout) -> None:
+    assert checkout.dry("setup") == []  # stamp matches: nothing to install
+    assert checkout.dry("test", "-k", "launch") == [
+        words(f"{checkout.venv}/bin/ruff format --check ."),
+        words(f"{checkout.venv}/bin/ruff check ."),
+        words(f"{checkout.venv}/bin/python -m pytest -k launch"),
+    ]
+
+
+# --- train on one node --------------------------------------------------------------------------------------------
+
+
+def test_train_without_gpu_launches_one_cpu_process(checkout: Checkout) -> None:
+    result = checkout.launch("--dry-run", "train", "--preset", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert [line.rstrip() for line in result.stdout.splitlines()] == [
+        f"cd {checkout.root}",
+        "export NCCL_DEBUG=WARN",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        f"{checkout.deepspeed} --num_gpus 1 trainer/main.py --preset tiny",
+    ]
+    assert "no GPU found" in result.stderr
+
+
+def test_train_uses_every_local_gpu_unless_told(checkout: Checkout) -> None:
+    checkout.gpus(8)
+    ds = checkout.deepspeed
+    assert checkout.dry("train", "--preset", "tiny")[-1] == words(
+        f"{ds} --num_gpus 8 trainer/main.py --preset tiny"
+    )
+    for form in (["--num_gpus", "2"], ["--num_gpus=2"]):
+        assert checkout.dry("train", *form, "--preset", "tiny")[-1] == words(
+            f"{ds} --num_gpus 2 trainer/main.py --preset tiny"
+        )
+    # CUDA_VISIBLE_DEVICES: DeepSpeed itself launches one process per listed GPU, which --num_gpus would undo.
+    lines = checkout.dry("train", "--preset", "tiny", CUDA_VISIBLE_DEVICES="2,3")
+    assert lines[-1] == words(f"{ds} trainer/main.py --preset tiny")
+
+
+def test_trainer_args_pass_through_unchanged(checkout: Checkout) -> None:
+    trainer_args = [
+        "--preset",
+        "tiny",
+        "--set",
+        "loss.name=info nce",
+        "--set",
+        "x='y'",
+        "--num_gpus",
+        "3",
+        "--help",
+    ]
+    line = checkout.dry("train", "--num_gpus", "1", "--", *trainer_args)[-1]
+    assert line == [checkout.deepspeed, "--num_gpus", "1", "trainer/main.py", *trainer_args]
+    # Without `--`, trainer arguments start at the first argument that is not a launch option.
+    line = checkout.dry("train", "--num_gpus", "1", "--preset", "tiny", "--num_gpus", "5")[-1]
+    assert line[3:] == ["trainer/main.py", "--preset", "tiny", "--num_gpus", "5"]
+
+
+def test_data_and_run_paths_from_the_environment(checkout: Checkout) -> None:
+    paths = {"VQA_TRAIN_DATA": "/data/train", "VQA_VAL_DATA": "/data/val", "VQA_RUN_DIR": "/runs/a b"}
+    lines = checkout.dry("train", "--preset", "tiny", **paths)
+    assert lines[1:-1] == node_env(**paths)
+    assert lines[-1][3:] == [
+        "trainer/main.py",
+        *["--train-data", "/data/train", "--val-data", "/data/val", "--run-dir", "/runs/a b"],
+        *["--preset", "tiny"],
+    ]
+    # Given on the command line, in either form, the argument wins and the variable adds nothing.
+    line = checkout.dry("train", "--run-dir=/elsewhere", "--val-data", "/v", **paths)[-1]
+    assert line[3:] == [
+        "trainer/main.py",
+        "--train-data",
+        "/data/train",
+        "--run-dir=/elsewhere",
+        "--val-data",
+        "/v",
+    ]
+
+
+def test_nccl_and_cache_settings_are_exported_and_nothing_else(checkout: Checkout) -> None:
+    settings = {
+        "NCCL_DEBUG": "INFO",
+        "NCCL_SOCKET_IFNAME": "^lo,docker0",
+        "NCCL_IB_DISABLE": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "HF_HOME": "/checkpoints/huggingface",
+        "OMP_NUM_THREADS": "4",
+    }
+    lines = checkout.dry("train", "--env", "CUDA_DEVICE_MAX_CONNECTIONS=1", **settings, UNRELATED="x")
+    assert lines[1:-1] == node_env(**settings, CUDA_DEVICE_MAX_CONNECTIONS="1")
+
+
+# --- several nodes ------------------------------------------------------------------------------------------------
+
+
+def test_hostfile_over_ssh_hands_the_environment_to_deepspeed(checkout: Checkout) -> None:
+    hostfile = checkout.hostfile("# the cluster\nworker-0 slots=8\n\n  worker-1   slots=8  # second\n")
+    (checkout.home / ".deepspeed_env").write_text("# mine\nFROM_HOME=1\n\nPYTHONWARNINGS=ignore\n")
+    lines = checkout.dry(
+        "train", "--hostfile", str(hostfile), "--master_addr", "10.0.0.1", "--master_port", "29600",
+        "--ssh_port", "2222", "--env", "EXTRA=a b", "--", "--preset", "vqa2-base", NCCL_SOCKET_IFNAME="eth0",
+    )  # fmt: skip
+    exports = node_env(EXTRA="a b", NCCL_SOCKET_IFNAME="eth0")
+    env_file = f"{checkout.tmp}/vqa-align.XXXXXX/deepspeed_env"
+    # The user's own lines first, then launch.sh's, which DeepSpeed reads later and so win.
+    file_lines = ["FROM_HOME=1", "PYTHONWARNINGS=ignore"] + [export[1] for export in exports]
+    assert lines == [
+        ["cd", str(checkout.root)],
+        *exports,
+        ["mktemp", "-d", f"{checkout.tmp}/vqa-align.XXXXXX"],
+        ["printf", "%s\\n", *file_lines, ">", env_file],
+        ["export", f"DS_ENV_FILE={env_file}"],
+        words(
+            f"{checkout.deepspeed} --hostfile {hostfile} --master_addr 10.0.0.1 --master_port 29600 --ssh_port 2222 "
+            "trainer/main.py --preset vqa2-base"
+        ),
+    ]
+
+
+def test_hostfile_node_and_gpu_limits_pass_through(checkout: Checkout) -> None:
+    hostfile = checkout.hostfile("a slots=8\nb slots=8\nc slots=4\n")
+    line = checkout.dry("train", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "4")[-1]
+    assert line == words(
+        f"{checkout.deepspeed} --hostfile {hostfile} --num_nodes 2 --num_gpus 4 trainer/main.py"
+    )
+    # A relative hostfile is the one in the caller's folder, not in the repository root DeepSpeed runs from.
+    line = checkout.dry("train", "--hostfile", hostfile.name)[-1]
+    assert line == words(f"{checkout.deepspeed} --hostfile {hostfile} trainer/main.py")
+    # One host: DeepSpeed launches locally, no ssh and so no environment file.
+    single = checkout.hostfile("localhost slots=2\n", "single")
+    lines = checkout.dry("train", "--hostfile", str(single))
+    assert not any("DS_ENV_FILE" in " ".join(x) for x in lines)
+    assert lines[-1] == words(f"{checkout.deepspeed} --hostfile {single} trainer/main.py")
+
+
+def test_no_ssh_node_of_alike_nodes(checkout: Checkout) -> None:
+    checkout.gpus(8)
+    lines = checkout.dry(
+        "train", "--no_ssh", "--num_nodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1",
+        "--master_port", "29500", "--", "--preset", "vqa2-base",
+    )  # fmt: skip
+    launch_dir = f"{checkout.tmp}/vqa-align.XXXXXX"
+    assert lines == [
+        ["cd", str(checkout.root)],
+        *node_env(),
+        ["mktemp", "-d", launch_dir],
+        ["printf", "%s\\n", "node-0 slots=8", "node-1 slots=8", ">", f"{launch_dir}/hostfile"],
+        words(
+            f"{checkout.deepspeed} --hostfile {launch_dir}/hostfile --no_ssh --node_rank 1 --master_addr 10.0.0.1 "
+            "--master_port 29500 trainer/main.py --preset vqa2-base"
+        ),
+    ]
+    # --num_gpus sets each node's count.
+    args = ["--no_ssh", "--num_nodes", "3", "--node_rank", "0", "--master_addr", "h", "--num_gpus", "2"]
+    assert [
+        "printf",
+        "%s\\n",
+        "node-0 slots=2",
+        "node-1 slots=2",
+        "node-2 slots=2",
+        ">",
+        f"{launch_dir}/hostfile",
+    ] in (checkout.dry("train", *args))
+
+
+def test_no_ssh_with_a_shared_hostfile(checkout: Checkout) -> None:
+    hostfile = checkout.hostfile("n0 slots=8\nn1 slots=4\n")
+    lines = checkout.dry(
+        "train", "--no_ssh", "--hostfile", str(hostfile), "--node_rank", "1", "--master_addr", "n0"
+    )
+    assert not any("DS_ENV_FILE" in " ".join(x) for x in lines)  # each node exports its own environment
+    assert lines[-1] == words(
+        f"{checkout.deepspeed} --hostfile {hostfile} --no_ssh --node_rank 1 --master_addr n0 trainer/main.py"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "hostfile_text", "message"),
+    [
+        (["--hostfile", "{tmp}/nowhere"], None, "hostfile '{tmp}/nowhere' does not exist"),
+        (["--hostfile", "{hostfile}"], "worker-0\nworker-1\n", "line 1: expected 'HOST slots=N'"),
+        (["--hostfile", "{hostfile}"], "worker-0 slots=8\nworker-1 gpus=8\n", "line 2: expected 'HOST slots=N'"),
+        (["--hostfile", "{hostfile}"], "# nothing yet\n\n", "lists no node"),
+        (["--hostfile", "{hostfile}"], "a slots=8\na slots=8\n", "lists a twice"),
+        (["--hostfile", "{hostfile}"], "a slots=0\n", "slots must be at least 1"),
+        (["--hostfile", "{hostfile}", "--num_nodes", "3"], "a slots=8\nb slots=8\n", "lists only 2 node(s)"),
+        (["--no_ssh", "--num_nodes", "2", "--node_rank", "2", "--master_addr", "h"], None, "--node_rank 2 is out of range: 2 node(s), so 0 to 1"),
+        (["--no_ssh", "--hostfile", "{hostfile}", "--node_rank", "3", "--master_addr", "h"], "a slots=8\nb slots=8\n", "--node_rank 3 is out of range"),
+        (["--no_ssh", "--hostfile", "{hostfile}", "--num_nodes", "1", "--node_rank", "1", "--master_addr", "h"], "a slots=8\nb slots=8\n", "out of range: 1 node(s)"),
+        (["--no_ssh", "--num_nodes", "2", "--node_rank", "-1", "--master_addr", "h"], None, "--node_rank must be a whole number"),
+        (["--no_ssh", "--num_nodes", "2", "--node_rank", "0"], None, "--no_ssh needs --master_addr"),
+        (["--no_ssh", "--num_nodes", "2", "--master_addr", "h"], None, "--no_ssh needs --node_rank"),
+        (["--no_ssh", "--node_rank", "0", "--master_addr", "h"], None, "--no_ssh needs the nodes"),
+        (["--no_ssh", "--num_nodes", "2", "--node_rank", "0", "--master_addr", "h", "--ssh_port", "22"], None, "--ssh_port"),
+        (["--node_rank", "0"], None, "--node_rank goes with --no_ssh"),
+        (["--num_nodes", "2"], None, "--num_nodes needs --hostfile"),
+        (["--num_gpus", "0"], None, "--num_gpus must be a whole number of at least 1"),
+        (["--num_gpus", "all"], None, "--num_gpus must be a whole number"),
+        (["--num_gpus"], None, "--num_gpus needs a value"),
+        (["--master_port", "70000"], None, "a port must be a number from 1 to 65535"),
+        (["--env", "NO_VALUE"], None, "--env takes NAME=VALUE"),
+        (["--hostfile", "{hostfile}", "--env", 'X=say "hi"'], "a slots=8\nb slots=8\n", "cannot pass X to the other nodes"),
+    ],
+)  # fmt: skip
+def test_train_refuses_bad_input_before_running_anything(
+    checkout: Checkout, args: list[str], hostfile_text: str | None, message: str
+) -> None:
+    hostfile = checkout.hostfile(hostfile_text) if hostfile_text is not None else checkout.tmp / "hostfile"
+    fill = {"tmp": str(checkout.tmp), "hostfile": str(hostfile)}
+    result = checkout.launch("--dry-run", "train", *(a.format(**fill) for a in args), "--preset", "tiny")
+    assert result.returncode == 2
+    assert message.format(**fill) in result.stderr
+    assert result.stderr.startswith("launch.sh: error: train: ")
+    assert result.stdout == ""  # refused before any command, set-up included
+
+
+RECORDING_DEEPSPEED = """#!/bin/sh
+# Stands in for DeepSpeed's runner: records its arguments and the environment file it was given.
+printf '%s\\n' "$@" > "$TEST_OUT/args"
+if [ -n "${DS_ENV_FILE:-}" ]; then cp "$DS_ENV_FILE" "$TEST_OUT/deepspeed_env"; fi
+echo "$NCCL_DEBUG" > "$TEST_OUT/nccl_debug"
+exit 3
+"""
+
+
+def test_train_runs_what_the_dry_run_prints(checkout: Checkout) -> None:
+    out = checkout.tmp / "out"
+    out.mkdir()
+    write_executable(checkout.venv / "bin" / "deepspeed", RECORDING_DEEPSPEED)
+    write_executable(checkout.bin / "pdsh", "#!/bin/sh\nexit 0\n")
+    hostfile = checkout.hostfile("a slots=8\nb slots=8\n")
+    args = [
+        "train",
+        "--hostfile",
+        str(hostfile),
+        "--env",
+        "EXTRA=x y",
+        "--",
+        "--preset",
+        "tiny",
+        "--set",
+        "a=b c",
+    ]
+    printed = checkout.dry(*args)
+    result = checkout.launch(*args, TEST_OUT=str(out))
+    assert result.returncode == 3, result.stderr  # the launcher's exit status
+    assert (out / "args").read_text().splitlines() == printed[-1][1:]
+    env_file = [line for line in printed if line[0] == "printf"][0][2:-2]
+    assert (out / "deepspeed_env").read_text().splitlines() == env_file
+    assert (out / "nccl_debug").read_text() == "WARN\n"
+    assert not list(checkout.tmp.glob("vqa-align.*")), "the environment file is removed at exit"
+
+
+def test_several_nodes_over_ssh_need_pdsh(checkout: Checkout) -> None:
+    if shutil.which("pdsh", path=checkout.env()["PATH"]):
+        pytest.skip("pdsh is installed on this machine")
+    hostfile = checkout.hostfile("a slots=8\nb slots=8\n")
+    result = checkout.launch("train", "--hostfile", str(hostfile))
+    assert result.returncode == 2 and "need pdsh" in result.stderr and "--no_ssh" in result.stderr
+
+
+# --- tensorboard --------------------------------------------------------------------------------------------------
+
+
+def test_tensorboard_serves_the_runs_on_loopback(checkout: Checkout) -> None:
+    (checkout.root / "runs").mkdir()
+    assert checkout.dry("tensorboard") == [
+        words(f"{checkout.venv}/bin/tensorboard --logdir {checkout.root}/runs --host 127.0.0.1 --port 6006")
+    ]
+    runs = checkout.tmp / "runs"
+    runs.mkdir()
+    assert checkout.dry(
+        "tensorboard", "--logdir", str(runs), "--port=6007", "--", "--reload_interval", "30"
+    ) == [
+        words(
+            f"{checkout.venv}/bin/tensorboard --logdir {runs} --host 127.0.0.1 --port 6007 --reload_interval 30"
+        )
+    ]
+    assert checkout.dry("tensorboard", "--host", "0.0.0.0", VQA_RUNS_DIR=str(runs)) == [
+        words(f"{checkout.venv}/bin/tensorboard --logdir {runs} --host 0.0.0.0 --port 6006")
+    ]
+
+
+def test_tensorboard_refuses_bad_input(checkout: Checkout) -> None:
+    result = checkout.launch("--dry-run", "tensorboard", "--logdir", str(checkout.tmp / "none"))
+    assert result.returncode == 2 and "log folder" in result.stderr and "does not exist" in result.stderr
+    result = checkout.launch("--dry-run", "tensorboard", "--logdir", str(checkout.tmp), "--port", "http")
+    assert result.returncode == 2 and "--port must be a number" in result.stderr
+
+
+# --- SIGTERM through DeepSpeed's real launcher --------------------------------------------------------------------
+
+STAND_IN_TRAINER = """\
+import json, os, pathlib, signal, sys, time
+out = pathlib.Path(os.environ["TEST_OUT"])
+rank = os.environ["RANK"]
+
+def on_sigterm(signum, frame):
+    time.sleep(0.5)  # a checkpoint being written
+    (out / f"rank{rank}.sigterm").write_text("")
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, on_sigterm)
+keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NCCL_DEBUG", "VQA_RUN_DIR"]
+info = {k: os.environ.get(k) for k in keys}
+(out / f"rank{rank}.json").write_text(json.dumps({"argv": sys.argv[1:], **info}))
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def real_deepspeed(checkout: Checkout) -> Checkout:
+    """The checkout, its venv pointing at the repository's real DeepSpeed, and a stand-in trainer/main.py."""
+    if not (REAL_VENV / "bin" / "deepspeed").exists():
+        pytest.skip(f"needs DeepSpeed's launcher beside the test interpreter, in {REAL_VENV}/bin")
+    for name in ("python", "deepspeed"):
+        (checkout.venv / "bin" / name).unlink()
+        (checkout.venv / "bin" / name).symlink_to(REAL_VENV / "bin" / name)
+    (checkout.root / "trainer").mkdir()
+    (checkout.root / "trainer" / "main.py").write_text(STAND_IN_TRAINER)
+    (checkout.tmp / "out").mkdir()
+    return checkout
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_every_rank_of_a_no_ssh_node(real_deepspeed: Checkout) -> None:
+    c, out = real_deepspeed, real_deepspeed.tmp / "out"
+    # This node is node 1 of 2 with two (CPU) processes: ranks 2 and 3 of 4. No rendezvous happens here, since
+    # the stand-in trainer does not initialise torch.distributed.
+    proc = subprocess.Popen(
+        [str(c.root / "launch.sh"), "train", "--no_ssh", "--num_nodes", "2", "--node_rank", "1",
+         "--master_addr", "127.0.0.1", "--master_port", "29555", "--num_gpus", "2", "--", "--preset", "tiny"],
+        env=c.env(TEST_OUT=str(out), VQA_RUN_DIR="/runs/r"),
+        cwd=c.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        started = wait_for(lambda: all((out / f"rank{r}.json").exists() for r in (2, 3)), timeout=120)
+        assert started, proc.stdout.read() if proc.poll() is not None else "ranks did not start"
+        assert list(c.tmp.glob("vqa-align.*")), "the generated hostfile's folder exists while running"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output  # both ranks checkpointed and exited 0, and launch.sh waited for them
+    assert {p.name for p in out.glob("*.sigterm")} == {"rank2.sigterm", "rank3.sigterm"}, output
+    for rank, local_rank in ((2, 0), (3, 1)):
+        info = json.loads((out / f"rank{rank}.json").read_text())
+        assert info["argv"] == [f"--local_rank={local_rank}", "--run-dir", "/runs/r", "--preset", "tiny"]
+        assert (info["WORLD_SIZE"], info["MASTER_ADDR"], info["MASTER_PORT"]) == ("4", "127.0.0.1", "29555")
+        assert (info["NCCL_DEBUG"], info["VQA_RUN_DIR"]) == ("WARN", "/runs/r")
+    assert "passing it to every rank" in output
+    assert not list(c.tmp.glob("vqa-align.*")), "the temporary hostfile is removed at exit"
+
+
+def test_sigterm_before_the_ranks_start_stops_the_launch(real_deepspeed: Checkout) -> None:
+    c = real_deepspeed
+    proc = subprocess.Popen(
+        [str(c.root / "launch.sh"), "train", "--num_gpus", "1"],
+        env=c.env(TEST_OUT=str(c.tmp / "out")),
+        cwd=c.tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # DeepSpeed's runner takes seconds to import; stop it while it does.
+    assert wait_for(
+        lambda: subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode == 0, 10
+    )
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=15) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list((c.tmp / "out").iterdir()), "no rank started"
+
+
+def test_launch_sh_can_be_sourced_without_running() -> None:
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'source "$1" && type cmd_train >/dev/null && echo sourced',
+            "_",
+            str(REPO / "launch.sh"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")},
+    )
+    assert result.returncode == 0 and result.stdout == "sourced\n", result.stderr
