@@ -8,7 +8,7 @@ VENV="${VQA_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 DRY_RUN=0
 # A new subcommand: a cmd_NAME function (answering --help), a line in usage, a line in main's case, a name here.
-COMMANDS="setup, test, train, tensorboard, help"
+COMMANDS="setup, test, demo, compare, train, tensorboard, help"
 
 usage() {
     cat <<'USAGE'
@@ -17,6 +17,8 @@ Usage: ./launch.sh [--dry-run] COMMAND [ARGS...]
 Commands:
   setup        create or update the virtual environment .venv from pyproject.toml (idempotent)
   test         set up, then run the whole test suite (ruff + pytest); extra ARGS go to pytest
+  demo         set up, convert the embedded easy-VQA data (once), run the paper's comparison on it
+  compare      set up, then run the paper's comparison on any preset and data (ARGS go to trainer.compare)
   train        set up, then train with DeepSpeed: this node's GPUs, several nodes over ssh, or one node of
                several without ssh (Kubernetes, Slurm); ARGS go to trainer/main.py
   tensorboard  set up, then serve TensorBoard for the runs (on 127.0.0.1 unless told otherwise)
@@ -53,7 +55,9 @@ write_lines() {
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 # Cheap fingerprint of everything that decides what is installed: re-install only when it changes.
-setup_stamp() { cat "$ROOT/pyproject.toml" "$ROOT/launch.sh" | sha256sum | cut -d' ' -f1; }
+# Bump SETUP_VERSION when cmd_setup's install steps change.
+SETUP_VERSION=1
+setup_stamp() { { cat "$ROOT/pyproject.toml"; echo "setup-version $SETUP_VERSION"; } | sha256sum | cut -d' ' -f1; }
 
 cmd_setup() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
@@ -297,6 +301,87 @@ pass_sigterm() {
     fi
 }
 
+DEMO_DATA="${VQA_DEMO_DATA:-$ROOT/data/easy-vqa}"
+DEMO_RUN_DIR="${VQA_DEMO_RUN_DIR:-$ROOT/runs/demo}"
+
+# Converts easy-VQA into shards once; a finished conversion (both manifests present) is reused.
+ensure_easyvqa() {
+    if [[ -f "$DEMO_DATA/train/manifest.json" && -f "$DEMO_DATA/test/manifest.json" ]]; then
+        note "reusing easy-VQA shards in $DEMO_DATA"
+        return 0
+    fi
+    note "converting the easy-VQA data set shipped by the easy-vqa package into $DEMO_DATA"
+    run "$PY" -m data_pipeline.convert easyvqa --out "$DEMO_DATA"
+}
+
+cmd_demo() {
+    if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+        cat <<'HELP'
+Usage: ./launch.sh demo [COMPARE_ARGS...]
+
+The project's main job on a fresh machine: set up .venv, convert the easy-VQA data set that the easy-vqa package
+ships into WebDataset shards (once, in data/easy-vqa; VQA_DEMO_DATA overrides), then run the paper's comparison
+(baseline, clip-infonce-cos, clip-infonce-dot) with the `demo` preset through the real stack, on the GPUs when
+there are any, on the CPU otherwise. Output in runs/demo (VQA_DEMO_RUN_DIR overrides): report.md, results.json,
+loss_curves.png and one TensorBoard run per variant. Extra arguments go to `python -m trainer.compare`
+(e.g. --seeds 0,1,2 or --variants baseline,clip-infonce-dot,clip-no-infonce).
+HELP
+        return 0
+    fi
+    cmd_setup
+    cd "$ROOT"
+    ensure_easyvqa
+    run "$PY" -m trainer.compare --preset demo --train-data "$DEMO_DATA/train" --val-data "$DEMO_DATA/test" \
+        --run-dir "$DEMO_RUN_DIR" "$@"
+    note "report: $DEMO_RUN_DIR/report.md"
+    note "watch:  ./launch.sh tensorboard --logdir $DEMO_RUN_DIR   (or: tensorboard --logdir $DEMO_RUN_DIR)"
+}
+
+cmd_compare() {
+    if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+        cat <<'HELP'
+Usage: ./launch.sh compare [--preset P] [--data D] [--variants V1,V2,...] [--steps N] [--seeds S1,S2,...]
+                           [--run-dir R] [other trainer.compare options]
+
+Run the paper's comparison with any preset: every variant with the same seeds, data order and hyperparameters.
+--data D is a folder holding train/ and test/ (or val/) shard folders as `python -m data_pipeline.convert`
+writes them (default: the demo's easy-VQA shards, converted on first use); --train-data/--val-data name them
+separately instead. Output (default runs/compare-PRESET): report.md, results.json, loss_curves.png.
+HELP
+        "$PY" -m trainer.compare --help 2>/dev/null | sed -n '/^options:/,$p' || true
+        return 0
+    fi
+    cmd_setup
+    cd "$ROOT"
+    local data="" preset="demo" run_dir="" explicit_data=0
+    local -a rest=()
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --data) [[ $# -ge 2 ]] || die "compare: --data needs a folder"; data="$2"; shift 2 ;;
+            --data=*) data="${1#--data=}"; shift ;;
+            --preset) [[ $# -ge 2 ]] || die "compare: --preset needs a name"; preset="$2"; shift 2 ;;
+            --run-dir) [[ $# -ge 2 ]] || die "compare: --run-dir needs a folder"; run_dir="$2"; shift 2 ;;
+            --train-data|--val-data) explicit_data=1; rest+=("$1" "${2:-}"); shift 2 || shift ;;
+            *) rest+=("$1"); shift ;;
+        esac
+    done
+    local -a data_args=()
+    if [[ "$explicit_data" == 0 ]]; then
+        if [[ -z "$data" ]]; then
+            ensure_easyvqa
+            data="$DEMO_DATA"
+        fi
+        [[ -d "$data" ]] || die "compare: --data $data: no such folder"
+        local val="$data/test"
+        [[ -d "$data/val" ]] && val="$data/val"
+        [[ -f "$data/train/manifest.json" ]] || die "compare: --data $data: no train/manifest.json (convert it first)"
+        [[ -f "$val/manifest.json" ]] || die "compare: --data $data: no test/ or val/ shard folder with a manifest.json"
+        data_args=(--train-data "$data/train" --val-data "$val")
+    fi
+    run "$PY" -m trainer.compare --preset "$preset" --run-dir "${run_dir:-$ROOT/runs/compare-$preset}" \
+        "${data_args[@]}" "${rest[@]}"
+}
+
 cmd_train() {
     local num_gpus="" hostfile="" num_nodes="" master_addr="" master_port="" node_rank="" ssh_port="" no_ssh=0
     local -a env_names=()
@@ -511,6 +596,8 @@ main() {
     case "$cmd" in
         setup) cmd_setup "$@" ;;
         test) cmd_test "$@" ;;
+        demo) cmd_demo "$@" ;;
+        compare) cmd_compare "$@" ;;
         train) cmd_train "$@" ;;
         tensorboard) cmd_tensorboard "$@" ;;
         help) usage ;;
