@@ -25,3 +25,22 @@ def _destroy_process_group():
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_easyvqa_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real easy-VQA shard set, converted once per session: train/ (128 questions in 2 shards) and test/
+    (32 questions in 2 shards), so that 2 ranks each get a shard of every split. Uses the converter's own API on the
+    first questions of each split (the full set takes minutes to convert on 2 cores)."""
+    import dataclasses
+
+    from data_pipeline import easyvqa
+    from data_pipeline.build import build_shard_folder
+
+    root = tmp_path_factory.mktemp("easyvqa_tiny")
+    for split, n, shard_size in (("train", 128, 64), ("test", 32, 16)):
+        spec = easyvqa.make_spec(
+            split, root / split, shard_size=shard_size, seed=0, workers=1, progress=False
+        )
+        build_shard_folder(dataclasses.replace(spec, candidates=spec.candidates[:n]))
+    return root

@@ -166,6 +166,8 @@ class TrainConfig:
     """Samples per rank per evaluation batch (0 = micro_batch_size)."""
     progress_bar: bool = True
     """A tqdm progress bar on rank 0 (samples/s, ETA)."""
+    eval_at_start: bool = False
+    """Evaluate before the first training step (after --resume: the loaded weights), as a reference point."""
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in ("stop", "skip"):

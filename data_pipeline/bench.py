@@ -1,0 +1,216 @@
+"""`python -m data_pipeline.bench`: images/s of each loader at 224 and 384 px on this machine, as one table.
+
+By default it builds a temporary shard folder of photo-like 640x480 JPEGs (VQA v2's COCO images are ~640x480;
+easy-VQA's 64x64 images would measure almost nothing but overhead) with the real converter, then times every
+loader that can run here (dali-gpu where a GPU is present, dali-cpu, torch) in training mode: steady-state images/s
+after the first batch, the median of several runs. Each loader tokenises questions on the host with the real
+QuestionTokenizer (data_pipeline.text), and the tokeniser's own cost per batch is measured separately, because the
+DALI path does it in the training process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from data_pipeline import build, dali_loader, synthetic, vqa2
+from data_pipeline.loader import build_loader, read_sample_info
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    try:
+        import nvidia.dali as dali
+
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = "not installed"
+    return f"{cpu}, {cores} cores, {gpu}; torch {torch.__version__}, DALI {dali_version}"
+
+
+def make_photo_shards(root: Path, samples: int, workers: int) -> Path:
+    """A shard folder of `samples` questions over photo-like 640x480 JPEGs (3 questions per image)."""
+    n_images = max(1, samples // 3)
+    raw = synthetic.write_vqa2(
+        root / "raw", n_images=n_images, bad=False, sizes=(640, 640, 480, 480), photo_like=True
+    )
+    spec = vqa2.make_spec(
+        questions=raw.questions,
+        annotations=raw.annotations,
+        images=raw.images,
+        out=root / "shards",
+        answers_file=None,
+        min_answer_count=1,
+        shard_size=256,
+        workers=workers,
+        progress=False,
+    )
+    build.build_shard_folder(spec)
+    return root / "shards"
+
+
+def make_tokenizer(folder: Path, work: Path) -> tuple[Callable, str]:
+    questions = [m["question"] for m in read_sample_info(folder).values()]
+    try:
+        from data_pipeline.text import QuestionTokenizer
+    except ImportError as exc:
+        raise SystemExit(f"error: data_pipeline.text.QuestionTokenizer is not importable ({exc})") from None
+    tok = QuestionTokenizer.build(
+        questions, work / "tokenizer", clip_arch="ViT-B-32", max_text_len=40, clip_context_length=77
+    )
+    return tok, "QuestionTokenizer (ViLT WordPiece, 40 tokens + open_clip ViT-B-32 BPE, 77 tokens)"
+
+
+def time_loader(
+    folder: Path,
+    kind: str,
+    size: int,
+    *,
+    tokenizer,
+    batch_size: int,
+    workers: int,
+    epoch: int,
+    max_batches: int,
+) -> tuple[str, float]:
+    loader = build_loader(
+        folder,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        image_size=size,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        rank=0,
+        world_size=1,
+        train=True,
+        seed=0,
+        epoch=epoch,
+        kind=kind,
+        num_workers=workers,
+    )
+    t0, n = None, 0
+    for i, batch in enumerate(loader):
+        if i > max_batches:
+            break
+        if (
+            t0 is None
+        ):  # the first batch carries the start-up (pipeline build, worker start): not steady state
+            if batch["pixels"].is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            continue
+        n += batch["pixels"].shape[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if t0 is None or n == 0:
+        raise SystemExit(f"error: {folder} gives fewer than 2 batches of {batch_size}; use more --samples")
+    return loader.kind, n / (time.perf_counter() - t0)
+
+
+def time_tokenizer(tokenizer, folder: Path, batch_size: int, repeats: int = 20) -> float:
+    questions = [m["question"] for m in read_sample_info(folder).values()][:batch_size]
+    tokenizer(questions)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tokenizer(questions)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipeline.bench",
+        description="Images/s of each data loader (DALI GPU/CPU, PyTorch) at several image sizes, as one table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data", help="an existing shard folder to read (default: build photo-like 640x480 shards)"
+    )
+    p.add_argument("--samples", type=int, default=768, help="samples in the generated shard folder")
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="image sizes (px)")
+    p.add_argument(
+        "--kinds", nargs="+", default=["dali", "torch"], choices=["dali", "torch"], help="loaders to time"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--workers", type=int, default=build.default_workers(), help="DataLoader workers / DALI threads"
+    )
+    p.add_argument("--runs", type=int, default=3, help="runs per cell; the table shows the median")
+    p.add_argument("--max-batches", type=int, default=30, help="batches timed per run (after the first)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    kinds = [k for k in args.kinds if k != "dali" or dali_loader.available()]
+    with tempfile.TemporaryDirectory(prefix="vqa-bench-") as tmp:
+        work = Path(tmp)
+        if args.data:
+            folder = Path(args.data)
+            source = str(folder)
+        else:
+            print(f"building {args.samples} photo-like 640x480 samples ...", file=sys.stderr)
+            folder = make_photo_shards(work, args.samples, args.workers)
+            source = f"{args.samples} generated photo-like 640x480 JPEG samples (quality 90)"
+        tokenizer, tok_name = make_tokenizer(folder, work)
+        rows: dict[str, dict[int, float]] = {}
+        for kind in kinds:
+            for size in args.sizes:
+                runs = []
+                for r in range(args.runs):
+                    name, rate = time_loader(
+                        folder,
+                        kind,
+                        size,
+                        tokenizer=tokenizer,
+                        batch_size=args.batch_size,
+                        workers=args.workers,
+                        epoch=r,
+                        max_batches=args.max_batches,
+                    )
+                    runs.append(rate)
+                    print(f"  {name} {size}px run {r + 1}: {rate:.0f} images/s", file=sys.stderr)
+                rows.setdefault(name, {})[size] = statistics.median(runs)
+        tok_s = time_tokenizer(tokenizer, folder, args.batch_size)
+    print(f"machine: {machine()}")
+    print(
+        f"data: {source}; batch {args.batch_size}; {args.workers} workers/threads; median of {args.runs} runs"
+    )
+    header = "| loader | " + " | ".join(f"{s} px images/s" for s in args.sizes) + " |"
+    print(header)
+    print("|" + "---|" * (len(args.sizes) + 1))
+    for name, cells in rows.items():
+        print(f"| {name} | " + " | ".join(f"{cells[s]:.0f}" for s in args.sizes) + " |")
+    per_q = tok_s / args.batch_size
+    print(
+        f"host tokenisation ({tok_name}): {tok_s * 1e3:.1f} ms per batch of {args.batch_size} "
+        f"= {per_q * 1e6:.0f} us per question ({1 / per_q:.0f} questions/s on one core)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

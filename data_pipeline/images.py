@@ -1,0 +1,90 @@
+"""Image checks at conversion time, and easy-VQA's one-time PNG -> JPEG conversion.
+
+Every image is fully decoded before it goes into a shard because DALI's decoder aborts the whole pipeline on one
+bad JPEG (measured; by design upstream): a shard must only hold images that decode. The functions here run in
+worker processes (multiprocessing), take and return plain picklable values, and never raise on bad input: they
+return a reason instead ("kind: detail", e.g. "undecodable image: x.jpg: image file is truncated"), which the
+converter lists in the manifest and groups by kind in its summary.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+# Formats stored verbatim. DALI's decoders (CPU and nvJPEG-backed mixed) take both; GPU decoding is JPEG's.
+VERBATIM_FORMATS = ("JPEG", "PNG")
+JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    path: str
+    ok: bool
+    reason: str = ""
+    output: str = ""  # the file that goes into the shard: the source itself, or the converted JPEG
+    width: int = 0
+    height: int = 0
+
+
+def _decode(data: bytes) -> tuple[Image.Image, str]:
+    im = Image.open(io.BytesIO(data))
+    fmt = im.format or "unknown"
+    im.load()  # a full decode: truncated data raises here ("image file is truncated")
+    return im, fmt
+
+
+def _failure(path: str, exc: Exception) -> CheckResult:
+    msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return CheckResult(path, False, f"undecodable image: {Path(path).name}: {msg}")
+
+
+def check_image(path: str) -> CheckResult:
+    """Decode `path` fully; ok when it is a JPEG or PNG that decodes. The file is kept as it is."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return CheckResult(path, False, f"image missing: {path}")
+    except OSError as exc:
+        return CheckResult(path, False, f"unreadable image: {path}: {exc.strerror or exc}")
+    if not data:
+        return CheckResult(path, False, f"undecodable image: {Path(path).name}: empty file")
+    try:
+        im, fmt = _decode(data)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return _failure(path, exc)
+    if fmt not in VERBATIM_FORMATS:
+        return CheckResult(
+            path, False, f"unsupported image format: {Path(path).name} is {fmt} (JPEG or PNG only)"
+        )
+    return CheckResult(path, True, output=path, width=im.width, height=im.height)
+
+
+def convert_to_jpeg(task: tuple[str, str]) -> CheckResult:
+    """(source, destination): decode `source` (any format PIL reads), write RGB JPEG quality 95 to `destination`.
+
+    4:4:4 chroma (no subsampling): easy-VQA's 64x64 images are flat colour shapes whose colour is half the task;
+    4:2:0 would blur the colour edges. The JPEG is decoded again before it is accepted. Written atomically.
+    """
+    source, destination = task
+    try:
+        with open(source, "rb") as f:
+            im, _ = _decode(f.read())
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        data = buf.getvalue()
+        _decode(data)
+    except FileNotFoundError:
+        return CheckResult(source, False, f"image missing: {source}")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return _failure(source, exc)
+    tmp = f"{destination}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, destination)
+    return CheckResult(source, True, output=destination, width=im.width, height=im.height)

@@ -1,0 +1,174 @@
+"""Which samples each rank reads in an epoch, and how many batches it yields: shared by both loaders.
+
+The folder's shards are concatenated (in a per-epoch seeded order when training, in file order for evaluation)
+into one sequence of N samples, and rank r of W reads positions [N*r // W, N*(r+1) // W): exactly the split that
+DALI's `fn.readers.webdataset(shard_id=r, num_shards=W)` makes, so both loaders give a rank the same samples, the
+ranks never overlap, and any shard sizes work (a rank is not tied to whole tar files).
+
+Batches per rank are the same on every rank (a rank that runs out early would hang the others in a collective):
+- training: floor(N / (W * batch)), dropping the remainder (every rank has at least that many full batches);
+- evaluation: ceil(ceil(N / W) / batch); positions past a rank's own samples are padding, marked `valid = 0`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_pipeline import shards
+
+
+class DataError(ValueError):
+    """A shard folder that cannot be read, or a setting it cannot serve; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    tar: Path
+    index: Path
+    samples: int
+
+
+@dataclass(frozen=True)
+class ShardFolder:
+    folder: Path
+    shards: tuple[Shard, ...]
+    answers: list[str]
+    manifest: dict[str, Any]
+
+    @property
+    def total(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    folder = Path(shards_dir)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such shard folder")
+    path = folder / shards.MANIFEST
+    if not path.is_file():
+        hint = " (an unfinished conversion: rerun it)" if (folder / ".work").is_dir() else ""
+        raise DataError(f"{folder}: not a finished shard folder, {shards.MANIFEST} is missing{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != shards.FORMAT_NAME
+        or "shards" not in manifest
+    ):
+        raise DataError(f"{path}: not a manifest written by data_pipeline.convert (field 'format'/'shards')")
+    return manifest
+
+
+def read_answers(shards_dir: str | Path) -> list[str]:
+    path = Path(shards_dir) / shards.ANSWERS
+    if not path.is_file():
+        raise DataError(f"{Path(shards_dir)}: {shards.ANSWERS} is missing")
+    answers = json.loads(path.read_text())
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers:
+        raise DataError(f"{path}: must be a non-empty JSON list of answer strings")
+    return answers
+
+
+def open_folder(shards_dir: str | Path) -> ShardFolder:
+    """Read and check a finished shard folder (manifest, answers, every listed tar and index present)."""
+    folder = Path(shards_dir)
+    manifest = read_manifest(folder)
+    found = []
+    for entry in manifest["shards"]:
+        tar, idx = folder / entry["tar"], folder / entry["index"]
+        for p in (tar, idx):
+            if not p.is_file():
+                raise DataError(f"{folder}: {p.name} is listed in {shards.MANIFEST} but missing")
+        if entry["samples"] > 0:
+            found.append(Shard(tar, idx, int(entry["samples"])))
+    if not found:
+        raise DataError(f"{folder}: the shard folder holds no samples")
+    return ShardFolder(folder, tuple(found), read_answers(folder), manifest)
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 31-bit seed from integers (Python's hash() of ints is stable, but this reads plainly everywhere)."""
+    digest = hashlib.sha256(json.dumps(list(parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def epoch_order(folder: ShardFolder, *, train: bool, seed: int, epoch: int) -> list[Shard]:
+    """The order in which the shards are concatenated this epoch: seeded per epoch for training, file order else."""
+    order = list(folder.shards)
+    if train:
+        random.Random(derive_seed(seed, epoch, 0x5AD)).shuffle(order)
+    return order
+
+
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Positions [start, stop) of rank's samples: DALI's reader sharding formula."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def batches_per_rank(total: int, *, world_size: int, batch_size: int, train: bool) -> int:
+    if train:
+        return total // (world_size * batch_size)
+    return math.ceil(math.ceil(total / world_size) / batch_size)
+
+
+def check_fits(folder: ShardFolder, *, world_size: int, batch_size: int, train: bool) -> int:
+    """Batches per rank, or a one-line error when the folder cannot give every rank a batch."""
+    n = batches_per_rank(folder.total, world_size=world_size, batch_size=batch_size, train=train)
+    if train and n == 0:
+        raise DataError(
+            f"{folder.folder}: {folder.total} samples cannot give each of {world_size} ranks one full batch of "
+            f"{batch_size} (need at least {world_size * batch_size})"
+        )
+    if not train and folder.total < world_size:
+        raise DataError(
+            f"{folder.folder}: {folder.total} samples for {world_size} ranks: every rank needs one"
+        )
+    return n
+
+
+def segments(order: list[Shard], start: int, stop: int) -> list[tuple[Shard, int, int]]:
+    """The pieces (shard, first, last) of the concatenated sequence covering positions [start, stop)."""
+    out, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + shard.samples)
+        if lo < hi:
+            out.append((shard, lo - offset, hi - offset))
+        offset += shard.samples
+        if offset >= stop:
+            break
+    return out
+
+
+def worker_quotas(n_batches: int, workers: int) -> list[int]:
+    """Batches per DataLoader worker: its k-th batch is the loader's batch k * workers + w (round-robin order)."""
+    return [len(range(w, n_batches, workers)) for w in range(workers)]
+
+
+def read_sample_info(shards_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """question_id -> the sample json (question, answers, answer_type, ...) of every sample in a folder.
+
+    Reads only the json components through the index files; for the evaluator (answer types, raw answers for
+    `answers.vqa_score`, question text in result files).
+    """
+    out: dict[int, dict[str, Any]] = {}
+    for meta in iter_sample_json(open_folder(shards_dir)):
+        out[int(meta["question_id"])] = meta
+    return out
+
+
+def iter_sample_json(folder: ShardFolder) -> Iterator[dict[str, Any]]:
+    for shard in folder.shards:
+        with open(shard.tar, "rb") as f:
+            for entry in shards.read_index(shard.index):
+                offset, size = entry["json"]
+                f.seek(offset)
+                yield json.loads(f.read(size))

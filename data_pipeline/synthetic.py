@@ -1,0 +1,141 @@
+"""A tiny VQA v2-format data set written from scratch: for tests, and for trying the vqa2 converter without COCO.
+
+`write_vqa2(root)` writes COCO-named JPEGs of varied sizes (some smaller, some larger than the model's input, one
+grayscale), the official question and annotation JSON layouts with 10 annotator answers per question (spelling
+variants such as "Two"/"2"/"yes." that the official normalisation merges), and, unless `bad=False`, one truncated
+JPEG and one question whose image file does not exist. The returned `Vqa2Files` says where everything is and which
+questions must be rejected.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# (normalised answer, raw spellings annotators use for it, answer type)
+_ANSWERS = [
+    ("yes", ["yes", "Yes", "yes."], "yes/no"),
+    ("no", ["no", "No", "no!"], "yes/no"),
+    ("2", ["2", "two", "Two"], "number"),
+    ("3", ["3", "three"], "number"),
+    ("red", ["red", "Red", "the red"], "other"),
+    ("dog", ["dog", "a dog", "Dog"], "other"),
+]
+
+
+@dataclass
+class Vqa2Files:
+    root: Path
+    questions: Path
+    annotations: Path
+    images: Path
+    split: str
+    question_ids: list[int] = field(default_factory=list)
+    """Every question in the files."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """question_id -> the reason kind the converter must give (e.g. "undecodable image", "image missing")."""
+
+
+def _image(rng: random.Random, width: int, height: int, gray: bool, photo_like: bool) -> Image.Image:
+    im = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(im)
+    for _ in range(6):  # a few shapes: edges that resizing must treat alike in both loaders
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = x0 + rng.randrange(4, width), y0 + rng.randrange(4, height)
+        draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
+    if photo_like:
+        # Sensor-like noise: JPEG size and decode cost then resemble a photo's (COCO: ~160 KiB at 640x480),
+        # which flat shapes (a few KiB) do not.
+        noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 24, (height, width, 3))
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    return im.convert("L") if gray else im
+
+
+def _annotators(rng: random.Random, answer: int) -> list[str]:
+    """10 answers: 6 for the true answer (in mixed spellings), 2 for another, 1 for a third, 1 unique."""
+    others = rng.sample([i for i in range(len(_ANSWERS)) if i != answer], 2)
+    raw = [rng.choice(_ANSWERS[answer][1]) for _ in range(6)]
+    raw += [_ANSWERS[others[0]][0]] * 2 + [_ANSWERS[others[1]][0]] + [f"unique answer {rng.randrange(10**6)}"]
+    rng.shuffle(raw)
+    return raw
+
+
+def write_vqa2(
+    root: str | Path,
+    *,
+    n_images: int = 8,
+    questions_per_image: int = 3,
+    split: str = "train2014",
+    seed: int = 0,
+    bad: bool = True,
+    first_image_id: int = 100,
+    sizes: tuple[int, int, int, int] = (40, 120, 30, 100),
+    photo_like: bool = False,
+) -> Vqa2Files:
+    """Write images/, questions.json and annotations.json under `root` (see the module docstring).
+
+    `sizes` = (min width, max width, min height, max height) of the images; `photo_like` adds noise so that
+    JPEGs weigh and decode like photos (for the benchmark).
+    """
+    rng = random.Random(seed)
+    root = Path(root)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    files = Vqa2Files(root, root / "questions.json", root / "annotations.json", images, split)
+    questions, annotations = [], []
+    image_ids = [first_image_id + i for i in range(n_images)]
+    truncated = image_ids[1] if bad else None
+    for n, image_id in enumerate(image_ids):
+        width, height = rng.randint(sizes[0], sizes[1]), rng.randint(sizes[2], sizes[3])
+        im = _image(rng, width, height, gray=(n == 2), photo_like=photo_like)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        if image_id == truncated:
+            data = data[: len(data) // 2]  # a download cut short
+        (images / f"COCO_{split}_{image_id:012d}.jpg").write_bytes(data)
+    targets = [(image_id, k) for image_id in image_ids for k in range(questions_per_image)]
+    missing_image = first_image_id + n_images + 7  # no file is written for this one
+    if bad:
+        targets.append((missing_image, 0))
+    for image_id, k in targets:
+        qid = image_id * 1000 + k
+        answer = rng.randrange(len(_ANSWERS))
+        raw = _annotators(rng, answer)
+        questions.append(
+            {
+                "image_id": image_id,
+                "question": f"what is shown in picture {image_id} ({k})?",
+                "question_id": qid,
+            }
+        )
+        annotations.append(
+            {
+                "question_type": "what is",
+                "multiple_choice_answer": rng.choice(_ANSWERS[answer][1]),
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(raw)
+                ],
+                "image_id": image_id,
+                "answer_type": _ANSWERS[answer][2],
+                "question_id": qid,
+            }
+        )
+        files.question_ids.append(qid)
+        if image_id == truncated:
+            files.rejected[qid] = "undecodable image"
+        elif image_id == missing_image:
+            files.rejected[qid] = "image missing"
+    info = {"description": "synthetic VQA v2-format data (data_pipeline.synthetic)", "version": "2.0"}
+    common = {"info": info, "data_subtype": split, "license": {"name": "none", "url": ""}}
+    files.questions.write_text(
+        json.dumps({**common, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
+    )
+    files.annotations.write_text(json.dumps({**common, "data_type": "mscoco", "annotations": annotations}))
+    return files

@@ -1,0 +1,87 @@
+"""Evaluation arithmetic with a fake engine: the official soft score, padding, answer types, results format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.evaluation import answer_types, evaluate, write_results
+
+ANSWERS = ["yes", "no", "2", "red"]
+
+
+class LogitsEngine:
+    """Returns fixed logits per question id, records the train/eval mode switches."""
+
+    def __init__(self, logits_by_qid: dict[int, list[float]]) -> None:
+        self.logits_by_qid = logits_by_qid
+        self.modes: list[bool] = []
+
+    def train(self, mode: bool = True) -> None:
+        self.modes.append(mode)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        rows = [self.logits_by_qid.get(int(q), [0.0] * len(ANSWERS)) for q in batch["question_id"]]
+        return {"logits": torch.tensor(rows)}
+
+
+def batch(qids: list[int], targets: list[list[float]], valid: list[bool]) -> dict[str, torch.Tensor]:
+    return {
+        "question_id": torch.tensor(qids),
+        "targets": torch.tensor(targets),
+        "valid": torch.tensor(valid),
+    }
+
+
+def test_score_is_the_soft_score_of_the_predicted_answer_and_padding_is_ignored(tmp_path: Path) -> None:
+    engine = LogitsEngine({11: [5, 0, 0, 0], 12: [0, 0, 5, 0], 13: [0, 5, 0, 0]})
+    batches = [
+        batch([12, 11], [[0, 0, 0.3, 1.0], [1.0, 0, 0, 0]], [True, True]),
+        # the last row is padding (question id -1, as the loaders pad): it must not count
+        batch([13, -1], [[0, 0.6, 0, 0], [0, 0, 0, 0]], [True, False]),
+    ]
+    types = {11: "yes/no", 12: "number", 13: "yes/no"}
+    result = evaluate(engine, batches, answers=ANSWERS, device=torch.device("cpu"), answer_type_of=types)
+    assert result.count == 3
+    assert result.vqa_score == pytest.approx((0.3 + 1.0 + 0.6) / 3)
+    assert result.by_type == pytest.approx({"number": 0.3, "yes/no": 0.8})
+    assert result.count_by_type == {"number": 1, "yes/no": 2}
+    logits = torch.tensor([[0, 0, 5, 0], [5, 0, 0, 0], [0, 5, 0, 0]], dtype=torch.float)
+    targets = torch.tensor([[0, 0, 0.3, 1.0], [1.0, 0, 0, 0], [0, 0.6, 0, 0]])
+    vilt_loss = F.binary_cross_entropy_with_logits(logits, targets) * len(ANSWERS)  # ViLT's VQA loss
+    assert result.loss == pytest.approx(float(vilt_loss))
+    assert engine.modes == [False, True]  # evaluation mode, then back to training
+
+    metrics = result.metrics()
+    assert set(metrics) == {"val/vqa_score", "val/loss", "val/vqa_score/yes_no", "val/vqa_score/number"}
+    pred_path, metrics_path = write_results(result, tmp_path, step=7)
+    preds = json.loads(pred_path.read_text())
+    assert preds == [
+        {"question_id": 11, "answer": "yes"},
+        {"question_id": 12, "answer": "2"},
+        {"question_id": 13, "answer": "no"},
+    ]
+    assert json.loads(metrics_path.read_text())["step"] == 7
+
+
+def test_split_without_answers_still_writes_predictions() -> None:
+    engine = LogitsEngine({1: [0, 0, 0, 9]})
+    result = evaluate(
+        engine,
+        [batch([1], [[0, 0, 0, 0]], [True])],
+        answers=ANSWERS,
+        device=torch.device("cpu"),
+        has_answers=False,
+    )
+    assert result.vqa_score is None and result.metrics() == {}
+    assert result.predictions == [{"question_id": 1, "answer": "red"}]
+
+
+def test_answer_types_come_from_the_sample_json() -> None:
+    info = {1: {"answer_type": "yes/no"}, 2: {"answer_type": "other"}, 3: {}}
+    assert answer_types(info) == {1: "yes/no", 2: "other"}

@@ -1,0 +1,114 @@
+"""The entry point's command line and its bad-input errors, in-process: each fails in seconds, before any
+process group or DeepSpeed engine exists."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import RunConfig
+from trainer.main import REPO_ROOT, main
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_help_explains_every_option_and_config_field(capsys: pytest.CaptureFixture) -> None:
+    rc, text = run(["--help"], capsys)
+    assert rc == 0
+    for option in (
+        "--preset",
+        "--train-data",
+        "--val-data",
+        "--run-dir",
+        "--max-steps",
+        "--resume",
+        "--deepspeed_config",
+        "--set",
+        "--eval-only",
+        "--local_rank",
+    ):
+        assert option in text, option
+    cfg = RunConfig()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            assert f"{section.name}.{f.name} (" in text, f"{section.name}.{f.name}"
+    assert "The VQA head learns at lr * head_lr_mult" in text  # field docstrings are shown
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--bogus-option"], "unrecognized arguments: --bogus-option"),
+        (["--set", "train.nope=1"], "unknown field 'train.nope'"),
+        (["--set", "train.max_steps=many"], "'many' is not a valid int"),
+        (["--train-data", "/nonexistent/shards"], "/nonexistent/shards: no such shard folder"),
+        (["--eval-only"], "val_data: no shard folder given"),
+        (["--run-dir", "/nonexistent/run", "--resume"], "has no config.json"),
+    ],
+)
+def test_bad_input_is_a_plain_error(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    rc, text = run(argv, capsys)
+    assert rc == 2
+    assert message in text
+    assert "Traceback" not in text
+
+
+def test_data_and_deepspeed_json_are_checked_before_start_up(
+    tiny_easyvqa_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = str(tiny_easyvqa_shards / "train")
+    base = ["--train-data", train, "--run-dir", str(tmp_path / "run")]
+
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what a launcher of 4 ranks would announce
+    rc, text = run(base, capsys)
+    assert rc == 2 and "2 shard(s) for 4 ranks" in text
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, text = run([*base, "--set", "train.global_batch_size=24"], capsys)
+    assert (
+        rc == 2
+        and "train.global_batch_size 24 is not a multiple of train.micro_batch_size 8 x world size 2" in text
+    )
+    monkeypatch.delenv("WORLD_SIZE")
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 2}')
+    rc, text = run([*base, "--deepspeed_config", str(broken)], capsys)
+    assert rc == 2 and "is not valid JSON" in text
+
+    occupied = tmp_path / "occupied"
+    (occupied / "checkpoints" / "global_step3").mkdir(parents=True)
+    rc, text = run(["--train-data", train, "--run-dir", str(occupied)], capsys)
+    assert rc == 2 and "already holds checkpoints" in text and "--resume" in text
+    assert not (tmp_path / "run").exists()  # nothing was written by any of the failed starts
+
+
+def test_runs_as_a_file_without_shadowing() -> None:
+    # `deepspeed trainer/main.py` runs the file: the repository root, not trainer/, must be on sys.path.
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "trainer" / "main.py"), "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "unknown preset 'nope'" in out.stderr
+
+
+def test_saved_config_round_trips_through_the_run_dir(tmp_path: Path) -> None:
+    from trainer.config import config_from_dict
+    from trainer.presets import get_preset
+
+    cfg = get_preset("vqa2-base")
+    cfg.save(tmp_path / "config.json")
+    assert config_from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg

@@ -1,0 +1,379 @@
+"""The training loop: micro-batches -> engine, and the cadence of logging, evaluation and checkpoints.
+
+`TrainLoop.run()` reads top to bottom: for each optimizer step it feeds `grad_accum` micro-batches through the engine,
+then lets the logger, evaluator and checkpointer act when due. Its `state_dict()` is the resume contract: step,
+epoch, micro-batches consumed in the epoch (the loader position), samples seen, skipped batches.
+
+Host synchronisation happens only on logging, evaluation and checkpoint steps: losses are summed on the device, and
+the non-finite check is a device-side flag per micro-batch that is read at those points. With
+`train.on_nonfinite=stop` a NaN/inf loss therefore stops the run at the next such point, naming the first failing
+step and its question ids, and no checkpoint is written after it. `train.on_nonfinite=skip` has to decide before
+backward, so it reads the flag on every micro-batch (one host sync each) and replaces a bad micro-batch with the
+next one, agreed across ranks so that every rank keeps calling the same collectives.
+
+A stop request (SIGTERM/SIGINT) may reach only some ranks, so each step ends with a one-integer all-reduce of the
+request over the gloo control group: a host-side collective that never waits on the GPU stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from trainer import dist as D
+from trainer.config import RunConfig
+from trainer.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A run that meets this many non-finite micro-batches in a row under on_nonfinite=skip stops anyway: the weights
+# themselves are broken, and skipping forever would only burn the allocation.
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/inf loss; the message names the step and the batch's question ids."""
+
+
+class EngineLike(Protocol):
+    grad_accum: int
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def lr(self) -> float: ...
+
+    def grad_norm(self) -> float | None: ...
+
+
+class StopRequest:
+    """SIGTERM/SIGINT handler that only records the request; the loop saves a checkpoint and exits cleanly.
+
+    Repeated SIGTERMs are ignored (a launcher forwarding the signal to a group that already got it would otherwise
+    kill the save); a second SIGINT restores the default handler so that Ctrl-C twice still ends a stuck process.
+    Forked loader workers inherit this handler, so a signal to the whole process group does not kill them under the
+    main process either.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.signum is None:
+            self.signum = signum
+            log.warning(
+                "received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name
+            )
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_END = object()
+
+
+def shielded(batches: Iterable[T]) -> Iterator[T]:
+    """Iterate a loader whose start (the first batch) runs with SIGTERM/SIGINT blocked.
+
+    Loaders start their worker processes or threads on the first batch, and those inherit the blocked mask. A signal
+    sent to the whole process group (preemption, Ctrl-C) then reaches only the trainer, which checkpoints: PyTorch's
+    DataLoader workers would otherwise die on a SIGTERM that does not come from their parent, and the main process
+    would raise "worker killed" at an arbitrary point, e.g. in the middle of the very checkpoint the signal asked for.
+    A signal arriving meanwhile stays pending and is handled as soon as the loader has started.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        it = iter(batches)  # a DataLoader starts its workers here, a generator-based loader at the first next()
+        first = next(it, _END)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if first is _END:
+        return
+    yield first  # type: ignore[misc]
+    yield from it
+
+
+class TrainLoop:
+    """Owns the training position and the cadence; knows nothing about models, DeepSpeed or data formats."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        engine: EngineLike,
+        dist: D.DistInfo,
+        *,
+        make_loader: Callable[[int, int], Iterable[dict[str, Any]]],
+        metrics: MetricsLogger,
+        checkpointer: Any | None = None,
+        evaluate: Callable[[int], dict[str, float]] | None = None,
+        stop: StopRequest | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.t = cfg.train
+        self.engine = engine
+        self.dist = dist
+        self.make_loader = make_loader
+        self.metrics = metrics
+        self.checkpointer = checkpointer
+        self.evaluate = evaluate
+        self.stop = stop or StopRequest()
+        self.accum = engine.grad_accum
+        # Resume contract.
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.samples = 0
+        self.skipped = 0
+        self.last_saved_step = -1
+        # Per-interval accumulators (device tensors; read on logging steps only).
+        self._reset_interval()
+
+    # -- state contract ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples": self.samples,
+            "skipped": self.skipped,
+            "micro_batch_size": self.t.micro_batch_size,
+            "grad_accum": self.accum,
+            "seed": self.t.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.samples = int(state["samples"])
+        self.skipped = int(state.get("skipped", 0))
+        old_world = int(state.get("world_size", self.dist.world_size))
+        old_micro = int(state.get("micro_batch_size", self.t.micro_batch_size))
+        batch = int(state["batch_in_epoch"])
+        if old_world != self.dist.world_size or old_micro != self.t.micro_batch_size:
+            # Another world size sees another per-rank order: keep the same fraction of the epoch consumed.
+            batch = batch * old_world * old_micro // (self.dist.world_size * self.t.micro_batch_size)
+            log.warning(
+                "world size %d -> %d: epoch %d continues at micro-batch %d of this world size's order "
+                "(the same fraction of the epoch; the data order is not the old run's)",
+                old_world,
+                self.dist.world_size,
+                self.epoch,
+                batch,
+            )
+        self.batch_in_epoch = batch
+        self.last_saved_step = self.step
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches forever, epoch after epoch; `batch_in_epoch` counts those handed out (the resume point)."""
+        while True:
+            loader = self.make_loader(self.epoch, self.batch_in_epoch)
+            produced = False
+            for batch in shielded(loader):
+                produced = True
+                self.batch_in_epoch += 1
+                yield batch
+            if not produced and self.batch_in_epoch == 0:
+                raise RuntimeError(f"the training loader yielded no batch in epoch {self.epoch}")
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _next(self, it: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        batch = next(it)
+        self._wait += time.perf_counter() - t0
+        return batch
+
+    # -- one optimizer step --------------------------------------------------------------------------------------
+    def _reset_interval(self) -> None:
+        self._t0 = time.perf_counter()
+        self._wait = 0.0
+        self._interval_samples = 0
+        self._sums: torch.Tensor | None = None
+        self._n_micro = 0
+        self._finite: list[torch.Tensor] = []
+        self._finite_where: list[tuple[int, torch.Tensor]] = []
+
+    def _train_step(self, it: Iterator[dict[str, Any]]) -> None:
+        micro = 0
+        consecutive_skips = 0
+        while micro < self.accum:
+            batch = self._next(it)
+            out = self.engine.forward(batch)
+            loss = out["loss"]
+            if self.t.on_nonfinite == "skip":
+                bad = D.any_rank(not bool(torch.isfinite(loss.detach()).item()))
+                if bad:
+                    self.skipped += 1
+                    consecutive_skips += 1
+                    log.warning(
+                        "step %d: non-finite loss on a rank, batch skipped (this rank's question ids %s)",
+                        self.step + 1,
+                        _ids(batch),
+                    )
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        raise NonFiniteLossError(
+                            f"step {self.step + 1}: {consecutive_skips} non-finite batches in a row "
+                            f"(last question ids {_ids(batch)}): the weights are broken, stopping"
+                        )
+                    continue
+            else:
+                self._finite.append(torch.isfinite(loss.detach()).reshape(1))
+                self._finite_where.append((self.step + 1, batch["question_id"]))
+            self.engine.backward(loss)
+            self.engine.step()
+            parts = torch.stack(
+                [out["loss"].detach(), out["vqa_loss"].detach(), out["infonce_loss"].detach()]
+            )
+            self._sums = parts.float() if self._sums is None else self._sums + parts.float()
+            self._n_micro += 1
+            micro += 1
+        self.step += 1
+        step_samples = self.t.global_batch_size
+        self.samples += step_samples
+        self._interval_samples += step_samples
+
+    def check_finite(self) -> None:
+        """Read the per-micro-batch finite flags (a host sync) and stop every rank if any rank saw NaN/inf."""
+        if not self._finite:
+            return
+        flags = torch.cat(self._finite).cpu()
+        local_bad = not bool(flags.all())
+        if D.any_rank(local_bad):
+            if local_bad:
+                i = int((~flags).nonzero()[0, 0])
+                step, qids = self._finite_where[i]
+                where = f"step {step} (question ids on rank {self.dist.rank}: {_ids({'question_id': qids})})"
+            else:
+                where = (
+                    f"a step after {self.last_saved_step} on another rank (this rank's losses were finite)"
+                )
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}; stopping without writing a checkpoint "
+                f"(set train.on_nonfinite=skip to skip such batches instead)"
+            )
+        self._finite.clear()
+        self._finite_where.clear()
+
+    # -- cadence -------------------------------------------------------------------------------------------------
+    def _log(self) -> dict[str, float]:
+        self.check_finite()
+        assert self._sums is not None
+        sums = D.all_reduce_sum(self._sums) / (self._n_micro * self.dist.world_size)
+        loss, vqa, infonce = (float(x) for x in sums.tolist())
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        m = {
+            "train/loss": loss,
+            "train/vqa_loss": vqa,
+            "train/infonce_loss": infonce,
+            "train/lr": self.engine.lr(),
+            "train/samples_per_second": self._interval_samples / elapsed,
+            "train/data_wait_fraction": min(1.0, self._wait / elapsed),
+        }
+        norm = self.engine.grad_norm()
+        if norm is not None:
+            m["train/grad_norm"] = norm
+        if self.dist.device.type == "cuda":
+            m["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        self.metrics.log(m, self.step)
+        self._reset_interval()
+        return m
+
+    def _save(self) -> None:
+        if self.checkpointer is None or self.last_saved_step == self.step:
+            return
+        self.check_finite()  # never write a checkpoint of weights that a NaN step touched
+        self.checkpointer.save(self.step, self.state_dict())
+        self.last_saved_step = self.step
+
+    def run(self) -> str:
+        """Train to max_steps. Returns "done", or "interrupted" after a SIGTERM/SIGINT checkpoint."""
+        from tqdm import tqdm
+
+        t = self.t
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.dist.is_main and t.progress_bar),
+        )
+        self.engine.train(True)
+        it = self._micro_batches()
+        self._reset_interval()
+        try:
+            while self.step < t.max_steps:
+                self._train_step(it)
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    m = self._log()
+                    bar.set_postfix(loss=f"{m['train/loss']:.4f}", sps=f"{m['train/samples_per_second']:.0f}")
+                    if not t.progress_bar and self.dist.is_main:
+                        log.info(
+                            "step %d/%d loss %.4f (vqa %.4f, infonce %.4f) lr %.2e %.0f samples/s",
+                            self.step,
+                            t.max_steps,
+                            m["train/loss"],
+                            m["train/vqa_loss"],
+                            m["train/infonce_loss"],
+                            m["train/lr"],
+                            m["train/samples_per_second"],
+                        )
+                if self.evaluate is not None and t.eval_every and self.step % t.eval_every == 0:
+                    if self.step < t.max_steps:  # the final evaluation is the caller's
+                        self.check_finite()
+                        self.evaluate(self.step)
+                        self.engine.train(True)
+                        self._reset_interval_clock()
+                if D.any_rank(self.stop.requested):
+                    self._save()
+                    return "interrupted"
+                if self.checkpointer is not None and self.checkpointer.due(self.step):
+                    self._save()
+                    self._reset_interval_clock()
+            self.check_finite()
+            self._save()
+            return "done"
+        finally:
+            it.close()  # releases the loader (and its workers) now, not at garbage collection
+            bar.close()
+
+    def _reset_interval_clock(self) -> None:
+        """Evaluation and checkpoint time is not training time: restart the throughput clock, keep the sums."""
+        self._t0 = time.perf_counter()
+        self._wait = 0.0
+        self._interval_samples = 0
+
+
+def _ids(batch: dict[str, Any], limit: int = 32) -> list[int]:
+    qid = batch.get("question_id")
+    if qid is None:
+        return []
+    ids = [int(x) for x in torch.as_tensor(qid).reshape(-1).tolist()]
+    return ids[:limit] + (["..."] if len(ids) > limit else [])  # type: ignore[list-item]

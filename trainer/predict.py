@@ -1,0 +1,152 @@
+"""Answer questions about image files with a trained model.
+
+    python -m trainer.predict --run-dir RUN [--tag T] --image a.jpg --question "what shape is this?"
+    python -m trainer.predict --weights model.pt --image a.jpg --image b.jpg --question "what color is it?"
+
+With one image, every question is about it; with one question, it is asked of every image; otherwise images and
+questions pair up in order. Prints one JSON object per pair: image, question, answer, its probability, and the top-k
+answers. Images are preprocessed as the loaders do (RGB, bilinear squash to the model's size, the model's mean/std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def load_from_run(
+    run_dir: Path, tag: str | None, device: torch.device
+) -> tuple[torch.nn.Module, Any, list[str]]:
+    """Model, tokenizer and answers straight from a run's checkpoint (zero_to_fp32 in memory)."""
+    from data_pipeline.text import QuestionTokenizer
+    from trainer.config import config_from_dict
+    from trainer.export import build_inference_task, fp32_state_dict, pick_checkpoint
+
+    tag, _ = pick_checkpoint(run_dir, tag)
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    answers = json.loads((run_dir / "answers.json").read_text())
+    tokenizer = QuestionTokenizer.load(run_dir / "tokenizer")
+    task = build_inference_task(
+        cfg, fp32_state_dict(run_dir, tag), n_answers=len(answers), vilt_vocab_size=tokenizer.vilt_vocab_size
+    )
+    return task.to(device), tokenizer, answers
+
+
+def load_image(path: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    from PIL import Image
+
+    if not path.is_file():
+        raise ConfigError(f"--image {path}: no such file")
+    with Image.open(path) as im:
+        rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    x = x.permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def pair_up(images: list[Path], questions: list[str]) -> list[tuple[Path, str]]:
+    if len(images) == 1:
+        return [(images[0], q) for q in questions]
+    if len(questions) == 1:
+        return [(im, questions[0]) for im in images]
+    if len(images) != len(questions):
+        raise ConfigError(
+            f"{len(images)} images and {len(questions)} questions: give one of either, or equal counts"
+        )
+    return list(zip(images, questions, strict=True))
+
+
+@torch.no_grad()
+def predict(
+    task: torch.nn.Module,
+    tokenizer: Any,
+    answers: list[str],
+    pairs: list[tuple[Path, str]],
+    *,
+    image_size: int,
+    top_k: int = 3,
+    device: torch.device | None = None,
+) -> list[dict[str, Any]]:
+    pixels = torch.stack([load_image(p, image_size, task.image_mean, task.image_std) for p, _ in pairs])
+    questions = [q for _, q in pairs]
+    batch = dict(tokenizer(questions))
+    batch["pixels"] = pixels
+    batch["targets"] = torch.zeros(len(pairs), len(answers))
+    device = device or torch.device("cpu")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    probs = torch.sigmoid(task(batch)["logits"].float()).cpu()  # VQA heads are trained with per-answer BCE
+    top = probs.topk(min(top_k, len(answers)), dim=1)
+    out = []
+    for i, (image, question) in enumerate(pairs):
+        ranked = [
+            {"answer": answers[int(j)], "p": round(float(v), 4)}
+            for v, j in zip(top.values[i], top.indices[i], strict=True)
+        ]
+        out.append(
+            {
+                "image": str(image),
+                "question": question,
+                "answer": ranked[0]["answer"],
+                "p": ranked[0]["p"],
+                "top": ranked,
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.predict",
+        description="Answer questions about images with a trained checkpoint (a run folder or an exported file).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", type=Path, help="training run folder (uses its newest complete checkpoint)")
+    src.add_argument("--weights", type=Path, help="a file written by `python -m trainer.export`")
+    p.add_argument(
+        "--tag", default=None, help="with --run-dir: checkpoint tag (default: the newest complete)"
+    )
+    p.add_argument("--image", action="append", type=Path, required=True, help="image file (repeatable)")
+    p.add_argument("--question", action="append", required=True, help="question text (repeatable)")
+    p.add_argument("--top-k", type=int, default=3, help="answers listed per question (default 3)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pairs = pair_up(args.image, args.question)
+        if args.weights is not None:
+            from trainer.export import load_exported
+
+            task, tokenizer, answers, cfg = load_exported(args.weights, device)
+            image_size = cfg.model.image_size
+        else:
+            from trainer.config import config_from_dict
+
+            task, tokenizer, answers = load_from_run(args.run_dir, args.tag, device)
+            image_size = config_from_dict(
+                json.loads((args.run_dir / "config.json").read_text())
+            ).model.image_size
+        results = predict(
+            task, tokenizer, answers, pairs, image_size=image_size, top_k=args.top_k, device=device
+        )
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
