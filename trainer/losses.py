@@ -93,13 +93,14 @@ def clip_symmetric_loss(image_features: Tensor, text_features: Tensor, *, temper
 def gather_with_grad(x: Tensor) -> Tensor:
     """All-gather along dim 0 with gradients flowing back to every rank's slice.
 
-    torch.distributed.nn's all_gather sums the incoming gradients onto the owning rank in backward, which is what
-    makes the data-parallel mean of the per-rank losses differentiate exactly like the single-process global loss.
-    (Gathering into a list and putting the local tensor back gives gradients wrong by a factor of the world size.)
+    The functional all-gather's backward is a reduce-scatter that sums the incoming gradients onto the owning rank,
+    which is what makes the data-parallel mean of the per-rank losses differentiate exactly like the single-process
+    global loss. (Gathering into a list and putting the local tensor back gives gradients wrong by a factor of the
+    world size.) torch 2.14 deprecates torch.distributed.nn's all_gather for this function.
     """
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_single, wait_tensor
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return wait_tensor(all_gather_single(x.contiguous(), 0, dist.group.WORLD))
 
 
 def _dist_active() -> bool:
