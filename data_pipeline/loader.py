@@ -18,7 +18,7 @@ API (kept stable: the trainer calls exactly this):
   - `device`: where the DALI GPU decoder runs (None = the current CUDA device; torch.device("cpu") = DALI CPU)
 - `VQALoader`: iterable over the batches of ONE epoch; `len()` = batches it yields (= `batches_per_epoch` -
   `skip_batches`); attributes `kind` ("dali-gpu" | "dali-cpu" | "torch"), `answers`, `n_answers`,
-  `batches_per_epoch`, `manifest`.
+  `batches_per_epoch`, `manifest`, `corrupt_skipped`.
 - `read_answers(shards_dir) -> list[str]`, `read_manifest(shards_dir) -> dict`,
   `read_sample_info(shards_dir) -> {question_id: sample json}` (answer types, raw answers, questions).
 
@@ -72,6 +72,11 @@ class VQALoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self._backend.batches(self.skip_batches)
+
+    @property
+    def corrupt_skipped(self) -> int:
+        """Corrupt samples the torch loader skipped in its last complete pass (DALI never skips: it would fail)."""
+        return int(getattr(self._backend, "skipped", 0))
 
 
 def _check_args(

@@ -125,7 +125,7 @@ def test_real_question_tokenizer(folder: Path, tmp_path: Path) -> None:
 
     questions = [m["question"] for m in read_sample_info(folder).values()]
     tok = QuestionTokenizer.build(
-        questions, tmp_path, clip_arch="ViT-tiny-8", max_text_len=12, clip_context_length=16
+        questions, tmp_path, clip_arch="ViT-B-32", max_text_len=12, clip_context_length=16
     )
     b = load(folder, "torch", tokenizer=tok, batch_size=8)[0]
     assert b["vilt_ids"].shape == (8, 12) and b["clip_ids"].shape == (8, 16)
@@ -219,7 +219,12 @@ def test_torch_loader_skips_corrupt_samples(folder: Path, tmp_path: Path, caplog
     damaged = tmp_path / "damaged"
     bad_qid = _copy_with_corrupt_sample(folder, damaged)
     caplog.set_level("WARNING")
-    evaluation = load(damaged, "torch")
+    loader = build_loader(
+        damaged, tokenizer=FakeTokenizer(), batch_size=4, image_size=48, mean=MEAN, std=STD, rank=0, world_size=1,
+        train=False, seed=0, kind="torch", num_workers=0,
+    )  # fmt: skip
+    evaluation = list(loader)
+    assert loader.corrupt_skipped == 1
     assert bad_qid not in valid_qids(evaluation)
     assert len(valid_qids(evaluation)) == read_manifest(folder)["totals"]["samples"] - 1
     assert any("skipped 1 corrupt" in r.getMessage() for r in caplog.records)
