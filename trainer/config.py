@@ -62,7 +62,9 @@ class ModelConfig:
     attention: str = "sdpa"
     """Fusion encoder attention: sdpa (scaled_dot_product_attention) or eager (transformers' reference)."""
     compile: bool = False
-    """torch.compile the model with static shapes (GPU)."""
+    """torch.compile the fused model with static shapes (dynamic=False); falls back to eager if compiling fails.
+    The first step compiles: 86 s for a prototype of the base model on an H100, 135 s for the tiny preset on 2 CPU
+    cores (trainer/engine.py, docs/performance.md)."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -89,10 +91,8 @@ class ModelConfig:
 class LossConfig:
     infonce_weight: float = 0.1
     """lambda in total = VQA + lambda * InfoNCE (ignored by variants without a contrastive loss)."""
-    temperature: float = 0.1
+    temperature: float = 0.5
     """tau in eq. (1)/(2): divides every similarity, numerator and denominator."""
-    dot_feature_scale: float | None = None
-    """Optional fixed divisor of the features before the inner product of eq. (2) (None = raw features)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

@@ -109,7 +109,8 @@ def shielded(batches: Iterable[T]) -> Iterator[T]:
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        it = iter(batches)  # a DataLoader starts its workers here, a generator-based loader at the first next()
+        # A DataLoader starts its workers here, a generator-based loader at the first next().
+        it = iter(batches)
         first = next(it, _END)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
