@@ -59,6 +59,11 @@ is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 SETUP_VERSION=1
 setup_stamp() { { cat "$ROOT/pyproject.toml"; echo "setup-version $SETUP_VERSION"; } | sha256sum | cut -d' ' -f1; }
 
+# pip install, without the one warning line per package that local extra indexes without that package cause.
+pip_install() {
+    run "$PY" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 cmd_setup() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
         echo "Usage: ./launch.sh setup"
@@ -79,10 +84,10 @@ cmd_setup() {
     fi
     echo "launch.sh: installing pinned dependencies into $VENV (first time: several minutes)" >&2
     # torch first: DeepSpeed's setup.py looks for it, and pip must take the pinned build, not a newer CUDA one.
-    run "$PY" -m pip install --quiet --upgrade "pip>=24" setuptools wheel
-    run "$PY" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+    pip_install --upgrade "pip>=24" setuptools wheel
+    pip_install "torch==2.14.1" "torchvision==0.29.1"
     # DS_BUILD_OPS=0: no CUDA ops at install time here (the Docker image pre-builds fused Adam itself).
-    DS_BUILD_OPS=0 run "$PY" -m pip install --quiet -e "${ROOT}[dev]"
+    DS_BUILD_OPS=0 pip_install -e "${ROOT}[dev]"
     [[ "$DRY_RUN" == 1 ]] || echo "$stamp" > "$VENV/.setup-stamp"
 }
 
