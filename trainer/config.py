@@ -63,7 +63,7 @@ class ModelConfig:
     """Fusion encoder attention: sdpa (scaled_dot_product_attention) or eager (transformers' reference)."""
     compile: bool = False
     """torch.compile the fused model with static shapes (dynamic=False); falls back to eager if compiling fails.
-    The first step compiles: 86 s for a prototype of the base model on an H100, 135 s for the tiny preset on 2 CPU
+    The first step compiles: 86 s for a prototype of the base model on an H100, 73-135 s for the tiny preset on 2 CPU
     cores (trainer/engine.py, docs/performance.md)."""
 
     def __post_init__(self) -> None:

@@ -5,6 +5,9 @@ gradient clipping; the trainer config owns the optimizer (AdamW as ViLT: per-gro
 param groups), the schedule (10% linear warm-up, then linear decay to zero) and the batch sizes, which this module
 writes into the DeepSpeed config. A JSON that sets one of those trainer-owned keys to a different value is refused,
 so no setting has two owners.
+
+`model.compile` (trainer config) compiles the fused model, not the whole task, before it is handed to DeepSpeed:
+`compile_model` below. The losses stay eager, in fp32 and with their cross-rank all-gather, outside the graph.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +136,49 @@ def move_batch(batch: Mapping[str, Any], device: torch.device, float_dtype: torc
     return out
 
 
+def compile_model(model: torch.nn.Module, *, backend: str | Callable = "inductor") -> None:
+    """Compile `model.forward` in place with `torch.compile(dynamic=False)`; run eagerly if compiling fails.
+
+    Static shapes: the default (`dynamic=None`) recompiles with dynamic shapes once a second shape is seen, and that
+    recompilation failed on the 384 px model in inductor (MEASURED.md: `shape '[1472, 768]' is invalid`); with
+    `dynamic=False` every new shape (an evaluation batch size) gets its own static graph. The forward is replaced as
+    an instance attribute, so parameter names, state dicts and checkpoints stay those of the eager model (a
+    `torch.compile(module)` wrapper would prefix them with `_orig_mod.`).
+
+    Compilation runs lazily, on the first forward. An error of the compiler itself (dynamo tracing, inductor code
+    generation, no C++ compiler: all `TorchDynamoException`) is logged once and the model continues eagerly; errors
+    of the model (shapes, out of memory) are raised as usual. An error while compiling the backward graph surfaces
+    in backward and is not caught: set model.compile=false then.
+    """
+    from torch._dynamo.exc import TorchDynamoException
+
+    eager = model.forward
+    compiled = torch.compile(eager, dynamic=False, backend=backend)
+    failed = False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled(*args, **kwargs)
+            except TorchDynamoException as exc:
+                failed = True
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.warning(
+                    "torch.compile of %s failed (%s: %s); running it eagerly. Set model.compile=false to skip "
+                    "compiling.",
+                    type(model).__name__,
+                    type(exc).__name__,
+                    first[:300],
+                )
+        return eager(*args, **kwargs)
+
+    model.forward = forward  # type: ignore[method-assign]
+    log.info(
+        "model.compile: torch.compile(dynamic=False) of %s; the first step compiles", type(model).__name__
+    )
+
+
 class Engine:
     """A DeepSpeed engine around one `nn.Module` whose forward(batch) returns the losses (the VQATask)."""
 
@@ -152,6 +198,12 @@ class Engine:
         total = cfg.train.max_steps
         self.schedule = WarmupLinearDecay(total, round(cfg.optim.warmup_ratio * total))
         groups = task.param_groups(cfg.optim)
+        if cfg.model.compile:
+            if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+                # ZeRO-3 gathers each layer's parameters in module hooks, which the graph would have to contain.
+                log.warning("model.compile is not applied under ZeRO stage 3: the model runs eagerly")
+            else:
+                compile_model(task.model)
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=task,
             model_parameters=groups,
