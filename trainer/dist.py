@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -163,10 +164,18 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 
 
 def destroy() -> None:
-    """Tear the process group down (safe to call twice)."""
+    """Tear the process group down (safe to call twice), DeepSpeed's references to it included."""
     global _CONTROL_GROUP
     if is_initialized():
-        tdist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")  # the module that holds DeepSpeed's live backend
+        cdb = getattr(ds_comm, "cdb", None)
+        if cdb is not None and cdb.is_initialized():
+            # DeepSpeed caches the world group (deepspeed.utils.groups) and releases it only in its own destroy; after
+            # torch's alone, the next deepspeed.initialize in this process (tests, trainer.bench's cells) broadcasts
+            # over the destroyed group and fails ("Group ... is not registered").
+            ds_comm.destroy_process_group()
+        else:
+            tdist.destroy_process_group()
     _CONTROL_GROUP = None
     while _ADDED_ENV:
         os.environ.pop(_ADDED_ENV.pop(), None)
