@@ -58,6 +58,15 @@ import torch  # noqa: E402
 
 from trainer import dist as D  # noqa: E402
 from trainer.config import VARIANTS, ConfigError, RunConfig, apply_overrides  # noqa: E402
+from trainer.engine import (  # noqa: E402
+    Engine,
+    WarmupLinearDecay,
+    compile_model,
+    default_ds_config_path,
+    load_ds_config,
+    move_batch,
+    resolve_ds_config,
+)
 from trainer.presets import PRESETS, get_preset  # noqa: E402
 
 log = logging.getLogger("trainer.bench")
@@ -68,6 +77,7 @@ MODES = ("synthetic", "shards", "plain")
 # questions, in every mode, so that the three modes time the same model.
 DEFAULT_ANSWERS = 3129
 DEFAULT_VILT_VOCAB = 30522
+CLIP_VOCAB = 49408  # open_clip's BPE; its last id, end-of-text, marks where CLIP pools the text feature
 GIB = 2**30
 
 
@@ -181,15 +191,10 @@ def synthetic_batch(
     vilt_ids[:, 0] = 2  # [CLS]
     lengths = torch.randint(4, m.max_text_len + 1, (batch_size,), generator=g)
     vilt_mask = (torch.arange(m.max_text_len)[None] < lengths[:, None]).long()
-    clip_vocab = (
-        49408  # open_clip's BPE; the end-of-text id (the last one) marks where the text feature is pooled
-    )
-    clip_ids = torch.randint(1, clip_vocab - 1, (batch_size, m.clip_context_length), generator=g)
-    clip_ids[
-        torch.arange(batch_size), torch.randint(2, m.clip_context_length, (batch_size,), generator=g)
-    ] = clip_vocab - 1
-    targets = torch.zeros(batch_size, n_answers)
     rows = torch.arange(batch_size)
+    clip_ids = torch.randint(1, CLIP_VOCAB - 1, (batch_size, m.clip_context_length), generator=g)
+    clip_ids[rows, torch.randint(2, m.clip_context_length, (batch_size,), generator=g)] = CLIP_VOCAB - 1
+    targets = torch.zeros(batch_size, n_answers)
     targets[rows, torch.randint(0, n_answers, (batch_size,), generator=g)] = 1.0
     targets[rows, torch.randint(0, n_answers, (batch_size,), generator=g)] = 0.3
     batch = {
@@ -210,8 +215,6 @@ class PlainEngine:
     def __init__(self, task: torch.nn.Module, cfg: RunConfig, device: torch.device, *, bf16: bool) -> None:
         from torch.optim.lr_scheduler import LambdaLR
 
-        from trainer.engine import WarmupLinearDecay
-
         self.task = task.to(device)
         self.device = device
         self.bf16 = bf16
@@ -229,8 +232,6 @@ class PlainEngine:
         self.task.train(mode)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        from trainer.engine import move_batch
-
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.task(move_batch(batch, self.device, self.dtype))
 
@@ -315,7 +316,7 @@ class Timing:
 
 def time_engine(
     engine: Any, batches: Any, *, batch_size: int, args: argparse.Namespace, device: torch.device
-):
+) -> Timing:
     """The first step (compilation, allocator and loader start-up), the rest of the warm-up, then the windows."""
     memory = PeakMemory(device)
     engine.train(True)
@@ -352,6 +353,7 @@ class Setup:
 
     args: argparse.Namespace
     base: RunConfig
+    batch_size: int
     dist: D.DistInfo
     ds_base: dict[str, Any]
     ds_path: Path
@@ -373,8 +375,8 @@ def cell_config(setup: Setup, variant: str, image_size: int) -> RunConfig:
             f"model.image_size={image_size}",
             "model.vilt_pretrained=none",
             "model.clip_pretrained=none",
-            f"train.micro_batch_size={a.batch_size}",
-            f"train.global_batch_size={a.batch_size}",
+            f"train.micro_batch_size={setup.batch_size}",
+            f"train.global_batch_size={setup.batch_size}",
             f"train.max_steps={total}",
         ],
     )
@@ -412,9 +414,9 @@ def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str,
 
 def run_cell(
     setup: Setup, variant: str, image_size: int, mode: str, flops: dict[tuple[str, int], int]
-) -> dict:
-    from trainer.engine import Engine, compile_model, resolve_ds_config
-
+) -> dict[str, Any]:
+    """One cell: a fresh task (same seed in every mode), its FLOPs counted once per variant and size (eager, before
+    any compilation), the engine of the mode, the timing; everything is released before the next cell."""
     a = setup.args
     device = setup.dist.device
     cfg = cell_config(setup, variant, image_size)
@@ -425,7 +427,7 @@ def run_cell(
             cfg,
             n_answers=setup.n_answers,
             vilt_vocab=setup.vilt_vocab,
-            batch_size=a.batch_size,
+            batch_size=setup.batch_size,
             device=device,
         )
         flops[key] = count_step_flops(task, probe, autocast=torch.bfloat16 if setup.bf16 else None)
@@ -441,7 +443,7 @@ def run_cell(
         label = f"DeepSpeed ZeRO-{engine.zero_stage} {str(engine.dtype).replace('torch.', '')}"
     batches = make_batches(setup, cfg, task, mode, engine.dtype)
     try:
-        timing = time_engine(engine, batches, batch_size=a.batch_size, args=a, device=device)
+        timing = time_engine(engine, batches, batch_size=setup.batch_size, args=a, device=device)
         loader_kind = batches.kind
     finally:
         batches.close()
@@ -449,6 +451,10 @@ def run_cell(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if cfg.model.compile:
+            # Cells of other variants, image sizes or precisions add graphs to the same code object; past dynamo's
+            # recompile limit (8 in torch 2.14) the later cells would run eagerly, with only a warning to show it.
+            torch._dynamo.reset()
     return summarise(setup, cfg, mode, label, loader_kind, timing, flops[key])
 
 
@@ -591,10 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
         "model variants and image sizes: with batches already on the device (synthetic), from real shards through "
         "the data loader (shards), and without the DeepSpeed engine (plain). One table at the end, the same numbers "
         "in a JSON file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--preset", default="tiny", help=f"configuration to start from: {', '.join(sorted(PRESETS))}"
+        "--preset",
+        default="tiny",
+        help=f"configuration to start from: {', '.join(sorted(PRESETS))} (default: tiny)",
     )
     p.add_argument(
         "--variants",
@@ -604,12 +611,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, help="samples per optimizer step (default: the preset's micro-batch)"
     )
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed window")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed window (default: 20)")
     p.add_argument(
-        "--warmup", type=int, default=5, help="untimed steps first (the first compiles under model.compile)"
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed steps first; the first compiles under model.compile (default: 5)",
     )
     p.add_argument(
-        "--repeats", type=int, default=3, help="timed windows per cell; the table shows the median"
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed windows per cell; the table shows the median (default: 3)",
     )
     p.add_argument(
         "--modes", default=None, help="comma-separated, of synthetic, shards, plain (default: all three with "
@@ -630,7 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peak-size", type=int, help="matrix size of the peak measurement (default 8192 GPU, 512 CPU)"
     )
-    p.add_argument("--out", default="runs/bench.json", metavar="FILE", help="the JSON file of the results")
+    p.add_argument(
+        "--out",
+        default="runs/bench.json",
+        metavar="FILE",
+        help="the JSON file of the results (default: runs/bench.json)",
+    )
     return p
 
 
@@ -646,7 +664,18 @@ def _csv(raw: str | None, default: list, cast: Callable, what: str) -> list:
     return items
 
 
-def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, list[str], list[int], list[str]]:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The cells asked for on the command line, checked."""
+
+    base: RunConfig
+    variants: list[str]
+    sizes: list[int]
+    modes: list[str]
+    batch_size: int
+
+
+def resolve_args(args: argparse.Namespace) -> Plan:
     """The base configuration and the cells asked for; ConfigError on anything that cannot run."""
     base = apply_overrides(get_preset(args.preset), list(args.set))
     variants = _csv(args.variants, [base.model.variant], str, "--variants")
@@ -663,19 +692,18 @@ def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, list[str], list[i
         raise ConfigError(
             "--modes shards needs --train-data DIR (a shard folder written by data_pipeline.convert)"
         )
-    if args.batch_size is None:
-        args.batch_size = base.train.micro_batch_size
-    for name in ("batch_size", "steps", "warmup", "repeats"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = base.train.micro_batch_size if args.batch_size is None else args.batch_size
+    counts = {"batch-size": batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats}
+    for name, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
     if any(s < 1 for s in sizes):
         raise ConfigError(f"--image-sizes must be positive, got {sizes}")
-    return base, variants, sizes, modes
+    return Plan(base, variants, sizes, modes, batch_size)
 
 
-def prepare(args: argparse.Namespace, base: RunConfig, dist: D.DistInfo, work: Path) -> Setup:
+def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) -> Setup:
     from data_pipeline.loader import read_answers
-    from trainer.engine import default_ds_config_path, load_ds_config
 
     ds_path = Path(args.deepspeed_config) if args.deepspeed_config else default_ds_config_path(dist.device)
     ds_base = load_ds_config(ds_path)
@@ -689,26 +717,39 @@ def prepare(args: argparse.Namespace, base: RunConfig, dist: D.DistInfo, work: P
 
         read_manifest(args.train_data)  # fails plainly on a folder that is not a finished shard folder
         n_answers = len(read_answers(args.train_data))
-        tokenizer = build_tokenizer(base, args.train_data, work)
+        tokenizer = build_tokenizer(plan.base, args.train_data, work)
         vilt_vocab = tokenizer.vilt_vocab_size
     peaks, n = measure_peaks(dist.device, bf16, args.peak_size)
-    return Setup(args, base, dist, ds_base, ds_path, bf16, n_answers, vilt_vocab, tokenizer, peaks, n)
+    return Setup(
+        args,
+        plan.base,
+        plan.batch_size,
+        dist,
+        ds_base,
+        ds_path,
+        bf16,
+        n_answers,
+        vilt_vocab,
+        tokenizer,
+        peaks,
+        n,
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    base, variants, sizes, modes = resolve_args(args)
+    plan = resolve_args(args)
     if D.env_world_size() != 1:
         raise ConfigError(
             "trainer.bench runs in one process: start it with python -m trainer.bench, no launcher"
         )
     dist = D.init_distributed()
     with tempfile.TemporaryDirectory(prefix="vqa-bench-") as tmp:
-        setup = prepare(args, base, dist, Path(tmp))
+        setup = prepare(args, plan, dist, Path(tmp))
         flops: dict[tuple[str, int], int] = {}
         results = []
-        for variant in variants:
-            for size in sizes:
-                for mode in modes:
+        for variant in plan.variants:
+            for size in plan.sizes:
+                for mode in plan.modes:
                     log.info("cell: %s, %d px, %s", variant, size, mode)
                     results.append(run_cell(setup, variant, size, mode, flops))
                     r = results[-1]
@@ -724,7 +765,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "command": "python -m trainer.bench " + shlex.join(argv),
         "preset": args.preset,
         "settings": {
-            "batch_size": args.batch_size,
+            "batch_size": setup.batch_size,
             "steps": args.steps,
             "warmup": args.warmup,
             "repeats": args.repeats,
