@@ -176,3 +176,21 @@ def test_convolutional_clip_tower():
     out = task(b)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
+
+
+def test_init_std_sets_vilt_initialisation():
+    """model.init_std is ViLT's initializer_range: it scales the random init of the encoder and the VQA head."""
+    stds = {}
+    for std in (0.02, 0.1):
+        torch.manual_seed(0)
+        model = FusedViltClip(
+            dataclasses.replace(TINY_MODEL, variant="baseline", init_std=std),
+            n_answers=3,
+            vilt_vocab_size=VOCAB,
+        )
+        assert model.vilt.config.initializer_range == std
+        stds[std] = model.vilt.encoder.layer[0].intermediate.dense.weight.std().item()
+        assert stds[std] == pytest.approx(std, rel=0.05)
+        assert model.classifier[0].weight.std().item() == pytest.approx(std, rel=0.1)
+    with pytest.raises(ConfigError, match="model.init_std must be > 0"):
+        ModelConfig(init_std=0.0)

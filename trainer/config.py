@@ -47,6 +47,9 @@ class ModelConfig:
     """Patch size of the baseline's own patch projection (random init only)."""
     dropout: float = 0.0
     """Dropout in the ViLT encoder and embeddings (random init only)."""
+    init_std: float = 0.02
+    """Std of ViLT's random initialisation (transformers' initializer_range; random init only). BERT's 0.02 suits
+    pretraining at scale; tiny models trained from scratch learn to use the image sooner from a wider start."""
     clip_arch: str = "ViT-B-32"
     """open_clip architecture name (open_clip.list_models(), plus this project's tiny-* configs)."""
     clip_pretrained: str | None = None
@@ -71,6 +74,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.variant: unknown variant '{self.variant}' (one of: {', '.join(VARIANTS)})"
             )
+        if not self.init_std > 0:
+            raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
         if self.attention not in ("sdpa", "eager"):
             raise ConfigError(f"model.attention: '{self.attention}' is not one of sdpa, eager")
         if self.hidden_size % self.num_heads:

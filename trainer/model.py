@@ -72,6 +72,7 @@ def _vilt_config(cfg: ModelConfig, vocab_size: int) -> ViltConfig:
         patch_size=cfg.patch_size,
         max_position_embeddings=max(40, cfg.max_text_len),
         max_image_length=-1,
+        initializer_range=cfg.init_std,
     )
 
 
