@@ -45,7 +45,7 @@ def test_resolved_config_takes_batches_and_optimizer_from_the_trainer() -> None:
     )
     params = ds["optimizer"]["params"]
     assert ds["optimizer"]["type"] == "AdamW"
-    assert params["torch_adam"] is True  # no FusedAdam JIT build on CPU
+    assert params["torch_adam"] is True and params["fused"] is True  # torch's fused AdamW, no JIT build
     assert (params["lr"], params["weight_decay"], params["eps"], tuple(params["betas"])) == (
         1e-4,
         0.01,

@@ -33,32 +33,29 @@ CPU with a 1-rank gloo group, as trainer/dist.py sets up). docs/performance.md h
 
 from __future__ import annotations
 
-import os
+# One process: OpenMP's default wait policy, as trainer/main.py keeps for one rank (PASSIVE there only for several
+# ranks per host). Set OMP_WAIT_POLICY in the environment to measure another.
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import logging
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-# As in trainer/main.py: idle OpenMP threads sleep instead of spinning (spinning ones slow a shared CPU machine down).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from trainer import dist as D  # noqa: E402
-from trainer.config import VARIANTS, ConfigError, RunConfig, apply_overrides  # noqa: E402
-from trainer.engine import (  # noqa: E402
+from trainer import dist as D
+from trainer.config import VARIANTS, ConfigError, RunConfig, apply_overrides
+from trainer.engine import (
     Engine,
     WarmupLinearDecay,
     compile_model,
@@ -67,7 +64,7 @@ from trainer.engine import (  # noqa: E402
     move_batch,
     resolve_ds_config,
 )
-from trainer.presets import PRESETS, get_preset  # noqa: E402
+from trainer.presets import PRESETS, get_preset
 
 log = logging.getLogger("trainer.bench")
 

@@ -97,8 +97,9 @@ def resolve_ds_config(
         # torch's AdamW: DeepSpeed's own FusedAdam would first JIT-compile a C++/CUDA op (a minute, and a CUDA
         # toolkit on the node). On GPUs torch's fused kernel gives the fused step without any build.
         params["torch_adam"] = True
-        if device.type == "cuda":
-            params["fused"] = True
+        # torch's fused AdamW (CUDA, and CPU since torch 2.4): one pass over each flat partition instead of ~10
+        # element-wise ops; on 2 CPU cores this is most of the cost of the CLIP text tower's 6M-row embedding.
+        params["fused"] = True
     # With optimizer offload DeepSpeed runs its CPU Adam (built on first use), the only optimizer it offloads.
     ds["optimizer"] = {"type": "AdamW", "params": params}
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints would interleave
