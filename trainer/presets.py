@@ -125,7 +125,8 @@ def demo() -> RunConfig:
     three-variant comparison on a 2-core machine in under 20 minutes. The search behind these settings is in the
     README: a convolutional CLIP tower (open_clip's ModifiedResNet, `RN-tiny`) learns colours and shapes sooner
     than a tiny ViT, and ViLT's BERT initialisation (std 0.02) keeps the image unused for hundreds of steps where a
-    wider start (0.1) learns colours within 200-400.
+    wider start (0.1) learns colours within 200-400; 4 heads of 32 instead of 2 of 64 learn the question-image
+    matching of the yes/no questions sooner (0.856 vs 0.786 after 800 steps in one trial each).
 
     From scratch, the tiny models need a larger learning rate than ViLT's fine-tuning recipe (1e-4, head x10),
     which assumes a pretrained body; the head keeps the body's rate here. The longest easy-VQA question is 12
@@ -135,6 +136,7 @@ def demo() -> RunConfig:
     return RunConfig(
         model=dataclasses.replace(
             base.model,
+            num_heads=4,
             clip_arch="RN-tiny",
             init_std=0.1,
             max_text_len=12,
