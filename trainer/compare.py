@@ -428,6 +428,17 @@ def findings(summary: dict[str, Any], thresholds: list[float]) -> list[str]:
     return lines
 
 
+def _steps_run(results: dict[str, Any]) -> str:
+    """The optimizer steps the runs were configured with (one number when all agree, as they do in a comparison)."""
+    steps = {
+        run["config"]["train"]["max_steps"]
+        for variant in results["variants"].values()
+        for run in variant["runs"]
+        if "config" in run
+    }
+    return ", ".join(str(s) for s in sorted(steps)) or str(results["steps"])
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     s = results["variants"]
     th = results["loss_thresholds"]
@@ -467,8 +478,8 @@ fusion make VQA fine-tuning converge in fewer steps (Takahira et al.)? And is th
 steadier than the cosine one (eq. 1)?
 
 ## Setup
-- Preset `{results["preset"]}`, {results["steps"] if results["steps"] is not None else "preset"} steps, seeds
-  {", ".join(map(str, results["seeds"]))}; every variant with the same seeds, data order and hyperparameters.
+- Preset `{results["preset"]}`, {_steps_run(results)} optimizer steps, seeds {", ".join(map(str, results["seeds"]))};
+  every variant with the same seeds, data order and hyperparameters.
 - Training data `{results["train_data"]}`, validation `{results["val_data"]}`.
 - Machine: {results["machine"]}; date {results["date"]}; total wall time {results["wall_time_s"]:.0f} s.
 - The loss compared is the VQA loss (BCE x number of answers), the part all variants share; its smoothed curve is
