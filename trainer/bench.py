@@ -28,13 +28,12 @@ Modes:
 
 Without --train-data the model has VQA v2's 3,129 answers and BERT's 30,522-token vocabulary (ViLT's); with it, the
 data's answers and a vocabulary built from its questions, in every mode. It runs in one process (on a GPU, or on the
-CPU with a 1-rank gloo group, as trainer/dist.py sets up). docs/performance.md has the figures measured with it.
+CPU with a 1-rank gloo group, as trainer/dist.py sets up), so OpenMP keeps its default wait policy as one rank of
+trainer/main.py does; set OMP_WAIT_POLICY to measure another. docs/performance.md has the figures measured with it.
 """
 
 from __future__ import annotations
 
-# One process: OpenMP's default wait policy, as trainer/main.py keeps for one rank (PASSIVE there only for several
-# ranks per host). Set OMP_WAIT_POLICY in the environment to measure another.
 import argparse
 import dataclasses
 import datetime

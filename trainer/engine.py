@@ -98,7 +98,7 @@ def resolve_ds_config(
         # toolkit on the node). On GPUs torch's fused kernel gives the fused step without any build.
         params["torch_adam"] = True
         # torch's fused AdamW (CUDA, and CPU since torch 2.4): one pass over each flat partition instead of ~10
-        # element-wise ops; on 2 CPU cores this is most of the cost of the CLIP text tower's 6M-row embedding.
+        # element-wise ops each, which counts on the CPU for the CLIP text tower's 49,408-row embedding.
         params["fused"] = True
     # With optimizer offload DeepSpeed runs its CPU Adam (built on first use), the only optimizer it offloads.
     ds["optimizer"] = {"type": "AdamW", "params": params}
