@@ -7,7 +7,14 @@ import json
 import pytest
 from PIL import Image
 
-from trainer.compare import DEFAULT_VARIANTS, ema, main, steps_to_stay_under, validate_results
+from trainer.compare import (
+    DEFAULT_VARIANTS,
+    ema,
+    main,
+    steps_to_stay_under,
+    validate_results,
+    write_report,
+)
 
 
 def test_steps_to_stay_under_needs_the_curve_to_stay_below():
@@ -60,6 +67,14 @@ def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
     for variant in DEFAULT_VARIANTS:
         assert f"`{variant}`" in report
     assert "![loss curves](loss_curves.png)" in report
+    assert "`tiny`, 4 optimizer steps" in report
+
+    # A run folder without config.json (the schema allows config null) still gets a report.
+    for entry in results["variants"].values():
+        for run in entry["runs"]:
+            run["config"] = None
+    write_report(results, tmp_path / "no_config.md")
+    assert "`tiny`, 4 optimizer steps" in (tmp_path / "no_config.md").read_text()
 
     # Finished runs are kept: a second call only rebuilds the outputs.
     before = (out / "baseline-seed0" / "run_complete.json").read_text()

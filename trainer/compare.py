@@ -434,9 +434,11 @@ def _steps_run(results: dict[str, Any]) -> str:
         run["config"]["train"]["max_steps"]
         for variant in results["variants"].values()
         for run in variant["runs"]
-        if "config" in run
+        if run["config"]  # None where a run folder had no config.json
     }
-    return ", ".join(str(s) for s in sorted(steps)) or str(results["steps"])
+    if not steps:
+        return "the preset's" if results["steps"] is None else str(results["steps"])
+    return ", ".join(str(s) for s in sorted(steps))
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
