@@ -18,8 +18,11 @@ from pathlib import Path
 # each rank's spinning threads take the cores the others need (tiny preset, 2 ranks on 2 cores: 2-8 samples/s
 # spinning, 24-38 passive). One rank: OpenMP's default (spin a while, then sleep) keeps the cores warm between
 # the many small ops of a tiny model (demo preset on 2 cores: 164-177 samples/s vs 124 passive). The environment
-# variable, when set, decides.
-if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
+# variable, when set, decides. Ranks on this host: torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE.
+_LOCAL_RANKS = (
+    os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1")
+)
+if int(_LOCAL_RANKS) > 1:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
