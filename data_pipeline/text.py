@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _META = "question_tokenizer.json"
+_CLIP_VOCAB = "clip_vocab.json"
 
 
 class TokenizerError(ValueError):
@@ -57,6 +58,8 @@ class QuestionTokenizer:
         self.max_text_len = max_text_len
         self.clip_context_length = clip_context_length
         self.clip = open_clip.get_tokenizer(clip_arch, context_length=clip_context_length)
+        # The BPE ids of the training questions, for model.clip_text_vocab=compact (None until fitted).
+        self.clip_vocab: list[int] | None = None
 
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod
@@ -69,12 +72,15 @@ class QuestionTokenizer:
         max_text_len: int,
         clip_context_length: int,
         vocab_size: int = 1000,
+        fit_clip_vocab: bool = False,
     ) -> QuestionTokenizer:
-        """Train a BERT WordPiece vocabulary on `questions`, save it (and the settings) in `out_dir`, load it."""
+        """Train a BERT WordPiece vocabulary on `questions`, save it (and the settings) in `out_dir`, load it.
+        With fit_clip_vocab, also record the CLIP BPE ids the questions use (model.clip_text_vocab=compact)."""
         from transformers import BertTokenizerFast
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        questions = list(questions)
         vocab = _train_wordpiece(questions, vocab_size)
         # BertTokenizerFast adds [CLS] ... [SEP] itself (the raw `tokenizers` trainer does not): ViLT's pooler
         # reads the [CLS] position.
@@ -83,6 +89,9 @@ class QuestionTokenizer:
         self = cls(
             vilt, clip_arch=clip_arch, max_text_len=max_text_len, clip_context_length=clip_context_length
         )
+        if fit_clip_vocab:
+            self.fit_clip_vocab(questions)
+            self._save_clip_vocab(out)
         self._save_meta(out, source="built")
         log.info("built a WordPiece vocabulary of %d tokens in %s", len(vilt), out)
         return self
@@ -116,18 +125,44 @@ class QuestionTokenizer:
             raise TokenizerError(f"no question tokenizer in '{d}' ({_META} is missing)")
         meta = json.loads(meta_file.read_text())
         vilt = BertTokenizerFast.from_pretrained(str(d), local_files_only=True)
-        return cls(
+        self = cls(
             vilt,
             clip_arch=meta["clip_arch"],
             max_text_len=meta["max_text_len"],
             clip_context_length=meta["clip_context_length"],
         )
+        clip_vocab_file = d / _CLIP_VOCAB
+        if clip_vocab_file.is_file():
+            ids = json.loads(clip_vocab_file.read_text())
+            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise TokenizerError(f"{clip_vocab_file}: expected a JSON list of BPE token ids")
+            self.clip_vocab = ids
+        return self
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.vilt.save_pretrained(str(d))
+        self._save_clip_vocab(d)
         self._save_meta(d, source="saved")
+
+    def fit_clip_vocab(self, questions: Iterable[str], chunk: int = 4096) -> list[int]:
+        """Record the CLIP BPE ids that `questions` use, padding, start and end of text included."""
+        unique = sorted(set(questions))  # questions repeat a lot (easy-VQA: a few hundred distinct of 38k)
+        seen: set[int] = set()
+        for start in range(0, len(unique), chunk):
+            seen.update(self.clip(unique[start : start + chunk]).unique().tolist())
+        self.clip_vocab = sorted(seen)
+        log.info("the questions use %d CLIP BPE tokens", len(self.clip_vocab))
+        return self.clip_vocab
+
+    def _save_clip_vocab(self, d: Path) -> None:
+        # Written before the meta file, which marks a complete tokenizer folder.
+        if self.clip_vocab is None:
+            return
+        tmp = d / (_CLIP_VOCAB + ".tmp")
+        tmp.write_text(json.dumps(self.clip_vocab) + "\n")
+        tmp.replace(d / _CLIP_VOCAB)
 
     def _save_meta(self, d: Path, source: str) -> None:
         meta = {

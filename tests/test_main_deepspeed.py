@@ -108,6 +108,8 @@ def zero2_run(tiny_easyvqa_shards: Path, tmp_path_factory: pytest.TempPathFactor
         str(tiny_easyvqa_shards / "test"),
     ]
     args += ["--run-dir", str(run_dir), "--max-steps", "4", "--set", "train.ckpt_every=2"]
+    # The demo's compact CLIP token table, through checkpoints, resume and the universal conversion.
+    args += ["--set", "model.clip_text_vocab=compact"]
     args += ["--deepspeed_config", "deepspeed_configs/zero2_fp32.json"]
     launch(args)
     return run_dir
@@ -136,6 +138,9 @@ def test_zero2_trains_logs_checkpoints_and_evaluates(zero2_run: Path) -> None:
     assert (zero2_run / "checkpoints" / "latest").read_text() == "global_step4"
     config = json.loads((zero2_run / "config.json").read_text())
     assert config["model"]["variant"] == "clip-infonce-dot" and config["train"]["max_steps"] == 4
+    assert config["model"]["clip_text_vocab"] == "compact"
+    clip_vocab = json.loads((zero2_run / "tokenizer" / "clip_vocab.json").read_text())
+    assert 0 in clip_vocab and 49407 in clip_vocab and len(clip_vocab) < 200
     ds = json.loads((zero2_run / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_accumulation_steps"] == 1
 
@@ -200,6 +205,7 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
     args += ["--max-steps", "1000", "--deepspeed_config", "deepspeed_configs/zero3_fp32.json"]
     # Evaluating first also runs ZeRO-3's gathered-parameter forward in evaluation mode on both ranks.
     args += ["--val-data", str(tiny_easyvqa_shards / "test"), "--set", "train.eval_at_start=true"]
+    args += ["--set", "model.clip_text_vocab=compact"]  # export and predict rebuild the compact table
     proc = subprocess.Popen(
         command(args, 2),
         cwd=REPO_ROOT,
@@ -233,6 +239,10 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
     assert export.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
     task, tokenizer, answers, cfg = export.load_exported(out)  # strict load of every fp32 weight
     assert cfg.model.variant == "clip-infonce-dot" and len(answers) == 13
+    assert (
+        tokenizer.clip_vocab
+        and task.model.clip.token_embedding.num_embeddings == len(tokenizer.clip_vocab) + 1
+    )
     capsys.readouterr()
 
     import easy_vqa

@@ -194,3 +194,36 @@ def test_init_std_sets_vilt_initialisation():
         assert model.classifier[0].weight.std().item() == pytest.approx(std, rel=0.1)
     with pytest.raises(ConfigError, match="model.init_std must be > 0"):
         ModelConfig(init_std=0.0)
+
+
+def test_compact_clip_vocabulary_keeps_the_text_features_and_drops_the_rest():
+    """model.clip_text_vocab=compact: the same text features for ids in the vocabulary, unseen ids map to the
+    unknown row, a fraction of the parameters, and a clear error without a vocabulary."""
+    cfg = tiny_config("clip-infonce-dot")
+    batch = synthetic_batch(4, seed=2)
+    vocab = sorted(set(batch["clip_ids"].flatten().tolist()))
+    torch.manual_seed(0)
+    full = build_task(cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB).eval()
+    compact_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, clip_text_vocab="compact"))
+    torch.manual_seed(0)
+    compact = build_task(compact_cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB, clip_vocab=vocab).eval()
+
+    table = compact.model.clip.token_embedding
+    assert table.weight.shape == (len(vocab) + 1, full.model.clip.token_embedding.weight.shape[1])
+    assert "clip.token_embedding.index" in compact.model.state_dict()
+    saved = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in compact.parameters())
+    assert saved == (full.model.clip.token_embedding.num_embeddings - len(vocab) - 1) * table.weight.shape[1]
+    with torch.no_grad():
+        a, b = full(batch), compact(batch)
+    torch.testing.assert_close(b["logits"], a["logits"])
+    torch.testing.assert_close(b["infonce_loss"], a["infonce_loss"])
+
+    unseen = next(i for i in range(1, 49407) if i not in vocab)
+    rows = table(torch.tensor([[vocab[0], unseen]]))
+    torch.testing.assert_close(rows[0, 1], table.weight[0])  # the unknown-token row
+    torch.testing.assert_close(rows[0, 0], full.model.clip.token_embedding.weight[vocab[0]])
+
+    with pytest.raises(ModelBuildError, match="model.clip_text_vocab=compact needs the question tokenizer"):
+        build_task(compact_cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB)
+    with pytest.raises(ConfigError, match="model.clip_text_vocab: 'small' is not one of full, compact"):
+        ModelConfig(clip_text_vocab="small")

@@ -23,10 +23,11 @@ def test_presets_are_complete(name):
 def test_demo_preset_variants_train_a_step(variant):
     cfg = apply_overrides(get_preset("demo"), [f"model.variant={variant}"])
     m = cfg.model
-    assert m.clip_arch == "RN-tiny" and m.init_std == 0.1
-    torch.manual_seed(0)
-    task = build_task(cfg, n_answers=13, vilt_vocab_size=121)
+    assert m.clip_arch == "RN-tiny" and m.init_std == 0.1 and m.clip_text_vocab == "compact"
     batch = synthetic_batch(4, seed=1, cfg=m)
+    torch.manual_seed(0)
+    vocab = sorted(set(batch["clip_ids"].flatten().tolist()))
+    task = build_task(cfg, n_answers=13, vilt_vocab_size=121, clip_vocab=vocab)
     batch["pixels"] = torch.randn(4, 3, m.image_size, m.image_size)
     batch["targets"] = torch.zeros(4, 13)
     batch["targets"][:, 0] = 1.0

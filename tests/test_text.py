@@ -62,3 +62,16 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         QuestionTokenizer.from_pretrained_vilt(
             str(tmp_path / "missing"), clip_arch="ViT-tiny-8", max_text_len=6, clip_context_length=16
         )
+
+
+def test_clip_vocabulary_is_fitted_on_the_questions_and_saved(tmp_path):
+    """fit_clip_vocab records every BPE id the questions use (start, end and padding included); it reloads."""
+    tok = _build(tmp_path, fit_clip_vocab=True)
+    used = set(tok(sorted(set(QUESTIONS)))["clip_ids"].flatten().tolist())
+    assert tok.clip_vocab == sorted(used) and {0, 49406, 49407} <= used
+    assert QuestionTokenizer.load(tmp_path / "tok").clip_vocab == tok.clip_vocab
+    assert _build(tmp_path / "plain").clip_vocab is None
+    assert QuestionTokenizer.load(tmp_path / "plain" / "tok").clip_vocab is None
+    (tmp_path / "tok" / "clip_vocab.json").write_text('{"a": 1}')
+    with pytest.raises(TokenizerError, match="clip_vocab.json: expected a JSON list"):
+        QuestionTokenizer.load(tmp_path / "tok")

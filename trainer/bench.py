@@ -356,6 +356,7 @@ class Setup:
     bf16: bool
     n_answers: int
     vilt_vocab: int
+    clip_vocab: list[int]
     tokenizer: Any
     peaks: dict[str, float]
     peak_size: int
@@ -382,7 +383,9 @@ def build_cell_task(setup: Setup, cfg: RunConfig) -> torch.nn.Module:
     from trainer.task import build_task
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights in every mode
-    return build_task(cfg, n_answers=setup.n_answers, vilt_vocab_size=setup.vilt_vocab)
+    return build_task(
+        cfg, n_answers=setup.n_answers, vilt_vocab_size=setup.vilt_vocab, clip_vocab=setup.clip_vocab
+    )
 
 
 def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str, dtype: torch.dtype):
@@ -504,7 +507,7 @@ def build_tokenizer(cfg: RunConfig, folder: str, work: Path):
     questions = (s["question"] for s in iter_sample_json(open_folder(folder)))
     return QuestionTokenizer.build(
         questions, work / "tokenizer", clip_arch=m.clip_arch, max_text_len=m.max_text_len,
-        clip_context_length=m.clip_context_length, vocab_size=m.wordpiece_vocab_size,
+        clip_context_length=m.clip_context_length, vocab_size=m.wordpiece_vocab_size, fit_clip_vocab=True,
     )  # fmt: skip
 
 
@@ -715,6 +718,17 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
         n_answers = len(read_answers(args.train_data))
         tokenizer = build_tokenizer(plan.base, args.train_data, work)
         vilt_vocab = tokenizer.vilt_vocab_size
+        clip_vocab = tokenizer.clip_vocab
+    else:
+        # model.clip_text_vocab=compact without questions: the ids the synthetic batches use.
+        probe = synthetic_batch(
+            plan.base,
+            n_answers=n_answers,
+            vilt_vocab=vilt_vocab,
+            batch_size=plan.batch_size,
+            device=torch.device("cpu"),
+        )
+        clip_vocab = sorted(set(probe["clip_ids"].flatten().tolist()))
     peaks, n = measure_peaks(dist.device, bf16, args.peak_size)
     return Setup(
         args,
@@ -726,6 +740,7 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
         bf16,
         n_answers,
         vilt_vocab,
+        clip_vocab,
         tokenizer,
         peaks,
         n,

@@ -62,6 +62,11 @@ class ModelConfig:
     """CLIP text tower context length in BPE tokens."""
     wordpiece_vocab_size: int = 1000
     """Target vocabulary size when a WordPiece vocabulary is built from the training questions."""
+    clip_text_vocab: str = "full"
+    """CLIP text tower's token table: full (all 49,408 BPE rows) or compact (only the BPE tokens of the training
+    questions plus one unknown-token row; ids are mapped inside the embedding, so tokenisation and CLIP's EOT
+    pooling are unchanged, and pretrained rows are copied). The full table is most of a tiny model's parameters and
+    its optimizer and gradient work on a CPU."""
     attention: str = "sdpa"
     """Fusion encoder attention: sdpa (scaled_dot_product_attention) or eager (transformers' reference)."""
     compile: bool = False
@@ -78,6 +83,8 @@ class ModelConfig:
             raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
         if self.attention not in ("sdpa", "eager"):
             raise ConfigError(f"model.attention: '{self.attention}' is not one of sdpa, eager")
+        if self.clip_text_vocab not in ("full", "compact"):
+            raise ConfigError(f"model.clip_text_vocab: '{self.clip_text_vocab}' is not one of full, compact")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}"

@@ -91,13 +91,22 @@ def load_exported(
         tokenizer = QuestionTokenizer.load(tmp)
     answers = list(payload["answers"])
     task = build_inference_task(
-        cfg, payload["state_dict"], n_answers=len(answers), vilt_vocab_size=tokenizer.vilt_vocab_size
+        cfg,
+        payload["state_dict"],
+        n_answers=len(answers),
+        vilt_vocab_size=tokenizer.vilt_vocab_size,
+        clip_vocab=tokenizer.clip_vocab,
     )
     return task.to(device), tokenizer, answers, cfg
 
 
 def build_inference_task(
-    cfg: RunConfig, state_dict: dict[str, torch.Tensor], *, n_answers: int, vilt_vocab_size: int
+    cfg: RunConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    n_answers: int,
+    vilt_vocab_size: int,
+    clip_vocab: list[int] | None = None,
 ) -> torch.nn.Module:
     """The VQATask with trained weights. Built without the pretrained sources (the weights replace them anyway),
     so inference never needs the hub or the original checkpoint files."""
@@ -106,16 +115,15 @@ def build_inference_task(
     from trainer.task import build_task
 
     model = dataclasses.replace(cfg.model, vilt_pretrained=None, clip_pretrained=None)
-    task = build_task(
-        dataclasses.replace(cfg, model=model), n_answers=n_answers, vilt_vocab_size=vilt_vocab_size
-    )
+    sizes = {"n_answers": n_answers, "vilt_vocab_size": vilt_vocab_size, "clip_vocab": clip_vocab}
+    task = build_task(dataclasses.replace(cfg, model=model), **sizes)
     try:
         task.load_state_dict(state_dict, strict=True)
     except RuntimeError:
         if model == cfg.model:
             raise
         # A pretrained checkpoint's architecture can differ from the named size: build it from its own source.
-        task = build_task(cfg, n_answers=n_answers, vilt_vocab_size=vilt_vocab_size)
+        task = build_task(cfg, **sizes)
         task.load_state_dict(state_dict, strict=True)
     return task.eval()
 

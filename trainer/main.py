@@ -253,7 +253,13 @@ def build_tokenizer(cfg: RunConfig, run_dir: Path, dist: D.DistInfo):
 
     tok_dir = run_dir / TOKENIZER_DIR
     m = cfg.model
+    compact = m.clip_text_vocab == "compact" and m.contrastive != "none"
     if dist.is_main and not (tok_dir / TOKENIZER_META).is_file():
+
+        def questions():
+            assert cfg.data.train_data, "check_tokenizer_source ran before start-up"
+            return (s["question"] for s in iter_sample_json(open_folder(cfg.data.train_data)))
+
         if m.vilt_pretrained:
             tok = QuestionTokenizer.from_pretrained_vilt(
                 m.vilt_pretrained,
@@ -261,17 +267,18 @@ def build_tokenizer(cfg: RunConfig, run_dir: Path, dist: D.DistInfo):
                 max_text_len=m.max_text_len,
                 clip_context_length=m.clip_context_length,
             )
+            if compact:
+                tok.fit_clip_vocab(questions())
             tok.save(tok_dir)
         else:
-            assert cfg.data.train_data, "check_tokenizer_source ran before start-up"
-            questions = (s["question"] for s in iter_sample_json(open_folder(cfg.data.train_data)))
             QuestionTokenizer.build(
-                questions,
+                questions(),
                 tok_dir,
                 clip_arch=m.clip_arch,
                 max_text_len=m.max_text_len,
                 clip_context_length=m.clip_context_length,
                 vocab_size=m.wordpiece_vocab_size,
+                fit_clip_vocab=compact,
             )
     D.barrier()
     return QuestionTokenizer.load(tok_dir)
@@ -334,7 +341,10 @@ class Run:
         self.tokenizer = build_tokenizer(cfg, run_dir, dist)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = build_task(
-            cfg, n_answers=len(self.answers), vilt_vocab_size=self.tokenizer.vilt_vocab_size
+            cfg,
+            n_answers=len(self.answers),
+            vilt_vocab_size=self.tokenizer.vilt_vocab_size,
+            clip_vocab=self.tokenizer.clip_vocab,
         )
         torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
         self.engine = Engine(self.task, ds_cfg, cfg, dist)

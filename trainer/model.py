@@ -147,13 +147,51 @@ def _drop_text_tower(clip: nn.Module) -> None:
         clip.text = None
 
 
+class CompactTokenEmbedding(nn.Module):
+    """CLIP's token embedding restricted to a known set of BPE ids (`model.clip_text_vocab=compact`).
+
+    Takes the same full-vocabulary ids as the table it replaces and maps them to its rows inside, so open_clip's
+    encode_text is unchanged (it pools at the EOT token by argmax over the raw ids). Row 0 stands for every id not
+    in the set (a question word never seen in training). Rows start as copies of the full table's rows: pretrained
+    weights carry over, and a random start has the same distribution.
+    """
+
+    def __init__(self, full: nn.Embedding, token_ids: list[int]) -> None:
+        super().__init__()
+        ids = sorted(set(token_ids))
+        if not ids or ids[0] < 0 or ids[-1] >= full.num_embeddings:
+            raise ModelBuildError(
+                f"model.clip_text_vocab=compact: token ids must lie in 0..{full.num_embeddings - 1}"
+            )
+        index = torch.zeros(full.num_embeddings, dtype=torch.long)
+        index[torch.tensor(ids)] = torch.arange(1, len(ids) + 1)
+        # Part of the state dict, so a checkpoint says which ids its rows belong to and loading checks the size.
+        self.register_buffer("index", index)
+        rows = torch.cat([full.weight.detach().mean(0, keepdim=True), full.weight.detach()[ids]])
+        self.weight = nn.Parameter(rows.clone())
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(self.index[ids], self.weight)
+
+
 class FusedViltClip(nn.Module):
     """ViLT fusion over either ViLT's own patch embedding (baseline) or CLIP's image tokens (clip-* variants).
 
     forward returns the VQA logits and, for the CLIP variants, CLIP's image and text features (I, T).
     """
 
-    def __init__(self, cfg: ModelConfig, *, n_answers: int, vilt_vocab_size: int) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        n_answers: int,
+        vilt_vocab_size: int,
+        clip_vocab: list[int] | None = None,
+    ) -> None:
         super().__init__()
         if n_answers < 1:
             raise ModelBuildError(f"n_answers must be >= 1, got {n_answers}")
@@ -172,6 +210,17 @@ class FusedViltClip(nn.Module):
             if cfg.contrastive == "none":
                 _drop_text_tower(self.clip)
                 self.clip.visual.proj = None  # I is only used by the contrastive loss
+            elif cfg.clip_text_vocab == "compact":
+                if not clip_vocab:
+                    raise ModelBuildError(
+                        "model.clip_text_vocab=compact needs the question tokenizer's CLIP vocabulary "
+                        "(QuestionTokenizer.clip_vocab, fitted on the training questions)"
+                    )
+                if not isinstance(getattr(self.clip, "token_embedding", None), nn.Embedding):
+                    raise ModelBuildError(
+                        f"model.clip_text_vocab=compact: {cfg.clip_arch} has no CLIP token table to compact"
+                    )
+                self.clip.token_embedding = CompactTokenEmbedding(self.clip.token_embedding, clip_vocab)
             # The baseline's patch projection is not used by the CLIP variants: drop it (no unused parameters).
             emb = self.vilt.embeddings
             emb.patch_embeddings = None
@@ -268,6 +317,7 @@ def describe(model: FusedViltClip) -> str:
 
 
 __all__ = [
+    "CompactTokenEmbedding",
     "FusedViltClip",
     "ModelBuildError",
     "SdpaViltSelfAttention",

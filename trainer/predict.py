@@ -38,7 +38,11 @@ def load_from_run(
     answers = json.loads((run_dir / "answers.json").read_text())
     tokenizer = QuestionTokenizer.load(run_dir / "tokenizer")
     task = build_inference_task(
-        cfg, fp32_state_dict(run_dir, tag), n_answers=len(answers), vilt_vocab_size=tokenizer.vilt_vocab_size
+        cfg,
+        fp32_state_dict(run_dir, tag),
+        n_answers=len(answers),
+        vilt_vocab_size=tokenizer.vilt_vocab_size,
+        clip_vocab=tokenizer.clip_vocab,
     )
     return task.to(device), tokenizer, answers
 

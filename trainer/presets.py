@@ -142,10 +142,11 @@ def demo() -> RunConfig:
             max_text_len=12,
             clip_context_length=16,
             wordpiece_vocab_size=200,
+            clip_text_vocab="compact",
         ),
         loss=LossConfig(),
         data=DataConfig(loader="auto", num_workers=1, shuffle_buffer=2048),
-        optim=OptimConfig(lr=2e-3, head_lr_mult=1.0),
+        optim=OptimConfig(lr=7e-4, head_lr_mult=1.0),
         train=TrainConfig(
             global_batch_size=64,
             micro_batch_size=64,

@@ -22,11 +22,21 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 class VQATask(nn.Module):
     """The fused model plus ViLT's VQA loss and (per variant) the contrastive alignment loss."""
 
-    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, *, n_answers: int, vilt_vocab_size: int):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        *,
+        n_answers: int,
+        vilt_vocab_size: int,
+        clip_vocab: list[int] | None = None,
+    ):
         super().__init__()
         self.model_cfg = model_cfg
         self.loss_cfg = loss_cfg
-        self.model = FusedViltClip(model_cfg, n_answers=n_answers, vilt_vocab_size=vilt_vocab_size)
+        self.model = FusedViltClip(
+            model_cfg, n_answers=n_answers, vilt_vocab_size=vilt_vocab_size, clip_vocab=clip_vocab
+        )
         self.image_mean = self.model.image_mean
         self.image_std = self.model.image_std
 
@@ -73,5 +83,10 @@ class VQATask(nn.Module):
         ]
 
 
-def build_task(cfg: RunConfig, *, n_answers: int, vilt_vocab_size: int) -> VQATask:
-    return VQATask(cfg.model, cfg.loss, n_answers=n_answers, vilt_vocab_size=vilt_vocab_size)
+def build_task(
+    cfg: RunConfig, *, n_answers: int, vilt_vocab_size: int, clip_vocab: list[int] | None = None
+) -> VQATask:
+    """clip_vocab: the BPE ids kept by `model.clip_text_vocab=compact` (the question tokenizer's clip_vocab)."""
+    return VQATask(
+        cfg.model, cfg.loss, n_answers=n_answers, vilt_vocab_size=vilt_vocab_size, clip_vocab=clip_vocab
+    )
