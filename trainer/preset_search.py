@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             perm, pos = torch.randperm(len(train), generator=order), 0
         idx = perm[pos : pos + batch_size].to(device)
         pos += batch_size
-        for group, lr in zip(opt.param_groups, base_lrs):
+        for group, lr in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = lr * schedule(step)
         start = time.perf_counter()
         out = task(train.batch(idx, mean, std))
