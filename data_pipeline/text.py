@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _META = "question_tokenizer.json"
-_CLIP_VOCAB = "clip_vocab.json"
+CLIP_VOCAB_FILE = "clip_vocab.json"
 
 
 class TokenizerError(ValueError):
@@ -131,7 +131,7 @@ class QuestionTokenizer:
             max_text_len=meta["max_text_len"],
             clip_context_length=meta["clip_context_length"],
         )
-        clip_vocab_file = d / _CLIP_VOCAB
+        clip_vocab_file = d / CLIP_VOCAB_FILE
         if clip_vocab_file.is_file():
             ids = json.loads(clip_vocab_file.read_text())
             if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
@@ -160,9 +160,9 @@ class QuestionTokenizer:
         # Written before the meta file, which marks a complete tokenizer folder.
         if self.clip_vocab is None:
             return
-        tmp = d / (_CLIP_VOCAB + ".tmp")
+        tmp = d / (CLIP_VOCAB_FILE + ".tmp")
         tmp.write_text(json.dumps(self.clip_vocab) + "\n")
-        tmp.replace(d / _CLIP_VOCAB)
+        tmp.replace(d / CLIP_VOCAB_FILE)
 
     def _save_meta(self, d: Path, source: str) -> None:
         meta = {

@@ -249,17 +249,17 @@ def setup_logging() -> None:
 def build_tokenizer(cfg: RunConfig, run_dir: Path, dist: D.DistInfo):
     """The run's question tokenizer, saved in the run folder: built once by rank 0, loaded by everyone."""
     from data_pipeline.sharding import iter_sample_json, open_folder
-    from data_pipeline.text import QuestionTokenizer
+    from data_pipeline.text import CLIP_VOCAB_FILE, QuestionTokenizer
 
     tok_dir = run_dir / TOKENIZER_DIR
     m = cfg.model
     compact = m.clip_text_vocab == "compact" and m.contrastive != "none"
+
+    def questions():
+        assert cfg.data.train_data, "check_tokenizer_source ran before start-up"
+        return (s["question"] for s in iter_sample_json(open_folder(cfg.data.train_data)))
+
     if dist.is_main and not (tok_dir / TOKENIZER_META).is_file():
-
-        def questions():
-            assert cfg.data.train_data, "check_tokenizer_source ran before start-up"
-            return (s["question"] for s in iter_sample_json(open_folder(cfg.data.train_data)))
-
         if m.vilt_pretrained:
             tok = QuestionTokenizer.from_pretrained_vilt(
                 m.vilt_pretrained,
@@ -280,6 +280,11 @@ def build_tokenizer(cfg: RunConfig, run_dir: Path, dist: D.DistInfo):
                 vocab_size=m.wordpiece_vocab_size,
                 fit_clip_vocab=compact,
             )
+    elif dist.is_main and compact and not (tok_dir / CLIP_VOCAB_FILE).is_file():
+        # A tokenizer an earlier run left in this folder without the CLIP ids: add them (the ViLT side is kept).
+        tok = QuestionTokenizer.load(tok_dir)
+        tok.fit_clip_vocab(questions())
+        tok.save(tok_dir)
     D.barrier()
     return QuestionTokenizer.load(tok_dir)
 
