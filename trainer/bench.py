@@ -356,7 +356,7 @@ class Setup:
     bf16: bool
     n_answers: int
     vilt_vocab: int
-    clip_vocab: list[int]
+    clip_vocab: list[int] | None
     tokenizer: Any
     peaks: dict[str, float]
     peak_size: int
@@ -709,7 +709,7 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
     bf16 = bool(ds_base.get("bf16", {}).get("enabled", False))
     if ds_base.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"{ds_path}: fp16 is not benchmarked (the project trains in bf16 or fp32)")
-    tokenizer = None
+    tokenizer, clip_vocab = None, None
     n_answers, vilt_vocab = DEFAULT_ANSWERS, DEFAULT_VILT_VOCAB
     if args.train_data:
         from data_pipeline.sharding import read_manifest
@@ -719,8 +719,8 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
         tokenizer = build_tokenizer(plan.base, args.train_data, work)
         vilt_vocab = tokenizer.vilt_vocab_size
         clip_vocab = tokenizer.clip_vocab
-    else:
-        # model.clip_text_vocab=compact without questions: the ids the synthetic batches use.
+    elif plan.base.model.clip_text_vocab == "compact":
+        # Without questions: the ids the synthetic batches use (built only when asked: a batch holds the images too).
         probe = synthetic_batch(
             plan.base,
             n_answers=n_answers,
