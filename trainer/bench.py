@@ -216,7 +216,7 @@ class PlainEngine:
         self.bf16 = bf16
         self.dtype = torch.float32  # pixels stay fp32: autocast casts at each operation
         o = cfg.optim
-        fused = {"fused": True} if device.type == "cuda" else {}  # as the engine's torch AdamW on GPUs
+        fused = {"fused": True}  # torch's fused AdamW (CUDA, and CPU since torch 2.4), as the engine's
         self.optimizer = torch.optim.AdamW(
             task.param_groups(o), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **fused
         )
@@ -285,6 +285,95 @@ class EpochBatches:
 
     def close(self) -> None:
         self._it.close()
+
+
+class HFViltTask(torch.nn.Module):
+    """transformers' `ViltForQuestionAnswering` with the preset's ViLT shape (ViLT-B/32 for vqa2-base) and random
+    weights, behind the task interface (forward(batch) -> {"loss"}, param_groups): the stock ViLT the project is
+    measured against, trained as its own code does (BCE x answers, eager attention, no compilation)."""
+
+    def __init__(self, cfg: RunConfig, *, n_answers: int, vilt_vocab: int) -> None:
+        from transformers import ViltConfig, ViltForQuestionAnswering
+
+        super().__init__()
+        m = cfg.model
+        config = ViltConfig(
+            vocab_size=vilt_vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size, image_size=m.image_size,
+            patch_size=m.patch_size, max_position_embeddings=m.max_text_len, num_labels=n_answers,
+        )  # fmt: skip
+        self.model = ViltForQuestionAnswering(config)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.model(
+            input_ids=batch["vilt_ids"],
+            attention_mask=batch["vilt_mask"],
+            pixel_values=batch["pixels"],
+            labels=batch["targets"],
+        )
+        return {"loss": out.loss}
+
+    def param_groups(self, optim: Any) -> list[dict[str, Any]]:
+        """ViLT's recipe: the head at lr x head_lr_mult, no weight decay on biases and norms."""
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            key = (name.startswith("classifier."), param.ndim < 2 or "norm" in name.lower())
+            groups.setdefault(key, []).append(param)
+        return [
+            {
+                "params": params,
+                "lr": optim.lr * (optim.head_lr_mult if head else 1.0),
+                "weight_decay": 0.0 if no_decay else optim.weight_decay,
+            }
+            for (head, no_decay), params in sorted(groups.items())
+        ]
+
+
+# Host-device synchronisations as the profiler names them: each one stalls the host until the GPU catches up.
+_SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "aten::_local_scalar_dense",
+)
+
+
+def profile_steps(engine: Any, batches: Any, n: int, device: torch.device, out: Path) -> dict[str, Any]:
+    """`n` more steps under torch.profiler; the operator table (self device time first on a GPU) goes to `out`.
+
+    Returns what the table shows in numbers: host (CPU) time and device time per step from the profiler's own
+    totals, and the host synchronisations per step, the ones that keep the host from running ahead of the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_steps(engine, batches, n)
+        synchronize(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = [
+        f"{n} steps, {wall / n * 1e3:.1f} ms per step under the profiler",
+        events.table(sort_by=sort, row_limit=30),
+    ]
+    if device.type == "cuda":
+        tables.append(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(tables) + "\n")
+    # Kernels are events of their own (device_type CUDA); the operators that launch them carry the same time again.
+    kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    device_us = sum(e.self_device_time_total for e in kernels)
+    syncs = {e.key: e.count / n for e in events if e.key in _SYNC_EVENTS}
+    return {
+        "file": str(out),
+        "steps": n,
+        "wall_s_per_step": wall / n,
+        "device_busy_s_per_step": device_us / 1e6 / n,
+        "syncs_per_step": syncs,
+    }
 
 
 def train_steps(engine: Any, batches: Any, n: int) -> float:
@@ -411,15 +500,26 @@ def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str,
     return EpochBatches(make_loader)
 
 
+HF_VILT = "transformers-vilt"  # the row name of transformers' ViltForQuestionAnswering (--hf-vilt)
+
+
 def run_cell(
     setup: Setup, variant: str, image_size: int, mode: str, flops: dict[tuple[str, int], int]
 ) -> dict[str, Any]:
     """One cell: a fresh task (same seed in every mode), its FLOPs counted once per variant and size (eager, before
-    any compilation), the engine of the mode, the timing; everything is released before the next cell."""
+    any compilation), the engine of the mode, the timing (and a profile with --profile); everything is released
+    before the next cell. `variant` HF_VILT is transformers' ViLT in the plain mode, eager, as its own code runs."""
     a = setup.args
     device = setup.dist.device
-    cfg = cell_config(setup, variant, image_size)
-    task = build_cell_task(setup, cfg).to(device)
+    hf = variant == HF_VILT
+    cfg = cell_config(setup, setup.base.model.variant if hf else variant, image_size)
+    if hf:
+        torch.manual_seed(cfg.train.seed)
+        task: torch.nn.Module = HFViltTask(cfg, n_answers=setup.n_answers, vilt_vocab=setup.vilt_vocab).to(
+            device
+        )
+    else:
+        task = build_cell_task(setup, cfg).to(device)
     key = (variant, image_size)
     if key not in flops:
         probe = synthetic_batch(
@@ -431,9 +531,12 @@ def run_cell(
         )
         flops[key] = count_step_flops(task, probe, autocast=torch.bfloat16 if setup.bf16 else None)
         del probe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the eager count's activations; other processes may share the GPU
+    compiled = cfg.model.compile and not hf
     if mode == "plain":
         engine: Any = PlainEngine(task, cfg, device, bf16=setup.bf16)
-        if cfg.model.compile:
+        if compiled:
             compile_model(task.model)
         label = f"torch AdamW{', autocast bf16' if setup.bf16 else ', fp32'}"
     else:
@@ -441,9 +544,13 @@ def run_cell(
         engine = Engine(task, ds_cfg, cfg, setup.dist)
         label = f"DeepSpeed ZeRO-{engine.zero_stage} {str(engine.dtype).replace('torch.', '')}"
     batches = make_batches(setup, cfg, task, mode, engine.dtype)
+    profile = None
     try:
         timing = time_engine(engine, batches, batch_size=setup.batch_size, args=a, device=device)
         loader_kind = batches.kind
+        if a.profile:
+            out = Path(a.profile) / f"profile_{variant}_{image_size}px_{mode}.txt"
+            profile = profile_steps(engine, batches, a.profile_steps, device, out)
     finally:
         batches.close()
         del engine, task
@@ -454,7 +561,12 @@ def run_cell(
             # Cells of other variants, image sizes or precisions add graphs to the same code object; past dynamo's
             # recompile limit (8 in torch 2.14) the later cells would run eagerly, with only a warning to show it.
             torch._dynamo.reset()
-    return summarise(setup, cfg, mode, label, loader_kind, timing, flops[key])
+    row = summarise(setup, cfg, mode, label, loader_kind, timing, flops[key], compiled=compiled)
+    if hf:
+        row["variant"] = HF_VILT
+    if profile is not None:
+        row["profile"] = profile
+    return row
 
 
 def summarise(
@@ -465,6 +577,8 @@ def summarise(
     loader_kind: str,
     timing: Timing,
     flops_per_step: int,
+    *,
+    compiled: bool,
 ) -> dict[str, Any]:
     windows = timing.windows
     sps = statistics.median(w["samples_per_s"] for w in windows)
@@ -479,7 +593,7 @@ def summarise(
         "mode": mode,
         "engine": engine_label,
         "loader": loader_kind,
-        "compile": cfg.model.compile,
+        "compile": compiled,
         "batch_size": batch,
         "samples_per_s": sps,
         "step_time_s": step,
@@ -580,6 +694,20 @@ def format_table(report: dict[str, Any]) -> str:
         f"each cell against {_basis_note(rows)}; FLOPs of forward + backward counted by FlopCounterMode",
         f"peak memory: {memory}",
     ]
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            syncs = ", ".join(f"{k} {v:g}" for k, v in sorted(prof["syncs_per_step"].items())) or "none"
+            busy = prof["device_busy_s_per_step"]
+            notes.append(
+                f"profile {r['variant']} {r['image_size']} px {r['mode']}: {prof['wall_s_per_step'] * 1e3:.1f} ms per "
+                + (
+                    f"step, device busy {busy * 1e3:.1f} ms ({busy / prof['wall_s_per_step'] * 100:.0f}%), "
+                    if busy
+                    else "step, "
+                )
+                + f"host synchronisations per step: {syncs} ({prof['file']})"
+            )
     restarts = [r for r in rows if r["epoch_restarts"]]
     if restarts:
         notes.append(
@@ -640,6 +768,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants, --image-sizes and --batch-size win over it",
     )  # fmt: skip
     p.add_argument(
+        "--hf-vilt", action="store_true",
+        help="also time transformers' ViltForQuestionAnswering (the preset's ViLT shape, random weights, eager) in "
+        "the plain mode at each image size: the stock-ViLT reference, in the same run",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", metavar="DIR",
+        help="after each cell's timing, profile --profile-steps more steps with torch.profiler: the operator table "
+        "goes to DIR/profile_<variant>_<px>_<mode>.txt, host/device time and host synchronisations per step to the JSON",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile-steps", type=int, default=3, help="steps under the profiler per cell (default: 3)"
+    )
+    p.add_argument(
         "--peak-size", type=int, help="matrix size of the peak measurement (default 8192 GPU, 512 CPU)"
     )
     p.add_argument(
@@ -692,7 +833,13 @@ def resolve_args(args: argparse.Namespace) -> Plan:
             "--modes shards needs --train-data DIR (a shard folder written by data_pipeline.convert)"
         )
     batch_size = base.train.micro_batch_size if args.batch_size is None else args.batch_size
-    counts = {"batch-size": batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats}
+    counts = {
+        "batch-size": batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "profile-steps": args.profile_steps,
+    }
     for name, value in counts.items():
         if value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
@@ -747,7 +894,21 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
     )
 
 
+def _logged_cell(
+    setup: Setup, variant: str, size: int, mode: str, flops: dict[tuple[str, int], int]
+) -> dict[str, Any]:
+    log.info("cell: %s, %d px, %s", variant, size, mode)
+    r = run_cell(setup, variant, size, mode, flops)
+    log.info(
+        "  %.1f samples/s, step %.1f ms, MFU %.2f%%, data wait %.1f%%",
+        r["samples_per_s"], r["step_time_s"] * 1e3, r["mfu"] * 100, r["data_wait_fraction"] * 100,
+    )  # fmt: skip
+    return r
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Every cell asked for; the report (see `write_report`) is written after each cell, so that a run stopped at a
+    time limit keeps the cells it finished (`"complete": false` until the last one)."""
     plan = resolve_args(args)
     if D.env_world_size() != 1:
         raise ConfigError(
@@ -757,21 +918,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vqa-bench-") as tmp:
         setup = prepare(args, plan, dist, Path(tmp))
         flops: dict[tuple[str, int], int] = {}
-        results = []
-        for variant in plan.variants:
-            for size in plan.sizes:
-                for mode in plan.modes:
-                    log.info("cell: %s, %d px, %s", variant, size, mode)
-                    results.append(run_cell(setup, variant, size, mode, flops))
-                    r = results[-1]
-                    log.info(
-                        "  %.1f samples/s, step %.1f ms, MFU %.2f%%, data wait %.1f%%",
-                        r["samples_per_s"], r["step_time_s"] * 1e3, r["mfu"] * 100, r["data_wait_fraction"] * 100,
-                    )  # fmt: skip
+        cells = [(v, size, mode) for v in plan.variants for size in plan.sizes for mode in plan.modes]
+        if args.hf_vilt:
+            cells += [(HF_VILT, size, "plain") for size in plan.sizes]
+        report = new_report(args, argv, setup)
+        for variant, size, mode in cells:
+            report["results"].append(_logged_cell(setup, variant, size, mode, flops))
+            report["complete"] = len(report["results"]) == len(cells)
+            write_report(report, Path(args.out))
+    return report
+
+
+def new_report(args: argparse.Namespace, argv: list[str], setup: Setup) -> dict[str, Any]:
+    device = setup.dist.device
     return {
         "machine": machine_line(),
-        "device": str(dist.device)
-        + (f" ({torch.cuda.get_device_name(dist.device)})" if dist.device.type == "cuda" else ""),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m trainer.bench " + shlex.join(argv),
         "preset": args.preset,
@@ -782,6 +944,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             "repeats": args.repeats,
             "overrides": list(args.set),
             "train_data": args.train_data,
+            "hf_vilt": args.hf_vilt,
+            "profile": args.profile,
         },  # fmt: skip
         "deepspeed_config_file": str(setup.ds_path),
         "deepspeed_config": setup.ds_base,
@@ -789,8 +953,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "vilt_vocab_size": setup.vilt_vocab,
         "matmul_peak_flops_per_s": setup.peaks,
         "matmul_peak_size": setup.peak_size,
-        "results": results,
+        "complete": False,
+        "results": [],
     }
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """The JSON file, replaced atomically (a reader never sees half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def is_bad_input(exc: BaseException) -> bool:
@@ -819,11 +992,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         D.destroy()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
-    print(f"results: {out}")
+    print(f"results: {args.out}")
     return 0
 
 

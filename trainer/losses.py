@@ -98,9 +98,18 @@ def gather_with_grad(x: Tensor) -> Tensor:
     global loss. (Gathering into a list and putting the local tensor back gives gradients wrong by a factor of the
     world size.) torch 2.14 deprecates torch.distributed.nn's all_gather for this function.
     """
-    from torch.distributed._functional_collectives import all_gather_single, wait_tensor
+    import torch.distributed._functional_collectives as fc
 
-    return wait_tensor(all_gather_single(x.contiguous(), 0, dist.group.WORLD))
+    # torch 2.14's all_gather_single differentiates; older releases (2.11 on some GPU images) name the differentiable
+    # one all_gather_tensor_autograd, with the same arguments and the same reduce-scatter backward.
+    gather = fc.all_gather_single if _gather_has_autograd() else fc.all_gather_tensor_autograd
+    return fc.wait_tensor(gather(x.contiguous(), 0, dist.group.WORLD))
+
+
+def _gather_has_autograd() -> bool:
+    """True where torch's functional all_gather_single carries gradients (torch >= 2.14)."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 14)
 
 
 def _dist_active() -> bool:

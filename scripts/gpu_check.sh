@@ -1,0 +1,367 @@
+#!/usr/bin/env bash
+# The GPU check: the project's GPU path run for real on one GPU, in order of importance, each stage bounded in
+# time so that the whole check ends within --budget seconds (default 480), everything in one results folder:
+#   1. tests: the `gpu`-marked tests (pytest -m gpu);
+#   2. smoke: photo-like 640x480 JPEG shards written by the project's converter; trainer/main.py with the vqa2-base
+#      model shapes and random weights, DALI's GPU decoder, bf16 ZeRO-2, model.compile, --steps steps with a
+#      checkpoint half-way, the process killed (kill -9) a few steps after that checkpoint, then `--resume latest` to
+#      the end; smoke.json says whether the loss fell and whether the resumed losses continue the first run's curve;
+#   3. bench: `python -m trainer.bench`, clip-infonce-dot at each --sizes, modes synthetic / shards / plain,
+#      compiled, a torch.profiler table per cell, and transformers' ViltForQuestionAnswering at the first size;
+#   4. zero: the DeepSpeed ZeRO stage on one GPU, 0 / 1 / 2 (bf16, compiled, batches already on the GPU);
+#   5. loaders: images/s of DALI's GPU decoding and of the PyTorch loader alone (python -m data_pipeline.bench).
+# Compiling the model's graphs takes most of the time: before the timed stages they are compiled once each, in
+# parallel processes where the GPU has the memory for it (>= 120 GiB), into inductor's on-disk cache, which the
+# timed runs then read. A stage that cannot finish within the budget left is skipped, and says so.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+START=$SECONDS
+BUDGET=480
+OUT=""
+PRESET=vqa2-base
+SIZES="384 224"
+BATCH=256
+SAMPLES=4608
+SMOKE_STEPS=60
+WORKERS=8
+STAGES="tests,smoke,bench,zero,loaders"
+ALLOW_CPU=0
+COMPILE=true
+COMMAND_LINE="scripts/gpu_check.sh $*"
+
+usage() {
+    cat <<'USAGE'
+Usage: scripts/gpu_check.sh [OPTIONS]
+
+Runs the project's GPU path on this machine's first GPU (tests, a resumed bf16 DALI training smoke, the throughput
+benchmark with profiles, the ZeRO stage on one GPU, the loaders) within a time budget; one results folder.
+
+Options:
+  --out DIR          results folder (default: runs/gpu_check/<UTC date and time>)
+  --budget S         seconds for the whole check; stages that no longer fit are skipped (default: 480)
+  --stages LIST      comma-separated, of tests, smoke, bench, zero, loaders (default: all, in that order)
+  --preset NAME      model shapes (default: vqa2-base, random weights)
+  --sizes "A B"      image sizes for the benchmark; the first is also the smoke's (default: "384 224")
+  --batch N          samples per step in the smoke and the benchmark (default: 256)
+  --samples N        samples in the generated shard folder (default: 4608)
+  --steps N          smoke steps; checkpoint at N/2, killed at N/2 + N/12 (default: 60)
+  --workers N        DALI CPU threads / loader workers (default: 8)
+  --no-compile       model.compile=false everywhere (eager; no compile stage)
+  --allow-cpu        run without a GPU (a check of the script itself at tiny sizes; its figures mean nothing)
+  -h, --help         this message
+
+Python: $VQA_PYTHON if set, else .venv/bin/python, else python3 (a GPU image's own Python with the project's
+dependencies on PYTHONPATH; torch releases older than the pinned one are used as they are).
+USAGE
+}
+
+die() { echo "gpu_check.sh: error: $*" >&2; exit 2; }
+is_uint() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --out) OUT="${2:?--out needs a folder}"; shift 2 ;;
+        --budget) BUDGET="${2:?--budget needs seconds}"; shift 2 ;;
+        --stages) STAGES="${2:?--stages needs a list}"; shift 2 ;;
+        --preset) PRESET="${2:?--preset needs a name}"; shift 2 ;;
+        --sizes) SIZES="${2:?--sizes needs a list}"; shift 2 ;;
+        --batch) BATCH="${2:?--batch needs a number}"; shift 2 ;;
+        --samples) SAMPLES="${2:?--samples needs a number}"; shift 2 ;;
+        --steps) SMOKE_STEPS="${2:?--steps needs a number}"; shift 2 ;;
+        --workers) WORKERS="${2:?--workers needs a number}"; shift 2 ;;
+        --no-compile) COMPILE=false; shift ;;
+        --allow-cpu) ALLOW_CPU=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option '$1'" ;;
+    esac
+done
+for pair in "budget:$BUDGET" "batch:$BATCH" "samples:$SAMPLES" "steps:$SMOKE_STEPS" "workers:$WORKERS"; do
+    is_uint "${pair#*:}" || die "--${pair%%:*} must be a positive integer, got '${pair#*:}'"
+done
+(( SMOKE_STEPS >= 12 )) || die "--steps must be at least 12 (checkpoint, kill and resume need room), got $SMOKE_STEPS"
+read -r -a SIZE_LIST <<< "$SIZES"
+[[ ${#SIZE_LIST[@]} -gt 0 ]] || die "--sizes is empty"
+for size in "${SIZE_LIST[@]}"; do is_uint "$size" || die "--sizes: '$size' is not a positive integer"; done
+IFS=',' read -r -a STAGE_LIST <<< "$STAGES"
+for s in "${STAGE_LIST[@]}"; do
+    [[ "$s" =~ ^(tests|smoke|bench|zero|loaders)$ ]] || die "--stages: unknown stage '$s'"
+done
+wants() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+if [[ -n "${VQA_PYTHON:-}" ]]; then PY="$VQA_PYTHON"
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
+else PY="$(command -v python3)" || die "no Python found (set VQA_PYTHON)"
+fi
+cd "$ROOT" || exit 2
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+"$PY" -c 'import deepspeed, open_clip, transformers' 2>/dev/null \
+    || die "deepspeed, open_clip or transformers is not importable from $PY (./launch.sh setup, or set VQA_PYTHON)"
+GPU_GIB=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 if torch.cuda.is_available() else 0)')
+if [[ "$GPU_GIB" == 0 && "$ALLOW_CPU" == 0 ]]; then
+    die "torch sees no CUDA GPU here (--allow-cpu checks the script itself on a CPU)"
+fi
+
+OUT="${OUT:-$ROOT/runs/gpu_check/$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+LOG="$OUT/gpu_check.log"
+STATUS="$OUT/stages.tsv"
+printf 'stage\tstatus\tseconds\tnote\n' > "$STATUS"
+note() { echo "[$(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG" >&2; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >> "$STATUS"; }
+
+# run_stage NAME MIN_S MAX_S CMD...: CMD under a time limit of min(MAX_S, budget left); skipped under MIN_S left.
+run_stage() {
+    local name="$1" min="$2" max="$3"; shift 3
+    local budget_left limit t0 rc
+    budget_left=$(left)
+    if (( budget_left < min )); then
+        note "$name: skipped, ${budget_left}s of the budget left (it needs at least ${min}s)"
+        record "$name" skipped 0 "budget: ${budget_left}s left, needs ${min}s"
+        return 0
+    fi
+    limit=$(( budget_left < max ? budget_left : max ))
+    note "$name: start (limit ${limit}s)"
+    t0=$SECONDS
+    # timeout signals its whole process group, so the Python processes a stage starts end with it.
+    timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >> "$OUT/$name.log" 2>&1
+    rc=$?
+    if (( rc == 124 || rc == 137 )); then
+        note "$name: stopped at its limit of ${limit}s (log: $name.log)"
+        record "$name" timeout $((SECONDS - t0)) "limit ${limit}s"
+    elif (( rc != 0 )); then
+        note "$name: failed, exit $rc (log: $name.log)"
+        record "$name" "failed($rc)" $((SECONDS - t0))
+    else
+        note "$name: done in $((SECONDS - t0))s"
+        record "$name" ok $((SECONDS - t0))
+    fi
+    return 0
+}
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "command: $COMMAND_LINE"
+    echo "git: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (uncommitted changes)')"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+    "$PY" - <<'PY'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda)
+for name in ("deepspeed", "transformers", "open_clip", "nvidia.dali", "webdataset", "triton"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as exc:  # a missing package is a finding of the check, not a reason to stop it
+        print(name, "not importable:", type(exc).__name__, exc)
+PY
+    echo "cpu: $(nproc) cores; GPU memory: ${GPU_GIB} GiB"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt" | tee -a "$LOG" >&2
+
+# run_stage runs each stage in `bash -c` under timeout: the functions below and these settings go with it.
+export PY OUT LOG STATUS START BUDGET PRESET SIZES BATCH SAMPLES WORKERS STAGES GPU_GIB COMPILE
+# Several processes share the GPU while the graphs compile: growable segments keep each one's reservation tight.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+# -- 1. tests, in the background while the shards are written and the graphs compile ----------------------------
+if wants tests; then
+    note "tests: start (background)"
+    ( t0=$SECONDS
+      timeout -k 10 $(( BUDGET * 2 / 5 )) "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+          --junitxml="$OUT/tests.xml" tests \
+          > "$OUT/tests.log" 2>&1
+      rc=$?
+      record tests "$([[ $rc == 0 ]] && echo ok || echo "failed($rc)")" $((SECONDS - t0)) "$(tail -n 1 "$OUT/tests.log")"
+      note "tests: exit $rc: $(tail -n 1 "$OUT/tests.log")" ) &
+    TESTS_PID=$!
+fi
+
+# -- the shard folder ----------------------------------------------------------------------------------------------
+DATA_ROOT="$OUT/data"
+DATA="$DATA_ROOT/shards"
+make_shards() {
+    # VQA v2-format files with 6 questions per image (VQA v2 has ~5.4) by data_pipeline/synthetic.py, then the
+    # real converter; photo-like images so that JPEGs weigh and decode like COCO's.
+    "$PY" -c 'import sys; from data_pipeline.synthetic import write_vqa2
+write_vqa2(sys.argv[1], n_images=max(1, -(-int(sys.argv[2]) // 6)), questions_per_image=6, bad=False,
+           sizes=(640, 640, 480, 480), photo_like=True)' "$DATA_ROOT/raw" "$SAMPLES" \
+    && "$PY" -m data_pipeline.convert vqa2 --questions "$DATA_ROOT/raw/questions.json" \
+        --annotations "$DATA_ROOT/raw/annotations.json" --images "$DATA_ROOT/raw/images" --out "$DATA" \
+        --min-answer-count 1 --shard-size 256 --workers "$WORKERS" --no-progress \
+    && rm -rf "$DATA_ROOT/raw"
+}
+if wants smoke || wants bench || wants zero || wants loaders; then
+    export DATA DATA_ROOT
+    export -f note left record wants make_shards
+    run_stage shards 30 120 make_shards
+    [[ -f "$DATA/manifest.json" ]] || { note "no shard folder: the later stages need it"; STAGES=tests; }
+fi
+
+FIRST="${SIZE_LIST[0]}"
+bench() {  # bench ARGS...: trainer.bench on the shard folder, compiled; DALI required where there is a GPU
+    local dali=(); [[ "$GPU_GIB" != 0 ]] && dali=(--set data.loader=dali)
+    "$PY" -m trainer.bench --preset "$PRESET" --batch-size "$BATCH" --variants clip-infonce-dot --train-data "$DATA" \
+        --set "model.compile=$COMPILE" --set "data.num_workers=$WORKERS" "${dali[@]}" "$@"
+}
+
+# -- 2a. the smoke's first run (it compiles the engine's graph at the first size) ---------------------------------
+SMOKE="$OUT/smoke"
+HALF=$(( SMOKE_STEPS / 2 ))
+KILL_AT=$(( HALF + SMOKE_STEPS / 12 ))
+LOG_EVERY=$(( SMOKE_STEPS / 12 ))
+smoke_cmd() {  # sets SMOKE_CMD: trainer/main.py with the smoke's settings
+    SMOKE_CMD=("$PY" trainer/main.py --preset "$PRESET" --train-data "$DATA" --run-dir "$SMOKE/run"
+        --max-steps "$SMOKE_STEPS" --set model.vilt_pretrained=none --set model.clip_pretrained=none
+        --set "model.compile=$COMPILE" --set "model.image_size=$FIRST" --set "train.micro_batch_size=$BATCH"
+        --set "train.global_batch_size=$BATCH" --set "train.ckpt_every=$HALF" --set "train.log_every=$LOG_EVERY"
+        --set train.progress_bar=false --set "data.num_workers=$WORKERS")
+    [[ "$GPU_GIB" != 0 ]] && SMOKE_CMD+=(--set data.loader=dali)
+    return 0
+}
+smoke_first() {
+    # Runs until the half-way checkpoint is COMPLETE and step KILL_AT is logged, then kill -9 (a preemption
+    # without warning). Exit 0 when it was killed that way, 1 when the run ended or failed first.
+    mkdir -p "$SMOKE"
+    smoke_cmd
+    "${SMOKE_CMD[@]}" > "$SMOKE/first.log" 2>&1 &  # a simple command: $! is the Python process itself
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if [[ -f "$SMOKE/run/checkpoints/global_step$HALF/COMPLETE" ]] \
+            && grep -q "step $KILL_AT/$SMOKE_STEPS " "$SMOKE/first.log"; then
+            kill -9 "$pid"; wait "$pid" 2>/dev/null
+            echo "killed (kill -9) after step $KILL_AT was logged" >> "$SMOKE/first.log"
+            return 0
+        fi
+        sleep 0.5
+    done
+    wait "$pid"; echo "the first run ended by itself (exit $?) before it could be killed" >> "$SMOKE/first.log"
+    return 1
+}
+# -- 2b. the other graphs, compiled into inductor's cache in parallel (one process per graph) -----------------------
+warm_cell() {  # warm_cell SIZE MODE: one untimed step of a cell, so that the timed run finds its graph compiled
+    bench --image-sizes "$1" --modes "$2" --warmup 1 --steps 1 --repeats 1 \
+        --out "$OUT/warm/$1px_$2.json" > "$OUT/warm/$1px_$2.log" 2>&1
+}
+warm_all() {
+    mkdir -p "$OUT/warm"
+    local cells=() parallel=0 pids=() c size rc=0 sizes
+    read -r -a sizes <<< "$SIZES"
+    wants bench && cells+=("$FIRST:plain")
+    wants bench && ! wants smoke && cells+=("$FIRST:synthetic")  # else the smoke's first run compiles that graph
+    for size in "${sizes[@]:1}"; do wants bench && cells+=("$size:synthetic" "$size:plain"); done
+    if (( GPU_GIB >= 120 )); then
+        # Each process would start one compile worker per core: share the cores out instead.
+        parallel=1
+        export TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / (${#cells[@]} + 1) > 1 ? $(nproc) / (${#cells[@]} + 1) : 1 ))
+    fi
+    [[ "$COMPILE" == true ]] || cells=()  # eager: nothing to compile ahead; the smoke's first run still runs here
+    if wants smoke; then smoke_first & pids+=($!); (( parallel )) || { wait "${pids[0]}" || rc=1; pids=(); }; fi
+    for c in "${cells[@]}"; do
+        if (( parallel )); then warm_cell "${c%%:*}" "${c##*:}" & pids+=($!); else warm_cell "${c%%:*}" "${c##*:}" || rc=1; fi
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    return $rc
+}
+export DATA DATA_ROOT FIRST SMOKE HALF KILL_AT LOG_EVERY SMOKE_STEPS
+export -f note left record wants make_shards bench smoke_cmd smoke_first warm_cell warm_all
+if wants smoke || wants bench; then
+    run_stage compile 60 300 warm_all
+fi
+
+# -- 2c. the smoke's resumed run, and its verdict --------------------------------------------------------------------
+smoke_resume() {
+    smoke_cmd
+    "${SMOKE_CMD[@]}" --resume latest > "$SMOKE/resumed.log" 2>&1 || return 1
+    "$PY" - "$SMOKE" "$HALF" "$KILL_AT" "$SMOKE_STEPS" <<'PY'
+import json, re, sys
+from pathlib import Path
+
+smoke, half, kill_at, steps = Path(sys.argv[1]), *map(int, sys.argv[2:])
+line = re.compile(r"step (\d+)/\d+ loss ([0-9.naninf]+)")
+def losses(name):
+    return {int(s): float(v) for s, v in line.findall((smoke / name).read_text())}
+first, resumed = losses("first.log"), losses("resumed.log")
+both = sorted(set(first) & set(resumed))
+steps_seen = sorted(first) + sorted(resumed)
+falls = bool(first) and bool(resumed) and resumed[max(resumed)] < first[min(first)]
+gaps = {s: abs(resumed[s] - first[s]) / max(abs(first[s]), 1e-8) for s in both}
+verdict = {
+    "first_run_losses": first, "resumed_run_losses": resumed, "steps_logged_by_both": both,
+    "relative_difference_at_common_steps": gaps,
+    "resumed_from_step": half, "first_run_killed_after_step": kill_at,
+    "loss_falls": falls, "resumed_continues_curve": bool(both) and max(gaps.values()) < 0.05,
+    "resumed_starts_after_checkpoint": bool(resumed) and min(resumed) > half,
+    "dali_gpu": "dali-gpu" in (smoke / "first.log").read_text() + (smoke / "resumed.log").read_text(),
+}
+(smoke / "smoke.json").write_text(json.dumps(verdict, indent=2) + "\n")
+print(json.dumps({k: v for k, v in verdict.items() if not isinstance(v, dict)}))
+sys.exit(0 if falls and verdict["resumed_continues_curve"] and verdict["resumed_starts_after_checkpoint"] else 1)
+PY
+}
+export -f smoke_resume
+if wants smoke; then
+    if [[ -f "$SMOKE/run/checkpoints/global_step$HALF/COMPLETE" ]]; then
+        run_stage smoke 30 150 smoke_resume
+    else
+        note "smoke: no complete checkpoint at step $HALF (see smoke/first.log)"; record smoke failed 0 "no checkpoint"
+    fi
+fi
+
+# -- 3. the benchmark, first size with transformers' ViLT, then the others -------------------------------------------
+if wants bench; then
+    for size in "${SIZE_LIST[@]}"; do
+        extra=(); [[ "$size" == "$FIRST" ]] && extra=(--hf-vilt)
+        run_stage "bench_${size}px" 45 240 bench --image-sizes "$size" \
+            --modes synthetic,shards,plain "${extra[@]}" --warmup 3 --steps 5 --repeats 3 \
+            --profile "$OUT/profiles" --profile-steps 3 --out "$OUT/bench_${size}px.json"
+    done
+fi
+
+# -- 4. the ZeRO stage on one GPU --------------------------------------------------------------------------------------
+if wants zero; then
+    mkdir -p "$OUT/zero"
+    base="$ROOT/deepspeed_configs/zero2_bf16.json"
+    [[ "$GPU_GIB" == 0 ]] && base="$ROOT/deepspeed_configs/zero2_fp32.json"
+    for stage in 0 1; do
+        "$PY" -c 'import json, sys; c = json.load(open(sys.argv[1])); c["zero_optimization"]["stage"] = int(sys.argv[2])
+json.dump(c, open(sys.argv[3], "w"), indent=2)' "$base" "$stage" "$OUT/zero/stage$stage.json"
+        run_stage "zero$stage" 40 90 bench --image-sizes "$FIRST" --modes synthetic \
+            --warmup 3 --steps 5 --repeats 3 --deepspeed-config "$OUT/zero/stage$stage.json" \
+            --out "$OUT/zero/bench_stage$stage.json"
+    done
+fi
+
+# -- 5. the loaders alone ----------------------------------------------------------------------------------------------
+if wants loaders; then
+    run_stage loaders 30 90 "$PY" -m data_pipeline.bench --data "$DATA" --sizes "${SIZE_LIST[@]}" \
+        --batch-size "$BATCH" --workers "$WORKERS" --runs 3 --max-batches 10
+fi
+
+if [[ -n "${TESTS_PID:-}" ]]; then wait "$TESTS_PID"; fi
+rm -rf "$DATA_ROOT" "$SMOKE/run/checkpoints"  # gigabytes of JPEGs and optimizer states; the logs stay
+
+# -- the summary --------------------------------------------------------------------------------------------------------
+"$PY" - "$OUT" > "$OUT/summary.txt" 2>&1 <<'PY'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+print((out / "machine.txt").read_text())
+print((out / "stages.tsv").read_text())
+smoke = out / "smoke" / "smoke.json"
+if smoke.is_file():
+    v = json.loads(smoke.read_text())
+    print("smoke:", {k: v[k] for k in ("loss_falls", "resumed_continues_curve", "resumed_starts_after_checkpoint", "dali_gpu")})
+    print("  first run:", v["first_run_losses"]); print("  resumed:  ", v["resumed_run_losses"])
+rows = []
+for f in sorted(out.glob("bench_*px.json")) + sorted((out / "zero").glob("bench_*.json")):
+    report = json.loads(f.read_text())
+    for r in report["results"]:
+        rows.append((f.name, r))
+print(f"\n{'file':28} {'variant':18} {'px':>4} {'mode':9} {'engine':32} {'samples/s':>9} {'MFU':>6} {'wait':>6} {'1st s':>6}")
+for name, r in rows:
+    print(f"{name:28} {r['variant']:18} {r['image_size']:>4} {r['mode']:9} {r['engine'][:32]:32} "
+          f"{r['samples_per_s']:9.1f} {r['mfu'] * 100:5.1f}% {r['data_wait_fraction'] * 100:5.1f}% {r['first_step_s']:6.1f}")
+PY
+cat "$OUT/summary.txt" >&2
+note "done: results in $OUT"
