@@ -77,11 +77,14 @@ def write_vqa2(
     first_image_id: int = 100,
     sizes: tuple[int, int, int, int] = (40, 120, 30, 100),
     photo_like: bool = False,
+    chroma_subsampling: bool = True,
 ) -> Vqa2Files:
     """Write images/, questions.json and annotations.json under `root` (see the module docstring).
 
     `sizes` = (min width, max width, min height, max height) of the images; `photo_like` adds noise so that
-    JPEGs weigh and decode like photos (for the benchmark).
+    JPEGs weigh and decode like photos (for the benchmark). `chroma_subsampling=False` writes 4:4:4 JPEGs instead of
+    the usual 4:2:0: decoders differ in how they upsample chroma (nvJPEG and libjpeg-turbo by tens of levels next to
+    colour edges), so comparisons of two decoders' pixels use 4:4:4.
     """
     rng = random.Random(seed)
     root = Path(root)
@@ -95,7 +98,7 @@ def write_vqa2(
         width, height = rng.randint(sizes[0], sizes[1]), rng.randint(sizes[2], sizes[3])
         im = _image(rng, width, height, gray=(n == 2), photo_like=photo_like)
         buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=90)
+        im.save(buf, format="JPEG", quality=90, **({} if chroma_subsampling else {"subsampling": 0}))
         data = buf.getvalue()
         if image_id == truncated:
             data = data[: len(data) // 2]  # a download cut short
