@@ -455,6 +455,23 @@ class Run:
         self.metrics.log_hparams(hp)
 
 
+def lock_run_dir(run_dir: Path, dist: D.DistInfo) -> Any:
+    """Rank 0 takes the run folder's lock (trainer/runlock.py); every rank learns the outcome, so that all ranks of a
+    refused job stop with the same one-line error instead of waiting on rank 0."""
+    from trainer.runlock import RunLock, RunLockedError
+
+    lock, refused = RunLock(run_dir), None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            refused = str(exc)
+    refused = D.broadcast_object(refused)
+    if refused:
+        raise RunLockedError(refused)
+    return lock
+
+
 # -- main --------------------------------------------------------------------------------------------------------
 # Errors that mean "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback).
 # Looked up among the modules already imported, so that failing fast never waits for the model libraries to load.
@@ -486,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(args.run_dir)
     stop = StopRequest()
+    lock = None
     try:
         # Everything that can be checked without a process group fails here, in seconds.
         cfg = resolve_config(args, run_dir)
@@ -502,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         # Installed before any loader worker is forked, so that workers inherit it instead of dying on SIGTERM.
         stop.install()
         dist = D.init_distributed(local_rank_arg=args.local_rank)
+        if not args.eval_only:  # evaluation may run beside the training job (it writes only eval/ files)
+            lock = lock_run_dir(run_dir, dist)
         run = Run(args, cfg, run_dir, dist)
         run.log_hparams()
         if args.eval_only:
@@ -517,16 +537,18 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("stopped by signal %d after saving a checkpoint", stop.signum)
             return 128 + stop.signum
         return 0
+    except NonFiniteLossError as exc:  # before `Exception`, which it also is
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if not is_bad_input(exc):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         stop.uninstall()
+        if lock is not None:
+            lock.release()
         D.destroy()
 
 
