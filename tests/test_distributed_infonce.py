@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.tiny import N_ANSWERS, VOCAB, synthetic_batch, tiny_config, to_double
+from tests.helpers.tiny import (
+    N_ANSWERS,
+    VOCAB,
+    parse_variant,
+    synthetic_batch,
+    tiny_config,
+    to_double,
+    with_duplicate_questions,
+)
 from trainer.task import build_task
 
 WORKER = Path(__file__).parent / "helpers" / "parity_worker.py"
@@ -24,7 +32,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-VARIANTS = ["clip-infonce-cos", "clip-infonce-dot", "clip-symmetric-ce"]
+# `+mask` / `+positive`: loss.duplicate_questions on a batch with identical questions within and across ranks.
+VARIANTS = [
+    "clip-infonce-cos",
+    "clip-infonce-dot",
+    "clip-symmetric-ce",
+    "clip-infonce-dot+mask",
+    "clip-infonce-cos+positive",
+]
 
 
 def _run_two_ranks(variants: list[str], out: Path) -> dict:
@@ -58,12 +73,24 @@ def two_rank_results(tmp_path_factory) -> dict:
 def test_two_ranks_equal_one_process_on_the_global_batch(variant, two_rank_results):
     got = two_rank_results[variant]
 
+    name, loss = parse_variant(variant)
     torch.manual_seed(0)
     task = build_task(
-        tiny_config(variant, infonce_weight=1.0, temperature=0.5), n_answers=N_ANSWERS, vilt_vocab_size=VOCAB
+        tiny_config(name, infonce_weight=1.0, temperature=0.5, **loss),
+        n_answers=N_ANSWERS,
+        vilt_vocab_size=VOCAB,
     )
     task = task.double()
-    ref = task(to_double(synthetic_batch(2 * PER_RANK, seed=7)))
+    batch = to_double(synthetic_batch(2 * PER_RANK, seed=7))
+    if loss:
+        batch = with_duplicate_questions(batch)
+        # The check has teeth: on this batch the mode changes the loss.
+        plain = build_task(
+            tiny_config(name, infonce_weight=1.0, temperature=0.5), n_answers=N_ANSWERS, vilt_vocab_size=VOCAB
+        ).double()
+        plain.load_state_dict(task.state_dict())
+        assert abs(plain(batch)["infonce_loss"].item() - task(batch)["infonce_loss"].item()) > 1e-3
+    ref = task(batch)
     ref["loss"].backward()
 
     expected = torch.stack([ref["loss"].detach(), ref["vqa_loss"], ref["infonce_loss"]])

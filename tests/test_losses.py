@@ -113,3 +113,101 @@ def test_bad_input_is_a_clear_error():
         info_nce(i, t, temperature=0.0, similarity="cosine")
     with pytest.raises(ValueError, match="unknown kind"):
         global_contrastive_loss(i, t, temperature=0.1, kind="triplet")
+
+
+# -- duplicate questions (loss.duplicate_questions) ----------------------------------------------------------------
+I3 = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.5]]
+T3 = [[0.8, 0.6], [0.0, 2.0], [0.8, 0.6]]  # samples 0 and 2 ask the same question: the same text feature
+Q3 = [[5, 7, 9], [5, 8, 9], [5, 7, 9]]  # their question token ids
+
+
+def _hand_duplicates(image, text, questions, tau, sim, mode):
+    """The module docstring's formulas written out: same question = same token row."""
+    z = image + text
+    m = len(image)
+    q = questions + questions  # the question of each of the 2M embeddings
+
+    def s(a, b):
+        dot = sum(x * y for x, y in zip(z[a], z[b], strict=True))
+        if sim == "cosine":
+            dot /= math.sqrt(sum(x * x for x in z[a])) * math.sqrt(sum(y * y for y in z[b]))
+        return dot / tau
+
+    total = 0.0
+    for a in range(2 * m):
+        p = a + m if a < m else a - m
+        same = [k for k in range(2 * m) if k != a and q[k] == q[a]]
+        if mode == "mask":
+            denom = sum(math.exp(s(a, k)) for k in range(2 * m) if k != a and (k == p or k not in same))
+            total += -math.log(math.exp(s(a, p)) / denom)
+        else:
+            denom = sum(math.exp(s(a, k)) for k in range(2 * m) if k != a)
+            total += -sum(math.log(math.exp(s(a, k)) / denom) for k in same) / len(same)
+    return total / (2 * m)
+
+
+@pytest.mark.parametrize("mode", ["mask", "positive"])
+@pytest.mark.parametrize("sim", ["cosine", "dot"])
+def test_duplicate_questions_match_hand_computation(mode, sim):
+    got = info_nce(
+        torch.tensor(I3), torch.tensor(T3), temperature=0.5, similarity=sim, question_tokens=torch.tensor(Q3),
+        duplicates=mode,
+    )  # fmt: skip
+    assert got.item() == pytest.approx(_hand_duplicates(I3, T3, Q3, 0.5, sim, mode), rel=1e-6)
+    # The modes differ from the paper's loss exactly because of the duplicate pair.
+    plain = info_nce(torch.tensor(I3), torch.tensor(T3), temperature=0.5, similarity=sim)
+    assert got.item() != pytest.approx(plain.item(), rel=1e-3)
+    # With every question different, every mode is the paper's loss.
+    unique = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    same_as_paper = info_nce(
+        torch.tensor(I3),
+        torch.tensor(T3),
+        temperature=0.5,
+        similarity=sim,
+        question_tokens=unique,
+        duplicates=mode,
+    )
+    assert same_as_paper.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_mask_lifts_the_floor_that_duplicates_put_under_the_paper_loss():
+    """Identical questions, perfectly aligned features: the paper's loss cannot fall below log(1 + copies)."""
+    texts = torch.tensor([[10.0, 0.0], [10.0, 0.0], [0.0, 10.0]])  # samples 0 and 1 share a question
+    images = texts.clone()
+    q = torch.tensor([[1, 1], [1, 1], [2, 2]])
+    plain = info_nce(images, texts, temperature=0.1, similarity="cosine")
+    masked = info_nce(
+        images, texts, temperature=0.1, similarity="cosine", question_tokens=q, duplicates="mask"
+    )
+    assert plain.item() > 0.5 and masked.item() < 1e-3
+
+
+def test_duplicate_mode_errors_are_clear():
+    i, t = torch.tensor(I3), torch.tensor(T3)
+    with pytest.raises(ValueError, match="needs the question token ids of the 3 samples"):
+        info_nce(i, t, temperature=0.5, similarity="dot", duplicates="mask")
+    with pytest.raises(ValueError, match="unknown duplicates mode 'twice'"):
+        info_nce(
+            i, t, temperature=0.5, similarity="dot", question_tokens=torch.tensor(Q3), duplicates="twice"
+        )
+    with pytest.raises(ValueError, match="not to 'clip'"):
+        global_contrastive_loss(
+            i, t, temperature=0.5, kind="clip", question_tokens=torch.tensor(Q3), duplicates="mask"
+        )
+
+
+def test_duplicate_questions_setting_is_checked():
+    from tests.helpers.tiny import N_ANSWERS, VOCAB, tiny_config
+    from trainer.config import ConfigError, LossConfig
+    from trainer.task import build_task
+
+    with pytest.raises(
+        ConfigError, match="loss.duplicate_questions: 'twice' is not one of none, mask, positive"
+    ):
+        LossConfig(duplicate_questions="twice")
+    with pytest.raises(ConfigError, match="not to clip-symmetric-ce"):
+        build_task(
+            tiny_config("clip-symmetric-ce", duplicate_questions="mask"),
+            n_answers=N_ANSWERS,
+            vilt_vocab_size=VOCAB,
+        )

@@ -105,10 +105,17 @@ class LossConfig:
     """lambda in total = VQA + lambda * InfoNCE (ignored by variants without a contrastive loss)."""
     temperature: float = 0.5
     """tau in eq. (1)/(2): divides every similarity, numerator and denominator."""
+    duplicate_questions: str = "none"
+    """InfoNCE with identical questions in a batch: none (the paper: they are negatives) | mask (neither negatives
+    nor positives) | positive (positives); trainer/losses.py."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.duplicate_questions not in ("none", "mask", "positive"):
+            raise ConfigError(
+                f"loss.duplicate_questions: '{self.duplicate_questions}' is not one of none, mask, positive"
+            )
         if self.infonce_weight < 0:
             raise ConfigError(f"loss.infonce_weight must be >= 0, got {self.infonce_weight}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainer.config import LossConfig, ModelConfig, OptimConfig, RunConfig
+from trainer.config import ConfigError, LossConfig, ModelConfig, OptimConfig, RunConfig
 from trainer.losses import global_contrastive_loss, vqa_loss
 from trainer.model import FusedViltClip
 
@@ -37,6 +37,11 @@ class VQATask(nn.Module):
         self.model = FusedViltClip(
             model_cfg, n_answers=n_answers, vilt_vocab_size=vilt_vocab_size, clip_vocab=clip_vocab
         )
+        if model_cfg.contrastive == "clip" and loss_cfg.duplicate_questions != "none":
+            raise ConfigError(
+                f"loss.duplicate_questions={loss_cfg.duplicate_questions} applies to the paper's InfoNCE variants, "
+                f"not to {model_cfg.variant} (CLIP's symmetric loss)"
+            )
         self.image_mean = self.model.image_mean
         self.image_std = self.model.image_std
 
@@ -50,8 +55,10 @@ class VQATask(nn.Module):
             total = v_loss
         else:
             c_loss = global_contrastive_loss(
-                out["image_features"], out["text_features"], temperature=self.loss_cfg.temperature, kind=kind
-            )
+                out["image_features"], out["text_features"], temperature=self.loss_cfg.temperature, kind=kind,
+                question_tokens=batch.get("clip_ids") if batch.get("clip_ids") is not None else batch["vilt_ids"],
+                duplicates=self.loss_cfg.duplicate_questions,
+            )  # fmt: skip
             total = v_loss + self.loss_cfg.infonce_weight * c_loss
         return {"loss": total, "vqa_loss": v_loss.detach(), "infonce_loss": c_loss.detach(), "logits": logits}
 

@@ -14,7 +14,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers.tiny import N_ANSWERS, VOCAB, synthetic_batch, tiny_config, to_double  # noqa: E402
+from tests.helpers.tiny import (  # noqa: E402
+    N_ANSWERS,
+    VOCAB,
+    parse_variant,
+    synthetic_batch,
+    tiny_config,
+    to_double,
+    with_duplicate_questions,
+)
 from trainer.task import build_task  # noqa: E402
 
 
@@ -28,12 +36,17 @@ def run(variants: list[str], per_rank: int, out: str) -> None:
 
 def one_variant(variant: str, per_rank: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
+    name, loss = parse_variant(variant)
     torch.manual_seed(0)
     task = build_task(
-        tiny_config(variant, infonce_weight=1.0, temperature=0.5), n_answers=N_ANSWERS, vilt_vocab_size=VOCAB
+        tiny_config(name, infonce_weight=1.0, temperature=0.5, **loss),
+        n_answers=N_ANSWERS,
+        vilt_vocab_size=VOCAB,
     )
     task = task.double()  # float64, so that round-off (~1e-7 relative in fp32) cannot hide a real difference
     full = to_double(synthetic_batch(per_rank * world, seed=7))
+    if loss:
+        full = with_duplicate_questions(full)
     mine = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in full.items()}
     result = task(mine)
     result["loss"].backward()

@@ -52,3 +52,20 @@ def synthetic_batch(n: int, seed: int, cfg: ModelConfig = TINY_MODEL) -> dict[st
 
 def to_double(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def with_duplicate_questions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same batch where samples 0 and 5 (different ranks of a 2 x 4 split) and 2 and 3 (one rank) ask the same
+    question: identical token rows, as identical questions tokenise."""
+    out = dict(batch)
+    for key in ("vilt_ids", "vilt_mask", "clip_ids"):
+        t = out[key].clone()
+        t[5], t[3] = t[0], t[2]
+        out[key] = t
+    return out
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`variant[+duplicates]`, e.g. clip-infonce-dot+mask: the variant and its loss settings for the parity tests."""
+    variant, _, dup = spec.partition("+")
+    return variant, ({"duplicate_questions": dup} if dup else {})
