@@ -10,7 +10,20 @@ A comparison is resumable: finished runs are kept, interrupted ones continue fro
 
 What is compared: the VQA loss (comparable across variants; the total loss of the InfoNCE variants also holds
 lambda * InfoNCE), the step from which its smoothed curve stays under each threshold, validation VQA score, and the
-oscillation of the loss around its smoothed curve late in training (the paper's "steadier").
+step-to-step noise of the loss late in training (the paper's "steadier").
+
+How, so that the numbers can carry a verdict:
+- Smoothing without lag: a local linear fit over a centred window of `--smooth-steps` training steps (a straight
+  line through the raw points around each step, read at that step). A ramp comes back unchanged and a step change is
+  crossed where it happens, so "steps until the loss stays under t" measures the run, not the filter. (An EMA of
+  weight 0.9 per logged point lags by about ten logging intervals on a falling curve.)
+- Noise ("steadiness"): the standard deviation of successive differences of log(VQA loss) over the second half of
+  training, divided by sqrt(2): the noise of one logged point, in relative terms. A trend adds the same amount to
+  every difference, so the slope of the curve does not enter it.
+- Verdicts: a difference between two variants is claimed ("supports" / "contradicts") only when the difference of
+  their means over seeds is larger than the larger of their two seed ranges (max - min); otherwise, and always with
+  one seed, it is "not resolved". The training-time claim is checked against ViLT (`baseline`) and against the
+  ablation without InfoNCE (`clip-no-infonce`), which isolates the alignment from the CLIP tower.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -39,9 +53,9 @@ PAPER_MODEL = {
     "clip-no-infonce": "ablation: CLIP embedding, no InfoNCE",
     "clip-symmetric-ce": "CLIP's symmetric cross-entropy",
 }
-SMOOTHING = 0.9  # EMA weight of the smoothed curves (TensorBoard's slider at 0.9)
+SMOOTH_STEPS = 100  # default width of the centred smoothing window, in training steps
 DONE_FILE = "run_complete.json"
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2
 
 
 # results.json, documented: top-level keys and their types; every variant entry; every spread ({mean, std, values}).
@@ -54,6 +68,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
     "train_data": str,
     "val_data": str,
     "loss_thresholds": list,
+    "smooth_steps": int,
     "machine": str,
     "date": str,
     "wall_time_s": (int, float),
@@ -64,7 +79,7 @@ VARIANT_SCHEMA: dict[str, str] = {
     "final_val_vqa_score": "spread",  # last evaluation of each run
     "best_val_vqa_score": "spread",  # best evaluation of each run
     "steps_to_loss_below": "spread per threshold",  # first step from which the smoothed VQA loss stays below
-    "loss_oscillation": "spread",  # std of (raw - smoothed) / smoothed VQA loss, second half of training
+    "loss_noise": "spread",  # std of successive differences of log VQA loss / sqrt(2), second half of training
     "wall_time_s": "spread",
     "samples_per_second": "spread",  # median of the logged train/samples_per_second
     "runs": "list of per-run records (seed, run_dir, the numbers above, the configuration used)",
@@ -127,12 +142,20 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     return {tag: sorted((s, v, w) for s, (v, w) in points.items()) for tag, points in series.items()}
 
 
-def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:
-    """Exponential moving average, debiased as TensorBoard's smoothing is (no pull towards a zero start)."""
-    out, acc = [], 0.0
-    for n, v in enumerate(values, start=1):
-        acc = weight * acc + (1 - weight) * v
-        out.append(acc / (1 - weight**n))
+def smooth(steps: list[int], values: list[float], window: int = SMOOTH_STEPS) -> list[float]:
+    """Local linear fit over the points within window/2 steps of each step, read at that step (no lag on a trend)."""
+    out = []
+    for s0 in steps:
+        pts = [(s - s0, v) for s, v in zip(steps, values, strict=True) if abs(s - s0) <= window / 2]
+        n = len(pts)
+        mean_x = sum(x for x, _ in pts) / n
+        mean_y = sum(y for _, y in pts) / n
+        sxx = sum((x - mean_x) ** 2 for x, _ in pts)
+        if n < 3 or sxx == 0:
+            out.append(mean_y)
+            continue
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in pts) / sxx
+        out.append(mean_y - slope * mean_x)  # the fitted line at x = 0, i.e. at s0
     return out
 
 
@@ -147,22 +170,34 @@ def steps_to_stay_under(steps: list[int], smoothed: list[float], threshold: floa
     return first
 
 
-def oscillation(values: list[float], smoothed: list[float]) -> float | None:
-    """Relative spread of the raw loss around its smoothed curve over the second half of training."""
-    half = len(values) // 2
-    if len(values) - half < 3:
+def loss_noise(values: list[float]) -> float | None:
+    """Noise of the logged loss over the second half of training, independent of its slope (module docstring)."""
+    late = [math.log(v) for v in values[len(values) // 2 :] if v > 0]
+    if len(late) < 4:
         return None
-    resid = [(v - s) / max(abs(s), 1e-8) for v, s in zip(values[half:], smoothed[half:], strict=True)]
-    return statistics.pstdev(resid)
+    diffs = [b - a for a, b in zip(late, late[1:], strict=False)]
+    return statistics.pstdev(diffs) / math.sqrt(2)
 
 
-def summarise_run(run_dir: Path, thresholds: list[float]) -> dict[str, Any]:
+def verdict(a: list[float], b: list[float]) -> tuple[str, float | None, float | None]:
+    """Whether means over seeds differ by more than the seed-to-seed spread: ("a<b" | "a>b" | "unresolved", the
+    difference of means a - b, the spread it is compared with: the larger of the two ranges)."""
+    if len(a) < 2 or len(b) < 2:
+        return "unresolved", None, None
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    spread = max(max(a) - min(a), max(b) - min(b))
+    if abs(diff) <= spread:
+        return "unresolved", diff, spread
+    return ("a<b" if diff < 0 else "a>b"), diff, spread
+
+
+def summarise_run(run_dir: Path, thresholds: list[float], window: int = SMOOTH_STEPS) -> dict[str, Any]:
     scalars = read_scalars(run_dir)
     if "train/vqa_loss" not in scalars:
         raise CompareError(f"{run_dir}: no train/vqa_loss in its TensorBoard events (did the run log?)")
     steps = [s for s, _, _ in scalars["train/vqa_loss"]]
     vqa = [v for _, v, _ in scalars["train/vqa_loss"]]
-    smooth = ema(vqa)
+    smoothed = smooth(steps, vqa, window)
     val = scalars.get("val/vqa_score", [])
     best = max(val, key=lambda p: p[1]) if val else None
     sps = [v for _, v, _ in scalars.get("train/samples_per_second", [])]
@@ -174,9 +209,9 @@ def summarise_run(run_dir: Path, thresholds: list[float]) -> dict[str, Any]:
         "final_val_vqa_score": val[-1][1] if val else None,
         "best_val_vqa_score": best[1] if best else None,
         "best_val_step": best[0] if best else None,
-        "final_train_vqa_loss": smooth[-1],
-        "steps_to_loss_below": {f"{t:g}": steps_to_stay_under(steps, smooth, t) for t in thresholds},
-        "loss_oscillation": oscillation(vqa, smooth),
+        "final_train_vqa_loss": smoothed[-1],
+        "steps_to_loss_below": {f"{t:g}": steps_to_stay_under(steps, smoothed, t) for t in thresholds},
+        "loss_noise": loss_noise(vqa),
         "wall_time_s": done["wall_time_s"],
         "samples_per_second": statistics.median(sps) if sps else None,
         "config": json.loads(config_file.read_text()) if config_file.is_file() else None,
@@ -212,7 +247,7 @@ def aggregate(runs: dict[str, list[dict[str, Any]]], thresholds: list[float]) ->
             "steps_to_loss_below": {
                 f"{t:g}": _spread([r["steps_to_loss_below"][f"{t:g}"] for r in rs]) for t in thresholds
             },
-            "loss_oscillation": _spread([r["loss_oscillation"] for r in rs]),
+            "loss_noise": _spread([r["loss_noise"] for r in rs]),
             "wall_time_s": _spread([r["wall_time_s"] for r in rs]),
             "samples_per_second": _spread([r["samples_per_second"] for r in rs]),
             "runs": [{k: v for k, v in r.items() if k != "curves"} for r in rs],
@@ -299,7 +334,7 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> None:
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------
-def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
+def plot(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = SMOOTH_STEPS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,7 +350,12 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
             ax_loss.plot(cur["step"], cur["vqa_loss"], color=c, alpha=0.2, linewidth=0.8)
             style = ["-", "--", ":", "-."][j % 4]  # seeds of one variant share a colour
             ax_loss.plot(
-                cur["step"], ema(cur["vqa_loss"]), color=c, linewidth=1.6, label=label, linestyle=style
+                cur["step"],
+                smooth(cur["step"], cur["vqa_loss"], window),
+                color=c,
+                linewidth=1.6,
+                label=label,
+                linestyle=style,
             )
             if cur["val_step"]:
                 ax_val.plot(
@@ -328,7 +368,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
                     label=label,
                 )
     ax_loss.set(
-        title="Training VQA loss (raw, faint; smoothed, solid)",
+        title=f"Training VQA loss (raw, faint; local linear fit over {window} steps, solid)",
         xlabel="step",
         ylabel="VQA loss (BCE x classes)",
     )
@@ -386,45 +426,63 @@ def findings(summary: dict[str, Any], thresholds: list[float]) -> list[str]:
             + (f"; never for {', '.join(never)}" if never else "")
             + "."
         )
-    if "baseline" in summary:
-        base = summary["baseline"]["steps_to_loss_below"]
-        for v in ("clip-infonce-cos", "clip-infonce-dot"):
-            if v not in summary:
-                continue
-            faster = [
-                t
-                for t in thresholds
-                if summary[v]["steps_to_loss_below"][f"{t:g}"]["mean"] is not None
-                and (
-                    base[f"{t:g}"]["mean"] is None
-                    or summary[v]["steps_to_loss_below"][f"{t:g}"]["mean"] < base[f"{t:g}"]["mean"]
-                )
-            ]
-            verdict = "supports" if len(faster) > len(thresholds) / 2 else "does not support"
-            lines.append(
-                f"Claim 'the proposed model converges faster than ViLT' for {v}: faster at "
-                f"{len(faster)} of {len(thresholds)} thresholds, which {verdict} the claim here."
-            )
-    if "clip-infonce-cos" in summary and "clip-infonce-dot" in summary:
-        cos = summary["clip-infonce-cos"]["loss_oscillation"]["mean"]
-        dot = summary["clip-infonce-dot"]["loss_oscillation"]["mean"]
-        if cos is not None and dot is not None:
-            if abs(dot - cos) <= 0.1 * max(dot, cos):
-                verdict = "differ by less than 10%: too close to support or contradict"
-            elif dot < cos:
-                verdict = "supports"
-            else:
-                verdict = "does not support"
-            lines.append(
-                f"Claim '(3) is steadier than (2)': late-training oscillation of the VQA loss around its smoothed "
-                f"curve is {dot:.3f} for the inner product and {cos:.3f} for cosine, which {verdict} the claim here."
-            )
+    lines += claim_lines(summary, thresholds)
     seeds = max(len(s["runs"]) for s in summary.values())
     if seeds == 1:
         lines.append(
-            "One seed per variant: differences of a few hundredths are within what another seed could "
-            "change; run with `--seeds 0,1,2` for a spread."
+            "One seed per variant: no difference can be told from seed noise, so every verdict is 'not resolved'; "
+            "run with `--seeds 0,1,2,3,4` for a spread."
         )
+    return lines
+
+
+def _values(spread: dict[str, Any], never: float) -> list[float]:
+    """A spread's per-seed values; a run that never reached a threshold counts as `never` (past its last step)."""
+    return [never if v is None else v for v in spread["values"]]
+
+
+def _say(outcome: str, claim_holds_when: str) -> str:
+    if outcome == "unresolved":
+        return "not resolved"
+    return "supports" if outcome == claim_holds_when else "contradicts"
+
+
+def claim_lines(summary: dict[str, Any], thresholds: list[float]) -> list[str]:
+    """The paper's two claims, each verdict by the noise rule of the module docstring."""
+    lines = []
+    last_step = max(
+        (max(r["config"]["train"]["max_steps"] for r in s["runs"] if r["config"]) for s in summary.values()
+         if any(r["config"] for r in s["runs"])),
+        default=0,
+    )  # fmt: skip
+    never = float(last_step + 1)
+    references = [r for r in ("baseline", "clip-no-infonce") if r in summary]
+    for v in ("clip-infonce-cos", "clip-infonce-dot"):
+        if v not in summary:
+            continue
+        for ref in references:
+            parts = []
+            for t in thresholds:
+                key = f"{t:g}"
+                a = _values(summary[v]["steps_to_loss_below"][key], never)
+                b = _values(summary[ref]["steps_to_loss_below"][key], never)
+                outcome, diff, spread = verdict(a, b)
+                detail = "" if diff is None else f", {diff:+.0f} steps against a seed range of {spread:.0f}"
+                parts.append(f"< {t:g}: {_say(outcome, 'a<b')}{detail}")
+            lines.append(
+                f"Claim 'converges in fewer steps' for {v} against {ref} (steps until the VQA loss stays under each "
+                f"threshold): " + "; ".join(parts) + "."
+            )
+    if "clip-infonce-cos" in summary and "clip-infonce-dot" in summary:
+        dot = [v for v in summary["clip-infonce-dot"]["loss_noise"]["values"] if v is not None]
+        cos = [v for v in summary["clip-infonce-cos"]["loss_noise"]["values"] if v is not None]
+        outcome, diff, spread = verdict(dot, cos)
+        detail = "" if diff is None else f" (difference {diff:+.4f} against a seed range of {spread:.4f})"
+        if dot and cos:
+            lines.append(
+                f"Claim '(3) is steadier than (2)': late-training loss noise {statistics.fmean(dot):.4f} for the "
+                f"inner product and {statistics.fmean(cos):.4f} for cosine: {_say(outcome, 'a<b')}{detail}."
+            )
     return lines
 
 
@@ -450,7 +508,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "final val VQA",
         "best val VQA",
         *[f"steps to loss < {t:g}" for t in th],
-        "loss oscillation",
+        "loss noise",
         "samples/s",
         "wall time (s)",
     ]
@@ -461,7 +519,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             _fmt(r["final_val_vqa_score"], 4),
             _fmt(r["best_val_vqa_score"], 4),
             *[_fmt(r["steps_to_loss_below"][f"{t:g}"], integer=True) for t in th],
-            _fmt(r["loss_oscillation"], 3),
+            _fmt(r["loss_noise"], 4),
             _fmt(r["samples_per_second"], 1),
             _fmt(r["wall_time_s"], 0),
         ]
@@ -485,9 +543,13 @@ steadier than the cosine one (eq. 1)?
 - Training data `{results["train_data"]}`, validation `{results["val_data"]}`.
 - Machine: {results["machine"]}; date {results["date"]}; total wall time {results["wall_time_s"]:.0f} s.
 - The loss compared is the VQA loss (BCE x number of answers), the part all variants share; its smoothed curve is
-  an EMA with weight {SMOOTHING}. "Steps to loss < t" is the first logged step from which the smoothed loss stays
-  below t. "Loss oscillation" is the standard deviation of (raw - smoothed) / smoothed over the second half.
-- Mean ± standard deviation over seeds where there is more than one.
+  a local linear fit over a centred window of {results["smooth_steps"]} steps (no lag: the figure shows it running
+  through the raw points). "Steps to loss < t" is the first logged step from which the smoothed loss stays below t.
+  "Loss noise" is the standard deviation of successive differences of log(VQA loss) over the second half of
+  training, divided by sqrt(2); the slope of the curve does not enter it.
+- Mean ± standard deviation over seeds where there is more than one. A claim is "supported" or "contradicted" only
+  when the two means differ by more than the larger of the two seed ranges (max - min); otherwise, and with one
+  seed, it is "not resolved". A run that never reaches a threshold counts as one step past the end.
 
 ## Results
 {table}
@@ -549,6 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="VQA-loss levels for 'steps to stay under' (default: 2.0,1.5,1.0)",
     )
     p.add_argument(
+        "--smooth-steps",
+        type=int,
+        default=SMOOTH_STEPS,
+        metavar="N",
+        help=f"width of the centred smoothing window in training steps (default: {SMOOTH_STEPS})",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -582,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("compare: error: --seeds and --loss-thresholds take comma-separated numbers", file=sys.stderr)
         return 2
+    if args.smooth_steps < 1:
+        print(f"compare: error: --smooth-steps must be >= 1, got {args.smooth_steps}", file=sys.stderr)
+        return 2
     for flag, folder in (("--train-data", args.train_data), ("--val-data", args.val_data)):
         if not (Path(folder) / "manifest.json").is_file():
             print(
@@ -603,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise CompareError(
                     f"{spec.run_dir}: run not complete; run the comparison without --report-only"
                 )
-            runs[spec.variant].append(summarise_run(spec.run_dir, thresholds))
+            runs[spec.variant].append(summarise_run(spec.run_dir, thresholds, args.smooth_steps))
     except CompareError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 1
@@ -616,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_data": args.train_data,
         "val_data": args.val_data,
         "loss_thresholds": thresholds,
+        "smooth_steps": args.smooth_steps,
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
         "wall_time_s": sum(r["wall_time_s"] for rs in runs.values() for r in rs)
@@ -627,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(root / "results.json")
-    plot(runs, root / "loss_curves.png")
+    plot(runs, root / "loss_curves.png", args.smooth_steps)
     write_report(results, root / "report.md")
     print(f"[compare] report: {root / 'report.md'}")
     print(f"[compare] watch:  tensorboard --logdir {root}")

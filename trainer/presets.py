@@ -155,7 +155,7 @@ def demo() -> RunConfig:
             global_batch_size=64,
             micro_batch_size=64,
             max_steps=DEMO_STEPS,
-            log_every=20,
+            log_every=5,  # dense enough for the comparison's smoothing window (100 steps = 20 points)
             eval_every=DEMO_STEPS // 2,
             eval_batch_size=512,
             ckpt_every=DEMO_STEPS // 2,
