@@ -8,7 +8,8 @@
 #      the end; smoke.json says whether the loss fell and whether the resumed losses continue the first run's curve;
 #   3. bench: `python -m trainer.bench`, clip-infonce-dot at each --sizes, modes synthetic / shards / plain,
 #      compiled, a torch.profiler table per cell, and transformers' ViltForQuestionAnswering at the first size;
-#   4. zero: the DeepSpeed ZeRO stage on one GPU, 0 / 1 / 2 (bf16, compiled, batches already on the GPU);
+#   4. zero: ZeRO-2 and ZeRO-1 with bf16 weights on one GPU, as several GPUs run them (compiled, batches already on
+#      the GPU), to compare with the one-rank default that the bench's cells run (stage 0, fp32 weights, autocast bf16);
 #   5. loaders: images/s of DALI's GPU decoding and of the PyTorch loader alone (python -m data_pipeline.bench).
 # Compiling the model's graphs takes most of the time: before the timed stages they are compiled once each, in
 # parallel processes where the GPU has the memory for it (>= 120 GiB), into inductor's on-disk cache, which the
@@ -238,17 +239,30 @@ smoke_first() {
     return 1
 }
 # -- 2b. the other graphs, compiled into inductor's cache in parallel (one process per graph) -----------------------
-warm_cell() {  # warm_cell SIZE MODE: one untimed step of a cell, so that the timed run finds its graph compiled
-    bench --image-sizes "$1" --modes "$2" --warmup 1 --steps 1 --repeats 1 \
-        --out "$OUT/warm/$1px_$2.json" > "$OUT/warm/$1px_$2.log" 2>&1
+warm_cell() {  # warm_cell SIZE MODE [DEEPSPEED_JSON]: one untimed step, so that the timed run finds its graph compiled
+    local name="$1px_$2${3:+_$(basename "$3" .json)}"
+    bench --image-sizes "$1" --modes "$2" --warmup 1 --steps 1 --repeats 1 ${3:+--deepspeed-config "$3"} \
+        --out "$OUT/warm/$name.json" > "$OUT/warm/$name.log" 2>&1
+}
+zero_configs() {  # ZeRO-2 and ZeRO-1 with bf16 weights, kept as written on one GPU by their own torch_autocast section
+    local base="$ROOT/deepspeed_configs/zero2_bf16.json" stage
+    [[ "$GPU_GIB" == 0 ]] && base="$ROOT/deepspeed_configs/zero2_fp32.json"
+    mkdir -p "$OUT/zero"
+    for stage in 2 1; do
+        "$PY" -c 'import json, sys; c = json.load(open(sys.argv[1])); c["zero_optimization"]["stage"] = int(sys.argv[2])
+c["torch_autocast"] = {"enabled": False}
+json.dump(c, open(sys.argv[3], "w"), indent=2)' "$base" "$stage" "$OUT/zero/stage$stage.json"
+    done
 }
 warm_all() {
     mkdir -p "$OUT/warm"
     local cells=() parallel=0 pids=() c size rc=0 sizes
     read -r -a sizes <<< "$SIZES"
-    wants bench && cells+=("$FIRST:plain")
-    wants bench && ! wants smoke && cells+=("$FIRST:synthetic")  # else the smoke's first run compiles that graph
-    for size in "${sizes[@]:1}"; do wants bench && cells+=("$size:synthetic" "$size:plain"); done
+    # One rank runs the plain cell's arithmetic in every mode (fp32 weights, autocast bf16), so the smoke, synthetic,
+    # shards and plain cells of a size share one graph; ZeRO with bf16 weights has its own.
+    wants smoke || { wants bench && cells+=("$FIRST:synthetic"); }  # else the smoke's first run compiles it
+    for size in "${sizes[@]:1}"; do wants bench && cells+=("$size:synthetic"); done
+    wants zero && cells+=("$FIRST:synthetic:$OUT/zero/stage2.json")
     if (( GPU_GIB >= 120 )); then
         # Each process would start one compile worker per core: share the cores out instead.
         parallel=1
@@ -256,15 +270,21 @@ warm_all() {
     fi
     [[ "$COMPILE" == true ]] || cells=()  # eager: nothing to compile ahead; the smoke's first run still runs here
     if wants smoke; then smoke_first & pids+=($!); (( parallel )) || { wait "${pids[0]}" || rc=1; pids=(); }; fi
+    local size_mode cfg
     for c in "${cells[@]}"; do
-        if (( parallel )); then warm_cell "${c%%:*}" "${c##*:}" & pids+=($!); else warm_cell "${c%%:*}" "${c##*:}" || rc=1; fi
+        IFS=: read -r size_mode cfg <<< "${c#*:}"
+        size="${c%%:*}"
+        if (( parallel )); then warm_cell "$size" "$size_mode" "$cfg" & pids+=($!)
+        else warm_cell "$size" "$size_mode" "$cfg" || rc=1; fi
     done
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
     return $rc
 }
 export DATA DATA_ROOT FIRST SMOKE HALF KILL_AT LOG_EVERY SMOKE_STEPS
-export -f note left record wants make_shards bench smoke_cmd smoke_first warm_cell warm_all
-if wants smoke || wants bench; then
+export ROOT
+export -f note left record wants make_shards bench smoke_cmd smoke_first warm_cell zero_configs warm_all
+wants zero && zero_configs
+if wants smoke || wants bench || wants zero; then
     run_stage compile 60 300 warm_all
 fi
 
@@ -319,12 +339,9 @@ fi
 
 # -- 4. the ZeRO stage on one GPU --------------------------------------------------------------------------------------
 if wants zero; then
-    mkdir -p "$OUT/zero"
-    base="$ROOT/deepspeed_configs/zero2_bf16.json"
-    [[ "$GPU_GIB" == 0 ]] && base="$ROOT/deepspeed_configs/zero2_fp32.json"
-    for stage in 0 1; do
-        "$PY" -c 'import json, sys; c = json.load(open(sys.argv[1])); c["zero_optimization"]["stage"] = int(sys.argv[2])
-json.dump(c, open(sys.argv[3], "w"), indent=2)' "$base" "$stage" "$OUT/zero/stage$stage.json"
+    # The bench's own cells run the one-rank default (stage 0, fp32 weights, autocast bf16); these run ZeRO as several
+    # GPUs do (zero_configs above).
+    for stage in 2 1; do
         run_stage "zero$stage" 40 90 bench --image-sizes "$FIRST" --modes synthetic \
             --warmup 3 --steps 5 --repeats 3 --deepspeed-config "$OUT/zero/stage$stage.json" \
             --out "$OUT/zero/bench_stage$stage.json"

@@ -60,6 +60,85 @@ def test_resolved_config_takes_batches_and_optimizer_from_the_trainer() -> None:
     assert resolve_ds_config(base, cfg, 2, CPU, load_universal=True)["checkpoint"]["load_universal"] is True
 
 
+def test_one_rank_runs_without_zero_and_everything_else_keeps_the_json_stage() -> None:
+    """trainer/engine.py's single-rank choice (`plain_single_rank`): one rank has nothing to shard, and ZeRO's flat
+    copies cost the CPU step 15-20% (docs/performance.md); several ranks stay sharded, offload keeps ZeRO, and so does
+    a run that loads a universal checkpoint (only a ZeRO optimizer restores one)."""
+    cfg = get_preset("tiny")
+    for stage in (1, 2, 3):
+        base = load_ds_config(CONFIG_DIR / f"zero{stage}_fp32.json")
+        one = resolve_ds_config(base, cfg, world_size=1, device=CPU)
+        assert one["zero_optimization"]["stage"] == 0 and "torch_autocast" not in one
+        assert not one["bf16"]["enabled"]  # fp32 stays fp32
+        # The JSON's other ZeRO settings stay for a resume under ZeRO (Engine.load); the JSON itself is untouched.
+        assert {k: v for k, v in one["zero_optimization"].items() if k != "stage"} == {
+            k: v for k, v in base["zero_optimization"].items() if k != "stage"
+        }
+        assert base["zero_optimization"]["stage"] == stage
+        assert resolve_ds_config(base, cfg, 2, CPU)["zero_optimization"]["stage"] == stage
+        assert (
+            resolve_ds_config(base, cfg, 1, CPU, load_universal=True)["zero_optimization"]["stage"] == stage
+        )
+    offload = {
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "gradient_clipping": 0.0,
+    }
+    assert resolve_ds_config(offload, cfg, 1, CPU)["zero_optimization"]["stage"] == 2
+
+
+AUTOCAST_BF16 = {"enabled": True, "dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("name", ["zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json"])
+def test_one_bf16_rank_runs_at_stage_0_with_fp32_weights_and_autocast_and_several_keep_zero_bf16(
+    name: str,
+) -> None:
+    """One GPU in bf16 runs as plain PyTorch does (an H200 ran the ZeRO-2 bf16 engine at 1,392 samples/s and plain
+    PyTorch with autocast at 1,635, deepspeed_configs/README.md): stage 0, bf16 off (fp32 weights, so DeepSpeed wraps
+    no optimizer around torch's fused AdamW) and DeepSpeed's torch_autocast in bf16. Several ranks keep the JSON."""
+    cfg = get_preset("tiny")
+    base = load_ds_config(CONFIG_DIR / name)
+    for device in (GPU, CPU):
+        one = resolve_ds_config(base, cfg, 1, device)
+        assert one["zero_optimization"]["stage"] == 0
+        assert one["bf16"] == {**base["bf16"], "enabled": False}
+        assert one["torch_autocast"] == AUTOCAST_BF16
+        assert (
+            one["optimizer"]["params"]["torch_adam"] is True and one["optimizer"]["params"]["fused"] is True
+        )
+        assert {k: v for k, v in one["zero_optimization"].items() if k != "stage"} == {
+            k: v for k, v in base["zero_optimization"].items() if k != "stage"
+        }
+    assert base["bf16"]["enabled"] and "torch_autocast" not in base  # the JSON itself is untouched
+    # Several ranks, or a universal checkpoint on one: ZeRO with bf16 weights, as the JSON says.
+    for world_size, universal in ((2, False), (1, True)):
+        ds = resolve_ds_config(base, cfg, world_size, GPU, load_universal=universal)
+        assert ds["zero_optimization"] == base["zero_optimization"], (world_size, universal)
+        assert ds["bf16"] == base["bf16"] and "torch_autocast" not in ds
+
+
+def test_bf16_with_offload_fp16_or_its_own_autocast_section_keeps_the_json() -> None:
+    cfg = get_preset("tiny")
+    offload = load_ds_config(CONFIG_DIR / "zero2_offload_bf16.json")
+    for world_size in (1, 2):
+        ds = resolve_ds_config(offload, cfg, world_size, GPU)
+        assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and "torch_autocast" not in ds
+    zero2 = load_ds_config(CONFIG_DIR / "zero2_bf16.json")
+    # A file that sets torch_autocast itself states its precision: the way to run ZeRO-2 bf16 on one GPU.
+    own = {**zero2, "torch_autocast": {"enabled": False}}
+    ds = resolve_ds_config(own, cfg, 1, GPU)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": False}
+    # The older "bfloat16" key DeepSpeed also reads.
+    old = {k: v for k, v in zero2.items() if k != "bf16"} | {"bfloat16": {"enabled": True}}
+    ds = resolve_ds_config(old, cfg, 1, GPU)
+    assert ds["zero_optimization"]["stage"] == 0 and not ds["bfloat16"]["enabled"]
+    assert ds["torch_autocast"] == AUTOCAST_BF16
+    fp16 = {k: v for k, v in zero2.items() if k != "bf16"} | {"fp16": {"enabled": True}}
+    ds = resolve_ds_config(fp16, cfg, 1, GPU)
+    assert ds["zero_optimization"]["stage"] == 2 and "torch_autocast" not in ds
+
+
 def test_batch_sizes_that_do_not_add_up_fail_plainly() -> None:
     cfg = apply_overrides(get_preset("tiny"), ["train.global_batch_size=20", "train.micro_batch_size=8"])
     with pytest.raises(ConfigError, match=r"not a multiple of train.micro_batch_size 8 x world size 2 = 16"):

@@ -542,7 +542,7 @@ def run_cell(
     else:
         ds_cfg = resolve_ds_config(setup.ds_base, cfg, 1, device)
         engine = Engine(task, ds_cfg, cfg, setup.dist)
-        label = f"DeepSpeed ZeRO-{engine.zero_stage} {str(engine.dtype).replace('torch.', '')}"
+        label = f"DeepSpeed ZeRO-{engine.zero_stage} {engine.precision}"
     batches = make_batches(setup, cfg, task, mode, engine.dtype)
     profile = None
     try:

@@ -77,7 +77,7 @@ def _skip_deepspeed_shm_comm() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op (`deepspeed_shm_comm`).
 
     DeepSpeed's TorchBackend builds the op whenever the CPU accelerator reports it compatible: 24-72 s of C++
-    compilation on 2 cores the first time (MEASURED.md), for a kernel that only serves inference all-reduce. There is
+    compilation on 2 cores the first time (measured on a 2-core AMD EPYC), for a kernel that only serves inference all-reduce. There is
     no switch; `deepspeed.ops.__compatible_ops__` is the module-level dict that `build_shm_op` consults (DeepSpeed
     caches it in the module so that edits persist), and marking the op incompatible there makes DeepSpeed use plain
     gloo collectives. The probe behind the dict takes ~0.2 s.

@@ -8,6 +8,17 @@ so no setting has two owners.
 
 `model.compile` (trainer config) compiles the fused model, not the whole task, before it is handed to DeepSpeed:
 `compile_model` below. The losses stay eager, in fp32 and with their cross-rank all-gather, outside the graph.
+
+One rank runs without ZeRO (`resolve_ds_config`, `plain_single_rank`): ZeRO stage 0, DeepSpeed steps torch's fused
+AdamW on the module's own fp32 weights and gradients, as a plain PyTorch script does; a bf16 JSON computes in bf16 by
+DeepSpeed's `torch_autocast` section (torch.autocast, entered by DeepSpeed's forward) instead of bf16 weights. With one
+rank ZeRO has nothing to shard. Its flat fp32 copies, gradient buckets and fp64 norm cost the CPU step 15-20%
+(docs/performance.md); on one H200 (2026-11-27, vqa2-base clip-infonce-dot, batch 256, compiled) the ZeRO-2 bf16
+engine ran at 1,392 samples/s at 384 px and 2,048 at 224 px against plain PyTorch's 1,635 and 3,257 (fp32 weights,
+autocast bf16, fused AdamW): its step was host-bound (per-tensor norms, per-parameter gradient hooks and bucket
+copies, 12 stream synchronisations a step); this engine's own GPU figure at stage 0 in autocast is still to be
+measured. Several ranks, fp16 and optimizer offload keep the JSON's stage and precision; a checkpoint written under
+ZeRO is resumed under the stage and precision it was written with (`Engine.load`).
 """
 
 from __future__ import annotations
@@ -102,11 +113,74 @@ def resolve_ds_config(
         params["fused"] = True
     # With optimizer offload DeepSpeed runs its CPU Adam (built on first use), the only optimizer it offloads.
     ds["optimizer"] = {"type": "AdamW", "params": params}
+    if plain_single_rank(ds, world_size, load_universal=load_universal):
+        # One rank: nothing to shard. Stage 0 hands the module's own fp32 weights and gradients to torch's fused
+        # AdamW, as plain PyTorch does; ZeRO-1/2 would copy every gradient into a bucket and a flat partition, step a
+        # separate fp32 copy of the weights and copy it back, and take an fp64 norm, every step. The JSON's other
+        # zero_optimization keys stay (DeepSpeed ignores them at stage 0; Engine.load restores its stage for a
+        # checkpoint written under ZeRO).
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
+        bf16_key = _bf16_key(ds)
+        if ds.get(bf16_key, {}).get("enabled", False):
+            # bf16 by torch.autocast over fp32 weights, not bf16 weights: at stage 0 DeepSpeed 0.19.8 steps bf16
+            # weights through its unfused fp16-style optimizer (runtime/fp16/unfused_optimizer.py: fp32 copies made
+            # tensor by tensor in Python, an overflow check that synchronises the device every step), measured at
+            # 983 samples/s against ZeRO-2 bf16's 1,392 and plain PyTorch's 1,635 (one H200, 2026-11-27, vqa2-base
+            # clip-infonce-dot, 384 px, batch 256, compiled). With fp32 weights DeepSpeed wraps nothing: the step
+            # is torch's fused AdamW on the module's parameters, as plain PyTorch's with autocast.
+            ds[bf16_key] = {**ds[bf16_key], "enabled": False}
+            ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints would interleave
     ds.setdefault("wall_clock_breakdown", False)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds
+
+
+def _bf16_key(ds: Mapping[str, Any]) -> str:
+    """The key DeepSpeed reads its bf16 section from: `bf16`, else the older `bfloat16` (runtime/precision_config.py)."""
+    return "bf16" if "bf16" in ds or "bfloat16" not in ds else "bfloat16"
+
+
+# The sections of a DeepSpeed config that set the precision of the weights and of the computation.
+_PRECISION_KEYS = ("bf16", "bfloat16", "fp16", "torch_autocast")
+
+
+def plain_single_rank(ds: Mapping[str, Any], world_size: int, *, load_universal: bool = False) -> bool:
+    """Whether a run with DeepSpeed config `ds` on `world_size` ranks runs as plain PyTorch does instead of as the JSON
+    says: ZeRO stage 0, DeepSpeed stepping torch's fused AdamW on the module's own fp32 weights, and a bf16 JSON's bf16
+    turned into DeepSpeed's `torch_autocast` bf16 (`resolve_ds_config` makes the change).
+
+    One rank without offload, in fp32 or bf16. Several ranks keep ZeRO (it shards optimizer state and gradients).
+    Offload needs ZeRO, and a universal checkpoint loads only into a ZeRO optimizer (`load_universal`). fp16 keeps the
+    JSON (autocast fp16 would need a gradient scaler; not measured). A bf16 JSON that has a `torch_autocast` section
+    of its own (`"enabled": false` included) states its precision itself and is kept as written: the way to run the
+    one-rank ZeRO bf16 engine, e.g. to compare it.
+    """
+    zero = ds.get("zero_optimization", {})
+    offload = any(
+        (zero.get(key) or {}).get("device", "none") not in (None, "none")
+        for key in ("offload_optimizer", "offload_param")
+    )
+    if world_size != 1 or load_universal or offload or ds.get("fp16", {}).get("enabled", False):
+        return False
+    if ds.get(_bf16_key(ds), {}).get("enabled", False):
+        return "torch_autocast" not in ds
+    return int(zero.get("stage", 0)) > 0
+
+
+def checkpoint_zero(path: Path) -> tuple[int, dict[str, Any] | None]:
+    """The ZeRO stage a DeepSpeed checkpoint folder was written with (0 without ZeRO optimizer shards, else the stage
+    recorded in them, read as `deepspeed.checkpoint.ds_to_universal` does) and the DeepSpeed config recorded with the
+    shards (None at stage 0 or if none was recorded). Memory-mapped: no tensor is read."""
+    shards = sorted(path.glob("*zero_pp_rank_*_optim_states.pt"))
+    if not shards:
+        return 0, None
+    state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=False)
+    written = state.get("ds_config")
+    return int(state["optimizer_state_dict"].get("zero_stage", 1)), (
+        dict(written) if isinstance(written, Mapping) else None
+    )
 
 
 class WarmupLinearDecay:
@@ -126,7 +200,8 @@ class WarmupLinearDecay:
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
-    """Put a loader batch on the engine's device; pixels take the engine's compute dtype (bf16 under bf16)."""
+    """Put a loader batch on the engine's device; pixels take the engine's compute dtype (bf16 under bf16 weights,
+    fp32 under autocast, which casts at each operation)."""
     out: dict[str, Any] = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -141,7 +216,7 @@ def compile_model(model: torch.nn.Module, *, backend: str | Callable = "inductor
     """Compile `model.forward` in place with `torch.compile(dynamic=False)`; run eagerly if compiling fails.
 
     Static shapes: the default (`dynamic=None`) recompiles with dynamic shapes once a second shape is seen, and that
-    recompilation failed on the 384 px model in inductor (MEASURED.md: `shape '[1472, 768]' is invalid`); with
+    recompilation failed on a 384 px prototype of the model in inductor (H100, torch 2.11: `shape '[1472, 768]' is invalid`); with
     `dynamic=False` every new shape (an evaluation batch size) gets its own static graph. The forward is replaced as
     an instance attribute, so parameter names, state dicts and checkpoints stay those of the eager model (a
     `torch.compile(module)` wrapper would prefix them with `_orig_mod.`).
@@ -181,7 +256,19 @@ def compile_model(model: torch.nn.Module, *, backend: str | Callable = "inductor
 
 
 class Engine:
-    """A DeepSpeed engine around one `nn.Module` whose forward(batch) returns the losses (the VQATask)."""
+    """A DeepSpeed engine around one `nn.Module` whose forward(batch) returns the losses (the VQATask).
+
+    `deepspeed.initialize` runs on first use, not here: a resumed run first learns from `load` which ZeRO stage and
+    precision its checkpoint was written with (a single-rank run written under ZeRO before stage 0 became the
+    single-rank choice, e.g. ZeRO-2 with bf16 weights, or one that continued a universal checkpoint) and builds the
+    engine that way, so the checkpoint loads.
+
+    Under DeepSpeed's `torch_autocast` (one bf16 rank, `plain_single_rank`) the module keeps fp32 weights and DeepSpeed
+    enters torch.autocast around the module in its forward (deepspeed/runtime/engine.py `forward`, through
+    runtime/torch_autocast.py `autocast_if_enabled`), not in backward: `dtype` is fp32 (the batches stay fp32;
+    autocast casts at each operation) and `autocast_dtype` is bf16. The losses turn autocast off and run in fp32
+    (trainer/losses.py).
+    """
 
     def __init__(
         self,
@@ -190,43 +277,87 @@ class Engine:
         cfg: RunConfig,
         dist: DistInfo,
     ) -> None:
-        import deepspeed
-        from torch.optim.lr_scheduler import LambdaLR
-
+        self.task = task
         self.cfg = cfg
         self.dist = dist
         self.ds_config = ds_config
         total = cfg.train.max_steps
         self.schedule = WarmupLinearDecay(total, round(cfg.optim.warmup_ratio * total))
-        groups = task.param_groups(cfg.optim)
         if cfg.model.compile:
             if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
                 # ZeRO-3 gathers each layer's parameters in module hooks, which the graph would have to contain.
                 log.warning("model.compile is not applied under ZeRO stage 3: the model runs eagerly")
             else:
                 compile_model(task.model)
-        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=task,
+        self._engine: Any = None
+        self._grad_norm: torch.Tensor | None = None
+
+    def _build(self) -> None:
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        groups = self.task.param_groups(self.cfg.optim)
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=self.task,
             model_parameters=groups,
-            config=ds_config,
+            config=self.ds_config,
             # A plain function, not the schedule object: LambdaLR saves (and a resume would restore) a callable
             # object's attributes, and a resumed run must follow its own max_steps, not the checkpoint's.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: self.schedule(step)),
             dist_init_required=False,
         )
-        if self.engine.bfloat16_enabled():
-            self.dtype = torch.bfloat16
-        elif self.engine.fp16_enabled():
-            self.dtype = torch.float16
+        if self._engine.bfloat16_enabled():
+            self._dtype = torch.bfloat16
+        elif self._engine.fp16_enabled():
+            self._dtype = torch.float16
         else:
-            self.dtype = torch.float32
+            self._dtype = torch.float32
+        self._autocast_dtype = (
+            self._engine.torch_autocast_dtype() if self._engine.torch_autocast_enabled() else None
+        )
+        if self.zero_stage == 0 and self.dist.world_size == 1:
+            # Stage 0 all-reduces every gradient after backward (runtime/engine.py: allreduce_gradients ->
+            # buffered_allreduce_fallback: flatten, all-reduce, divide by the world size, copy back). Over one rank that
+            # is the identity at the cost of two copies of all gradients per step; several ranks keep it.
+            self._engine.enable_backward_allreduce = False
         log.info(
             "DeepSpeed ZeRO stage %d, %s, gradient accumulation %d, %d param groups",
-            self.engine.zero_optimization_stage(),
-            self.dtype,
-            self.engine.gradient_accumulation_steps(),
+            self.zero_stage,
+            self.precision,
+            self.grad_accum,
             len(groups),
         )
+
+    @property
+    def engine(self) -> Any:
+        """The DeepSpeed engine, built on first use."""
+        if self._engine is None:
+            self._build()
+        return self._engine
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the module's weights and of the pixels it is given: fp32 under autocast, which casts at each
+        operation (`autocast_dtype`)."""
+        if self._engine is None:
+            self._build()
+        return self._dtype
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype DeepSpeed's `torch_autocast` computes in (its forward runs under torch.autocast); None without."""
+        if self._engine is None:
+            self._build()
+        return self._autocast_dtype
+
+    @property
+    def precision(self) -> str:
+        """The precision for labels and logs: the weights' dtype ('float32', 'bfloat16'), or 'fp32 weights, autocast
+        bf16' under DeepSpeed's torch_autocast."""
+        if self.autocast_dtype is None:
+            return str(self.dtype).replace("torch.", "")
+        short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return f"{short[self.dtype]} weights, autocast {short[self.autocast_dtype]}"
 
     # -- training ------------------------------------------------------------------------------------------------
     @property
@@ -248,15 +379,29 @@ class Engine:
 
     def step(self) -> None:
         """One micro-step; DeepSpeed applies the optimizer (and the schedule) at the accumulation boundary."""
-        self.engine.step()
+        engine = self.engine
+        if not engine.zero_optimization() and engine.is_gradient_accumulation_boundary():
+            # Without ZeRO DeepSpeed computes no gradient norm (ZeRO does, every step). The trainer reads it only when
+            # it logs (trainer/loop.py: every train.log_every steps and at max_steps), so it is computed for those
+            # steps only, before the optimizer step clears the gradients: one pass over the gradients, no sync.
+            step = int(engine.global_steps) + 1
+            t = self.cfg.train
+            self._grad_norm = None
+            if step % t.log_every == 0 or step == t.max_steps:
+                grads = [p.grad for p in self.task.parameters() if p.grad is not None]
+                self._grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+        engine.step()
 
     def lr(self) -> float:
         """The base learning rate of the last optimizer step (optim.lr x schedule); other groups run at fixed
         multiples of it."""
-        return self.cfg.optim.lr * self.schedule(max(0, self.lr_scheduler.last_epoch - 1))
+        return self.cfg.optim.lr * self.schedule(max(0, self.engine.lr_scheduler.last_epoch - 1))
 
     def grad_norm(self) -> float | None:
-        """Global gradient norm of the last optimizer step (DeepSpeed computes it in step; None if it did not)."""
+        """Global gradient norm of the last optimizer step (DeepSpeed's under ZeRO; ours at stage 0, on the steps the
+        trainer logs); None if none was computed."""
+        if not self.engine.zero_optimization():
+            return None if self._grad_norm is None else float(self._grad_norm)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return None
@@ -269,6 +414,31 @@ class Engine:
         self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, load_dir: Path, tag: str) -> dict[str, Any]:
+        stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self._engine is None and stage == 0 and self.dist.world_size == 1:
+            # A single-rank checkpoint written under ZeRO (before stage 0 was the single-rank choice, e.g. by the
+            # ZeRO-2 bf16 one-GPU run, or after a universal resume) holds its optimizer state in ZeRO's flat shards,
+            # which only a ZeRO optimizer loads: this run continues at the checkpoint's stage and with the precision
+            # recorded with its shards (bf16 weights for a bf16 one, not autocast), and so do its own checkpoints.
+            written, written_cfg = checkpoint_zero(Path(load_dir) / tag)
+            if written == 3 and self.cfg.model.compile:
+                raise ConfigError(
+                    f"checkpoint {tag} was written under ZeRO stage 3, which runs eagerly: resume it with "
+                    f"model.compile=false"
+                )
+            if written:
+                ds = dict(self.ds_config)
+                if written_cfg is not None:
+                    ds = {k: v for k, v in ds.items() if k not in _PRECISION_KEYS}
+                    ds.update({k: copy.deepcopy(written_cfg[k]) for k in _PRECISION_KEYS if k in written_cfg})
+                ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": written}
+                self.ds_config = ds
+                log.warning(
+                    "checkpoint %s was written under ZeRO stage %d: this single-rank run keeps that stage and its "
+                    "precision (the stage-0 speed returns with a run started afresh)",
+                    tag,
+                    written,
+                )
         path, client_state = self.engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
