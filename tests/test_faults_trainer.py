@@ -139,3 +139,256 @@ def test_second_job_in_a_run_folder_is_refused_and_a_killed_job_blocks_nothing(
         [*cmd, "--max-steps", "2"], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300
     )
     assert third.returncode == 0, third.stderr[-3000:]
+
+
+# -- checkpoints and exports: unsafe files, interrupted pruning, a full disk; predict's bad input ----------------
+
+
+class MkdirPayload:
+    """A pickled object that runs os.mkdir(path) when unpickled; no loader of the project may ever create the path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (str(self.path),)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_easyvqa_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-rank run with complete checkpoints at steps 1 and 2 (train.keep_last=2), trained in this process."""
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    args = [*TINY, "--train-data", str(tiny_easyvqa_shards / "train"), "--run-dir", str(run_dir)]
+    assert main([*args, "--max-steps", "2", "--set", "train.ckpt_every=1"]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer import export
+
+    out = tmp_path_factory.mktemp("export") / "model.pt"
+    assert export.main(["--run-dir", str(tiny_run), "--out", str(out)]) == 0
+    return out
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("tensorboard", ".lock"))
+    return dst
+
+
+def _resume(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    return [*TINY, "--train-data", str(shards / "train"), "--run-dir", str(run_dir), "--resume", *extra]
+
+
+def _one_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def _listed(run_dir: Path, capsys: pytest.CaptureFixture) -> list[str]:
+    from trainer import checkpointing
+
+    capsys.readouterr()
+    assert checkpointing.main(["list", "--run-dir", str(run_dir)]) == 0
+    return [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_an_rng_file_that_would_run_code_is_refused_on_resume(
+    tiny_run: Path, tiny_easyvqa_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    from trainer.checkpointing import COMPLETE, write_complete_marker
+
+    run_dir = _copy(tiny_run, tmp_path)
+    target = tmp_path / "created_by_unpickling"
+    rng_file = run_dir / "checkpoints" / "global_step2" / "rng_rank0.pt"
+    torch.save({"torch": torch.get_rng_state(), "numpy": MkdirPayload(target)}, rng_file)
+    # A crafted checkpoint comes with a marker that vouches for it (otherwise it is merely incomplete).
+    marker = json.loads((rng_file.parent / COMPLETE).read_text())
+    write_complete_marker(rng_file.parent, {k: v for k, v in marker.items() if k != "files"})
+    capsys.readouterr()
+    assert main(_resume(run_dir, tiny_easyvqa_shards, "--max-steps", "3")) == 2
+    error = _one_error(capsys.readouterr().err)
+    assert "rng_rank0.pt: holds objects other than tensors" in error and "posix.mkdir" in error
+    assert not target.exists()
+    assert not (run_dir / "checkpoints" / "global_step3").exists()
+
+
+def test_a_weights_file_that_would_run_code_is_refused_by_predict(exported: Path, tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    image = tmp_path / "image.png"
+    _write_image(image)
+    target = tmp_path / "created_by_unpickling"
+    crafted = tmp_path / "crafted.pt"
+    payload = torch.load(exported, weights_only=True)
+    torch.save(dict(payload, extra=MkdirPayload(target)), crafted)  # the real layout, plus one object
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(MkdirPayload(target)))  # a plain pickle, no torch zip around it
+    for weights in (crafted, raw):
+        out = subprocess.run(
+            [sys.executable, "-m", "trainer.predict", "--weights", str(weights), "--image", str(image),
+             "--question", "what shape is it?"],
+            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr[-3000:]
+        error = _one_error(out.stderr)
+        assert error.startswith(f"error: {weights}: not a file written by `python -m trainer.export`"), error
+        assert not target.exists() and out.stdout == ""
+    assert "posix.mkdir" in error or "not a torch file" in error
+
+
+def _write_image(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(path)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["text-as-image", "text-as-weights", "top-k-0", "empty-question"],
+)
+def test_predict_bad_input_is_one_line_and_exit_2(
+    case: str, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from trainer import predict
+
+    image, text = tmp_path / "image.png", tmp_path / "notes.txt"
+    _write_image(image)
+    text.write_text("not an image, not a torch file\n")
+    args = {"--weights": str(exported), "--image": str(image), "--question": "what shape is it?"}
+    expected = {
+        "text-as-image": f"--image {text}: not an image file that can be read",
+        "text-as-weights": f"{text}: not a file written by `python -m trainer.export`",
+        "top-k-0": "argument --top-k: must be at least 1, got 0",
+        "empty-question": "--question number 1 is empty",
+    }[case]
+    extra: list[str] = []
+    if case == "text-as-image":
+        args["--image"] = str(text)
+    elif case == "text-as-weights":
+        args["--weights"] = str(text)
+    elif case == "top-k-0":
+        extra = ["--top-k", "0"]
+    else:
+        args["--question"] = ""
+    capsys.readouterr()
+    assert predict.main([*(x for kv in args.items() for x in kv), *extra]) == 2
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(error) == 1 and expected in error[0] and "Traceback" not in captured.err, captured.err
+    assert captured.out == ""  # nothing answered
+    if case == "empty-question":  # the same file answers a real question
+        args["--question"] = "what shape is it?"
+        assert predict.main([*(x for kv in args.items() for x in kv)]) == 0
+        assert json.loads(capsys.readouterr().out)["question"] == "what shape is it?"
+
+
+class KilledMidDelete(BaseException):
+    """Stands for kill -9 during a deletion: a BaseException, which nothing in the trainer catches."""
+
+
+def test_a_prune_cut_short_is_never_listed_nor_resumed(
+    tiny_run: Path,
+    tiny_easyvqa_shards: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    from trainer import checkpointing
+
+    run_dir = _copy(tiny_run, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path: object, ignore_errors: bool = False, **kw: object) -> None:
+        p = Path(str(path))
+        if p.parent != ckpts or not p.is_dir():
+            return real_rmtree(p, ignore_errors=ignore_errors)
+        for f in p.iterdir():  # every file but the marker, then the process dies
+            if f.name != "COMPLETE":
+                real_rmtree(f) if f.is_dir() else f.unlink()
+        raise KilledMidDelete(p.name)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", dying_rmtree)
+    with pytest.raises(
+        KilledMidDelete
+    ):  # step 3 completes; pruning to keep_last=1 dies in its first deletion
+        main(_resume(run_dir, tiny_easyvqa_shards, "--max-steps", "3", "--set", "train.keep_last=1"))
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    assert (ckpts / "global_step1.deleting" / "COMPLETE").is_file()
+    assert _listed(run_dir, capsys) == ["global_step2", "global_step3"]
+    assert main(_resume(run_dir, tiny_easyvqa_shards, "global_step1", "--max-steps", "4")) == 2
+    assert "no checkpoint 'global_step1'" in _one_error(capsys.readouterr().err)
+    # The newest resumes, and its next save removes what the cut-short deletion left.
+    assert main(_resume(run_dir, tiny_easyvqa_shards, "--max-steps", "4", "--set", "train.keep_last=1")) == 0
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["global_step4"]
+
+
+def test_a_disk_too_full_for_the_next_checkpoint_is_named_before_writing(
+    tiny_run: Path,
+    tiny_easyvqa_shards: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    run_dir = _copy(tiny_run, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    real_usage = shutil.disk_usage
+
+    def full(path: object) -> object:
+        usage = real_usage(path)
+        if not str(path).startswith(str(run_dir)):
+            return usage
+        return type(usage)(usage.total, usage.total - 4096, 4096)
+
+    monkeypatch.setattr(shutil, "disk_usage", full)
+    capsys.readouterr()
+    assert main(_resume(run_dir, tiny_easyvqa_shards, "--max-steps", "3")) == 1
+    error = _one_error(capsys.readouterr().err)
+    assert f"not enough disk space for checkpoint global_step3 in {ckpts}: 4.0 KiB free, about" in error
+    assert "(the size of global_step2)" in error and "train.keep_last=2" in error and "room for 3" in error
+    assert _listed(run_dir, capsys) == ["global_step1", "global_step2"]
+    assert not (ckpts / "global_step3").exists()
+
+
+def test_a_disk_filling_up_mid_save_is_one_line_and_keeps_the_earlier_checkpoints(
+    tiny_run: Path,
+    tiny_easyvqa_shards: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    run_dir = _copy(tiny_run, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    real_save = torch.save
+
+    def save(obj: object, f: object, *args: object, **kw: object) -> None:
+        if "global_step3" not in str(f):
+            return real_save(obj, f, *args, **kw)
+        Path(str(f)).write_bytes(b"PK\x03\x04 torn")  # what a full disk leaves: the start of the file
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 vs 1466")
+
+    monkeypatch.setattr(torch, "save", save)
+    capsys.readouterr()
+    assert main(_resume(run_dir, tiny_easyvqa_shards, "--max-steps", "3")) == 1
+    error = _one_error(capsys.readouterr().err)
+    assert error.startswith(f"error: disk full while writing checkpoint global_step3 in {ckpts} ("), error
+    assert "unexpected pos" in error and "earlier checkpoints are intact" in error and "room for 3" in error
+    assert _listed(run_dir, capsys) == ["global_step1", "global_step2"]
+    assert (ckpts / "latest").read_text() == "global_step2"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["global_step1", "global_step2"]

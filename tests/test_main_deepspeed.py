@@ -6,6 +6,8 @@ Launches are few and short (each costs ~20-40 s of start-up on 2 cores), and eac
   one, resumes on 1 rank, whose evaluation of the loaded weights gives the 2-rank VQA score.
 - ZeRO-3: SIGTERM mid-run leaves a complete checkpoint, which exports to fp32 weights that load and answer questions.
 - ZeRO-1 (`torchrun --nproc_per_node 2`): a few steps train.
+- One fp32 rank, in this process: runs at ZeRO stage 0 (no shards); its checkpoint exports and predicts, and
+  `to-universal` and a resume on 2 ranks refuse it, saying why.
 """
 
 from __future__ import annotations
@@ -265,3 +267,67 @@ def test_zero1_trains_under_torchrun(tiny_easyvqa_shards: Path, tmp_path: Path) 
     s = scalars(run_dir)
     assert sorted(s["train/loss"]) == [1, 2] and all(math.isfinite(v) for v in s["train/loss"].values())
     assert [r.tag for r in list_complete(run_dir / "checkpoints")] == ["global_step2"]
+
+
+@pytest.fixture(scope="module")
+def stage0_run(tiny_easyvqa_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One fp32 rank in this process (seconds): trainer/engine.py runs it at ZeRO stage 0."""
+    from trainer.main import main
+
+    run_dir = tmp_path_factory.mktemp("stage0") / "run"
+    args = [*TINY, "--train-data", str(tiny_easyvqa_shards / "train"), "--run-dir", str(run_dir)]
+    args += ["--max-steps", "2", "--set", "train.ckpt_every=2", "--set", "model.clip_text_vocab=compact"]
+    args += ["--deepspeed_config", "deepspeed_configs/zero2_fp32.json"]
+    assert main(args) == 0
+    return run_dir
+
+
+def test_one_rank_stage0_checkpoint_exports_and_predicts(stage0_run: Path, tmp_path: Path, capsys) -> None:
+    import easy_vqa
+    import torch
+
+    from trainer import export, predict
+
+    ckpt = stage0_run / "checkpoints" / "global_step2"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage"] == 0
+    assert not list(ckpt.glob("*optim_states.pt"))  # no ZeRO shards for zero_to_fp32 to gather
+
+    out = tmp_path / "model.pt"
+    assert export.main(["--run-dir", str(stage0_run), "--out", str(out)]) == 0
+    task, tokenizer, answers, cfg = export.load_exported(out)  # strict load of every weight
+    assert cfg.model.variant == "clip-infonce-dot" and len(answers) == 13
+    # The trained weights, in fp32: the module entry DeepSpeed saved.
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    exported = torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+    assert exported.keys() == module.keys() == task.state_dict().keys()
+    for name, value in module.items():
+        assert exported[name].dtype == (torch.float32 if value.is_floating_point() else value.dtype), name
+        assert torch.equal(exported[name], value), name
+
+    image = str(next(iter(easy_vqa.get_test_image_paths().values())))
+    question = "what shape is in the image?"
+    capsys.readouterr()
+    assert predict.main(["--weights", str(out), "--image", image, "--question", question]) == 0
+    from_file = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert predict.main(["--run-dir", str(stage0_run), "--image", image, "--question", question]) == 0
+    from_run = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(from_run) == 1 and from_run[0]["answer"] in answers
+    assert from_run == from_file
+
+
+def test_one_rank_stage0_checkpoint_needs_and_gets_no_universal_conversion(stage0_run: Path, capsys) -> None:
+    from trainer import checkpointing
+    from trainer.config import ConfigError
+
+    capsys.readouterr()
+    assert checkpointing.main(["to-universal", "--run-dir", str(stage0_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert (
+        err.startswith("error: checkpoint global_step2 was written at ZeRO stage 0")
+        and "no conversion" in err
+    )
+    assert "--resume global_step2" in err
+    assert not (stage0_run / "checkpoints" / "global_step2_universal").exists()
+    with pytest.raises(ConfigError, match=r"ZeRO stage 0 .*resume it on 1 rank with --resume global_step2"):
+        checkpointing.resolve_resume(stage0_run / "checkpoints", "latest", 2)

@@ -132,10 +132,15 @@ class DataConfig:
     """Loader worker processes / DALI CPU threads."""
     shuffle_buffer: int = 1000
     """Samples held for shuffling (DALI initial_fill)."""
+    on_short_shard: str = "error"
+    """A shard that ends before the samples its index counts (a damaged tar header; PyTorch loader): error | warn
+    (log the loss and read on)."""
 
     def __post_init__(self) -> None:
         if self.loader not in ("auto", "dali", "torch"):
             raise ConfigError(f"data.loader: '{self.loader}' is not one of auto, dali, torch")
+        if self.on_short_shard not in ("error", "warn"):
+            raise ConfigError(f"data.on_short_shard: '{self.on_short_shard}' is not one of error, warn")
 
 
 @dataclass

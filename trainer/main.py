@@ -6,6 +6,9 @@
 
 `main(argv) -> int` is also called in-process by tests. Exit status: 0 done, 2 bad input (configuration, data,
 checkpoint), 1 a failure while training (e.g. a non-finite loss), 128 + signal after a SIGTERM/SIGINT checkpoint.
+A disk too full for the next checkpoint is a failure while training (exit 1, one line naming the folder, the free and
+the needed space): the input was fine and the same command succeeds once there is room; the earlier checkpoints are
+left intact (trainer/checkpointing.py).
 """
 
 from __future__ import annotations
@@ -382,6 +385,7 @@ class Run:
             kind=c.data.loader,
             num_workers=c.data.num_workers,
             shuffle_buffer=c.data.shuffle_buffer,
+            on_short_shard=c.data.on_short_shard,
             device=self.dist.device,
         )
 
@@ -449,7 +453,7 @@ class Run:
         hp["run"] = {
             "world_size": self.dist.world_size,
             "zero_stage": self.engine.zero_stage,
-            "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "precision": self.engine.precision,
             "grad_accum": self.engine.grad_accum,
         }
         self.metrics.log_hparams(hp)
@@ -499,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's own message for an unknown option
         return int(exc.code or 0)
     setup_logging()
+    from trainer.checkpointing import CheckpointSpaceError
     from trainer.loop import NonFiniteLossError, StopRequest
 
     run_dir = Path(args.run_dir)
@@ -537,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("stopped by signal %d after saving a checkpoint", stop.signum)
             return 128 + stop.signum
         return 0
-    except NonFiniteLossError as exc:  # before `Exception`, which it also is
+    except (NonFiniteLossError, CheckpointSpaceError) as exc:  # before `Exception`, which they also are
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

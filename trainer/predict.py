@@ -6,6 +6,10 @@
 With one image, every question is about it; with one question, it is asked of every image; otherwise images and
 questions pair up in order. Prints one JSON object per pair: image, question, answer, its probability, and the top-k
 answers. Images are preprocessed as the loaders do (RGB, bilinear squash to the model's size, the model's mean/std).
+
+Bad input (exit 2, one line, nothing answered): a missing or unreadable image, an empty question, a weights file that
+is not an export (it is never unpickled beyond tensors and plain containers: trainer/export.py), `--top-k` below 1.
+Images and questions are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ log = logging.getLogger(__name__)
 def load_from_run(
     run_dir: Path, tag: str | None, device: torch.device
 ) -> tuple[torch.nn.Module, Any, list[str]]:
-    """Model, tokenizer and answers straight from a run's checkpoint (zero_to_fp32 in memory)."""
+    """Model, tokenizer and answers straight from a run's checkpoint (its fp32 weights read in memory, as
+    `trainer.export` reads them: any ZeRO stage, stage 0 included)."""
     from data_pipeline.text import QuestionTokenizer
     from trainer.config import config_from_dict
     from trainer.export import build_inference_task, fp32_state_dict, pick_checkpoint
@@ -52,11 +57,45 @@ def load_image(path: Path, size: int, mean: tuple[float, ...], std: tuple[float,
 
     if not path.is_file():
         raise ConfigError(f"--image {path}: no such file")
-    with Image.open(path) as im:
-        rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, or a truncated one
+        raise ConfigError(f"--image {path}: not an image file that can be read ({exc})") from None
     x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
     x = x.permute(2, 0, 1).float() / 255.0
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def check_images(paths: list[Path]) -> None:
+    """Fail before the model loads on an image that is missing or not an image (only the header is read here)."""
+    from PIL import Image
+
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"--image {path}: no such file")
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise ConfigError(f"--image {path}: not an image file that can be read ({exc})") from None
+
+
+def check_questions(questions: list[str]) -> None:
+    for i, q in enumerate(questions, 1):
+        if not q.strip():
+            raise ConfigError(f"--question number {i} is empty: give the text of the question to answer")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for --top-k: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def pair_up(images: list[Path], questions: list[str]) -> list[tuple[Path, str]]:
@@ -122,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--image", action="append", type=Path, required=True, help="image file (repeatable)")
     p.add_argument("--question", action="append", required=True, help="question text (repeatable)")
-    p.add_argument("--top-k", type=int, default=3, help="answers listed per question (default 3)")
-    args = p.parse_args(argv)
+    p.add_argument("--top-k", type=positive_int, default=3, help="answers listed per question (default 3)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's own message (exit 2) for a bad option
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        check_questions(args.question)
+        check_images(args.image)
         pairs = pair_up(args.image, args.question)
         if args.weights is not None:
             from trainer.export import load_exported
