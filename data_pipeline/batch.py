@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.sharding import DataError
+
 Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
 TOKEN_KEYS = ("vilt_ids", "vilt_mask", "clip_ids")
 
@@ -29,7 +31,7 @@ def parse_json(raw: bytes, where: str) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{where}: sample json is not valid JSON ({exc})") from None
+        raise DataError(f"{where}: sample json is not valid JSON ({exc})") from None
     return meta
 
 

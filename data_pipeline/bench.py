@@ -1,4 +1,4 @@
-"""`python -m data_pipeline.bench`: images/s of each loader at 224 and 384 px on this machine, as one table.
+"""`python -m data_pipeline.bench`: images/s of each loader at 224 and 384 px on the machine it runs on, as one table.
 
 By default it builds a temporary shard folder of photo-like 640x480 JPEGs (VQA v2's COCO images are ~640x480;
 easy-VQA's 64x64 images would measure almost nothing but overhead) with the real converter, then times every

@@ -77,6 +77,8 @@ class BuildSpec:
     inputs: dict[str, Any] = field(default_factory=dict)
     """Input files and settings that define the output (manifest + resume fingerprint)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Input findings that are not rejections, appended to the summary line (e.g. unreferenced annotations)."""
     """More manifest fields from the reader (e.g. questions filtered out on purpose)."""
     command: str = ""
 
@@ -89,12 +91,14 @@ class Summary:
     rejected: list[dict[str, Any]]
     shards: int
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         text = f"{self.split}: {self.written} written in {self.shards} shards, {len(self.rejected)} rejected"
         if self.rejected:
             kinds = Counter(r["reason"].split(":", 1)[0] for r in self.rejected)
             text += ": " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        text += "".join(f"; {note}" for note in self.notes)
         return text + f" ({self.seconds:.1f} s) -> {self.out}"
 
 
@@ -238,6 +242,9 @@ def _write_shard(task: tuple[str, str, str, list[tuple[str, dict, str]]]) -> dic
         "index": Path(idx_path).name,
         "samples": n,
         "bytes": os.path.getsize(tar_path),
+        # Digests let `python -m data_pipeline.verify` find damage that sizes cannot (bit rot, a bad copy).
+        "sha256": shards.file_sha256(tar_path),
+        "index_sha256": shards.file_sha256(idx_path),
     }
     shards.write_json_atomic(done_path, record)
     return record
@@ -252,6 +259,8 @@ def _shard_done(out: Path, done_path: Path, expected_samples: int) -> dict[str, 
         return None
     if tar.stat().st_size != record["bytes"]:
         return None
+    if "sha256" not in record:  # a done record from before digests were kept: add them now
+        record = {**record, "sha256": shards.file_sha256(tar), "index_sha256": shards.file_sha256(idx)}
     return record
 
 
@@ -362,6 +371,8 @@ def build_shard_folder(spec: BuildSpec) -> Summary:
     }
     shards.write_json_atomic(spec.out / shards.MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
-    summary = Summary(spec.out, spec.split, manifest["totals"]["samples"], rejected, len(shard_list), seconds)
+    summary = Summary(
+        spec.out, spec.split, manifest["totals"]["samples"], rejected, len(shard_list), seconds, spec.notes
+    )
     log.debug("%s", summary.line())
     return summary

@@ -7,14 +7,17 @@
 
 Every conversion checks each image by decoding it, runs on all cores, shows progress, resumes after an
 interruption, refuses to overwrite a finished folder without --overwrite, and ends with a one-line summary.
-Errors are one line naming the file and field; the exit status is 2 for bad input, 1 for --strict rejections.
+Errors are one line naming the file and field; the exit status is 2 for bad input, 1 for --strict rejections and
+for a full disk (the conversion resumes where it stopped once there is room: run the same command again).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -169,6 +172,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> list[str]:
     return lines
 
 
+def out_of_space(exc: OSError, out: str | None) -> str:
+    """One line for a full disk: where, how much is free, and that a rerun resumes (finished shards are kept)."""
+    where = Path(exc.filename or out or ".")
+    probe = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free / 2**30
+    return (
+        f"{where}: no space left on the device ({free:.1f} GiB free there); the shards written so far are kept: "
+        f"free some space and run the same command again to resume"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -179,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if str(exc).startswith("--strict") else 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"error: {out_of_space(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        return 1
     for line in lines:
         print(line)
     return 0

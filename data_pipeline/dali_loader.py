@@ -14,7 +14,12 @@ Per-epoch order: the pipeline is rebuilt for every epoch with the shard order an
 (seed, epoch, rank), so an epoch's order on a rank depends only on (seed, epoch, rank, world_size). Resuming with
 `skip_batches=k` runs the pipeline k times without host work: exact, at the cost of decoding those k batches.
 
-DALI aborts on an undecodable image (no skip option): the converter decodes every image, so shards hold none.
+DALI aborts on an undecodable image (no skip option), and its CPU decoder can crash the process while doing so:
+the converter decodes every image, and before a pipeline is built the rank's shards are checked for damaged images
+(integrity.py, once per shard per process), which are reported as a one-line DataError naming shard and sample.
+Any other failure of DALI while reading or decoding is a one-line DataError naming the folder and the batch.
+Batches are copied out of DALI's output buffers as soon as they arrive: those buffers are DALI's own (zero-copy),
+reused by later runs and invalid after an error, while the host thread works two batches ahead.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 
 from data_pipeline import batch as contract
-from data_pipeline import sharding
+from data_pipeline import integrity, sharding
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +140,7 @@ class DaliBatches:
         order = sharding.epoch_order(folder, train=train, seed=seed, epoch=epoch)
         start, stop = sharding.rank_range(folder.total, rank, world_size)
         self.n_real = stop - start
+        integrity.check_shards(s for s, _, _ in sharding.segments(order, start, stop))
         self._args = dict(
             tars=[str(s.tar) for s in order],
             indexes=[str(s.index) for s in order],
@@ -187,37 +193,64 @@ class DaliBatches:
             # DALI suggests `reader_name` over `size`; `size` is deliberate: with reader_name the iterator would
             # count each rank's own shard (sizes differ by one) and ranks could yield different batch counts.
             warnings.filterwarnings("ignore", message=".*reader_name.*")
-            iterator = DALIGenericIterator(
-                pipe,
-                ["pixels", "json"],
-                size=self.n_batches * self.batch_size,
-                last_batch_policy=LastBatchPolicy.FILL,
-                auto_reset=False,
-            )
+            try:  # the iterator runs the first batch here
+                iterator = DALIGenericIterator(
+                    pipe,
+                    ["pixels", "json"],
+                    size=self.n_batches * self.batch_size,
+                    last_batch_policy=LastBatchPolicy.FILL,
+                    auto_reset=False,
+                )
+            except RuntimeError as exc:
+                raise self._failure(exc, 0) from None
         # JSON parsing and tokenisation run on the host; a thread keeps them PREFETCH batches ahead, so they
         # overlap the training step (which releases the GIL while it waits on the GPU or a collective).
         return _in_background(self._produce(iterator, pipe, skip), PREFETCH)
 
     def _produce(self, iterator, pipe, skip: int) -> Generator[dict[str, torch.Tensor], None, None]:
         try:
-            for i, out in enumerate(iterator):
-                if i >= self.n_batches:
+            for i in range(self.n_batches):
+                out = self._next(iterator, i)
+                if out is None:
                     break
                 if i < skip:
                     continue
-                yield self._assemble(i, out[0]["pixels"], out[0]["json"])
+                # Copies, now: the tensors are views of DALI's buffers, which the next run reuses (and an error
+                # frees), while this batch waits in the queue for the training loop.
+                pixels, raw = out[0]["pixels"].clone(), out[0]["json"].numpy().copy()
+                del out
+                yield self._assemble(i, pixels, raw)
         finally:
             del iterator, pipe  # the pipeline's threads and buffers go with the epoch
 
-    def _assemble(self, index: int, pixels: torch.Tensor, raw: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = raw.numpy()
+    def _next(self, iterator, index: int):
+        try:
+            return next(iterator)
+        except StopIteration:
+            return None
+        except RuntimeError as exc:
+            raise self._failure(exc, index) from None
+
+    def _failure(self, exc: RuntimeError, index: int) -> sharding.DataError:
+        """DALI's multi-line pipeline error as one line naming the folder and the batch."""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # DALI's message: "... encountered:", the operator's own error, then "pipeline ... no longer valid" lines.
+        after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("encountered:")]
+        reason = after[-1] if after else (lines[0] if lines else exc.__class__.__name__)
+        return sharding.DataError(
+            f"{self.folder.folder}: DALI failed on batch {index} of this rank ({reason}); its images passed the "
+            "integrity check: try data.loader=torch, which names and skips undecodable samples"
+        )
+
+    def _assemble(self, index: int, pixels: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
         metas = []
         for j in range(rows.shape[0]):
             position = index * self.batch_size + j
             if not self.train and position >= self.n_real:
                 metas.append(None)  # evaluation padding: past this rank's own samples
                 continue
-            metas.append(contract.parse_json(np.trim_zeros(rows[j], "b").tobytes(), f"{self.folder.folder}"))
+            where = f"{self.folder.folder}: batch {index}, row {j}"
+            metas.append(contract.parse_json(np.trim_zeros(rows[j], "b").tobytes(), where))
         return contract.assemble(pixels, metas, self.tokenizer, self.n_answers, evaluation=not self.train)
 
 

@@ -8,7 +8,8 @@
 
 API (kept stable: the trainer calls exactly this):
 - `build_loader(shards_dir, *, tokenizer, batch_size, image_size, mean, std, rank, world_size, train, seed,
-  epoch=0, skip_batches=0, kind="auto", num_workers=2, shuffle_buffer=1000, device=None) -> VQALoader`
+  epoch=0, skip_batches=0, kind="auto", num_workers=2, shuffle_buffer=1000, device=None,
+  on_short_shard="error") -> VQALoader`
   - `tokenizer`: a callable list[str] -> {"vilt_ids", "vilt_mask", "clip_ids"} (data_pipeline.text.QuestionTokenizer)
   - `mean`, `std`: 3 values on the 0..1 scale (CLIP's for CLIP variants, (0.5,) * 3 for ViLT)
   - `kind`: "auto" (DALI on the GPU, else DALI on the CPU, else torch when DALI is not installed; one log line
@@ -16,6 +17,10 @@ API (kept stable: the trainer calls exactly this):
   - `num_workers`: DataLoader workers (torch) or DALI CPU threads; `shuffle_buffer`: samples held for shuffling
     when training (DALI's `initial_fill`; <= 1 disables shuffling within the epoch's shard order)
   - `device`: where the DALI GPU decoder runs (None = the current CUDA device; torch.device("cpu") = DALI CPU)
+  - `on_short_shard`: torch loader, a tar that ends before the samples its index and manifest count (a damaged
+    member header): "error" (a DataError naming the tar and the samples lost) or "warn" (log it, read on; training
+    rows of lost samples are filled from their batch). DALI reads through the index and loses nothing.
+- Damaged data is a one-line `DataError` naming the shard (and, for a damaged image under DALI, the sample key).
 - `VQALoader`: iterable over the batches of ONE epoch; `len()` = batches it yields (= `batches_per_epoch` -
   `skip_batches`); attributes `kind` ("dali-gpu" | "dali-cpu" | "torch"), `answers`, `n_answers`,
   `batches_per_epoch`, `manifest`, `corrupt_skipped`.
@@ -44,7 +49,7 @@ import torch
 from data_pipeline import batch as contract
 from data_pipeline import dali_loader, sharding
 from data_pipeline.sharding import DataError, read_answers, read_manifest, read_sample_info
-from data_pipeline.torch_loader import TorchBatches
+from data_pipeline.torch_loader import ON_SHORT_SHARD, TorchBatches
 
 __all__ = ["DataError", "VQALoader", "build_loader", "read_answers", "read_manifest", "read_sample_info"]
 
@@ -87,6 +92,7 @@ def _check_args(
     kind: str,
     skip_batches: int,
     num_workers: int,
+    on_short_shard: str,
 ) -> None:
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
@@ -96,6 +102,8 @@ def _check_args(
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{kind}'")
     if skip_batches < 0 or num_workers < 0:
         raise ValueError(f"skip_batches and num_workers must be >= 0, got {skip_batches} and {num_workers}")
+    if on_short_shard not in ON_SHORT_SHARD:
+        raise ValueError(f"on_short_shard must be one of {', '.join(ON_SHORT_SHARD)}, got '{on_short_shard}'")
 
 
 def build_loader(
@@ -116,9 +124,10 @@ def build_loader(
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
     device: torch.device | None = None,
+    on_short_shard: str = "error",
 ) -> VQALoader:
     """One epoch's loader for one rank; see the module docstring for every argument."""
-    _check_args(batch_size, image_size, rank, world_size, kind, skip_batches, num_workers)
+    _check_args(batch_size, image_size, rank, world_size, kind, skip_batches, num_workers, on_short_shard)
     mean255, std255 = contract.normalisation(mean, std)
     folder = sharding.open_folder(shards_dir)
     n_batches = sharding.check_fits(folder, world_size=world_size, batch_size=batch_size, train=train)
@@ -142,7 +151,7 @@ def build_loader(
     if kind == "torch" or (kind == "auto" and not dali_loader.available()):
         if kind == "auto":
             log.info("data loader: DALI is not installed; using the PyTorch (webdataset + PIL) loader")
-        backend: Any = TorchBatches(folder, num_workers=num_workers, **args)
+        backend: Any = TorchBatches(folder, num_workers=num_workers, on_short_shard=on_short_shard, **args)
     else:
         if not dali_loader.available():
             raise DataError("kind='dali' but nvidia-dali is not installed (pip install nvidia-dali-cuda130)")

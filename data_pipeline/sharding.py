@@ -65,14 +65,38 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
         or "shards" not in manifest
     ):
         raise DataError(f"{path}: not a manifest written by data_pipeline.convert (field 'format'/'shards')")
+    _check_shard_entries(manifest["shards"], path)
     return manifest
+
+
+def _check_shard_entries(entries: Any, path: Path) -> None:
+    """Every shard entry names its tar and index and counts its samples: the loaders plan positions from them."""
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: field 'shards' must be a list, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+        for name, kind in (("tar", str), ("index", str), ("samples", int)):
+            if name not in entry:
+                raise DataError(f"{where}: missing field '{name}'")
+            value = entry[name]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise DataError(
+                    f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}"
+                )
+        if entry["samples"] < 0:
+            raise DataError(f"{where}: field 'samples' must be >= 0, got {entry['samples']}")
 
 
 def read_answers(shards_dir: str | Path) -> list[str]:
     path = Path(shards_dir) / shards.ANSWERS
     if not path.is_file():
         raise DataError(f"{Path(shards_dir)}: {shards.ANSWERS} is missing")
-    answers = json.loads(path.read_text())
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({_json_reason(exc)})") from None
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers:
         raise DataError(f"{path}: must be a non-empty JSON list of answer strings")
     return answers
@@ -165,10 +189,39 @@ def read_sample_info(shards_dir: str | Path) -> dict[int, dict[str, Any]]:
     return out
 
 
+def _json_reason(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno} column {exc.colno}: {exc.msg}"
+    return str(exc).splitlines()[0]
+
+
+def read_index(shard: Shard) -> list[dict[str, tuple[int, int]]]:
+    """A shard's index entries, or a one-line error naming the index file."""
+    try:
+        return shards.read_index(shard.index)
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise DataError(f"{shard.index}: not a readable DALI index ({str(exc).splitlines()[0]})") from None
+
+
 def iter_sample_json(folder: ShardFolder) -> Iterator[dict[str, Any]]:
+    """Every sample json of a folder, read through the index files; a damaged shard is a one-line DataError."""
     for shard in folder.shards:
         with open(shard.tar, "rb") as f:
-            for entry in shards.read_index(shard.index):
+            for n, entry in enumerate(read_index(shard)):
+                if "json" not in entry:
+                    raise DataError(f"{shard.index}: sample {n} has no json component")
                 offset, size = entry["json"]
                 f.seek(offset)
-                yield json.loads(f.read(size))
+                raw = f.read(size)
+                if len(raw) < size:
+                    # The index points past the end of the tar: the file was cut short after conversion.
+                    raise DataError(
+                        f"{shard.tar}: truncated: sample {n} of {shard.samples} lies past the end of the file "
+                        f"(its index expects byte {offset + size}): convert the data again"
+                    )
+                try:
+                    yield json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise DataError(
+                        f"{shard.tar}: sample {n}: its json is damaged ({_json_reason(exc)}): convert the data again"
+                    ) from None

@@ -11,6 +11,7 @@ Tar members get fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same inpu
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -160,7 +161,23 @@ def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
     return out
 
 
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (shards run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_component(tar_path: str | Path, offset: int, size: int) -> bytes:
     with open(tar_path, "rb") as f:
         f.seek(offset)
         return f.read(size)
+
+
+def read_index_keys(idx_path: str | Path) -> list[str]:
+    """The sample key of every index line (the member name before its first dot), to name samples in errors."""
+    with open(idx_path) as f:
+        f.readline()
+        return [line.split()[3].split(".", 1)[0] for line in f if line.strip()]

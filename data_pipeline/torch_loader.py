@@ -12,15 +12,30 @@ A corrupt sample is skipped, counted and logged instead of ending the run: in tr
 another sample of the same batch (so batch boundaries, and exact resume, do not depend on decoding); in
 evaluation it becomes a padding row (`valid = False`). `skip_batches` consumes the raw samples of skipped batches
 without decoding them.
+
+A damaged shard is a one-line DataError naming it, never a silent loss: a tar that cannot be read on (cut short),
+and a tar that ends before the samples its index and manifest count (Python's tarfile takes a damaged member header
+for the end of the archive, which would silently drop the rest of the shard; `on_short_shard="warn"` logs and reads
+on instead). Workers report such errors to the main process as one line, not as a cross-process traceback.
+
+Worker shutdown is this loader's job on every exit path. The workers run with SIGTERM blocked (trainer.loop.shielded:
+a SIGTERM to the trainer must not kill them mid-checkpoint), so the DataLoader's and multiprocessing's last resort,
+terminate(), cannot end them; an exception whose traceback keeps the DataLoader iterator alive would then make the
+interpreter wait for them forever at exit. So the loader stops its workers itself when an epoch ends for any reason
+(asking them first, then SIGKILL), and, for an iterator still alive at interpreter exit, before multiprocessing's
+exit handler joins them.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import itertools
 import logging
+import multiprocessing.util  # noqa: F401  (its exit handler must be registered before ours, see _stop_all_at_exit)
 import random
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,17 +48,54 @@ from data_pipeline import sharding
 log = logging.getLogger(__name__)
 
 SKIPPED = "_skipped"  # per-batch count of corrupt samples, removed by the loader before the batch is yielded
+FAILED = "_failed"  # a worker's one-line DataError, raised again by the main process
+ON_SHORT_SHARD = ("error", "warn")
 
 
-def _raw_samples(pieces: list[tuple[str, int, int]]) -> Iterator[dict[str, Any]]:
+def _reason(exc: BaseException) -> str:
+    """One line for a read error; webdataset appends the stream's repr (" @ <_io.BufferedReader ...>")."""
+    first = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    first = first.split(" @ ", 1)[0].strip().splitlines()
+    return f"{exc.__class__.__name__}: {first[0]}" if first else exc.__class__.__name__
+
+
+def _read_piece(tar: str, first: int, last: int, total: int) -> Generator[dict[str, Any], None, int]:
+    """Samples [first, last) of one tar; returns how many it read. A read error is a DataError naming the tar."""
     import webdataset as wds
 
-    for tar, first, last in pieces:
-        # Splitting is ours (positions), not webdataset's: no node/worker splitters, no shard shuffling.
-        ds = wds.WebDataset(
-            [tar], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-        yield from itertools.islice(ds, first, last)
+    # Splitting is ours (positions), not webdataset's: no node/worker splitters, no shard shuffling.
+    ds = wds.WebDataset([tar], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    samples, n = itertools.islice(ds, first, last), 0
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return n
+        except Exception as exc:  # tarfile/webdataset errors of a damaged file
+            raise sharding.DataError(
+                f"{tar}: damaged shard, unreadable after sample {first + n} of {total} ({_reason(exc)}): "
+                "convert the data again"
+            ) from None
+        n += 1
+        yield sample
+
+
+def _short_shard(tar: str, read_to: int, total: int, on_short_shard: str) -> None:
+    message = (
+        f"{tar}: the tar ends after sample {read_to} of the {total} its index and manifest count: "
+        f"{total - read_to} samples lost (a damaged member header reads as the end of the archive)"
+    )
+    if on_short_shard == "warn":
+        log.warning("%s; reading on without them", message)
+        return
+    raise sharding.DataError(f"{message}: convert the data again")
+
+
+def _raw_samples(pieces: list[tuple[str, int, int, int]], on_short_shard: str) -> Iterator[dict[str, Any]]:
+    for tar, first, last, total in pieces:
+        n = yield from _read_piece(tar, first, last, total)
+        if n < last - first:
+            _short_shard(tar, first + n, total, on_short_shard)
 
 
 def _buffer_shuffle(samples: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -72,8 +124,10 @@ class _EpochBlocks(torch.utils.data.IterableDataset):
         train: bool,
         batch_size: int,
         shuffle_buffer: int,
+        on_short_shard: str,
     ) -> None:
         self.plans = plans
+        self.on_short_shard = on_short_shard
         self.tokenizer = tokenizer
         self.n_answers = n_answers
         self.image_size = image_size
@@ -84,7 +138,14 @@ class _EpochBlocks(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         plan = self.plans[info.id if info is not None else 0]
-        samples: Iterator[dict[str, Any] | None] = _raw_samples(plan["pieces"])
+        try:
+            yield from self._batches(plan)
+        except sharding.DataError as exc:
+            # One line for the main process: a worker's exception would arrive there wrapped in its traceback.
+            yield {FAILED: str(exc)}
+
+    def _batches(self, plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        samples: Iterator[dict[str, Any] | None] = _raw_samples(plan["pieces"], self.on_short_shard)
         if self.train and self.shuffle_buffer > 1:
             samples = _buffer_shuffle(samples, self.shuffle_buffer, random.Random(plan["seed"]))
         # Evaluation blocks end with padding positions past the rank's own samples.
@@ -112,11 +173,13 @@ class _EpochBlocks(torch.utils.data.IterableDataset):
     def _batch(self, rows: list[dict[str, Any] | None]) -> dict[str, Any]:
         decoded = [self._decode(r) if r is not None else None for r in rows]
         skipped = sum(1 for r, d in zip(rows, decoded, strict=True) if r is not None and d is None)
-        if self.train and skipped:
+        # Training rows never stay empty: a corrupt sample, or one a short shard lost (on_short_shard="warn").
+        if self.train and any(d is None for d in decoded):
             good = [d for d in decoded if d is not None]
             if not good:
-                raise RuntimeError(
-                    f"every sample of a batch failed to decode (e.g. {rows[0].get('__url__')}): the shards are damaged; "
+                where = next((r.get("__url__") for r in rows if r is not None), None) or "the shards"
+                raise sharding.DataError(
+                    f"{where}: every sample of a batch failed to decode or is missing: the shards are damaged; "
                     "convert the data again"
                 )
             decoded = [d if d is not None else good[i % len(good)] for i, d in enumerate(decoded)]
@@ -150,7 +213,8 @@ def worker_plans(
     plans, position = [], start
     for w, quota in enumerate(sharding.worker_quotas(n_batches, workers)):
         block_end = position + quota * batch_size
-        pieces = [(str(s.tar), a, b) for s, a, b in sharding.segments(order, position, min(block_end, stop))]
+        segments = sharding.segments(order, position, min(block_end, stop))
+        pieces = [(str(s.tar), a, b, s.samples) for s, a, b in segments]
         plans.append(
             {
                 "pieces": pieces,
@@ -184,6 +248,7 @@ class TorchBatches:
         shuffle_buffer: int,
         device: torch.device | None,
         n_batches: int,
+        on_short_shard: str = "error",
     ) -> None:
         self.folder = folder
         self.num_workers = num_workers
@@ -204,6 +269,7 @@ class TorchBatches:
             train=train,
             batch_size=batch_size,
             shuffle_buffer=shuffle_buffer,
+            on_short_shard=on_short_shard,
         )
 
     def batches(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -216,15 +282,64 @@ class TorchBatches:
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
         skipped = 0
-        for batch in loader:
-            skipped += int(batch.pop(SKIPPED))
-            pixels = batch["pixels"].to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-            if "valid" in batch and not bool(batch["valid"].all()):
-                pixels[~batch["valid"].to(self.device)] = 0  # padding rows are 0 after normalising too
-            batch["pixels"] = pixels
-            yield batch
+        it = iter(loader)  # workers start here
+        _live.add(it)
+        try:
+            for batch in it:
+                if FAILED in batch:
+                    raise sharding.DataError(batch[FAILED])
+                skipped += int(batch.pop(SKIPPED))
+                yield self._normalise(batch)
+        finally:
+            _stop_workers(it)
         self.skipped = skipped
         if skipped:
             log.warning(
                 "torch loader: skipped %d corrupt samples in %s this epoch", skipped, self.folder.folder
             )
+
+    def _normalise(self, batch: dict[str, Any]) -> dict[str, Any]:
+        pixels = batch["pixels"].to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if "valid" in batch and not bool(batch["valid"].all()):
+            pixels[~batch["valid"].to(self.device)] = 0  # padding rows are 0 after normalising too
+        batch["pixels"] = pixels
+        return batch
+
+
+# DataLoader iterators whose workers may still run (see the module docstring).
+_live: weakref.WeakSet = weakref.WeakSet()
+JOIN_TIMEOUT_S = 5.0
+
+
+def _stop_workers(it: Any) -> None:
+    """Stop a DataLoader iterator's workers now: the DataLoader's own orderly stop, then SIGKILL for any left."""
+    _live.discard(it)
+    try:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:  # absent without workers (num_workers=0)
+            shutdown()
+    finally:
+        _kill_workers(it)
+
+
+def _kill_workers(it: Any) -> None:
+    alive = [w for w in getattr(it, "_workers", ()) if w.is_alive()]
+    if not alive:
+        return
+    if getattr(it, "_worker_pids_set", False):
+        # Forget the pids first: the DataLoader's SIGCHLD handler would take their death for a crash.
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    for w in alive:
+        w.kill()  # SIGKILL: the workers block SIGTERM
+    for w in alive:
+        w.join(JOIN_TIMEOUT_S)
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Registered after multiprocessing's exit handler (imported above), so it runs before that one joins workers."""
+    for it in list(_live):
+        _stop_workers(it)

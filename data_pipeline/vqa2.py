@@ -7,7 +7,8 @@ Files: `v2_OpenEnded_mscoco_<split>_questions.json` ({"questions": [{question_id
 
 Malformed input is a `ConversionError` whose one-line message names the file and the field (`A.json:
 annotations[12]: missing field 'answers'`); a question whose image or annotation is absent is not an error but a
-rejection, listed in the manifest.
+rejection, listed in the manifest. Annotations that no question references are counted in the manifest
+(`unreferenced_annotations`) and in the summary line: they are harmless but usually mean mismatched files.
 """
 
 from __future__ import annotations
@@ -156,6 +157,19 @@ def build_answer_vocabulary(annotation_files: Sequence[str | Path], min_count: i
     return vocab
 
 
+UNREFERENCED_LISTED = (
+    100  # question ids of unreferenced annotations kept in the manifest (the count is exact)
+)
+
+
+def _unreferenced(anns: dict[int, dict[str, Any]] | None, qs: list[dict[str, Any]]) -> list[int]:
+    """Question ids of annotations that no question references (mismatched files, e.g. another split's)."""
+    if anns is None:
+        return []
+    asked = {q["question_id"] for q in qs}
+    return sorted(qid for qid in anns if qid not in asked)
+
+
 def _file_info(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     return {"path": str(p.resolve()), "bytes": p.stat().st_size}
@@ -235,6 +249,7 @@ def make_spec(
             continue
         candidates.append(Candidate(meta, path))
 
+    unreferenced = _unreferenced(anns, qs)
     inputs = {
         "questions": _file_info(questions),
         "annotations": _file_info(annotations) if annotations is not None else None,
@@ -248,8 +263,14 @@ def make_spec(
             "questions": out_of_vocab,
             "left_out": skip_out_of_vocab,
             "note": "questions none of whose answers is in the vocabulary (targets all zero)",
-        }
+        },
+        "unreferenced_annotations": {
+            "count": len(unreferenced),
+            "question_ids": unreferenced[:UNREFERENCED_LISTED],
+            "note": f"annotations whose question_id no question has (ignored; at most {UNREFERENCED_LISTED} listed)",
+        },
     }
+    notes = [f"{len(unreferenced)} annotations without a question ignored"] if unreferenced else []
     return BuildSpec(
         out=Path(out),
         source="vqa2",
@@ -262,5 +283,6 @@ def make_spec(
         image_mode="verbatim",
         inputs=inputs,
         extra=extra,
+        notes=notes,
         **settings,
     )

@@ -183,6 +183,36 @@ def test_resume_after_interruption(raw, converted, tmp_path, monkeypatch) -> Non
         assert (out / shard.name).read_bytes() == shard.read_bytes()
 
 
+def test_full_disk_is_one_line_and_a_rerun_resumes(raw, converted, tmp_path, monkeypatch, capsys) -> None:
+    import errno
+    import os
+
+    out = tmp_path / "full"
+    real = build._write_shard
+    calls = {"n": 0}
+
+    def disk_fills_on_third(task):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), task[0] + ".tmp-9")
+        return real(task)
+
+    monkeypatch.setattr(build, "_write_shard", disk_fills_on_third)
+    assert run(*vqa2_args(raw, out)) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert (
+        len(lines) == 1
+        and "no space left on the device" in lines[0]
+        and "run the same command again" in lines[0]
+    )
+    assert "Traceback" not in err and not (out / "manifest.json").exists()
+    monkeypatch.setattr(build, "_write_shard", real)
+    assert run(*vqa2_args(raw, out)) == 0
+    for shard in converted.glob("shard-*"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+
+
 def test_strict_fails_on_rejections(raw, tmp_path, capsys) -> None:
     assert run(*vqa2_args(raw, tmp_path / "s", "--strict")) == 1
     err = capsys.readouterr().err
@@ -289,3 +319,16 @@ def test_easyvqa_converter_on_a_subset(tmp_path, monkeypatch) -> None:
                 assert meta["question"] == texts[i] and meta["labels"] == [answers.index(truth[i])]
                 assert meta["scores"] == [1.0] and "answer_type" not in meta
     assert run("easyvqa", "--out", str(tmp_path / "e")) == 2  # finished: refused
+
+
+def test_annotations_without_a_question_are_counted(raw, tmp_path, capsys) -> None:
+    anns = json.loads(raw.annotations.read_text())
+    orphan = dict(anns["annotations"][0], question_id=999_999_001)
+    anns["annotations"].append(orphan)
+    files = synthetic.Vqa2Files(raw.root, raw.questions, tmp_path / "a.json", raw.images, raw.split)
+    files.annotations.write_text(json.dumps(anns))
+    assert run(*vqa2_args(files, tmp_path / "out")) == 0
+    assert "1 annotations without a question ignored" in capsys.readouterr().out
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["unreferenced_annotations"]["count"] == 1
+    assert m["unreferenced_annotations"]["question_ids"] == [999_999_001]

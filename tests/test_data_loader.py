@@ -320,3 +320,45 @@ def test_dali_gpu_decoder_matches_torch_loader(folder: Path, folder_444: Path) -
     # 2.4.0: max 51.6, mean 1.49 levels on the first batch of these flat-colour images); the mean stays small.
     for diff in _gpu_against_torch(folder):
         assert diff.mean() <= 3 * LEVEL, diff.mean() / LEVEL
+
+
+def test_dali_names_a_damaged_image_instead_of_decoding_it(folder: Path, tmp_path: Path) -> None:
+    """DALI cannot skip an undecodable image (and its CPU decoder can crash on one): the loader checks first."""
+    damaged = tmp_path / "damaged"
+    _copy_with_corrupt_sample(folder, damaged)
+    key = shards.read_index_keys(damaged / "shard-000000.idx")[0]
+    with pytest.raises(DataError, match=f"shard-000000.tar: sample {key}: damaged image, cut short") as info:
+        load(damaged, "dali")
+    assert len(str(info.value).splitlines()) == 1
+
+
+def _copy_with_damaged_header(folder: Path, dest: Path) -> None:
+    """A copy whose first shard has the header of its 3rd sample's image overwritten: tarfile stops reading there."""
+    shutil.copytree(folder, dest)
+    tar = dest / "shard-000000.tar"
+    offset = shards.read_index(dest / "shard-000000.idx")[2]["jpg"][0] - 512
+    data = bytearray(tar.read_bytes())
+    data[offset : offset + 512] = b"\x55" * 512
+    tar.write_bytes(bytes(data))
+
+
+def test_torch_loader_refuses_or_reports_a_shard_cut_short_by_a_damaged_header(
+    folder: Path, tmp_path: Path, caplog
+) -> None:
+    damaged = tmp_path / "damaged"
+    _copy_with_damaged_header(folder, damaged)
+    with pytest.raises(
+        DataError, match="shard-000000.tar: the tar ends after sample 2 of the 5 .*: 3 samples lost"
+    ):
+        load(damaged, "torch")
+    caplog.set_level("WARNING")
+    evaluation = load(damaged, "torch", on_short_shard="warn")
+    assert len(valid_qids(evaluation)) == read_manifest(folder)["totals"]["samples"] - 3
+    assert any("3 samples lost" in r.getMessage() for r in caplog.records)
+    training = load(damaged, "torch", train=True, on_short_shard="warn", num_workers=2)
+    assert len(training) == 5 and all((b["question_id"] >= 0).all() for b in training)  # lost rows refilled
+    assert (
+        load(folder, "dali") and len(load(damaged, "dali")) == 6
+    )  # DALI reads through the index: nothing lost
+    with pytest.raises(ValueError, match="on_short_shard"):
+        load(folder, "torch", on_short_shard="ignore")
