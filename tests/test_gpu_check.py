@@ -44,17 +44,19 @@ def test_refuses_without_a_gpu_unless_asked(tmp_path: Path) -> None:
 def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
     out_dir = tmp_path / "check"
     out = run(
-        "--allow-cpu", "--no-compile", "--stages", "smoke", "--preset", "tiny", "--sizes", "32", "--batch", "8",
-        "--samples", "96", "--steps", "12", "--workers", "1", "--budget", "500", "--out", str(out_dir),
+        # 24 steps of 32 samples: after the checkpoint at step 12 the run has ~10 steps left in which the watcher
+        # must see step 14 logged and kill it (a run that ends first fails the smoke, as it should).
+        "--allow-cpu", "--no-compile", "--stages", "smoke", "--preset", "tiny", "--sizes", "32", "--batch", "32",
+        "--samples", "256", "--steps", "24", "--workers", "1", "--budget", "500", "--out", str(out_dir),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     stages = (out_dir / "stages.tsv").read_text().splitlines()
     status = dict(line.split("\t")[:2] for line in stages[1:])
     assert status == {"shards": "ok", "compile": "ok", "smoke": "ok"}, stages
     first = (out_dir / "smoke" / "first.log").read_text()
-    assert "killed (kill -9) after step 7 was logged" in first
+    assert "killed (kill -9) after step 14 was logged" in first
     verdict = json.loads((out_dir / "smoke" / "smoke.json").read_text())
-    assert verdict["resumed_from_step"] == 6 and verdict["first_run_killed_after_step"] == 7
+    assert verdict["resumed_from_step"] == 12 and verdict["first_run_killed_after_step"] == 14
     assert (
         verdict["loss_falls"]
         and verdict["resumed_continues_curve"]
