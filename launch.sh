@@ -42,7 +42,7 @@ run() {
     fi
 }
 
-# Writes LINES to FILE, one a line; a dry run prints the equivalent shell command instead.
+# Writes LINES to FILE, one a line; a dry run prints the shell command that would do it instead.
 write_lines() {
     local file="$1"; shift
     if [[ "$DRY_RUN" == 1 ]]; then
@@ -193,7 +193,7 @@ user_deepspeed_env_lines() {
     return 0
 }
 
-# GPUs on this machine: nvidia-smi's list, else the /dev/nvidiaN device files (a container given GPUs but not
+# GPUs of the local machine: nvidia-smi's list, else the /dev/nvidiaN device files (a container given GPUs but not
 # the driver's utilities sees only its own); 0 where neither shows one.
 local_gpu_count() {
     if command -v nvidia-smi >/dev/null 2>&1; then

@@ -33,7 +33,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_pipeline import shards
+from data_pipeline import atomic, shards
+from data_pipeline.errors import BadInputError
 from data_pipeline.images import CheckResult, check_image, convert_to_jpeg
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ WORK = ".work"
 DEFAULT_SHARD_SIZE = 1000
 
 
-class ConversionError(Exception):
+class ConversionError(BadInputError):
     """Bad input or a refused operation; the message is one line naming the file (and field) at fault."""
 
 
@@ -175,7 +176,7 @@ def _prepare_work(spec: BuildSpec) -> Path:
         clear_output(out)
     (work / "done").mkdir(parents=True, exist_ok=True)
     (work / "images").mkdir(exist_ok=True)
-    shards.write_json_atomic(settings_file, {"fingerprint": fingerprint})
+    atomic.write_json(settings_file, {"fingerprint": fingerprint})
     removed = shards.remove_temporaries(out) + shards.remove_temporaries(work / "images")
     if removed:
         log.info("%s: removed %d half-written files of an interrupted run", out, removed)
@@ -246,7 +247,7 @@ def _write_shard(task: tuple[str, str, str, list[tuple[str, dict, str]]]) -> dic
         "sha256": shards.file_sha256(tar_path),
         "index_sha256": shards.file_sha256(idx_path),
     }
-    shards.write_json_atomic(done_path, record)
+    atomic.write_json(done_path, record)
     return record
 
 
@@ -343,7 +344,7 @@ def build_shard_folder(spec: BuildSpec) -> Summary:
             records[int(record["tar"].split("-")[1].split(".")[0])] = record
             bar.update(record["samples"])
 
-    shards.write_json_atomic(spec.out / shards.ANSWERS, spec.answers)
+    atomic.write_json(spec.out / shards.ANSWERS, spec.answers)
     shard_list = [records[i] for i in range(len(plan))]
     seconds = time.perf_counter() - t0
     manifest = {
@@ -369,7 +370,7 @@ def build_shard_folder(spec: BuildSpec) -> Summary:
         "rejected": rejected,
         **spec.extra,
     }
-    shards.write_json_atomic(spec.out / shards.MANIFEST, manifest)
+    atomic.write_json(spec.out / shards.MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     summary = Summary(
         spec.out, spec.split, manifest["totals"]["samples"], rejected, len(shard_list), seconds, spec.notes

@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_pipeline import easyvqa, shards, vqa2
+from data_pipeline import atomic, easyvqa, vqa2
 from data_pipeline.build import (
     DEFAULT_SHARD_SIZE,
     ConversionError,
@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> list[str]:
             raise ConversionError(f"{out}: exists; pass --overwrite to replace it")
         vocab = vqa2.build_answer_vocabulary(args.annotations, args.min_answer_count)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shards.write_json_atomic(out, vocab)
+        atomic.write_json(out, vocab)
         return [f"{len(vocab)} answers (majority answer count >= {args.min_answer_count}) -> {out}"]
     settings = _settings(args, argv)
     if args.command == "vqa2":

@@ -10,11 +10,12 @@ converter lists in the manifest and groups by kind in its summary.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from data_pipeline import atomic
 
 # Formats stored verbatim. DALI's decoders (CPU and nvJPEG-backed mixed) take both; GPU decoding is JPEG's.
 VERBATIM_FORMATS = ("JPEG", "PNG")
@@ -83,8 +84,6 @@ def convert_to_jpeg(task: tuple[str, str]) -> CheckResult:
         return CheckResult(source, False, f"image missing: {source}")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return _failure(source, exc)
-    tmp = f"{destination}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, destination)
+    # No sync to disk: an intermediate file, which an interrupted conversion converts again.
+    atomic.write_bytes(destination, data, fsync=False)
     return CheckResult(source, True, output=destination, width=im.width, height=im.height)

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import shards
+from data_pipeline.errors import BadInputError
 
 
-class DataError(ValueError):
+class DataError(BadInputError, ValueError):
     """A shard folder that cannot be read, or a setting it cannot serve; the message is one line naming it."""
 
 

@@ -4,8 +4,8 @@ A shard folder holds `shard-NNNNNN.tar` (WebDataset: one `<key>.jpg` and one `<k
 order), `shard-NNNNNN.idx` (DALI's webdataset index, the format `wds2idx` writes), `answers.json` (the answer
 list: index -> answer string) and `manifest.json` (written last: its presence means the folder is finished).
 
-Every file is written to a temporary name and renamed into place with `os.replace`, so that an interrupted
-conversion never leaves a half-written file under a final name: a `.tar` that exists is a complete one.
+Every file is written atomically (`data_pipeline.atomic`: a temporary name, then `os.replace`), so that an
+interrupted conversion never leaves a half-written file under a final name: a `.tar` that exists is a complete one.
 Tar members get fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same input gives byte-identical shards.
 """
 
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import os
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+
+from data_pipeline import atomic
 
 INDEX_VERSION = "v1.2"
 MANIFEST = "manifest.json"
@@ -36,28 +35,10 @@ def sample_key(question_id: int) -> str:
     return f"{question_id:012d}"
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode())
-
-
 def remove_temporaries(folder: Path) -> int:
     """Delete the leftovers of an interrupted write (`*.tmp-<pid>`); returns how many were removed."""
     removed = 0
-    for p in folder.glob("*.tmp-*"):
+    for p in folder.glob(atomic.TEMP_GLOB):
         p.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -82,9 +63,8 @@ def write_shard(
     computed while writing (the offsets are known), not by reading the tar back; it equals `wds2idx`'s output.
     """
     tar_path, idx_path = Path(tar_path), Path(idx_path)
-    tmp = _tmp_path(tar_path)
     lines = []
-    with open(tmp, "wb") as f:
+    with atomic.open_atomic(tar_path) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, components in samples:
                 if "." in key or "/" in key:
@@ -97,14 +77,12 @@ def write_shard(
                     offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     parts.append(f"{ext} {offset} {len(data)} {name}")
                 lines.append(" ".join(parts))
-        f.flush()
-        os.fsync(f.fileno())
-    if not lines:
-        tmp.unlink()
-        raise ValueError(f"{tar_path}: no samples to write")
-    # Index first, then the tar: a tar under its final name always has its index beside it.
-    write_bytes_atomic(idx_path, _index_text(lines).encode())
-    os.replace(tmp, tar_path)
+        if not lines:
+            # Raised inside the block: the temporary tar is removed and nothing is renamed into place.
+            raise ValueError(f"{tar_path}: no samples to write")
+        # Index first, then the tar (renamed into place as this block ends): a tar under its final name always has
+        # its index beside it.
+        atomic.write_bytes(idx_path, _index_text(lines).encode())
     return len(lines)
 
 
@@ -140,7 +118,7 @@ def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
     lines = index_lines(tar_path)
     if not lines:
         raise ValueError(f"{tar_path}: no samples in the tar, cannot index it")
-    write_bytes_atomic(idx_path, _index_text(lines).encode())
+    atomic.write_bytes(idx_path, _index_text(lines).encode())
     return len(lines)
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline import atomic
+from data_pipeline.errors import BadInputError
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -21,7 +24,7 @@ _META = "question_tokenizer.json"
 CLIP_VOCAB_FILE = "clip_vocab.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BadInputError, ValueError):
     """A tokenizer that cannot be built or loaded; the message names the path."""
 
 
@@ -50,7 +53,7 @@ class QuestionTokenizer:
     ) -> None:
         import open_clip
 
-        from trainer.clip_configs import register_project_configs
+        from data_pipeline.clip_configs import register_project_configs
 
         register_project_configs()
         self.vilt = vilt_tokenizer
@@ -160,9 +163,7 @@ class QuestionTokenizer:
         # Written before the meta file, which marks a complete tokenizer folder.
         if self.clip_vocab is None:
             return
-        tmp = d / (CLIP_VOCAB_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.clip_vocab) + "\n")
-        tmp.replace(d / CLIP_VOCAB_FILE)
+        atomic.write_text(d / CLIP_VOCAB_FILE, json.dumps(self.clip_vocab) + "\n")
 
     def _save_meta(self, d: Path, source: str) -> None:
         meta = {
@@ -172,9 +173,7 @@ class QuestionTokenizer:
             "vilt_vocab_size": self.vilt_vocab_size,
             "source": source,
         }
-        tmp = d / (_META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(d / _META)
+        atomic.write_text(d / _META, json.dumps(meta, indent=2) + "\n")
 
     # -- use ----------------------------------------------------------------------------------------------------
     @property

@@ -13,7 +13,7 @@ another sample of the same batch (so batch boundaries, and exact resume, do not 
 evaluation it becomes a padding row (`valid = False`). `skip_batches` consumes the raw samples of skipped batches
 without decoding them.
 
-A damaged shard is a one-line DataError naming it, never a silent loss: a tar that cannot be read on (cut short),
+A damaged shard is a one-line DataError naming it, never an unnoticed loss: a tar that cannot be read on (cut short),
 and a tar that ends before the samples its index and manifest count (Python's tarfile takes a damaged member header
 for the end of the archive, which would silently drop the rest of the shard; `on_short_shard="warn"` logs and reads
 on instead). Workers report such errors to the main process as one line, not as a cross-process traceback.

@@ -45,7 +45,9 @@ def test_bench_tiny_preset_all_modes(tiny_easyvqa_shards: Path, tmp_path: Path, 
         # On the CPU the basis is the fastest measured product (bf16 is emulated, slower, on most CPUs).
         assert r["mfu_basis"] == max(peaks, key=peaks.get) and r["peak_flops_per_s"] == max(peaks.values())
         assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / r["peak_flops_per_s"])
-        assert 0 < r["mfu"] < 1
+        # No upper bound: on a busy CPU the measured peak (the best of a few timings) can fall below what a longer
+        # step sustains, which puts MFU over 1; the formula above is what is checked.
+        assert r["mfu"] > 0
         assert 0 <= r["data_wait_fraction"] <= 1
         assert "RSS" in r["memory_measure"] and r["peak_memory_bytes"] > 100 * 2**20
         assert r["first_step_s"] > 0 and r["epoch_restarts"] == 0  # 16 batches an epoch, 7 steps a cell

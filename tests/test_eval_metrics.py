@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.evaluation import answer_types, evaluate, write_results
+from trainer.evaluation import evaluate, write_results
 
 ANSWERS = ["yes", "no", "2", "red"]
 
@@ -80,8 +80,3 @@ def test_split_without_answers_still_writes_predictions() -> None:
     )
     assert result.vqa_score is None and result.metrics() == {}
     assert result.predictions == [{"question_id": 1, "answer": "red"}]
-
-
-def test_answer_types_come_from_the_sample_json() -> None:
-    info = {1: {"answer_type": "yes/no"}, 2: {"answer_type": "other"}, 3: {}}
-    assert answer_types(info) == {1: "yes/no", 2: "other"}

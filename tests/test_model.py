@@ -116,7 +116,7 @@ def test_pretrained_vilt_round_trip(tmp_path):
 
 def test_pretrained_clip_round_trip(tmp_path):
     """CLIP weights load from a local open_clip checkpoint file (torch.save of a state dict)."""
-    from trainer.clip_configs import register_project_configs
+    from data_pipeline.clip_configs import register_project_configs
 
     register_project_configs()
     torch.manual_seed(1)
@@ -164,7 +164,7 @@ def test_convolutional_clip_tower():
     """open_clip's convolutional towers work too: their feature map becomes the visual tokens."""
     import json
 
-    from trainer.clip_configs import CONFIG_DIR
+    from data_pipeline.clip_configs import CONFIG_DIR
 
     assert json.loads((CONFIG_DIR / "RN-tiny.json").read_text())["vision_cfg"]["layers"]
     cfg = dataclasses.replace(TINY_MODEL, variant="clip-infonce-cos", clip_arch="RN-tiny")

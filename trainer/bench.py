@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -52,6 +53,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.errors import is_bad_input
 from trainer import dist as D
 from trainer.config import VARIANTS, ConfigError, RunConfig, apply_overrides
 from trainer.engine import (
@@ -614,15 +616,13 @@ def summarise(
 
 # -- set-up and output ---------------------------------------------------------------------------------------------
 def build_tokenizer(cfg: RunConfig, folder: str, work: Path):
-    from data_pipeline.sharding import iter_sample_json, open_folder
-    from data_pipeline.text import QuestionTokenizer
+    """A vocabulary built from the data's questions (never a pretrained ViLT's: the weights are random here) with
+    the CLIP ids every variant may need, by the run folder's own builder."""
+    from trainer import run_folder
 
-    m = cfg.model
-    questions = (s["question"] for s in iter_sample_json(open_folder(folder)))
-    return QuestionTokenizer.build(
-        questions, work / "tokenizer", clip_arch=m.clip_arch, max_text_len=m.max_text_len,
-        clip_context_length=m.clip_context_length, vocab_size=m.wordpiece_vocab_size, fit_clip_vocab=True,
-    )  # fmt: skip
+    model = dataclasses.replace(cfg.model, vilt_pretrained=None)
+    questions = functools.partial(run_folder.shard_questions, folder)
+    return run_folder.build_tokenizer(model, work / run_folder.TOKENIZER_DIR, questions, fit_clip_vocab=True)
 
 
 def mfu_basis(device: torch.device, precision: str, peaks: dict[str, float]) -> str:
@@ -960,16 +960,10 @@ def new_report(args: argparse.Namespace, argv: list[str], setup: Setup) -> dict[
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     """The JSON file, replaced atomically (a reader never sees half a file)."""
+    from data_pipeline import atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
-
-
-def is_bad_input(exc: BaseException) -> bool:
-    from trainer.main import is_bad_input as trainer_bad_input
-
-    return trainer_bad_input(exc)
+    atomic.write_text(out, json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

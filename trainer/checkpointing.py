@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline import atomic
 from trainer import dist as D
 from trainer.config import ConfigError
 
@@ -92,28 +93,6 @@ _DELETING_RE = re.compile(r"^global_step\d+(_universal)?(\.partial|\.old)?\.dele
 
 def tag_for_step(step: int) -> str:
     return f"global_step{step}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a torn one (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves no temp file behind
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- RNG files ---------------------------------------------------------------------------------------------------
@@ -301,7 +280,7 @@ def file_sizes(path: Path) -> dict[str, int]:
 
 def write_complete_marker(path: Path, marker: dict[str, Any]) -> None:
     """Mark checkpoint folder `path` complete, listing its files so that a later loss of any of them shows."""
-    atomic_write_text(path / COMPLETE, json.dumps(dict(marker, files=file_sizes(path))) + "\n")
+    atomic.write_text(path / COMPLETE, json.dumps(dict(marker, files=file_sizes(path))) + "\n")
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -496,10 +475,10 @@ class Checkpointer:
     def _write_files(self, path: Path, write_tag: str, trainer_state: dict[str, Any]) -> None:
         """This rank's part of a checkpoint: DeepSpeed's files, its RNG states, and (rank 0) the trainer's state."""
         self.engine.save(self.ckpt_dir, write_tag, client_state={"trainer": trainer_state})
-        atomic_torch_save(rng_state(), path / f"rng_rank{self.dist.rank}.pt")
+        atomic.torch_save(rng_state(), path / f"rng_rank{self.dist.rank}.pt")
         if self.dist.is_main:
             state = dict(trainer_state, world_size=self.dist.world_size, zero_stage=self.engine.zero_stage)
-            atomic_write_text(path / STATE_FILE, json.dumps(state, indent=2) + "\n")
+            atomic.write_text(path / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
     def _finish(self, tag: str, step: int, path: Path, final: Path, replacing: bool) -> None:
         """Rank 0, once every rank has written: mark complete, swap in a replacement, point `latest`, prune."""
@@ -511,7 +490,7 @@ class Checkpointer:
             os.rename(final, old)
             os.rename(path, final)
             shutil.rmtree(old, ignore_errors=True)
-        atomic_write_text(self.ckpt_dir / "latest", tag)
+        atomic.write_text(self.ckpt_dir / "latest", tag)
         self._prune(keep=final)
 
     def _out_of_space_guard(self, tag: str, write: Any) -> str | None:

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline import atomic
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +194,8 @@ def verdict(a: list[float], b: list[float]) -> tuple[str, float | None, float | 
 
 
 def summarise_run(run_dir: Path, thresholds: list[float], window: int = SMOOTH_STEPS) -> dict[str, Any]:
+    from trainer.run_folder import RunFolder
+
     scalars = read_scalars(run_dir)
     if "train/vqa_loss" not in scalars:
         raise CompareError(f"{run_dir}: no train/vqa_loss in its TensorBoard events (did the run log?)")
@@ -202,7 +206,7 @@ def summarise_run(run_dir: Path, thresholds: list[float], window: int = SMOOTH_S
     best = max(val, key=lambda p: p[1]) if val else None
     sps = [v for _, v, _ in scalars.get("train/samples_per_second", [])]
     done = json.loads((run_dir / DONE_FILE).read_text())
-    config_file = run_dir / "config.json"
+    config_file = RunFolder(run_dir).config_file
     return {
         "run_dir": str(run_dir),
         "seed": done["seed"],
@@ -328,9 +332,7 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> None:
             f"{spec.variant} seed {spec.seed} failed (exit {proc.returncode}); log: {log_file}\n{tail}"
         )
     done = {"variant": spec.variant, "seed": spec.seed, "wall_time_s": round(time.time() - start, 1)}
-    tmp = spec.run_dir / (DONE_FILE + ".tmp")
-    tmp.write_text(json.dumps(done) + "\n")
-    tmp.replace(spec.run_dir / DONE_FILE)
+    atomic.write_text(spec.run_dir / DONE_FILE, json.dumps(done) + "\n")
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------
@@ -378,10 +380,9 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = SMOOTH_
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic.open_atomic(out) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(out)
 
 
 def _fmt(spread: dict[str, Any], digits: int = 3, integer: bool = False) -> str:
@@ -564,9 +565,7 @@ steadier than the cosine one (eq. 1)?
 These are measurements of this run on this data, not a verdict on the method in general.
 """
     )
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic.write_text(out, text)
 
 
 def machine_description() -> str:
@@ -697,9 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": aggregate(runs, thresholds),
     }
     validate_results(results)
-    tmp = root / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(root / "results.json")
+    atomic.write_text(root / "results.json", json.dumps(results, indent=2) + "\n")
     plot(runs, root / "loss_curves.png", args.smooth_steps)
     write_report(results, root / "report.md")
     print(f"[compare] report: {root / 'report.md'}")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.errors import BadInputError
+
 # Model variants of the paper (and one ablation, and CLIP's own loss for comparison).
 # variant -> (visual embedding, contrastive loss)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -25,7 +27,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError, ValueError):
     """A configuration value that cannot work; the message names the field."""
 
 

@@ -94,7 +94,7 @@ def resolve_ds_config(
             )
     ds.update(wanted)
     if "gradient_clipping" not in ds:
-        # DeepSpeed >= 0.19.3 clips at 1.0 by default; ViLT does not clip. Never inherit a silent default.
+        # DeepSpeed >= 0.19.3 clips at 1.0 by default; ViLT does not clip. Never inherit an unstated default.
         raise ConfigError("DeepSpeed config must set gradient_clipping explicitly (0.0 = off, as ViLT)")
     opt = cfg.optim
     params: dict[str, Any] = {

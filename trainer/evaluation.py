@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data_pipeline import atomic
 from trainer import dist as D
-from trainer.checkpointing import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,11 @@ def evaluate(
     return result
 
 
-def answer_types(sample_info: Mapping[int, Mapping[str, Any]]) -> dict[int, str]:
-    """question_id -> answer_type for the samples that have one (VQA v2: yes/no, number, other)."""
-    return {q: str(m["answer_type"]) for q, m in sample_info.items() if m.get("answer_type")}
-
-
 def write_results(result: EvalResult, out_dir: Path, step: int, split_name: str = "val") -> tuple[Path, Path]:
     """Rank 0: the official-format predictions file and a metrics summary, both written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / f"{split_name}_predictions_step{step:08d}.json"
-    atomic_write_text(pred_path, json.dumps(result.predictions) + "\n")
+    atomic.write_text(pred_path, json.dumps(result.predictions) + "\n")
     metrics_path = out_dir / f"{split_name}_metrics_step{step:08d}.json"
-    atomic_write_text(metrics_path, json.dumps(dict(result.summary(), step=step), indent=2) + "\n")
+    atomic.write_text(metrics_path, json.dumps(dict(result.summary(), step=step), indent=2) + "\n")
     return pred_path, metrics_path

@@ -16,7 +16,6 @@ No process group is needed: DeepSpeed's zero_to_fp32 reads a ZeRO checkpoint's s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pickle
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from trainer import run_folder
 from trainer.checkpointing import (
     check_deepspeed_files,
     first_line,
@@ -35,6 +35,7 @@ from trainer.checkpointing import (
     unsafe_globals,
 )
 from trainer.config import ConfigError, RunConfig, config_from_dict
+from trainer.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -101,25 +102,22 @@ def stage0_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
-    from trainer.checkpointing import atomic_torch_save
+    from data_pipeline import atomic
 
     run_dir = Path(run_dir)
     tag, step = pick_checkpoint(run_dir, tag)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    answers = json.loads((run_dir / "answers.json").read_text())
-    tok_dir = run_dir / "tokenizer"
-    tokenizer_files = {p.name: p.read_text() for p in sorted(tok_dir.iterdir()) if p.is_file()}
+    folder = RunFolder(run_dir)
     payload = {
         "format": FORMAT,
         "state_dict": fp32_state_dict(run_dir, tag),
-        "config": cfg,
-        "answers": answers,
-        "tokenizer_files": tokenizer_files,
+        "config": folder.read_config().to_dict(),
+        "answers": folder.read_answers(),
+        "tokenizer_files": folder.tokenizer_files(),
         "step": step,
         "tag": tag,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(payload, out)
+    atomic.torch_save(payload, out)
     n = sum(v.numel() for v in payload["state_dict"].values())
     log.info("exported %s (step %d, %.1f M parameters) -> %s", tag, step, n / 1e6, out)
     return out
@@ -128,23 +126,17 @@ def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
 def load_exported(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, Any, list[str], RunConfig]:
-    """(model in eval mode, question tokenizer, answers, config) from an exported file."""
-    from data_pipeline.text import QuestionTokenizer
-
+    """(model in eval mode, question tokenizer, answers, config) from an exported file: its files unpacked into a
+    temporary run folder, rebuilt as every run folder is (trainer/run_folder.py)."""
     payload = read_exported(Path(path))
-    cfg = config_from_dict(payload["config"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name, text in payload["tokenizer_files"].items():
-            Path(tmp, name).write_text(text)
-        tokenizer = QuestionTokenizer.load(tmp)
-    answers = list(payload["answers"])
-    task = build_inference_task(
-        cfg,
-        payload["state_dict"],
-        n_answers=len(answers),
-        vilt_vocab_size=tokenizer.vilt_vocab_size,
-        clip_vocab=tokenizer.clip_vocab,
-    )
+        folder = RunFolder(tmp)
+        folder.save(
+            config_from_dict(payload["config"]),
+            answers=list(payload["answers"]),
+            tokenizer_files=payload["tokenizer_files"],
+        )
+        cfg, tokenizer, answers, task = run_folder.load(folder, state_dict=payload["state_dict"])
     return task.to(device), tokenizer, answers, cfg
 
 
@@ -191,34 +183,6 @@ def export_layout_problem(payload: Any) -> str | None:
     if bad:
         return f"tokenizer_files has names that are not plain file names: {bad[:3]}"
     return None
-
-
-def build_inference_task(
-    cfg: RunConfig,
-    state_dict: dict[str, torch.Tensor],
-    *,
-    n_answers: int,
-    vilt_vocab_size: int,
-    clip_vocab: list[int] | None = None,
-) -> torch.nn.Module:
-    """The VQATask with trained weights. Built without the pretrained sources (the weights replace them anyway),
-    so inference never needs the hub or the original checkpoint files."""
-    import dataclasses
-
-    from trainer.task import build_task
-
-    model = dataclasses.replace(cfg.model, vilt_pretrained=None, clip_pretrained=None)
-    sizes = {"n_answers": n_answers, "vilt_vocab_size": vilt_vocab_size, "clip_vocab": clip_vocab}
-    task = build_task(dataclasses.replace(cfg, model=model), **sizes)
-    try:
-        task.load_state_dict(state_dict, strict=True)
-    except RuntimeError:
-        if model == cfg.model:
-            raise
-        # A pretrained checkpoint's architecture can differ from the named size: build it from its own source.
-        task = build_task(cfg, **sizes)
-        task.load_state_dict(state_dict, strict=True)
-    return task.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,9 @@ checkpoint), 1 a failure while training (e.g. a non-finite loss), 128 + signal a
 A disk too full for the next checkpoint is a failure while training (exit 1, one line naming the folder, the free and
 the needed space): the input was fine and the same command succeeds once there is room; the earlier checkpoints are
 left intact (trainer/checkpointing.py).
+
+The run folder (--run-dir) and what is in it (config, DeepSpeed config, answers, tokenizer) belong to
+trainer/run_folder.py; this file checks the input, builds the run from the components and runs it.
 """
 
 from __future__ import annotations
@@ -37,22 +40,17 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import ast  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import typing  # noqa: E402
 from typing import Any  # noqa: E402
 
+from data_pipeline.errors import is_bad_input  # noqa: E402
 from trainer import dist as D  # noqa: E402
-from trainer.config import ConfigError, RunConfig, apply_overrides, config_from_dict  # noqa: E402
+from trainer.config import ConfigError, RunConfig, apply_overrides  # noqa: E402
 from trainer.presets import PRESETS, get_preset  # noqa: E402
+from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
 
 log = logging.getLogger("trainer.main")
-
-CONFIG_FILE = "config.json"
-DS_CONFIG_FILE = "deepspeed_config.json"
-ANSWERS_FILE = "answers.json"
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_META = "question_tokenizer.json"  # what QuestionTokenizer.save writes beside the vocabulary
 
 
 # -- command line ------------------------------------------------------------------------------------------------
@@ -156,22 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
+def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     """Preset (or the run's saved config on --resume), then --train-data/--val-data/--max-steps, then --set."""
-    saved = run_dir / CONFIG_FILE
     if args.resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {run_dir} has no {CONFIG_FILE} (not a run folder?)")
+        if not folder.config_file.is_file():
+            raise ConfigError(f"--resume: {folder.path} has no {CONFIG_FILE} (not a run folder?)")
         if args.preset:
             log.warning(
                 "--preset %s ignored: a resumed run continues with its saved %s", args.preset, CONFIG_FILE
             )
-        cfg = config_from_dict(json.loads(saved.read_text()))
+        cfg = folder.read_config()
     else:
         cfg = get_preset(args.preset or "tiny")
-    overrides = []
-    if args.train_data:
-        overrides.append(f"data.train_data={args.train_data}")
+    overrides = [f"data.train_data={args.train_data}"] if args.train_data else []
     if args.val_data:
         overrides.append(f"data.val_data={args.val_data}")
     if args.max_steps is not None:
@@ -180,6 +175,22 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
 
 
 # -- checks before any process group exists ----------------------------------------------------------------------
+def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
+    """Everything that can be checked without a process group fails here, in seconds; returns the run's config."""
+    cfg = resolve_config(args, folder)
+    world = D.env_world_size()
+    check_data(cfg.data.train_data, "train_data", world, required=not args.eval_only)
+    check_data(cfg.data.val_data, "val_data", world, required=args.eval_only)
+    cfg.train.grad_accum(world)
+    from trainer.engine import load_ds_config
+
+    load_ds_config(ds_config_path(args.deepspeed_config))
+    if not (args.resume or args.eval_only):
+        folder.check_fresh()
+    folder.check_tokenizer_source(cfg)
+    return cfg
+
+
 def check_data(folder: str | None, what: str, world_size: int, required: bool) -> dict[str, Any] | None:
     """Fail before start-up on a missing folder or fewer shards than ranks; returns the folder's manifest."""
     from data_pipeline.sharding import read_manifest
@@ -208,35 +219,6 @@ def ds_config_path(arg: str | None) -> Path:
     return default_ds_config_path(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def check_run_dir(run_dir: Path, resume: str | None, eval_only: bool) -> None:
-    """A fresh run never writes into a folder that holds checkpoints (it would overwrite them)."""
-    from trainer.checkpointing import list_complete
-
-    if resume or eval_only:
-        return
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        found = ", ".join(r.tag for r in list_complete(ckpts)) or "incomplete ones"
-        raise ConfigError(
-            f"--run-dir {run_dir} already holds checkpoints ({found}): pass --resume to continue that run, "
-            f"or choose another --run-dir"
-        )
-
-
-def check_tokenizer_source(cfg: RunConfig, run_dir: Path) -> None:
-    """The question tokenizer comes from the run folder, a pretrained ViLT, or the training questions."""
-    if (
-        (run_dir / TOKENIZER_DIR / TOKENIZER_META).is_file()
-        or cfg.model.vilt_pretrained
-        or cfg.data.train_data
-    ):
-        return
-    raise ConfigError(
-        f"no question tokenizer in {run_dir / TOKENIZER_DIR} and nothing to build one from: "
-        f"give --train-data (or model.vilt_pretrained), or --run-dir of a trained run"
-    )
-
-
 # -- building the run --------------------------------------------------------------------------------------------
 def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
@@ -249,78 +231,23 @@ def setup_logging() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def build_tokenizer(cfg: RunConfig, run_dir: Path, dist: D.DistInfo):
-    """The run's question tokenizer, saved in the run folder: built once by rank 0, loaded by everyone."""
-    from data_pipeline.sharding import iter_sample_json, open_folder
-    from data_pipeline.text import CLIP_VOCAB_FILE, QuestionTokenizer
-
-    tok_dir = run_dir / TOKENIZER_DIR
-    m = cfg.model
-    compact = m.clip_text_vocab == "compact" and m.contrastive != "none"
-
-    def questions():
-        assert cfg.data.train_data, "check_tokenizer_source ran before start-up"
-        return (s["question"] for s in iter_sample_json(open_folder(cfg.data.train_data)))
-
-    if dist.is_main and not (tok_dir / TOKENIZER_META).is_file():
-        if m.vilt_pretrained:
-            tok = QuestionTokenizer.from_pretrained_vilt(
-                m.vilt_pretrained,
-                clip_arch=m.clip_arch,
-                max_text_len=m.max_text_len,
-                clip_context_length=m.clip_context_length,
-            )
-            if compact:
-                tok.fit_clip_vocab(questions())
-            tok.save(tok_dir)
-        else:
-            QuestionTokenizer.build(
-                questions(),
-                tok_dir,
-                clip_arch=m.clip_arch,
-                max_text_len=m.max_text_len,
-                clip_context_length=m.clip_context_length,
-                vocab_size=m.wordpiece_vocab_size,
-                fit_clip_vocab=compact,
-            )
-    elif dist.is_main and compact and not (tok_dir / CLIP_VOCAB_FILE).is_file():
-        # A tokenizer an earlier run left in this folder without the CLIP ids: add them (the ViLT side is kept).
-        tok = QuestionTokenizer.load(tok_dir)
-        tok.fit_clip_vocab(questions())
-        tok.save(tok_dir)
-    D.barrier()
-    return QuestionTokenizer.load(tok_dir)
-
-
-def read_answer_types(folder: str) -> dict[int, str]:
-    """question_id -> answer_type where the shards carry one (VQA v2); {} for data without types (easy-VQA)."""
-    from data_pipeline.sharding import iter_sample_json, open_folder
-
-    out: dict[int, str] = {}
-    for meta in iter_sample_json(open_folder(folder)):
-        kind = meta.get("answer_type")
-        if not kind:
-            return out  # every sample of a folder has a type or none does
-        out[int(meta["question_id"])] = str(kind)
-    return out
-
-
 class Run:
     """The pieces of one run, built in order; `train()` and `evaluate()` use them."""
 
-    def __init__(self, args: argparse.Namespace, cfg: RunConfig, run_dir: Path, dist: D.DistInfo) -> None:
+    def __init__(self, args: argparse.Namespace, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
         import torch
 
-        from data_pipeline.loader import read_answers
+        from trainer import run_folder
         from trainer.checkpointing import Checkpointer, resolve_resume
         from trainer.engine import Engine, load_ds_config, resolve_ds_config
         from trainer.metrics import build_logger
-        from trainer.task import build_task
 
-        self.args, self.cfg, self.run_dir, self.dist = args, cfg, run_dir, dist
-        ref = None
-        if args.resume:
-            ref = resolve_resume(run_dir / "checkpoints", args.resume, dist.world_size)
+        self.args, self.cfg, self.run_dir, self.dist = args, cfg, folder.path, dist
+        ref = (
+            resolve_resume(self.run_dir / "checkpoints", args.resume, dist.world_size)
+            if args.resume
+            else None
+        )
         ds_cfg = resolve_ds_config(
             load_ds_config(ds_config_path(args.deepspeed_config)),
             cfg,
@@ -328,47 +255,26 @@ class Run:
             dist.device,
             load_universal=bool(ref and ref.universal),
         )
-        data_dir = cfg.data.train_data or cfg.data.val_data
-        self.answers = read_answers(data_dir)
-        if cfg.data.val_data and read_answers(cfg.data.val_data) != self.answers:
-            raise ConfigError(
-                f"{cfg.data.val_data} and {data_dir} have different answer vocabularies (answers.json)"
-            )
-        saved_answers = run_dir / ANSWERS_FILE
-        if ref and saved_answers.is_file() and json.loads(saved_answers.read_text()) != self.answers:
-            raise ConfigError(
-                f"{data_dir}: its answer vocabulary differs from the one {run_dir} was trained with ({ANSWERS_FILE})"
-            )
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / CONFIG_FILE)
-            (run_dir / DS_CONFIG_FILE).write_text(json.dumps(ds_cfg, indent=2) + "\n")
-            # The answer list travels with the run: predict and export must not need the data folder.
-            (run_dir / ANSWERS_FILE).write_text(json.dumps(self.answers) + "\n")
-        D.barrier()
-        self.tokenizer = build_tokenizer(cfg, run_dir, dist)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.task = build_task(
-            cfg,
-            n_answers=len(self.answers),
-            vilt_vocab_size=self.tokenizer.vilt_vocab_size,
-            clip_vocab=self.tokenizer.clip_vocab,
-        )
+        answers = run_folder.data_answers(cfg)
+        if ref:
+            folder.check_answers(answers, cfg.data.train_data or cfg.data.val_data or "")
+        folder.start(cfg, ds_cfg, answers, dist)
+        # The same seed on every rank: identical initial weights.
+        _, self.tokenizer, self.answers, self.task = run_folder.load(folder, config=cfg, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
         self.engine = Engine(self.task, ds_cfg, cfg, dist)
         self.checkpointer = Checkpointer(
-            run_dir, self.engine, dist, every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last
+            self.run_dir, self.engine, dist, every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last
         )
         self.resume_state = self.checkpointer.load(ref) if ref else None
-        self.metrics = build_logger(run_dir, dist.is_main)
-        self.answer_type_of = (
-            read_answer_types(cfg.data.val_data) if cfg.data.val_data and dist.is_main else {}
-        )
+        self.metrics = build_logger(self.run_dir, dist.is_main)
+        val = cfg.data.val_data
+        self.answer_type_of = run_folder.read_answer_types(val) if val and dist.is_main else {}
 
     def loader(self, folder: str, *, train: bool, epoch: int = 0, skip: int = 0):
         from data_pipeline.loader import build_loader
 
-        c = self.cfg
+        c, d = self.cfg, self.dist
         return build_loader(
             folder,
             tokenizer=self.tokenizer,
@@ -376,8 +282,8 @@ class Run:
             image_size=c.model.image_size,
             mean=self.task.image_mean,
             std=self.task.image_std,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+            rank=d.rank,
+            world_size=d.world_size,
             train=train,
             seed=c.train.seed,
             epoch=epoch,
@@ -386,7 +292,7 @@ class Run:
             num_workers=c.data.num_workers,
             shuffle_buffer=c.data.shuffle_buffer,
             on_short_shard=c.data.on_short_shard,
-            device=self.dist.device,
+            device=d.device,
         )
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -413,11 +319,7 @@ class Run:
             score = "n/a (no answers)" if result.vqa_score is None else f"{result.vqa_score:.4f}"
             log.info(
                 "step %d: val VQA score %s on %d questions (%.1f s) -> %s",
-                step,
-                score,
-                result.count,
-                result.seconds,
-                pred_path,
+                *(step, score, result.count, result.seconds, pred_path),
             )
         return metrics
 
@@ -425,7 +327,7 @@ class Run:
         from trainer.loop import TrainLoop
 
         assert self.cfg.data.train_data is not None
-        train_data = self.cfg.data.train_data
+        train_data, val = self.cfg.data.train_data, self.cfg.data.val_data
         loop = TrainLoop(
             self.cfg,
             self.engine,
@@ -433,15 +335,15 @@ class Run:
             make_loader=lambda epoch, skip: self.loader(train_data, train=True, epoch=epoch, skip=skip),
             metrics=self.metrics,
             checkpointer=self.checkpointer,
-            evaluate=self.evaluate if self.cfg.data.val_data else None,
+            evaluate=self.evaluate if val else None,
             stop=stop,
         )
         if self.resume_state is not None:
             loop.load_state_dict(self.resume_state)
-        if self.cfg.train.eval_at_start and self.cfg.data.val_data:
+        if self.cfg.train.eval_at_start and val:
             self.evaluate(loop.step)
         reason = loop.run()
-        if reason == "done" and self.cfg.data.val_data:
+        if reason == "done" and val:
             self.evaluate(loop.step)
         return reason
 
@@ -450,11 +352,12 @@ class Run:
 
     def log_hparams(self) -> None:
         hp = self.cfg.to_dict()
+        e = self.engine
         hp["run"] = {
             "world_size": self.dist.world_size,
-            "zero_stage": self.engine.zero_stage,
-            "precision": self.engine.precision,
-            "grad_accum": self.engine.grad_accum,
+            "zero_stage": e.zero_stage,
+            "precision": e.precision,
+            "grad_accum": e.grad_accum,
         }
         self.metrics.log_hparams(hp)
 
@@ -476,27 +379,31 @@ def lock_run_dir(run_dir: Path, dist: D.DistInfo) -> Any:
     return lock
 
 
+def train_or_evaluate(run: Run, stop: Any) -> int:
+    """Train (or, with --eval-only, evaluate), then close the metrics; the exit status."""
+    run.log_hparams()
+    if run.args.eval_only:
+        if not run.args.resume:
+            log.warning("--eval-only without --resume: evaluating freshly initialised weights")
+        run.evaluate(run.current_step())
+        reason = "done"
+    else:
+        reason = run.train(stop)
+    run.metrics.close()
+    if reason == "interrupted":
+        assert stop.signum is not None
+        log.warning("stopped by signal %d after saving a checkpoint", stop.signum)
+        return 128 + stop.signum
+    return 0
+
+
 # -- main --------------------------------------------------------------------------------------------------------
-# Errors that mean "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback).
-# Looked up among the modules already imported, so that failing fast never waits for the model libraries to load.
-BAD_INPUT_ERRORS = (
-    ("data_pipeline.sharding", "DataError"),
-    ("data_pipeline.text", "TokenizerError"),
-    ("trainer.model", "ModelBuildError"),
-)
-
-
-def is_bad_input(exc: BaseException) -> bool:
-    if isinstance(exc, ConfigError):
-        return True
-    for module, name in BAD_INPUT_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return True
-    return False
+# An error that means "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback)
+# subclasses data_pipeline.errors.BadInputError; `is_bad_input` decides by type.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, check (before any process group exists), build the run, train or evaluate, close."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -506,42 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpointing import CheckpointSpaceError
     from trainer.loop import NonFiniteLossError, StopRequest
 
-    run_dir = Path(args.run_dir)
+    folder = RunFolder(args.run_dir)
     stop = StopRequest()
     lock = None
     try:
-        # Everything that can be checked without a process group fails here, in seconds.
-        cfg = resolve_config(args, run_dir)
-        world = D.env_world_size()
-        check_data(cfg.data.train_data, "train_data", world, required=not args.eval_only)
-        check_data(cfg.data.val_data, "val_data", world, required=args.eval_only)
-        cfg.train.grad_accum(world)
-        from trainer.engine import load_ds_config
-
-        load_ds_config(ds_config_path(args.deepspeed_config))
-        check_run_dir(run_dir, args.resume, args.eval_only)
-        check_tokenizer_source(cfg, run_dir)
-
+        cfg = check(args, folder)
         # Installed before any loader worker is forked, so that workers inherit it instead of dying on SIGTERM.
         stop.install()
         dist = D.init_distributed(local_rank_arg=args.local_rank)
         if not args.eval_only:  # evaluation may run beside the training job (it writes only eval/ files)
-            lock = lock_run_dir(run_dir, dist)
-        run = Run(args, cfg, run_dir, dist)
-        run.log_hparams()
-        if args.eval_only:
-            if not args.resume:
-                log.warning("--eval-only without --resume: evaluating freshly initialised weights")
-            run.evaluate(run.current_step())
-            reason = "done"
-        else:
-            reason = run.train(stop)
-        run.metrics.close()
-        if reason == "interrupted":
-            assert stop.signum is not None
-            log.warning("stopped by signal %d after saving a checkpoint", stop.signum)
-            return 128 + stop.signum
-        return 0
+            lock = lock_run_dir(folder.path, dist)
+        return train_or_evaluate(Run(args, cfg, folder, dist), stop)
     except (NonFiniteLossError, CheckpointSpaceError) as exc:  # before `Exception`, which they also are
         print(f"error: {exc}", file=sys.stderr)
         return 1

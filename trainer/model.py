@@ -1,6 +1,6 @@
 """The fused ViLT + CLIP model and the ViLT baseline, built from the run configuration.
 
-Paper models (see README): `baseline` is ViLT with its own patch projection; the `clip-*` variants replace that visual
+Paper models (see docs/model.md): `baseline` is ViLT with its own patch projection; the `clip-*` variants replace that visual
 embedding by CLIP's image encoder, whose patch tokens (with the class token) are projected to ViLT's hidden size and
 fused with the question by ViLT's transformer. CLIP also encodes the question, so that its image feature I and text
 feature T can be aligned by InfoNCE before fusion.
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from transformers import ViltConfig, ViltModel
 from transformers.models.vilt.modeling_vilt import ViltSelfAttention
 
-from trainer.clip_configs import register_project_configs
+from data_pipeline.clip_configs import register_project_configs
+from data_pipeline.errors import BadInputError
 from trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 VILT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-class ModelBuildError(ValueError):
+class ModelBuildError(BadInputError, ValueError):
     """A model that cannot be built as configured; the message names the option or path to fix."""
 
 
@@ -87,7 +88,7 @@ def load_vilt(cfg: ModelConfig, vocab_size: int) -> ViltModel:
         raise ModelBuildError(
             f"model.vilt_pretrained: cannot load ViLT from '{cfg.vilt_pretrained}' "
             f"({str(exc).splitlines()[0][:160]}). Pass a directory written by save_pretrained, or download the "
-            f"checkpoint beforehand (e.g. `huggingface-cli download dandelin/vilt-b32-mlm`)."
+            f"checkpoint beforehand (e.g. `hf download dandelin/vilt-b32-mlm`; README.md, 'Pretrained weights')."
         ) from None
     if model.config.vocab_size != vocab_size:
         raise ModelBuildError(
@@ -300,28 +301,11 @@ class FusedViltClip(nn.Module):
         return out
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _fmt_millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
-
-
-def describe(model: FusedViltClip) -> str:
-    parts = [f"variant={model.cfg.variant}", f"params={_fmt_millions(count_parameters(model))}"]
-    if model.clip is not None:
-        parts.append(f"clip={model.cfg.clip_arch}")
-    parts.append(f"vilt={model.vilt.config.num_hidden_layers}x{model.vilt.config.hidden_size}")
-    return " ".join(parts)
-
-
 __all__ = [
     "CompactTokenEmbedding",
     "FusedViltClip",
     "ModelBuildError",
     "SdpaViltSelfAttention",
-    "describe",
     "load_clip",
     "load_vilt",
 ]

@@ -31,25 +31,15 @@ log = logging.getLogger(__name__)
 
 def load_from_run(
     run_dir: Path, tag: str | None, device: torch.device
-) -> tuple[torch.nn.Module, Any, list[str]]:
-    """Model, tokenizer and answers straight from a run's checkpoint (its fp32 weights read in memory, as
+) -> tuple[torch.nn.Module, Any, list[str], Any]:
+    """Model, tokenizer, answers and config straight from a run's checkpoint (its fp32 weights read in memory, as
     `trainer.export` reads them: any ZeRO stage, stage 0 included)."""
-    from data_pipeline.text import QuestionTokenizer
-    from trainer.config import config_from_dict
-    from trainer.export import build_inference_task, fp32_state_dict, pick_checkpoint
+    from trainer import run_folder
+    from trainer.export import fp32_state_dict, pick_checkpoint
 
     tag, _ = pick_checkpoint(run_dir, tag)
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    answers = json.loads((run_dir / "answers.json").read_text())
-    tokenizer = QuestionTokenizer.load(run_dir / "tokenizer")
-    task = build_inference_task(
-        cfg,
-        fp32_state_dict(run_dir, tag),
-        n_answers=len(answers),
-        vilt_vocab_size=tokenizer.vilt_vocab_size,
-        clip_vocab=tokenizer.clip_vocab,
-    )
-    return task.to(device), tokenizer, answers
+    cfg, tokenizer, answers, task = run_folder.load(run_dir, state_dict=fp32_state_dict(run_dir, tag))
+    return task.to(device), tokenizer, answers, cfg
 
 
 def load_image(path: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -177,16 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.export import load_exported
 
             task, tokenizer, answers, cfg = load_exported(args.weights, device)
-            image_size = cfg.model.image_size
         else:
-            from trainer.config import config_from_dict
-
-            task, tokenizer, answers = load_from_run(args.run_dir, args.tag, device)
-            image_size = config_from_dict(
-                json.loads((args.run_dir / "config.json").read_text())
-            ).model.image_size
+            task, tokenizer, answers, cfg = load_from_run(args.run_dir, args.tag, device)
         results = predict(
-            task, tokenizer, answers, pairs, image_size=image_size, top_k=args.top_k, device=device
+            task, tokenizer, answers, pairs, image_size=cfg.model.image_size, top_k=args.top_k, device=device
         )
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

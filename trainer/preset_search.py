@@ -17,6 +17,7 @@ seed here and the same seed in the stack are different draws: judge settings ove
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -44,7 +45,7 @@ def derive_clip_arch(base_arch: str, vision: list[str]) -> str:
     """Register an open_clip config equal to `base_arch` but for the given vision_cfg fields; returns its name."""
     import open_clip
 
-    from trainer.clip_configs import register_project_configs
+    from data_pipeline.clip_configs import register_project_configs
 
     register_project_configs()
     cfg = open_clip.get_model_config(base_arch)
@@ -123,11 +124,11 @@ def score(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from data_pipeline.easyvqa import answer_list
-    from data_pipeline.text import QuestionTokenizer
+    from trainer import run_folder
     from trainer.config import apply_overrides
     from trainer.engine import WarmupLinearDecay
     from trainer.presets import get_preset
-    from trainer.task import build_task
+    from trainer.run_folder import RunFolder
 
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads:
@@ -142,27 +143,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cfg, [f"model.clip_arch={derive_clip_arch(cfg.model.clip_arch, args.clip_vision)}"]
         )
     m = cfg.model
-    answers = answer_list()
-    with tempfile.TemporaryDirectory() as tok_dir:
+    with tempfile.TemporaryDirectory() as tmp:
         import easy_vqa
 
-        tokenizer = QuestionTokenizer.build(
-            easy_vqa.get_train_questions()[0],
-            tok_dir,
-            clip_arch=m.clip_arch,
-            max_text_len=m.max_text_len,
-            clip_context_length=m.clip_context_length,
-            vocab_size=m.wordpiece_vocab_size,
-            fit_clip_vocab=True,
-        )
-        train = EasyVQATensors("train", tokenizer, answers, m.image_size, device)
-        test = EasyVQATensors("test", tokenizer, answers, m.image_size, device)
-        task = build_task(
-            cfg,
-            n_answers=len(answers),
-            vilt_vocab_size=tokenizer.vilt_vocab_size,
-            clip_vocab=tokenizer.clip_vocab,
-        ).to(device)
+        # A run folder of its own (config, answers, a vocabulary built from the training questions with the CLIP
+        # ids they use), from which the task is built as every command builds it.
+        folder = RunFolder(tmp)
+        folder.save(cfg, answers=answer_list())
+        built = dataclasses.replace(m, vilt_pretrained=None)
+        questions = easy_vqa.get_train_questions()[0]
+        run_folder.build_tokenizer(built, folder.tokenizer_dir, lambda: questions, fit_clip_vocab=True)
+        cfg, tokenizer, answers, task = run_folder.load(folder, config=cfg)
+    task = task.to(device)
+    train = EasyVQATensors("train", tokenizer, answers, m.image_size, device)
+    test = EasyVQATensors("test", tokenizer, answers, m.image_size, device)
     mean = torch.tensor(task.image_mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(task.image_std, device=device).view(1, 3, 1, 1)
     o = cfg.optim

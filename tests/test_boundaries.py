@@ -1,0 +1,123 @@
+"""The package boundaries, checked from the source so that a new import that breaks one fails here.
+
+- `data_pipeline` is the lower layer: none of its modules imports `trainer` (not even inside a function).
+- `trainer/main.py` is an entry point, not a library: no other module of the project imports it.
+- Every "the input is wrong" exception subclasses `data_pipeline.errors.BadInputError`, which decides exit status 2.
+- Files are renamed into place only by `data_pipeline.atomic`.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("data_pipeline", "trainer")
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    """Every module name an `import` or `from ... import` statement anywhere in `tree` names, with each name
+    imported from a package as `package.name` (so that `from trainer import main` counts as `trainer.main`)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _parse(path: Path) -> ast.AST:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def test_the_packages_have_modules() -> None:
+    for package in PACKAGES:
+        assert len(_modules(package)) > 3, package  # a moved folder must not make the checks below vacuous
+
+
+def test_data_pipeline_never_imports_trainer() -> None:
+    offending = {
+        _rel(path): sorted(n for n in _imported(_parse(path)) if n == "trainer" or n.startswith("trainer."))
+        for path in _modules("data_pipeline")
+    }
+    assert {k: v for k, v in offending.items() if v} == {}
+
+
+def test_only_main_is_the_entry_point_that_imports_trainer_main() -> None:
+    importers = [
+        _rel(path)
+        for package in PACKAGES
+        for path in _modules(package)
+        if path != REPO / "trainer" / "main.py" and "trainer.main" in _imported(_parse(path))
+    ]
+    assert importers == []
+
+
+def test_only_the_atomic_module_renames_files_into_place() -> None:
+    def renames(path: Path) -> bool:
+        return any(
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "replace"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "os"
+            for node in ast.walk(_parse(path))
+        )
+
+    users = [_rel(p) for package in PACKAGES for p in _modules(package) if renames(p)]
+    assert users == ["data_pipeline/atomic.py"]
+
+
+def _bad_input_classes() -> list[type]:
+    from data_pipeline.build import ConversionError
+    from data_pipeline.sharding import DataError
+    from data_pipeline.text import TokenizerError
+    from trainer.config import ConfigError
+    from trainer.model import ModelBuildError
+    from trainer.runlock import RunLockedError
+
+    return [ConfigError, RunLockedError, DataError, TokenizerError, ModelBuildError, ConversionError]
+
+
+@pytest.mark.parametrize("cls", _bad_input_classes(), ids=lambda c: c.__name__)
+def test_bad_input_errors_share_the_base_class(cls: type) -> None:
+    from data_pipeline.errors import BadInputError, is_bad_input
+
+    assert issubclass(cls, BadInputError)
+    assert is_bad_input(cls("the message"))
+
+
+def test_failures_are_not_bad_input() -> None:
+    from data_pipeline.errors import is_bad_input
+    from trainer.checkpointing import CheckpointSpaceError
+    from trainer.compare import CompareError
+    from trainer.loop import NonFiniteLossError
+
+    failures = (CheckpointSpaceError, CompareError, NonFiniteLossError, RuntimeError, ValueError, OSError)
+    for cls in failures:
+        assert not is_bad_input(cls("x")), cls
+
+
+def test_clip_configs_ship_as_package_data() -> None:
+    """open_clip finds the project's architecture configs beside their module; an installed (non-editable) copy has
+    them only if pyproject.toml declares them as package data."""
+    from data_pipeline.clip_configs import CONFIG_DIR
+
+    json_files = sorted(p.name for p in CONFIG_DIR.glob("*.json"))
+    assert json_files, CONFIG_DIR
+    package = ".".join(CONFIG_DIR.relative_to(REPO).parts)
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "*.json" in declared.get(package, []), f"pyproject.toml: package-data for {package}"
