@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.bench import count_step_flops, main
+from trainer.tools.bench.cli import main
+from trainer.tools.bench.measure import count_step_flops
 
 
 def test_bench_tiny_preset_all_modes(tiny_easyvqa_shards: Path, tmp_path: Path, capsys) -> None:

@@ -2,6 +2,10 @@
 
 - `data_pipeline` is the lower layer: none of its modules imports `trainer` (not even inside a function).
 - `trainer/main.py` is an entry point, not a library: no other module of the project imports it.
+- The tools (`trainer/tools/`) import the core, never the other way; the tools' command names (`trainer/bench.py`,
+  `trainer/compare.py`, `trainer/preset_search.py`) only hand over to a tool's `main`.
+- One AdamW: `torch.optim.AdamW` is constructed only in `trainer/optim.py`, which the DeepSpeed path and the plain
+  step both take their settings from.
 - Every "the input is wrong" exception subclasses `data_pipeline.errors.BadInputError`, which decides exit status 2.
 - Files are renamed into place only by `data_pipeline.atomic`.
 """
@@ -66,6 +70,57 @@ def test_only_main_is_the_entry_point_that_imports_trainer_main() -> None:
     assert importers == []
 
 
+# The tools' command names (`python -m trainer.bench` etc.): entry modules in the core's folder that import a tool.
+TOOL_ENTRY_MODULES = ("trainer/bench.py", "trainer/compare.py", "trainer/preset_search.py")
+
+
+def _is_tool(path: Path) -> bool:
+    return (REPO / "trainer" / "tools") in path.parents
+
+
+def test_the_core_never_imports_the_tools() -> None:
+    core = [p for p in _modules("trainer") if not _is_tool(p) and _rel(p) not in TOOL_ENTRY_MODULES]
+    tools = [p for p in _modules("trainer") if _is_tool(p)]
+    assert len(core) > 10 and len(tools) > 5  # a moved folder must not make the check vacuous
+    offending = {
+        _rel(path): sorted(n for n in _imported(_parse(path)) if n.startswith("trainer.tools"))
+        for path in core + _modules("data_pipeline")
+    }
+    assert {k: v for k, v in offending.items() if v} == {}
+
+
+def test_tool_entry_modules_only_hand_over_to_a_tool_main() -> None:
+    for rel in TOOL_ENTRY_MODULES:
+        tree = _parse(REPO / rel)
+        tool_imports = [
+            (node.module, alias.name)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trainer.tools")
+            for alias in node.names
+        ]
+        assert [name for _, name in tool_imports] == ["main"], rel
+        defined = [
+            n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)
+        ]
+        assert defined == [], rel  # no code of its own: the tool lives in trainer/tools/
+
+
+def _constructs_adamw(path: Path) -> bool:
+    """A call of `torch.optim.AdamW(...)`, `optim.AdamW(...)` or a bare `AdamW(...)` anywhere in the file."""
+    for node in ast.walk(_parse(path)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name == "AdamW":
+                return True
+    return False
+
+
+def test_adamw_is_constructed_in_one_place() -> None:
+    builders = [_rel(p) for package in PACKAGES for p in _modules(package) if _constructs_adamw(p)]
+    assert builders == ["trainer/optim.py"]
+
+
 def test_only_the_atomic_module_renames_files_into_place() -> None:
     def renames(path: Path) -> bool:
         return any(
@@ -103,8 +158,8 @@ def test_bad_input_errors_share_the_base_class(cls: type) -> None:
 def test_failures_are_not_bad_input() -> None:
     from data_pipeline.errors import is_bad_input
     from trainer.checkpointing import CheckpointSpaceError
-    from trainer.compare import CompareError
     from trainer.loop import NonFiniteLossError
+    from trainer.tools.compare.results import CompareError
 
     failures = (CheckpointSpaceError, CompareError, NonFiniteLossError, RuntimeError, ValueError, OSError)
     for cls in failures:

@@ -7,17 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from trainer.compare import (
-    DEFAULT_VARIANTS,
-    claim_lines,
-    loss_noise,
-    main,
-    smooth,
-    steps_to_stay_under,
-    validate_results,
-    verdict,
-    write_report,
-)
+from trainer.tools.compare.cli import DEFAULT_VARIANTS, main
+from trainer.tools.compare.report import claim_lines, write_report
+from trainer.tools.compare.results import loss_noise, smooth, steps_to_stay_under, validate_results, verdict
 
 
 def test_steps_to_stay_under_needs_the_curve_to_stay_below():

@@ -35,8 +35,10 @@ def test_help_explains_every_option_and_config_field(capsys: pytest.CaptureFixtu
         "--set",
         "--eval-only",
         "--local_rank",
+        "--deepspeed ",
     ):
         assert option in text, option
+    assert "latest|auto|TAG" in text and "accepted and ignored" in text
     cfg = RunConfig()
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
@@ -112,3 +114,76 @@ def test_saved_config_round_trips_through_the_run_dir(tmp_path: Path) -> None:
     cfg = get_preset("vqa2-base")
     cfg.save(tmp_path / "config.json")
     assert config_from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def test_deepspeed_flag_of_deepspeeds_examples_is_accepted_and_ignored(capsys: pytest.CaptureFixture) -> None:
+    # `--deepspeed --deepspeed_config F`, as DeepSpeed's tutorials pass them: not "ambiguous option" any more.
+    rc, text = run(["--deepspeed", "--preset", "nope"], capsys)
+    assert rc == 2 and "unknown preset 'nope'" in text and "ambiguous" not in text
+    from trainer.main import build_parser
+
+    args = build_parser().parse_args(["--deepspeed", "--deepspeed_config", "ds.json"])
+    assert args.deepspeed and args.deepspeed_config == "ds.json"
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_in_a_log_file_updates_rarely() -> None:
+    from trainer.loop import NON_TTY_BAR_INTERVAL_S, bar_refreshes, progress_bar
+
+    log = _Stream(tty=False)
+    bar = progress_bar(True, file=log, total=10_000, unit="step")
+    assert bar.mininterval == bar.maxinterval == NON_TTY_BAR_INTERVAL_S >= 30 and not bar_refreshes(bar)
+    for _ in range(10_000):
+        bar.update(1)
+        bar.set_postfix({"loss": "1.0"}, refresh=bar_refreshes(bar))
+    bar.close()
+    assert log.text.count("\r") <= 3, log.text  # the first draw, the last one, and the close
+
+    terminal = _Stream(tty=True)
+    bar = progress_bar(True, file=terminal, total=10)
+    assert bar.mininterval < 1 and bar_refreshes(bar)
+    bar.close()
+    assert progress_bar(False, file=terminal, total=10).disable
+
+
+def test_evaluation_shows_a_progress_bar_where_asked(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from trainer.evaluation import evaluate
+
+    class Engine:
+        def train(self, mode: bool = True) -> None:
+            pass
+
+        def forward(self, batch: dict) -> dict:
+            return {"logits": torch.zeros(len(batch["question_id"]), 2)}
+
+    batches = [
+        {
+            "question_id": torch.tensor([i]),
+            "targets": torch.tensor([[1.0, 0.0]]),
+            "valid": torch.tensor([True]),
+        }
+        for i in range(3)
+    ]
+    capsys.readouterr()
+    for progress in (False, True):
+        result = evaluate(
+            Engine(), batches, answers=["a", "b"], device=torch.device("cpu"), progress=progress, total=3
+        )
+        assert result.count == 3 and result.vqa_score == 1.0
+        err = capsys.readouterr().err
+        assert ("eval:" in err and "/3 [" in err) == progress, err

@@ -4,10 +4,11 @@ Launches are few and short (each costs ~20-40 s of start-up on 2 cores), and eac
 - ZeRO-2 (`deepspeed --num_gpus 2`): trains, logs every TensorBoard tag, checkpoints at steps 2 and 4, evaluates;
   resuming a copy from step 2 reproduces the uninterrupted losses; its step-4 checkpoint, converted to a universal
   one, resumes on 1 rank, whose evaluation of the loaded weights gives the 2-rank VQA score.
-- ZeRO-3: SIGTERM mid-run leaves a complete checkpoint, which exports to fp32 weights that load and answer questions.
+- ZeRO-3: SIGTERM mid-run leaves a complete checkpoint, which exports to an fp32 export folder (safetensors) that
+  loads and answers questions as the run folder does.
 - ZeRO-1 (`torchrun --nproc_per_node 2`): a few steps train.
-- One fp32 rank, in this process: runs at ZeRO stage 0 (no shards); its checkpoint exports and predicts, and
-  `to-universal` and a resume on 2 ranks refuse it, saying why.
+- One fp32 rank, in this process: runs at ZeRO stage 0 (no shards); its checkpoint exports (the single-file .pt form)
+  and predicts, and `to-universal` and a resume on 2 ranks refuse it, saying why.
 """
 
 from __future__ import annotations
@@ -237,9 +238,9 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
 
     from trainer import export, predict
 
-    out = tmp_path / "model.pt"
+    out = tmp_path / "model"  # an export folder; zero_to_fp32's weights are views into one buffer each
     assert export.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
-    task, tokenizer, answers, cfg = export.load_exported(out)  # strict load of every fp32 weight
+    task, tokenizer, answers, cfg = export.from_pretrained(out)  # strict load of every fp32 weight
     assert cfg.model.variant == "clip-infonce-dot" and len(answers) == 13
     assert (
         tokenizer.clip_vocab
@@ -256,7 +257,11 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
     )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["question"] for r in rows] == q and all(r["answer"] in answers for r in rows)
-    assert predict.main(["--run-dir", str(run_dir), "--image", image, "--question", q[0]]) == 0
+    assert (
+        predict.main(["--run-dir", str(run_dir), "--image", image, "--question", q[0], "--question", q[1]])
+        == 0
+    )
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
 
 def test_zero1_trains_under_torchrun(tiny_easyvqa_shards: Path, tmp_path: Path) -> None:
@@ -331,3 +336,34 @@ def test_one_rank_stage0_checkpoint_needs_and_gets_no_universal_conversion(stage
     assert not (stage0_run / "checkpoints" / "global_step2_universal").exists()
     with pytest.raises(ConfigError, match=r"ZeRO stage 0 .*resume it on 1 rank with --resume global_step2"):
         checkpointing.resolve_resume(stage0_run / "checkpoints", "latest", 2)
+
+
+def test_resume_auto_starts_fresh_then_continues(
+    tiny_easyvqa_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One command for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod)."""
+    import logging
+
+    from trainer.main import main
+
+    run_dir = tmp_path / "run"
+    base = [*TINY, "--train-data", str(tiny_easyvqa_shards / "train"), "--run-dir", str(run_dir)]
+    base += ["--deepspeed_config", "deepspeed_configs/zero2_fp32.json", "--resume", "auto"]
+    # A save cut off before the first checkpoint was complete: nothing to resume, the fresh run replaces it.
+    (run_dir / "checkpoints" / "global_step2").mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="trainer")
+    assert main([*base, "--max-steps", "2"]) == 0
+    assert "--resume auto: no complete checkpoint" in caplog.text and "starting a fresh run" in caplog.text
+    assert sorted(scalars(run_dir)["train/loss"]) == [1, 2]  # trained from step 0
+    assert [(r.tag, r.step) for r in list_complete(run_dir / "checkpoints")] == [("global_step2", 2)]
+
+    caplog.clear()
+    assert main([*base, "--max-steps", "4"]) == 0
+    assert "--resume auto: resuming" in caplog.text and "(step 2)" in caplog.text
+    assert "resumed from" in caplog.text
+    losses = scalars(run_dir)["train/loss"]
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert "step 3/4" in caplog.text and "step 1/4" not in caplog.text  # continued from step 2, not from 0
+    state = json.loads((run_dir / "checkpoints" / "global_step4" / "trainer_state.json").read_text())
+    assert (state["step"], state["samples"]) == (4, 32)
+    assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 4

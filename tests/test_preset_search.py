@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import preset_search
+from trainer.tools import preset_search
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -206,7 +206,7 @@ def test_one_fp32_rank_steps_torch_fused_adamw_without_zero_and_trains_and_resum
         assert (
             ds.optimizer is ds.basic_optimizer and type(ds.optimizer) is torch.optim.AdamW
         )  # no ZeRO wrapper
-        assert all(g["fused"] for g in ds.optimizer.param_groups)  # as PlainEngine in trainer/bench.py
+        assert all(g["fused"] for g in ds.optimizer.param_groups)  # as trainer/plain.py's PlainEngine
         assert {id(p) for g in ds.optimizer.param_groups for p in g["params"]} == {
             id(p) for p in plain.task.parameters() if p.requires_grad
         }  # it steps the module's own weights, not a flat copy
@@ -242,7 +242,7 @@ def test_one_bf16_rank_runs_at_stage_0_in_autocast_and_trains_like_plain_pytorch
     fp32 weights, DeepSpeed's torch_autocast in bf16 around the forward, and torch's fused AdamW stepping the module's
     own parameters: the plain cell of trainer/bench.py (fp32 weights, torch.autocast bf16, fused AdamW), step for
     step."""
-    from trainer.bench import PlainEngine
+    from trainer.plain import PlainEngine
 
     dist = D.init_distributed()
     try:

@@ -34,6 +34,7 @@ import torch
 
 from trainer.config import ConfigError, RunConfig
 from trainer.dist import DistInfo
+from trainer.optim import adamw_settings
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,8 @@ def resolve_ds_config(
     if "gradient_clipping" not in ds:
         # DeepSpeed >= 0.19.3 clips at 1.0 by default; ViLT does not clip. Never inherit an unstated default.
         raise ConfigError("DeepSpeed config must set gradient_clipping explicitly (0.0 = off, as ViLT)")
-    opt = cfg.optim
-    params: dict[str, Any] = {
-        "lr": opt.lr,
-        "betas": list(opt.betas),
-        "eps": opt.eps,
-        "weight_decay": opt.weight_decay,
-    }
+    # AdamW's settings from trainer/optim.py, as the plain step builds it; betas as a list, as JSON holds them.
+    params: dict[str, Any] = {**adamw_settings(cfg.optim), "betas": list(cfg.optim.betas)}
     offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     if offload in (None, "none"):
         # torch's AdamW: DeepSpeed's own FusedAdam would first JIT-compile a C++/CUDA op (a minute, and a CUDA

@@ -80,31 +80,28 @@ def evaluate(
     device: torch.device,
     answer_type_of: Mapping[int, str] | None = None,
     has_answers: bool = True,
+    progress: bool = False,
+    total: int | None = None,
 ) -> EvalResult:
     """Run the whole evaluation loader through the engine on every rank and reduce the sufficient statistics.
 
     `answer_type_of` maps question ids to their answer type (from the shards' sample json, where the data has one).
+    `progress`: a progress bar of this rank's `total` batches (rank 0 passes True; every rank runs as many).
     """
+    from trainer.loop import progress_bar
+
     t0 = time.perf_counter()
     engine.train(False)
     # [score sum, loss sum, count]: float64 so that the sums do not depend on how samples fall on ranks.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     rows: list[torch.Tensor] = []
-    for batch in batches:
-        out = engine.forward(batch)
-        logits = out["logits"].float()
-        targets = batch["targets"].to(device).float()
-        valid = batch.get("valid")
-        valid = torch.ones(logits.shape[0], device=device) if valid is None else valid.to(device).float()
-        pred = logits.argmax(dim=1)
-        score = targets.gather(1, pred[:, None]).squeeze(1).double() * valid
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).double() * valid
-        sums[0] += score.sum()
-        sums[1] += loss.sum()
-        sums[2] += valid.sum()
-        qid = torch.as_tensor(batch["question_id"]).reshape(-1).double()
-        keep = valid.bool().cpu()
-        rows.append(torch.stack([qid, pred.cpu().double(), score.cpu()], dim=1)[keep])
+    bar = progress_bar(progress, total=total, desc="eval", unit="batch", leave=False)
+    try:
+        for batch in batches:
+            _eval_batch(engine, batch, device, sums, rows)
+            bar.update(1)
+    finally:
+        bar.close()
     sums = D.all_reduce_sum(sums).cpu()
     engine.train(True)
 
@@ -133,6 +130,26 @@ def evaluate(
                 result.count_by_type[kind] = int(n)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _eval_batch(
+    engine: Any, batch: Mapping[str, Any], device: torch.device, sums: torch.Tensor, rows: list[torch.Tensor]
+) -> None:
+    """Forward one batch; add its real samples' score, loss and count to `sums`, its (qid, answer, score) to `rows`."""
+    out = engine.forward(batch)
+    logits = out["logits"].float()
+    targets = batch["targets"].to(device).float()
+    valid = batch.get("valid")
+    valid = torch.ones(logits.shape[0], device=device) if valid is None else valid.to(device).float()
+    pred = logits.argmax(dim=1)
+    score = targets.gather(1, pred[:, None]).squeeze(1).double() * valid
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).double() * valid
+    sums[0] += score.sum()
+    sums[1] += loss.sum()
+    sums[2] += valid.sum()
+    qid = torch.as_tensor(batch["question_id"]).reshape(-1).double()
+    keep = valid.bool().cpu()
+    rows.append(torch.stack([qid, pred.cpu().double(), score.cpu()], dim=1)[keep])
 
 
 def write_results(result: EvalResult, out_dir: Path, step: int, split_name: str = "val") -> tuple[Path, Path]:

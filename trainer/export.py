@@ -1,21 +1,36 @@
-"""Export a training checkpoint as one self-contained fp32 file for inference.
+"""Export a training checkpoint for inference: a folder of safetensors weights and JSON, loaded without pickle.
 
-    python -m trainer.export --run-dir RUN [--tag global_step1000] --out model.pt
+    python -m trainer.export --run-dir RUN [--tag global_step1000] --out model/
+    python -m trainer.predict --weights model/ --image a.jpg --question "what shape is this?"
 
-The file is a `torch.save`d dict: `state_dict` (fp32 weights of the VQATask, gathered from every rank's ZeRO
-shards, or read from `mp_rank_00_model_states.pt` for a checkpoint written without ZeRO, as a single-rank run's
-is), `config` (the run's resolved configuration), `answers` (index -> answer string), `tokenizer_files` (the
-run's question tokenizer, so the file needs nothing else), `step` and `tag`. `load_exported(file)` rebuilds the
-model, the tokenizer and the answer list from it; `python -m trainer.predict --weights FILE` uses it.
-The file holds only tensors, dicts, lists, strings and numbers, so it is read with `torch.load(weights_only=True)`:
-a file naming any other object is refused before anything of it is unpickled, and its layout is checked before any
-of it is used.
+The folder (`EXPORT_FILES`; each file written atomically, `config.json` last, so that an export cut short has none):
+
+    model/
+      model.safetensors   fp32 weights of the VQATask: its state dict, gathered from every rank's ZeRO shards, or read
+                          from `mp_rank_00_model_states.pt` for a checkpoint written without ZeRO (a single-rank run's)
+      config.json         {"format": "vqa-align/export", "format_version": 1, "step", "tag", "config": the run's
+                          resolved configuration}
+      answers.json        the answer list (index -> answer string)
+      tokenizer/          the run's question tokenizer, its own files (data_pipeline/text.py)
+
+`from_pretrained(folder)` returns (task in eval mode, question tokenizer, answers, config): the weights read with
+`safetensors`, everything else from JSON and the tokenizer's own files, the task built by `trainer.run_folder.load`
+(the folder is laid out as a run folder is) and its weights loaded strictly. Nothing is unpickled, so a folder from
+anyone can be loaded. A missing file, an unreadable one or weights that do not fit the configuration are a one-line
+`ConfigError` naming the file.
+
+`--out FILE.pt` writes the older single-file form instead: one `torch.save`d dict of `format`, `state_dict`,
+`config`, `answers`, `tokenizer_files`, `step` and `tag`, read back by `load_exported(file)` with
+`torch.load(weights_only=True)`, which refuses a file naming any object other than tensors and plain containers before
+anything of it is unpickled; its layout is checked before any of it is used.
 No process group is needed: DeepSpeed's zero_to_fp32 reads a ZeRO checkpoint's shards on one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import pickle
@@ -26,6 +41,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline import atomic
+from data_pipeline.errors import BadInputError
 from trainer import run_folder
 from trainer.checkpointing import (
     check_deepspeed_files,
@@ -39,7 +56,14 @@ from trainer.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vqa-align/fp32-weights/1"
+FORMAT = "vqa-align/fp32-weights/1"  # the single-file (.pt) form
+FOLDER_FORMAT = "vqa-align/export"  # the folder form: config.json's "format" ...
+FOLDER_FORMAT_VERSION = 1  # ... and "format_version"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = run_folder.CONFIG_FILE
+ANSWERS_FILE = run_folder.ANSWERS_FILE
+TOKENIZER_DIR = run_folder.TOKENIZER_DIR
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, ANSWERS_FILE, TOKENIZER_DIR)
 
 
 def pick_checkpoint(run_dir: Path, tag: str | None) -> tuple[str, int]:
@@ -64,7 +88,10 @@ def fp32_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+        # zero_to_fp32 reports its progress with print(): to stderr, so that stdout stays the commands' own output
+        # (predict's JSON lines, export's folder name).
+        with contextlib.redirect_stdout(sys.stderr):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
@@ -102,8 +129,88 @@ def stage0_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
-    from data_pipeline import atomic
+    """Export checkpoint `tag` (default: the newest complete) of the run: a folder (`export_folder`), or the
+    single-file form when `out` ends in `.pt` (`export_file`)."""
+    out = Path(out)
+    if out.suffix == ".pt":
+        return export_file(run_dir, out, tag)
+    return export_folder(run_dir, out, tag)
 
+
+def export_folder(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+    """Write the export folder `out` (module docstring). An earlier export there is replaced; a folder holding
+    anything else is refused, so that nothing of another folder is overwritten or left to be loaded with it."""
+    run_dir, out = Path(run_dir), Path(out)
+    check_out_folder(out)
+    tag, step = pick_checkpoint(run_dir, tag)
+    folder = RunFolder(run_dir)
+    cfg, answers = folder.read_config(), folder.read_answers()
+    if not folder.has_tokenizer():
+        raise ConfigError(f"{folder.tokenizer_dir}: no question tokenizer in the run folder")
+    state_dict = fp32_state_dict(run_dir, tag)
+    tok_dir = out / TOKENIZER_DIR
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).unlink(missing_ok=True)  # an earlier export here is incomplete from now until the end
+    write_safetensors(out / WEIGHTS_FILE, state_dict, metadata={"format": "pt"})
+    run_folder.write_json(out / ANSWERS_FILE, answers)
+    names = set()
+    for src in sorted(folder.tokenizer_dir.iterdir()):
+        if src.is_file() and not src.name.startswith("."):  # not a temporary file of an interrupted write
+            atomic.write_bytes(tok_dir / src.name, src.read_bytes())
+            names.add(src.name)
+    for stale in tok_dir.iterdir():  # an earlier export's tokenizer file this tokenizer does not have
+        if stale.name not in names and stale.is_file():
+            stale.unlink()
+    meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "step": step, "tag": tag}
+    run_folder.write_json(out / CONFIG_FILE, {**meta, "config": cfg.to_dict()}, indent=2)
+    n = sum(v.numel() for v in state_dict.values())
+    log.info("exported %s (step %d, %.1f M parameters) -> %s", tag, step, n / 1e6, out)
+    return out
+
+
+def check_out_folder(out: Path) -> None:
+    """`--out` may be new, empty or an earlier export (its own files and temporary files only)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--out {out}: exists and is not a folder (a file name ending in .pt writes one file)"
+        )
+    if not out.is_dir():
+        return
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.name not in EXPORT_FILES and not p.match(atomic.TEMP_GLOB)
+    )
+    if foreign:
+        raise ConfigError(
+            f"--out {out}: holds files that are not an export's ({', '.join(foreign[:3])}): choose a new or empty "
+            f"folder"
+        )
+
+
+def write_safetensors(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`state_dict` as a safetensors file, atomically. safetensors stores each tensor on its own: a tensor that
+    shares memory with another (tied weights; zero_to_fp32's views into one flat buffer) is written as a copy, and
+    loads back into the same parameters."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    tensors = {}
+    for name, value in state_dict.items():
+        t = value.detach().cpu()
+        storage = t.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size()
+        seen.add(storage.data_ptr())
+        tensors[name] = t.contiguous().clone() if shared or not t.is_contiguous() else t
+    with atomic.replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the rename, as every other atomic write
+        finally:
+            os.close(fd)
+
+
+def export_file(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+    """The single-file form: one `torch.save`d dict (module docstring)."""
     run_dir = Path(run_dir)
     tag, step = pick_checkpoint(run_dir, tag)
     folder = RunFolder(run_dir)
@@ -121,6 +228,93 @@ def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     n = sum(v.numel() for v in payload["state_dict"].values())
     log.info("exported %s (step %d, %.1f M parameters) -> %s", tag, step, n / 1e6, out)
     return out
+
+
+# -- loading the folder form -------------------------------------------------------------------------------------
+def from_pretrained(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any, list[str], RunConfig]:
+    """(task in eval mode on `device`, question tokenizer, answers, config) from an export folder, without pickle:
+    the weights from model.safetensors, the rest from JSON and the tokenizer's own files; the task is built by
+    `trainer.run_folder.load` and its weights are loaded strictly. ConfigError with one line naming the file for a
+    folder that is missing a file, has an unreadable one, or weights that do not fit its configuration.
+
+    As for a run folder, a configuration whose pretrained ViLT or CLIP checkpoint has another architecture than the
+    configured size is rebuilt from that checkpoint (`run_folder.load`), which must then be present."""
+    path = Path(path)
+    not_export = "not a folder written by `python -m trainer.export`"
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such folder ({not_export})")
+    folder = RunFolder(path)
+    weights_file = path / WEIGHTS_FILE
+    for file in (folder.config_file, weights_file, folder.answers_file):
+        if not file.is_file():
+            raise ConfigError(f"{file}: missing ({not_export})")
+    cfg = read_export_config(folder.config_file)
+    answers = folder.read_answers()  # one line naming answers.json if damaged
+    if not folder.has_tokenizer():
+        meta = folder.tokenizer_dir / run_folder.TOKENIZER_META
+        raise ConfigError(f"{meta}: missing ({not_export})")
+    try:
+        folder.load_tokenizer()
+    except Exception as exc:  # noqa: BLE001 - a damaged tokenizer file, whatever the library says: one line
+        raise ConfigError(
+            f"{folder.tokenizer_dir}: the question tokenizer cannot be loaded ({first_line(exc)})"
+        ) from None
+    state_dict = read_safetensors(weights_file)
+    try:
+        cfg, tokenizer, answers, task = run_folder.load(folder, config=cfg, state_dict=state_dict)
+    except ConfigError:
+        raise
+    except BadInputError as exc:  # ModelBuildError: a configuration this installation cannot build
+        raise ConfigError(f"{folder.config_file}: the model cannot be built ({first_line(exc)})") from None
+    except RuntimeError as exc:  # load_state_dict(strict=True): missing, unexpected or misshapen tensors
+        raise ConfigError(
+            f"{weights_file}: weights do not fit the model of {folder.config_file.name} ({mismatch(exc)})"
+        ) from None
+    return task.to(device), tokenizer, answers, cfg
+
+
+def read_export_config(file: Path) -> RunConfig:
+    """The run configuration of an export's config.json, after its format name and version are checked."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid JSON ({first_line(exc)})") from None
+    if not isinstance(data, dict) or data.get("format") != FOLDER_FORMAT:
+        raise ConfigError(f"{file}: no format '{FOLDER_FORMAT}' (not written by `python -m trainer.export`)")
+    version = data.get("format_version")
+    if version != FOLDER_FORMAT_VERSION:
+        raise ConfigError(
+            f"{file}: format_version {version!r}; this version of the project reads {FOLDER_FORMAT_VERSION}"
+        )
+    if not isinstance(data.get("config"), dict):
+        raise ConfigError(f"{file}: 'config' is not the run configuration (a JSON object)")
+    try:
+        return config_from_dict(data["config"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{file}: {first_line(exc)}") from None
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(file, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file (SafetensorError and others): one line
+        raise ConfigError(f"{file}: not a safetensors file that can be read ({first_line(exc)})") from None
+    if not state_dict:
+        raise ConfigError(f"{file}: holds no tensors")
+    return state_dict
+
+
+def mismatch(exc: RuntimeError) -> str:
+    """The first problem `load_state_dict` reports (its message is one header line, then one line per problem)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else first_line(exc))[:300]
+
+
+# -- loading the single-file form ------------------------------------------------------------------------------
 
 
 def load_exported(
@@ -188,14 +382,20 @@ def export_layout_problem(payload: Any) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m trainer.export",
-        description="Write a run's checkpoint as one fp32 weights file (with config, answers and tokenizer) "
-        "for inference with `python -m trainer.predict --weights FILE`.",
+        description="Write a run's checkpoint as an export folder (fp32 model.safetensors, config.json, answers.json, "
+        "tokenizer/) for `python -m trainer.predict --weights DIR` or `trainer.export.from_pretrained(DIR)`.",
     )
     p.add_argument("--run-dir", required=True, type=Path, help="the training run folder")
     p.add_argument(
         "--tag", default=None, help="checkpoint tag, e.g. global_step1000 (default: the newest complete)"
     )
-    p.add_argument("--out", required=True, type=Path, help="file to write (e.g. model.pt)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="folder to write (new, empty or an earlier export); a name ending in .pt writes the older single-file "
+        "form (a torch file)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -35,6 +36,33 @@ T = TypeVar("T")
 # A run that meets this many non-finite micro-batches in a row under on_nonfinite=skip stops anyway: the weights
 # themselves are broken, and skipping forever would only burn the allocation.
 MAX_CONSECUTIVE_SKIPS = 20
+
+
+# A progress bar into a file or pipe (a job's log) is redrawn with a carriage return each time: thousands of bars on
+# one line. Redrawn at most this often there; every 0.1 s (tqdm's default) on a terminal.
+NON_TTY_BAR_INTERVAL_S = 60.0
+
+
+def progress_bar(enabled: bool, *, file: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar (rank 0 shows it, the others pass enabled=False); on a non-terminal stream it updates rarely."""
+    from tqdm import tqdm
+
+    stream = sys.stderr if file is None else file
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    return tqdm(
+        file=stream,
+        disable=not enabled,
+        dynamic_ncols=tty,
+        mininterval=0.1 if tty else NON_TTY_BAR_INTERVAL_S,
+        maxinterval=10.0 if tty else NON_TTY_BAR_INTERVAL_S,  # tqdm's monitor thread would redraw every 10 s
+        **kwargs,
+    )
+
+
+def bar_refreshes(bar: Any) -> bool:
+    """Whether a postfix change should redraw `bar` now: on a terminal only (elsewhere the interval decides)."""
+    fp = getattr(bar, "fp", None)
+    return bool(getattr(fp, "isatty", lambda: False)())
 
 
 class NonFiniteLossError(RuntimeError):
@@ -315,16 +343,11 @@ class TrainLoop:
 
     def run(self) -> str:
         """Train to max_steps. Returns "done", or "interrupted" after a SIGTERM/SIGINT checkpoint."""
-        from tqdm import tqdm
-
         t = self.t
-        bar = tqdm(
-            total=t.max_steps,
-            initial=self.step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (self.dist.is_main and t.progress_bar),
+        bar = progress_bar(
+            self.dist.is_main and t.progress_bar, total=t.max_steps, initial=self.step, unit="step"
         )
+        refresh = bar_refreshes(bar)
         self.engine.train(True)
         it = self._micro_batches()
         self._reset_interval()
@@ -334,7 +357,11 @@ class TrainLoop:
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     m = self._log()
-                    bar.set_postfix(loss=f"{m['train/loss']:.4f}", sps=f"{m['train/samples_per_second']:.0f}")
+                    postfix = {
+                        "loss": f"{m['train/loss']:.4f}",
+                        "sps": f"{m['train/samples_per_second']:.0f}",
+                    }
+                    bar.set_postfix(postfix, refresh=refresh)
                     if not t.progress_bar and self.dist.is_main:
                         log.info(
                             "step %d/%d loss %.4f (vqa %.4f, infonce %.4f) lr %.2e %.0f samples/s",

@@ -2,7 +2,12 @@
 
     deepspeed --num_gpus 8 trainer/main.py --preset vqa2-base --train-data D/train --val-data D/val --run-dir R
     deepspeed --hostfile H trainer/main.py ...        torchrun --nproc_per_node N trainer/main.py ...
+    srun trainer/main.py ...    mpirun -x MASTER_ADDR=H -x MASTER_PORT=P trainer/main.py ...   (one task per rank)
     python trainer/main.py --preset tiny ...           (a plain single process, CPU or GPU)
+
+Each launcher's rank variables are read by trainer/dist.py (`world_info_from_env`). `--resume auto` resumes from the
+newest complete checkpoint when the run folder has one and starts afresh otherwise: one command for the first start
+of a job and all its restarts.
 
 `main(argv) -> int` is also called in-process by tests. Exit status: 0 done, 2 bad input (configuration, data,
 checkpoint), 1 a failure while training (e.g. a non-finite loss), 128 + signal after a SIGTERM/SIGINT checkpoint.
@@ -17,18 +22,40 @@ trainer/run_folder.py; this file checks the input, builds the run from the compo
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+# (world size, ranks on the host) variables of each launcher, in trainer/dist.py's order (`world_info_from_env`, which
+# cannot be imported here: it loads torch). tests/test_launchers.py checks that both read the same.
+_LAUNCHER_SIZES = (
+    ("WORLD_SIZE", ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"), None),
+    ("OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_SIZE",), "OMPI_COMM_WORLD_RANK"),
+    ("PMI_SIZE", ("MPI_LOCALNRANKS",), "PMI_RANK"),
+    ("SLURM_NTASKS", ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"), "SLURM_PROCID"),
+)
+
+
+def ranks_on_this_host(env: Mapping[str, str] = os.environ) -> int:
+    """How many ranks the launcher starts on this host (its per-host count, else its world size; 1 without one)."""
+    for size_var, local_vars, rank_var in _LAUNCHER_SIZES:
+        if size_var not in env or (rank_var is not None and rank_var not in env):
+            continue
+        for name in (*local_vars, size_var):
+            m = re.match(r"\s*(\d+)", env.get(name, ""))
+            if m and int(m.group(1)) > 0:
+                return int(m.group(1))
+        return 1
+    return 1
+
 
 # Before torch loads OpenMP. Several ranks on one host's CPU: idle OpenMP threads sleep instead of spinning, or
 # each rank's spinning threads take the cores the others need (tiny preset, 2 ranks on 2 cores: 2-8 samples/s
 # spinning, 24-38 passive). One rank: OpenMP's default (spin a while, then sleep) keeps the cores warm between
 # the many small ops of a tiny model (demo preset on 2 cores: 164-177 samples/s vs 124 passive). The environment
-# variable, when set, decides. Ranks on this host: torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE.
-_LOCAL_RANKS = (
-    os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1")
-)
-if int(_LOCAL_RANKS) > 1:
+# variable, when set, decides.
+if ranks_on_this_host() > 1:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         nargs="?",
         const="latest",
-        metavar="latest|TAG",
+        metavar="latest|auto|TAG",
         help="continue the run in --run-dir from its newest complete checkpoint (latest, the default) or a tag "
         "such as global_step1000 (or global_step1000_universal after `python -m trainer.checkpointing "
-        "to-universal`, to resume on a different number of ranks)",
+        "to-universal`, to resume on a different number of ranks). auto: resume from the newest complete "
+        "checkpoint when there is one, else start a fresh run from --preset and the other options; one command "
+        "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod)",
     )
     p.add_argument(
         "--deepspeed_config",
@@ -131,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="DeepSpeed JSON (ZeRO stage, precision, communication, offload, gradient clipping); default "
         "deepspeed_configs/zero2_bf16.json on GPUs, zero2_fp32.json on CPU",
+    )
+    p.add_argument(
+        "--deepspeed",
+        action="store_true",
+        help="accepted and ignored: DeepSpeed's examples pass it (deepspeed.add_config_arguments); this trainer "
+        "always runs under DeepSpeed, configured by --deepspeed_config",
     )
     p.add_argument(
         "--set",
@@ -160,8 +195,13 @@ def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
         if not folder.config_file.is_file():
             raise ConfigError(f"--resume: {folder.path} has no {CONFIG_FILE} (not a run folder?)")
         if args.preset:
-            log.warning(
-                "--preset %s ignored: a resumed run continues with its saved %s", args.preset, CONFIG_FILE
+            # Expected with --resume auto (one command for the first start and the restarts): no warning then.
+            level = logging.INFO if getattr(args, "auto_resume", False) else logging.WARNING
+            log.log(
+                level,
+                "--preset %s ignored: a resumed run continues with its saved %s",
+                args.preset,
+                CONFIG_FILE,
             )
         cfg = folder.read_config()
     else:
@@ -175,8 +215,51 @@ def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
 
 
 # -- checks before any process group exists ----------------------------------------------------------------------
+def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
+    """`--resume auto`: becomes `--resume latest` where the run folder holds a complete checkpoint, else a fresh
+    start (`args.resume = None`); says which. Checkpoints without their COMPLETE marker (a save cut off before the
+    first one finished) cannot be resumed: the fresh run replaces them, as a resumed run replaces those after its
+    checkpoint (trainer/checkpointing.py)."""
+    args.auto_fresh, args.auto_resume = False, args.resume == "auto"
+    if not args.auto_resume:
+        return
+    from trainer.checkpointing import list_complete
+
+    ckpt_dir = folder.path / "checkpoints"
+    refs = list_complete(ckpt_dir)
+    if refs:
+        args.resume = "latest"
+        log.info(
+            "--resume auto: resuming %s from its newest complete checkpoint (step %d)",
+            folder.path,
+            refs[-1].step,
+        )
+        return
+    args.resume, args.auto_fresh = None, True
+    leftovers = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+    log.info(
+        "--resume auto: no complete checkpoint in %s: starting a fresh run (preset %s)%s",
+        *(folder.path, args.preset or "tiny"),
+        f"; its incomplete ones ({', '.join(leftovers)}) cannot be resumed and go with the run's next saves"
+        if leftovers
+        else "",
+    )
+
+
+def check_same_start(args: argparse.Namespace) -> None:
+    """After `--resume auto`, every rank must have decided as rank 0 did (a run folder that is not one shared
+    filesystem would have some ranks resume and others start afresh)."""
+    differs = D.broadcast_object(args.resume) != args.resume
+    if D.any_rank(differs):
+        raise ConfigError(
+            f"--resume auto: the ranks see different checkpoints in {args.run_dir}: the run folder must be one "
+            f"shared filesystem, mounted at the same path on every node"
+        )
+
+
 def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     """Everything that can be checked without a process group fails here, in seconds; returns the run's config."""
+    resolve_auto_resume(args, folder)
     cfg = resolve_config(args, folder)
     world = D.env_world_size()
     check_data(cfg.data.train_data, "train_data", world, required=not args.eval_only)
@@ -185,7 +268,7 @@ def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     from trainer.engine import load_ds_config
 
     load_ds_config(ds_config_path(args.deepspeed_config))
-    if not (args.resume or args.eval_only):
+    if not (args.resume or args.eval_only or args.auto_fresh):
         folder.check_fresh()
     folder.check_tokenizer_source(cfg)
     return cfg
@@ -221,7 +304,7 @@ def ds_config_path(arg: str | None) -> Path:
 
 # -- building the run --------------------------------------------------------------------------------------------
 def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = D.env_rank()  # whichever launcher started the process (trainer/dist.py), before any process group
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
@@ -304,13 +387,16 @@ class Run:
         folder = self.cfg.data.val_data
         if not folder:
             return {}
+        loader = self.loader(folder, train=False)
         result = evaluate(
             self.engine,
-            shielded(self.loader(folder, train=False)),
+            shielded(loader),
             answers=self.answers,
             device=self.dist.device,
             answer_type_of=self.answer_type_of,
             has_answers=bool(read_manifest(folder).get("has_answers", True)),
+            progress=self.dist.is_main and self.cfg.train.progress_bar,
+            total=len(loader),
         )
         metrics = result.metrics()
         if self.dist.is_main:
@@ -421,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         # Installed before any loader worker is forked, so that workers inherit it instead of dying on SIGTERM.
         stop.install()
         dist = D.init_distributed(local_rank_arg=args.local_rank)
+        if args.auto_resume:
+            check_same_start(args)
         if not args.eval_only:  # evaluation may run beside the training job (it writes only eval/ files)
             lock = lock_run_dir(folder.path, dist)
         return train_or_evaluate(Run(args, cfg, folder, dist), stop)

@@ -1,15 +1,19 @@
 """Answer questions about image files with a trained model.
 
     python -m trainer.predict --run-dir RUN [--tag T] --image a.jpg --question "what shape is this?"
-    python -m trainer.predict --weights model.pt --image a.jpg --image b.jpg --question "what color is it?"
+    python -m trainer.predict --weights model/ --image a.jpg --image b.jpg --question "what color is it?"
+
+`--weights` takes an export folder (`python -m trainer.export`, loaded by `trainer.export.from_pretrained`, without
+pickle) or the single `.pt` file of the older export form.
 
 With one image, every question is about it; with one question, it is asked of every image; otherwise images and
 questions pair up in order. Prints one JSON object per pair: image, question, answer, its probability, and the top-k
 answers. Images are preprocessed as the loaders do (RGB, bilinear squash to the model's size, the model's mean/std).
 
-Bad input (exit 2, one line, nothing answered): a missing or unreadable image, an empty question, a weights file that
-is not an export (it is never unpickled beyond tensors and plain containers: trainer/export.py), `--top-k` below 1.
-Images and questions are checked before the model is loaded.
+Bad input (exit 2, one line, nothing answered): a missing or unreadable image, an empty question, an export folder
+with a missing or damaged file or weights that do not fit its configuration (the message names the file), a weights
+file that is not an export (it is never unpickled beyond tensors and plain containers: trainer/export.py), `--top-k`
+below 1. Images and questions are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -141,11 +145,15 @@ def predict(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m trainer.predict",
-        description="Answer questions about images with a trained checkpoint (a run folder or an exported file).",
+        description="Answer questions about images with a trained checkpoint (a run folder or an export).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", type=Path, help="training run folder (uses its newest complete checkpoint)")
-    src.add_argument("--weights", type=Path, help="a file written by `python -m trainer.export`")
+    src.add_argument(
+        "--weights",
+        type=Path,
+        help="an export folder written by `python -m trainer.export` (or the .pt file of its single-file form)",
+    )
     p.add_argument(
         "--tag", default=None, help="with --run-dir: checkpoint tag (default: the newest complete)"
     )
@@ -164,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         check_images(args.image)
         pairs = pair_up(args.image, args.question)
         if args.weights is not None:
-            from trainer.export import load_exported
+            from trainer.export import from_pretrained, load_exported
 
-            task, tokenizer, answers, cfg = load_exported(args.weights, device)
+            load = from_pretrained if args.weights.is_dir() else load_exported
+            task, tokenizer, answers, cfg = load(args.weights, device)
         else:
             task, tokenizer, answers, cfg = load_from_run(args.run_dir, args.tag, device)
         results = predict(

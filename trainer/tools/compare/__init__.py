@@ -1,0 +1,31 @@
+"""The paper's experiment as one command: train every variant with the same seeds, data order and hyperparameters,
+then write `results.json`, `loss_curves.png` (the paper's Figure 3, plus validation VQA score) and `report.md`.
+
+    python -m trainer.compare --preset demo --train-data data/easy-vqa/train --val-data data/easy-vqa/test \
+        --run-dir runs/demo --variants baseline,clip-infonce-cos,clip-infonce-dot --seeds 0
+
+Each run goes through the real stack (shards -> loader -> DeepSpeed engine -> TensorBoard) as its own process:
+`deepspeed --num_gpus N trainer/main.py` where there are GPUs, `python trainer/main.py` (one CPU rank) otherwise.
+A comparison is resumable: finished runs are kept, interrupted ones continue from their last checkpoint.
+
+What is compared: the VQA loss (comparable across variants; the total loss of the InfoNCE variants also holds
+lambda * InfoNCE), the step from which its smoothed curve stays under each threshold, validation VQA score, and the
+step-to-step noise of the loss late in training (the paper's "steadier").
+
+How, so that the numbers can carry a verdict:
+- Smoothing without lag: a local linear fit over a centred window of `--smooth-steps` training steps (a straight
+  line through the raw points around each step, read at that step). A ramp comes back unchanged and a step change is
+  crossed where it happens, so "steps until the loss stays under t" measures the run, not the filter. (An EMA of
+  weight 0.9 per logged point lags by about ten logging intervals on a falling curve.)
+- Noise ("steadiness"): the standard deviation of successive differences of log(VQA loss) over the second half of
+  training, divided by sqrt(2): the noise of one logged point, in relative terms. A trend adds the same amount to
+  every difference, so the slope of the curve does not enter it.
+- Verdicts: a difference between two variants is claimed ("supports" / "contradicts") only when the difference of
+  their means over seeds is larger than the larger of their two seed ranges (max - min); otherwise, and always with
+  one seed, it is "not resolved". The training-time claim is checked against ViLT (`baseline`) and against the
+  ablation without InfoNCE (`clip-no-infonce`), which isolates the alignment from the CLIP tower.
+
+The modules: `results.py` (reading a finished run's TensorBoard events; smoothing, noise and verdicts; results.json
+and its schema), `runs.py` (one trainer process per variant and seed, resumable), `report.py` (loss_curves.png and
+report.md), `cli.py` (the command line).
+"""

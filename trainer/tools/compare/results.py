@@ -1,0 +1,220 @@
+"""A comparison's numbers: a finished run's TensorBoard scalars, the smoothed VQA loss and when it stays under each
+threshold, the late-training noise, the verdict rule, and results.json with its documented schema (the rules are in
+the package docstring, trainer/tools/compare/__init__.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+PAPER_MODEL = {
+    "baseline": "(1) ViLT",
+    "clip-infonce-cos": "(2) CLIP + InfoNCE, cosine (eq. 1)",
+    "clip-infonce-dot": "(3) CLIP + InfoNCE, inner product (eq. 2)",
+    "clip-no-infonce": "ablation: CLIP embedding, no InfoNCE",
+    "clip-symmetric-ce": "CLIP's symmetric cross-entropy",
+}
+SMOOTH_STEPS = 100  # default width of the centred smoothing window, in training steps
+DONE_FILE = "run_complete.json"
+RESULTS_SCHEMA_VERSION = 2
+
+
+# results.json, documented: top-level keys and their types; every variant entry; every spread ({mean, std, values}).
+RESULTS_SCHEMA: dict[str, Any] = {
+    "schema_version": int,
+    "preset": str,
+    "steps": (int, type(None)),
+    "seeds": list,
+    "variants_order": list,
+    "train_data": str,
+    "val_data": str,
+    "loss_thresholds": list,
+    "smooth_steps": int,
+    "machine": str,
+    "date": str,
+    "wall_time_s": (int, float),
+    "variants": dict,
+}
+VARIANT_SCHEMA: dict[str, str] = {
+    "paper_model": "str",
+    "final_val_vqa_score": "spread",  # last evaluation of each run
+    "best_val_vqa_score": "spread",  # best evaluation of each run
+    "steps_to_loss_below": "spread per threshold",  # first step from which the smoothed VQA loss stays below
+    "loss_noise": "spread",  # std of successive differences of log VQA loss / sqrt(2), second half of training
+    "wall_time_s": "spread",
+    "samples_per_second": "spread",  # median of the logged train/samples_per_second
+    "runs": "list of per-run records (seed, run_dir, the numbers above, the configuration used)",
+}
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise ValueError naming the first field of results.json that does not follow the documented schema."""
+
+    def spread(value: Any, where: str) -> None:
+        if not isinstance(value, dict) or set(value) != {"mean", "std", "values"}:
+            raise ValueError(f"results.json: {where} is not a {{mean, std, values}} spread")
+
+    for key, typ in RESULTS_SCHEMA.items():
+        if key not in results or not isinstance(results[key], typ):
+            raise ValueError(f"results.json: '{key}' missing or not {typ}")
+    for variant, entry in results["variants"].items():
+        missing = set(VARIANT_SCHEMA) - set(entry)
+        if missing:
+            raise ValueError(f"results.json: variants.{variant} lacks {sorted(missing)}")
+        for key, kind in VARIANT_SCHEMA.items():
+            if kind == "spread":
+                spread(entry[key], f"variants.{variant}.{key}")
+        for t in results["loss_thresholds"]:
+            spread(
+                entry["steps_to_loss_below"].get(f"{t:g}"), f"variants.{variant}.steps_to_loss_below.{t:g}"
+            )
+        for run in entry["runs"]:
+            for key in (
+                "seed",
+                "run_dir",
+                "final_val_vqa_score",
+                "best_val_vqa_score",
+                "config",
+                "wall_time_s",
+            ):
+                if key not in run:
+                    raise ValueError(f"results.json: a run of {variant} lacks '{key}'")
+
+
+class CompareError(RuntimeError):
+    """A comparison that cannot run or whose runs failed; the message names the run and its log."""
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """All scalars of a run's TensorBoard event files: tag -> [(step, value, wall_time)], sorted by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, dict[int, tuple[float, float]]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            for e in acc.Scalars(tag):
+                series.setdefault(tag, {})[e.step] = (
+                    e.value,
+                    e.wall_time,
+                )  # a resumed run rewrites its steps
+    return {tag: sorted((s, v, w) for s, (v, w) in points.items()) for tag, points in series.items()}
+
+
+def smooth(steps: list[int], values: list[float], window: int = SMOOTH_STEPS) -> list[float]:
+    """Local linear fit over the points within window/2 steps of each step, read at that step (no lag on a trend)."""
+    out = []
+    for s0 in steps:
+        pts = [(s - s0, v) for s, v in zip(steps, values, strict=True) if abs(s - s0) <= window / 2]
+        n = len(pts)
+        mean_x = sum(x for x, _ in pts) / n
+        mean_y = sum(y for _, y in pts) / n
+        sxx = sum((x - mean_x) ** 2 for x, _ in pts)
+        if n < 3 or sxx == 0:
+            out.append(mean_y)
+            continue
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in pts) / sxx
+        out.append(mean_y - slope * mean_x)  # the fitted line at x = 0, i.e. at s0
+    return out
+
+
+def steps_to_stay_under(steps: list[int], smoothed: list[float], threshold: float) -> int | None:
+    """First logged step from which the smoothed loss stays below `threshold` to the end (None if it never does)."""
+    first = None
+    for step, value in zip(steps, smoothed, strict=True):
+        if value < threshold:
+            first = step if first is None else first
+        else:
+            first = None
+    return first
+
+
+def loss_noise(values: list[float]) -> float | None:
+    """Noise of the logged loss over the second half of training, independent of its slope (module docstring)."""
+    late = [math.log(v) for v in values[len(values) // 2 :] if v > 0]
+    if len(late) < 4:
+        return None
+    diffs = [b - a for a, b in zip(late, late[1:], strict=False)]
+    return statistics.pstdev(diffs) / math.sqrt(2)
+
+
+def verdict(a: list[float], b: list[float]) -> tuple[str, float | None, float | None]:
+    """Whether means over seeds differ by more than the seed-to-seed spread: ("a<b" | "a>b" | "unresolved", the
+    difference of means a - b, the spread it is compared with: the larger of the two ranges)."""
+    if len(a) < 2 or len(b) < 2:
+        return "unresolved", None, None
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    spread = max(max(a) - min(a), max(b) - min(b))
+    if abs(diff) <= spread:
+        return "unresolved", diff, spread
+    return ("a<b" if diff < 0 else "a>b"), diff, spread
+
+
+def summarise_run(run_dir: Path, thresholds: list[float], window: int = SMOOTH_STEPS) -> dict[str, Any]:
+    from trainer.run_folder import RunFolder
+
+    scalars = read_scalars(run_dir)
+    if "train/vqa_loss" not in scalars:
+        raise CompareError(f"{run_dir}: no train/vqa_loss in its TensorBoard events (did the run log?)")
+    steps = [s for s, _, _ in scalars["train/vqa_loss"]]
+    vqa = [v for _, v, _ in scalars["train/vqa_loss"]]
+    smoothed = smooth(steps, vqa, window)
+    val = scalars.get("val/vqa_score", [])
+    best = max(val, key=lambda p: p[1]) if val else None
+    sps = [v for _, v, _ in scalars.get("train/samples_per_second", [])]
+    done = json.loads((run_dir / DONE_FILE).read_text())
+    config_file = RunFolder(run_dir).config_file
+    return {
+        "run_dir": str(run_dir),
+        "seed": done["seed"],
+        "final_val_vqa_score": val[-1][1] if val else None,
+        "best_val_vqa_score": best[1] if best else None,
+        "best_val_step": best[0] if best else None,
+        "final_train_vqa_loss": smoothed[-1],
+        "steps_to_loss_below": {f"{t:g}": steps_to_stay_under(steps, smoothed, t) for t in thresholds},
+        "loss_noise": loss_noise(vqa),
+        "wall_time_s": done["wall_time_s"],
+        "samples_per_second": statistics.median(sps) if sps else None,
+        "config": json.loads(config_file.read_text()) if config_file.is_file() else None,
+        "curves": {
+            "step": steps,
+            "vqa_loss": vqa,
+            "loss": [v for _, v, _ in scalars.get("train/loss", [])],
+            "infonce_loss": [v for _, v, _ in scalars.get("train/infonce_loss", [])],
+            "val_step": [s for s, _, _ in val],
+            "val_vqa_score": [v for _, v, _ in val],
+        },
+    }
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "values": values}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def aggregate(runs: dict[str, list[dict[str, Any]]], thresholds: list[float]) -> dict[str, Any]:
+    out = {}
+    for variant, rs in runs.items():
+        out[variant] = {
+            "paper_model": PAPER_MODEL.get(variant, variant),
+            "final_val_vqa_score": _spread([r["final_val_vqa_score"] for r in rs]),
+            "best_val_vqa_score": _spread([r["best_val_vqa_score"] for r in rs]),
+            "steps_to_loss_below": {
+                f"{t:g}": _spread([r["steps_to_loss_below"][f"{t:g}"] for r in rs]) for t in thresholds
+            },
+            "loss_noise": _spread([r["loss_noise"] for r in rs]),
+            "wall_time_s": _spread([r["wall_time_s"] for r in rs]),
+            "samples_per_second": _spread([r["samples_per_second"] for r in rs]),
+            "runs": [{k: v for k, v in r.items() if k != "curves"} for r in rs],
+        }
+    return out
