@@ -21,6 +21,7 @@ Commands:
   compare      set up, then run the paper's comparison on any preset and data (ARGS go to trainer.compare)
   train        set up, then train with DeepSpeed: this node's GPUs, several nodes over ssh, or one node of
                several without ssh (Kubernetes, Slurm); ARGS go to trainer/main.py
+               (--preflight: check every rank's GPU, network, data and run folder instead)
   tensorboard  set up, then serve TensorBoard for the runs (on 127.0.0.1 unless told otherwise)
   help         this message
 
@@ -116,6 +117,14 @@ first; the first other argument, or everything after `--`, goes to trainer/main.
 (./launch.sh train -- --help shows the trainer's options). Relative paths in TRAINER ARGS are taken from the
 repository root, where trainer/main.py runs.
 
+Checking first:
+  --preflight         run `python -m trainer.preflight` on the same ranks instead of the trainer (deepspeed
+                      --module trainer.preflight): every rank checks its GPU and memory, an all-reduce over the
+                      world (latency, bus bandwidth), reading samples of --train-data/--val-data, and writing to
+                      --run-dir; rank 0 prints one table, and the exit status is 1 when a check fails. TRAINER
+                      ARGS stay as they are (the preflight ignores the ones it does not use), so adding
+                      --preflight to a training command checks that command's nodes and paths in seconds.
+
 One node (default):
   --num_gpus N        processes on this node. Default: one per local GPU (nvidia-smi --list-gpus; with
                       CUDA_VISIBLE_DEVICES set, DeepSpeed takes exactly the GPUs listed there); on a machine
@@ -158,6 +167,7 @@ Examples:
   ./launch.sh train --preset tiny --train-data data/easyvqa/train --val-data data/easyvqa/test --run-dir runs/tiny
   ./launch.sh train --hostfile hostfile --master_addr 10.0.0.1 -- --preset vqa2-base --resume latest ...
   ./launch.sh train --no_ssh --num_nodes 2 --node_rank 1 --master_addr 10.0.0.1 -- --preset vqa2-base ...
+  ./launch.sh train --preflight --hostfile hostfile -- --train-data /mnt/shards/train --run-dir /mnt/runs/r
 USAGE
 }
 
@@ -389,6 +399,7 @@ HELP
 
 cmd_train() {
     local num_gpus="" hostfile="" num_nodes="" master_addr="" master_port="" node_rank="" ssh_port="" no_ssh=0
+    local preflight=0
     local -a env_names=()
     while [[ $# -gt 0 ]]; do
         case "$1" in  # --option=value as --option value
@@ -398,6 +409,7 @@ cmd_train() {
         case "$1" in
             --help|-h) train_usage; return 0 ;;
             --no_ssh) no_ssh=1; shift; continue ;;
+            --preflight) preflight=1; shift; continue ;;
             --) shift; break ;;
             --num_gpus|--hostfile|--num_nodes|--master_addr|--master_port|--node_rank|--ssh_port|--env)
                 [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "train: $1 needs a value (see ./launch.sh train --help)" ;;
@@ -544,7 +556,10 @@ cmd_train() {
 
     local target=launcher
     if (( over_ssh )); then target=runner; fi
-    run_passing_sigterm "$target" "${launch[@]}" trainer/main.py "${defaults[@]}" "${trainer_args[@]}"
+    # The preflight runs as a module (as `python -m`), from the repository root like the trainer.
+    local -a program=(trainer/main.py)
+    if (( preflight )); then program=(--module trainer.preflight); fi
+    run_passing_sigterm "$target" "${launch[@]}" "${program[@]}" "${defaults[@]}" "${trainer_args[@]}"
 }
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,72 +1,29 @@
-"""Checkpoints with an explicit state contract, and the universal-checkpoint conversion command.
+"""Checkpoints with an explicit state contract: the Checkpointer component, which every rank calls every step.
 
-Layout of a run's checkpoints (`<run_dir>/checkpoints/`):
-
-    global_step<N>/               one checkpoint; every rank writes its DeepSpeed ZeRO shards into it
-        ...DeepSpeed files...     model states, optimizer shards, lr scheduler
-        trainer_state.json        the loop's state_dict: step, epoch, position in the epoch, samples seen, world size
-        rng_rank<R>.pt            each rank's RNG states (torch, CUDA, numpy, python) as tensors and numbers
-        COMPLETE                  written last, atomically, by rank 0 after every rank has finished writing; lists
-                                  every file of the checkpoint with its size
-    global_step<N>_universal/     the same step converted for another world size (`to-universal` below)
-    latest                        DeepSpeed's pointer, rewritten only once a checkpoint is COMPLETE
-
-DeepSpeed writes its own `latest` from rank 0 as soon as rank 0's files are out, before the other ranks are known to
-have finished (deepspeed/runtime/engine.py, save_checkpoint), and not atomically. A checkpoint is therefore only ever
-taken as a resume point when its COMPLETE marker exists, so a crash (kill -9) mid-save leaves the previous checkpoint
-as the latest one. A run that reaches a step whose complete checkpoint already exists (after resuming from an earlier
-one) writes `global_step<N>.partial` and swaps it in only once complete, so a broken run never costs a good
-checkpoint; leftovers of such attempts are removed by the next successful save.
-
-A checkpoint is complete only while its marker exists and every file the marker lists is there with its size, so a
-checkpoint damaged after it was written (files deleted by hand, a copy cut short) is not offered for resuming either.
-Deleting a checkpoint (keep-last pruning, replacing a universal copy) first renames it to `<tag>.deleting`, an
-atomic step after which it no longer counts, and only then removes its files: a kill -9 in the middle leaves a
-`.deleting` folder that is never listed and that the next save removes.
-
-Safety: every file of a checkpoint this project reads itself is loaded with `torch.load(weights_only=True)`, which
-unpickles tensors and plain containers only and refuses any other object before running anything. The RNG files
-hold tensors, lists and numbers only for that reason; RNG files of the older format (numpy's state as an array) are
-accepted through an explicit allow-list of numpy's array globals. Before DeepSpeed loads a checkpoint (its loader
-unpickles everything), every `.pt` file in it is scanned, without unpickling, for the objects it names; a file that
-names anything outside what DeepSpeed itself writes is refused.
+The checkpointer decides the cadence (`train.ckpt_every`), saves the engine plus the loop's state_dict and each rank's
+RNG states, marks a checkpoint COMPLETE once every rank has written, keeps the newest `train.keep_last`, and loads a
+checkpoint back after checking its files. What is on disk and when it counts: trainer/checkpoint_layout.py; how its
+files are loaded safely: trainer/checkpoint_safety.py; `python -m trainer.checkpointing to-universal | list` (this
+module is its command name): trainer/checkpoint_universal.py. The names of those modules that the rest of the project
+uses are importable from here as well.
 
 Disk space: before a save, rank 0 compares the free space of the checkpoint folder with the size of the newest
 complete checkpoint (all ranks' files), and refuses to start a save that cannot fit: with `train.keep_last=K`, K
 checkpoints stay on disk while the next one is written, so the folder needs room for K+1. A save that runs out of
 space anyway (ENOSPC, or torch's "unexpected pos" from its zip writer) stops the run with one line saying so
 (exit 1: trainer/main.py), removes its own half-written folder and leaves the earlier checkpoints as they were.
-
-Different world size: DeepSpeed refuses a ZeRO checkpoint written by another number of ranks. Convert it once,
-
-    python -m trainer.checkpointing to-universal --run-dir RUN [--tag global_step<N>]
-
-which runs `python -m deepspeed.checkpoint.ds_to_universal --input_folder RUN/checkpoints/<tag> --output_folder
-RUN/checkpoints/<tag>_universal --inject_missing_state`, copies the trainer's side files and marks it COMPLETE; then
-resume with `--resume <tag>_universal` on any number of ranks (the trainer sets `"checkpoint": {"load_universal":
-true}` in the DeepSpeed config for it).
-
-A checkpoint of a single-rank run is written at ZeRO stage 0 (trainer/engine.py `resolve_ds_config`): no ZeRO
-shards, the full weights and torch's AdamW state in `mp_rank_00_model_states.pt`. It resumes on one rank as it is.
-ds_to_universal reads ZeRO shards only, and a run on more ranks runs under ZeRO, whose optimizer cannot load that
-state: `to-universal` and a resume on another number of ranks refuse it, saying so.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,315 +32,66 @@ import torch
 
 from data_pipeline import atomic
 from trainer import dist as D
+from trainer.checkpoint_layout import (
+    COMPLETE,
+    DELETING_RE,
+    LEFTOVER_RE,
+    OLD_SUFFIX,
+    PARTIAL_SUFFIX,
+    STATE_FILE,
+    TAG_RE,
+    UNIVERSAL_SUFFIX,
+    CheckpointRef,
+    has_zero_shards,
+    is_complete,
+    list_complete,
+    read_state,
+    remove_checkpoint,
+    resolve_resume,
+    tag_for_step,
+    write_complete_marker,
+    written_zero_stage,
+)
+from trainer.checkpoint_safety import (
+    check_deepspeed_files,
+    first_line,
+    load_rng_file,
+    rng_state,
+    set_rng_state,
+    unsafe_globals,
+)
+from trainer.checkpoint_universal import main, to_universal
 from trainer.config import ConfigError
 
-log = logging.getLogger(__name__)
-
-COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-UNIVERSAL_SUFFIX = "_universal"
-PARTIAL_SUFFIX = ".partial"
-OLD_SUFFIX = ".old"
-DELETING_SUFFIX = ".deleting"
-RNG_FORMAT = "vqa-align/rng/2"
-_TAG_RE = re.compile(r"^global_step(\d+)(_universal)?$")
-_LEFTOVER_RE = re.compile(r"^global_step(\d+)(\.partial|\.old)$")
-_DELETING_RE = re.compile(r"^global_step\d+(_universal)?(\.partial|\.old)?\.deleting$")
-
-
-def tag_for_step(step: int) -> str:
-    return f"global_step{step}"
-
-
-# -- RNG files ---------------------------------------------------------------------------------------------------
-# The older RNG format pickled numpy's state as a tuple holding an ndarray: loading it needs numpy's array globals,
-# allowed for that format only. numpy 1 and 2 name the reconstructor differently; both names map to the one here.
-_np_multiarray = getattr(np, "_core", None) or np.core
-_LEGACY_RNG_GLOBALS: list[Any] = [
-    np.ndarray,
-    np.dtype,
-    type(np.dtype(np.uint32)),
-    (_np_multiarray.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-    (_np_multiarray.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+__all__ = [
+    "COMPLETE",
+    "STATE_FILE",
+    "UNIVERSAL_SUFFIX",
+    "CheckpointRef",
+    "CheckpointSpaceError",
+    "Checkpointer",
+    "check_deepspeed_files",
+    "first_line",
+    "has_zero_shards",
+    "human_bytes",
+    "is_complete",
+    "is_out_of_space",
+    "list_complete",
+    "load_rng_file",
+    "main",
+    "read_state",
+    "remove_checkpoint",
+    "resolve_resume",
+    "rng_state",
+    "set_rng_state",
+    "tag_for_step",
+    "to_universal",
+    "unsafe_globals",
+    "write_complete_marker",
+    "written_zero_stage",
 ]
-_LEGACY_RNG_NAMES = {
-    "numpy.ndarray",
-    "numpy.dtype",
-    f"numpy.dtypes.{type(np.dtype(np.uint32)).__name__}",
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
-}
 
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors, lists, strings and numbers: a file that `weights_only=True` loads."""
-    np_state = np.random.get_state(legacy=False)
-    py_version, py_internal, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        "format": RNG_FORMAT,
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "bit_generator": str(np_state["bit_generator"]),
-            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "python": {"version": int(py_version), "state": [int(x) for x in py_internal], "gauss": py_gauss},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved (or the older format, which holds numpy's and python's own tuples)."""
-    torch.set_rng_state(state["torch"])
-    if state.get("format") == RNG_FORMAT:
-        n, p = state["numpy"], state["python"]
-        np.random.set_state(
-            {
-                "bit_generator": n["bit_generator"],
-                "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                "has_gauss": n["has_gauss"],
-                "gauss": n["gauss"],
-            }
-        )
-        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    else:
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def unsafe_globals(file: Path) -> list[str]:
-    """The objects other than tensors and plain containers a torch file names, read from its pickle opcodes
-    without unpickling anything; ["unreadable"] where the file is no torch zip file."""
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
-    except Exception:  # noqa: BLE001 - any reason it cannot be scanned means it is refused, not loaded
-        return ["unreadable"]
-
-
-def load_rng_file(file: Path) -> dict[str, Any]:
-    """A rank's RNG file, loaded with `weights_only=True` and checked; ConfigError for anything else."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Either the older format (numpy's array inside) or a file naming other objects: decide from its opcodes
-        # before unpickling anything, and allow numpy's array globals for the older format only.
-        unsafe = unsafe_globals(file)
-        if not unsafe or not set(unsafe) <= _LEGACY_RNG_NAMES:
-            raise ConfigError(
-                f"{file}: holds objects other than tensors and plain containers ({', '.join(unsafe) or 'unknown'})"
-                f"; not loaded (not an RNG file the trainer wrote)"
-            ) from None
-        with torch.serialization.safe_globals(_LEGACY_RNG_GLOBALS):
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: one line naming it
-        raise ConfigError(f"{file}: not a readable RNG file ({first_line(exc)})") from None
-    check_rng_state(state, file)
-    return state
-
-
-def check_rng_state(state: Any, file: Path) -> None:
-    """The shape of either RNG format, checked before any of it is applied."""
-    ok = isinstance(state, dict) and isinstance(state.get("torch"), torch.Tensor)
-    if ok and state.get("format") == RNG_FORMAT:
-        n, p = state.get("numpy"), state.get("python")
-        ok = (
-            isinstance(n, dict)
-            and isinstance(n.get("key"), torch.Tensor)
-            and isinstance(p, dict)
-            and isinstance(p.get("state"), list)
-        )
-    elif ok:
-        ok = isinstance(state.get("numpy"), tuple) and isinstance(state.get("python"), tuple)
-    if not ok:
-        raise ConfigError(f"{file}: not an RNG file the trainer wrote (unexpected contents)")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-# -- files DeepSpeed loads ---------------------------------------------------------------------------------------
-# What DeepSpeed's own checkpoint files name besides what `weights_only=True` allows (read from checkpoints written at
-# ZeRO stages 0-3 and their universal copies; DynamicLossScaler is fp16's loss scaler). DeepSpeed unpickles its files
-# fully (weights_only=False), so a file naming anything else is refused before DeepSpeed opens it.
-DEEPSPEED_GLOBALS = {
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-}
-
-
-def check_deepspeed_files(path: Path) -> None:
-    """Refuse a checkpoint whose .pt files name objects DeepSpeed does not write, without unpickling them."""
-    for file in sorted(path.rglob("*.pt")):
-        if file.name.startswith("rng_rank"):
-            continue  # loaded by load_rng_file, with weights_only=True
-        unknown = sorted(set(unsafe_globals(file)) - DEEPSPEED_GLOBALS)
-        if unknown:
-            raise ConfigError(
-                f"{file}: names objects that DeepSpeed's checkpoint files do not hold ({', '.join(unknown)}); "
-                f"not loaded"
-            )
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """A complete checkpoint on disk and what its side files say about it."""
-
-    load_dir: Path
-    tag: str
-    step: int
-    world_size: int
-    universal: bool
-
-    @property
-    def path(self) -> Path:
-        return self.load_dir / self.tag
-
-
-def is_complete(path: Path) -> bool:
-    """The marker exists and every file it lists is there with its size (markers written before the list existed
-    vouch for the folder as it is)."""
-    try:
-        marker = json.loads((path / COMPLETE).read_text())
-    except (OSError, ValueError):
-        return False  # no marker (the marker is written atomically: it is never torn)
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if not isinstance(files, dict):
-        return True
-    return all(_size(path / name) == size for name, size in files.items())
-
-
-def _size(file: Path) -> int | None:
-    try:
-        return file.stat().st_size
-    except OSError:
-        return None
-
-
-def file_sizes(path: Path) -> dict[str, int]:
-    """Every file under checkpoint folder `path` (relative name -> bytes), its marker and temp files aside."""
-    out = {}
-    for f in sorted(path.rglob("*")):
-        if f.is_file() and f.name != COMPLETE and not f.name.startswith("."):
-            out[f.relative_to(path).as_posix()] = f.stat().st_size
-    return out
-
-
-def write_complete_marker(path: Path, marker: dict[str, Any]) -> None:
-    """Mark checkpoint folder `path` complete, listing its files so that a later loss of any of them shows."""
-    atomic.write_text(path / COMPLETE, json.dumps(dict(marker, files=file_sizes(path))) + "\n")
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint folder such that no moment of the deletion leaves a complete-looking one: rename it to
-    `<name>.deleting` first (atomic; that name is never listed), then remove the files. A deletion cut short (kill -9)
-    leaves only the `.deleting` folder, which the next save removes."""
-    if not path.exists():
-        return
-    doomed = path.with_name(path.name + DELETING_SUFFIX)
-    shutil.rmtree(doomed, ignore_errors=True)  # an earlier deletion of the same name that was cut short
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / STATE_FILE).read_text())
-
-
-def list_complete(ckpt_dir: Path) -> list[CheckpointRef]:
-    """Every complete checkpoint under `ckpt_dir`, oldest step first (a universal copy after its source)."""
-    refs = []
-    if not ckpt_dir.is_dir():
-        return refs
-    for p in ckpt_dir.iterdir():
-        m = _TAG_RE.match(p.name)
-        if not (m and p.is_dir() and is_complete(p)):
-            continue
-        try:
-            state = read_state(p)
-        except (OSError, ValueError):
-            continue  # a marker without the trainer's state: not a checkpoint this trainer can resume
-        refs.append(
-            CheckpointRef(
-                load_dir=ckpt_dir,
-                tag=p.name,
-                step=int(state["step"]),
-                world_size=int(state["world_size"]),
-                universal=bool(m.group(2)),
-            )
-        )
-    return sorted(refs, key=lambda r: (r.step, r.universal))
-
-
-def resolve_resume(ckpt_dir: Path, which: str, world_size: int) -> CheckpointRef:
-    """Find the checkpoint `--resume which` means: `latest` (newest complete) or a tag; check the world size."""
-    refs = list_complete(ckpt_dir)
-    if which == "latest":
-        if not refs:
-            raise ConfigError(f"--resume latest: no complete checkpoint in {ckpt_dir}")
-        newest = max(r.step for r in refs)
-        candidates = [r for r in refs if r.step == newest]
-        # Same step in both forms: the original where the world size matches, else the universal copy.
-        same = [r for r in candidates if not r.universal and r.world_size == world_size]
-        universal = [r for r in candidates if r.universal]
-        ref = (same or universal or candidates)[0]
-    else:
-        path = ckpt_dir / which
-        if not path.is_dir():
-            names = ", ".join(r.tag for r in refs) or "none"
-            raise ConfigError(
-                f"--resume {which}: no checkpoint '{which}' in {ckpt_dir} (complete ones: {names})"
-            )
-        ref = next((r for r in refs if r.tag == which), None)
-        if ref is None:
-            raise ConfigError(
-                f"--resume {which}: {path} is incomplete (no {COMPLETE} marker, or files it lists are missing: "
-                f"its save or its deletion was cut off)"
-            )
-    if not ref.universal and ref.world_size != world_size:
-        if written_zero_stage(ref.path) == 0:
-            raise ConfigError(stage0_reshard_message(ref.tag, ref.world_size))
-        raise ConfigError(
-            f"checkpoint {ref.tag} was written by {ref.world_size} ranks and this run has {world_size}: "
-            f"DeepSpeed cannot reshard it directly. Convert it once with\n"
-            f"  python -m trainer.checkpointing to-universal --run-dir {ckpt_dir.parent} --tag {ref.tag}\n"
-            f"then resume with --resume {ref.tag}{UNIVERSAL_SUFFIX}"
-        )
-    return ref
-
-
-def has_zero_shards(path: Path) -> bool:
-    """Whether DeepSpeed checkpoint folder `path` holds ZeRO optimizer shards; a stage-0 checkpoint has none."""
-    return any(path.glob("*zero_pp_rank_*_optim_states.pt"))
-
-
-def written_zero_stage(path: Path) -> int:
-    """The ZeRO stage checkpoint `path` was written with as far as its trainer state records it (0 or >= 1 from its
-    files where the record is missing)."""
-    stage = read_state(path).get("zero_stage")
-    if stage is not None:
-        return int(stage)
-    return 1 if has_zero_shards(path) else 0
-
-
-def stage0_reshard_message(tag: str, world_size: int) -> str:
-    """Why a stage-0 checkpoint continues only on the number of ranks that wrote it, and what to do instead."""
-    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
-    return (
-        f"checkpoint {tag} was written at ZeRO stage 0 (deepspeed_configs/README.md) and needs no conversion: "
-        f"resume it on {ranks} with --resume {tag}. It cannot continue on another number of ranks: those run "
-        f"under ZeRO, whose optimizer cannot load its AdamW state (mp_rank_00_model_states.pt), and "
-        f"ds_to_universal converts ZeRO shards only; start such a run afresh"
-    )
+log = logging.getLogger(__name__)
 
 
 class CheckpointSpaceError(RuntimeError):
@@ -540,13 +248,13 @@ class Checkpointer:
         doomed = [r.path for r in refs[: max(0, len(refs) - self.keep_last)] if r.path != keep]
         keep_step = read_state(keep)["step"]
         for p in self.ckpt_dir.iterdir():
-            if _DELETING_RE.match(p.name) and p.is_dir():
+            if DELETING_RE.match(p.name) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 continue
-            m = _TAG_RE.match(p.name) or _LEFTOVER_RE.match(p.name)
+            m = TAG_RE.match(p.name) or LEFTOVER_RE.match(p.name)
             if not (m and p.is_dir()) or p == keep:
                 continue
-            leftover = _LEFTOVER_RE.match(p.name) is not None
+            leftover = LEFTOVER_RE.match(p.name) is not None
             half_written = not m.group(2) and not is_complete(p)
             if (leftover or half_written) and int(m.group(1)) <= keep_step:
                 doomed.append(p)
@@ -581,78 +289,6 @@ class Checkpointer:
             random.seed(seed)
         log.info("resumed from %s (step %d, written by %d ranks)", ref.path, ref.step, ref.world_size)
         return state
-
-
-# -- to-universal command ----------------------------------------------------------------------------------------
-
-
-def to_universal(run_dir: Path, tag: str | None = None) -> Path:
-    """Convert a complete checkpoint to DeepSpeed's universal format next to it; returns the new folder."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if tag is None:
-        refs = [r for r in list_complete(ckpt_dir) if not r.universal]
-        if not refs:
-            raise ConfigError(f"no complete checkpoint in {ckpt_dir}")
-        tag = refs[-1].tag
-    src = ckpt_dir / tag
-    if not is_complete(src):
-        raise ConfigError(f"{src} is not a complete checkpoint (no {COMPLETE} marker)")
-    if written_zero_stage(src) == 0:
-        raise ConfigError(stage0_reshard_message(tag, read_state(src)["world_size"]))
-    dst = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
-    remove_checkpoint(dst)
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder",
-        str(src),
-        "--output_folder",
-        str(dst),
-        "--inject_missing_state",
-        "--num_extract_workers",
-        str(max(1, min(4, os.cpu_count() or 1))),
-        "--num_merge_workers",
-        "1",
-    ]
-    print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    for f in src.iterdir():
-        if f.name == STATE_FILE or f.name.startswith("rng_rank"):
-            shutil.copy2(f, dst / f.name)
-    marker = {"tag": dst.name, "step": read_state(src)["step"], "universal_from": tag, "time": time.time()}
-    write_complete_marker(dst, marker)
-    return dst
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.checkpointing",
-        description="Checkpoint tools. to-universal: convert a ZeRO checkpoint so that a run with a different "
-        "number of ranks can resume from it (then: --resume <tag>_universal).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("to-universal", help="convert RUN/checkpoints/TAG into RUN/checkpoints/TAG_universal")
-    p.add_argument("--run-dir", required=True, type=Path, help="the run folder (holds checkpoints/)")
-    p.add_argument("--tag", default=None, help="checkpoint to convert (default: the newest complete one)")
-    p = sub.add_parser("list", help="list the complete checkpoints of a run")
-    p.add_argument("--run-dir", required=True, type=Path, help="the run folder (holds checkpoints/)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "to-universal":
-            dst = to_universal(args.run_dir, args.tag)
-            print(f"universal checkpoint: {dst}\nresume with: --resume {dst.name}")
-        else:
-            for r in list_complete(args.run_dir / "checkpoints"):
-                kind = "universal" if r.universal else f"{r.world_size} ranks"
-                print(f"{r.tag}\tstep {r.step}\t{kind}")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except subprocess.CalledProcessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

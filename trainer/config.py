@@ -7,6 +7,7 @@ Presets live in trainer/presets.py; `--set section.field=value` overrides any fi
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import typing
@@ -301,3 +302,40 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
                 values[k] = tuple(v)
         built[f.name] = section_cls(**values)
     return RunConfig(**built)
+
+
+# -- help text ---------------------------------------------------------------------------------------------------
+def field_docs() -> dict[str, str]:
+    """`section.field` -> the docstring under it in this file (for --help)."""
+    tree = ast.parse(Path(__file__).read_text())
+    sections = {
+        f.type if isinstance(f.type, str) else f.type.__name__: f.name for f in dataclasses.fields(RunConfig)
+    }
+    docs: dict[str, str] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef) and node.name in sections):
+            continue
+        body = node.body
+        for i, stmt in enumerate(body):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[f"{sections[node.name]}.{stmt.target.id}"] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def fields_help() -> str:
+    """Every field `--set` accepts, with its type, default and docstring (trainer/main.py's --help epilog)."""
+    docs = field_docs()
+    lines = ["configuration fields for --set (defaults of the dataclasses; presets change some):"]
+    default = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        obj = getattr(default, section.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            key = f"{section.name}.{f.name}"
+            typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"  {key} ({typ}, default {getattr(obj, f.name)!r})")
+            if key in docs:
+                lines.append(f"      {docs[key]}")
+    return "\n".join(lines)

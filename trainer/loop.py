@@ -163,8 +163,7 @@ class TrainLoop:
         evaluate: Callable[[int], dict[str, float]] | None = None,
         stop: StopRequest | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.t = cfg.train
+        self.t = cfg.train  # the only section the loop reads
         self.engine = engine
         self.dist = dist
         self.make_loader = make_loader

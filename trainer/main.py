@@ -16,7 +16,7 @@ the needed space): the input was fine and the same command succeeds once there i
 left intact (trainer/checkpointing.py).
 
 The run folder (--run-dir) and what is in it (config, DeepSpeed config, answers, tokenizer) belong to
-trainer/run_folder.py; this file checks the input, builds the run from the components and runs it.
+trainer/run_folder.py; trainer/run.py builds the run from the components; this file checks the input and runs it.
 """
 
 from __future__ import annotations
@@ -65,66 +65,27 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(REPO_ROOT)
 
 import argparse  # noqa: E402
-import ast  # noqa: E402
-import dataclasses  # noqa: E402
 import logging  # noqa: E402
-import typing  # noqa: E402
 from typing import Any  # noqa: E402
 
 from data_pipeline.errors import is_bad_input  # noqa: E402
 from trainer import dist as D  # noqa: E402
-from trainer.config import ConfigError, RunConfig, apply_overrides  # noqa: E402
+from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
 from trainer.presets import PRESETS, get_preset  # noqa: E402
+from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
 from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
 
 log = logging.getLogger("trainer.main")
 
 
 # -- command line ------------------------------------------------------------------------------------------------
-def _field_docs() -> dict[str, str]:
-    """`section.field` -> the docstring under it in trainer/config.py (for --help)."""
-    import trainer.config as config_module
-
-    tree = ast.parse(Path(config_module.__file__).read_text())
-    sections = {
-        f.type if isinstance(f.type, str) else f.type.__name__: f.name for f in dataclasses.fields(RunConfig)
-    }
-    docs: dict[str, str] = {}
-    for node in tree.body:
-        if not (isinstance(node, ast.ClassDef) and node.name in sections):
-            continue
-        body = node.body
-        for i, stmt in enumerate(body):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                nxt = body[i + 1] if i + 1 < len(body) else None
-                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                    docs[f"{sections[node.name]}.{stmt.target.id}"] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def _fields_epilog() -> str:
-    docs = _field_docs()
-    lines = ["configuration fields for --set (defaults of the dataclasses; presets change some):"]
-    default = RunConfig()
-    for section in dataclasses.fields(RunConfig):
-        obj = getattr(default, section.name)
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            key = f"{section.name}.{f.name}"
-            typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            lines.append(f"  {key} ({typ}, default {getattr(obj, f.name)!r})")
-            if key in docs:
-                lines.append(f"      {docs[key]}")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trainer/main.py",
         description="Train or evaluate the fused ViLT+CLIP VQA model with DeepSpeed ZeRO. Launch with "
         "`deepspeed --num_gpus N trainer/main.py ...`, `torchrun`, or plainly with `python trainer/main.py ...`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_fields_epilog(),
+        epilog=fields_help(),
     )
     p.add_argument(
         "--preset",
@@ -154,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint when there is one, else start a fresh run from --preset and the other options; one command "
         "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod)",
     )
+    _add_engine_options(p)
+    return p
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The options after the run's inputs: DeepSpeed's config, overrides, evaluation, the launchers' --local_rank."""
     p.add_argument(
         "--deepspeed_config",
         "--deepspeed-config",
@@ -186,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="set by the deepspeed/torch launchers; the LOCAL_RANK environment variable takes precedence",
     )
-    return p
 
 
 def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
@@ -292,17 +258,7 @@ def check_data(folder: str | None, what: str, world_size: int, required: bool) -
     return manifest
 
 
-def ds_config_path(arg: str | None) -> Path:
-    from trainer.engine import default_ds_config_path
-
-    if arg:
-        return Path(arg)
-    import torch
-
-    return default_ds_config_path(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-# -- building the run --------------------------------------------------------------------------------------------
+# -- running (the run itself is built by trainer/run.py) ---------------------------------------------------------
 def setup_logging() -> None:
     rank = D.env_rank()  # whichever launcher started the process (trainer/dist.py), before any process group
     logging.basicConfig(
@@ -312,157 +268,6 @@ def setup_logging() -> None:
     )
     # DeepSpeed's own INFO lines (config dumps, per-step timers) would drown the trainer's.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-class Run:
-    """The pieces of one run, built in order; `train()` and `evaluate()` use them."""
-
-    def __init__(self, args: argparse.Namespace, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
-        import torch
-
-        from trainer import run_folder
-        from trainer.checkpointing import Checkpointer, resolve_resume
-        from trainer.engine import Engine, load_ds_config, resolve_ds_config
-        from trainer.metrics import build_logger
-
-        self.args, self.cfg, self.run_dir, self.dist = args, cfg, folder.path, dist
-        ref = (
-            resolve_resume(self.run_dir / "checkpoints", args.resume, dist.world_size)
-            if args.resume
-            else None
-        )
-        ds_cfg = resolve_ds_config(
-            load_ds_config(ds_config_path(args.deepspeed_config)),
-            cfg,
-            dist.world_size,
-            dist.device,
-            load_universal=bool(ref and ref.universal),
-        )
-        answers = run_folder.data_answers(cfg)
-        if ref:
-            folder.check_answers(answers, cfg.data.train_data or cfg.data.val_data or "")
-        folder.start(cfg, ds_cfg, answers, dist)
-        # The same seed on every rank: identical initial weights.
-        _, self.tokenizer, self.answers, self.task = run_folder.load(folder, config=cfg, seed=cfg.train.seed)
-        torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
-        self.engine = Engine(self.task, ds_cfg, cfg, dist)
-        self.checkpointer = Checkpointer(
-            self.run_dir, self.engine, dist, every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last
-        )
-        self.resume_state = self.checkpointer.load(ref) if ref else None
-        self.metrics = build_logger(self.run_dir, dist.is_main)
-        val = cfg.data.val_data
-        self.answer_type_of = run_folder.read_answer_types(val) if val and dist.is_main else {}
-
-    def loader(self, folder: str, *, train: bool, epoch: int = 0, skip: int = 0):
-        from data_pipeline.loader import build_loader
-
-        c, d = self.cfg, self.dist
-        return build_loader(
-            folder,
-            tokenizer=self.tokenizer,
-            batch_size=c.train.micro_batch_size if train else c.train.eval_micro_batch,
-            image_size=c.model.image_size,
-            mean=self.task.image_mean,
-            std=self.task.image_std,
-            rank=d.rank,
-            world_size=d.world_size,
-            train=train,
-            seed=c.train.seed,
-            epoch=epoch,
-            skip_batches=skip,
-            kind=c.data.loader,
-            num_workers=c.data.num_workers,
-            shuffle_buffer=c.data.shuffle_buffer,
-            on_short_shard=c.data.on_short_shard,
-            device=d.device,
-        )
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Evaluate on --val-data on every rank; rank 0 logs `val/...` and writes the predictions file."""
-        from data_pipeline.loader import read_manifest
-        from trainer.evaluation import evaluate, write_results
-        from trainer.loop import shielded
-
-        folder = self.cfg.data.val_data
-        if not folder:
-            return {}
-        loader = self.loader(folder, train=False)
-        result = evaluate(
-            self.engine,
-            shielded(loader),
-            answers=self.answers,
-            device=self.dist.device,
-            answer_type_of=self.answer_type_of,
-            has_answers=bool(read_manifest(folder).get("has_answers", True)),
-            progress=self.dist.is_main and self.cfg.train.progress_bar,
-            total=len(loader),
-        )
-        metrics = result.metrics()
-        if self.dist.is_main:
-            self.metrics.log(metrics, step)
-            pred_path, _ = write_results(result, self.run_dir / "eval", step)
-            score = "n/a (no answers)" if result.vqa_score is None else f"{result.vqa_score:.4f}"
-            log.info(
-                "step %d: val VQA score %s on %d questions (%.1f s) -> %s",
-                *(step, score, result.count, result.seconds, pred_path),
-            )
-        return metrics
-
-    def train(self, stop: Any) -> str:
-        from trainer.loop import TrainLoop
-
-        assert self.cfg.data.train_data is not None
-        train_data, val = self.cfg.data.train_data, self.cfg.data.val_data
-        loop = TrainLoop(
-            self.cfg,
-            self.engine,
-            self.dist,
-            make_loader=lambda epoch, skip: self.loader(train_data, train=True, epoch=epoch, skip=skip),
-            metrics=self.metrics,
-            checkpointer=self.checkpointer,
-            evaluate=self.evaluate if val else None,
-            stop=stop,
-        )
-        if self.resume_state is not None:
-            loop.load_state_dict(self.resume_state)
-        if self.cfg.train.eval_at_start and val:
-            self.evaluate(loop.step)
-        reason = loop.run()
-        if reason == "done" and val:
-            self.evaluate(loop.step)
-        return reason
-
-    def current_step(self) -> int:
-        return int(self.resume_state["step"]) if self.resume_state else 0
-
-    def log_hparams(self) -> None:
-        hp = self.cfg.to_dict()
-        e = self.engine
-        hp["run"] = {
-            "world_size": self.dist.world_size,
-            "zero_stage": e.zero_stage,
-            "precision": e.precision,
-            "grad_accum": e.grad_accum,
-        }
-        self.metrics.log_hparams(hp)
-
-
-def lock_run_dir(run_dir: Path, dist: D.DistInfo) -> Any:
-    """Rank 0 takes the run folder's lock (trainer/runlock.py); every rank learns the outcome, so that all ranks of a
-    refused job stop with the same one-line error instead of waiting on rank 0."""
-    from trainer.runlock import RunLock, RunLockedError
-
-    lock, refused = RunLock(run_dir), None
-    if dist.is_main:
-        try:
-            lock.acquire()
-        except RunLockedError as exc:
-            refused = str(exc)
-    refused = D.broadcast_object(refused)
-    if refused:
-        raise RunLockedError(refused)
-    return lock
 
 
 def train_or_evaluate(run: Run, stop: Any) -> int:
@@ -484,12 +289,10 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
 
 
 # -- main --------------------------------------------------------------------------------------------------------
-# An error that means "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback)
-# subclasses data_pipeline.errors.BadInputError; `is_bad_input` decides by type.
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Parse, check (before any process group exists), build the run, train or evaluate, close."""
+    """Parse, check (before any process group exists), build the run, train or evaluate, close. An error that means
+    "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback) subclasses
+    data_pipeline.errors.BadInputError; `is_bad_input` decides by type."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

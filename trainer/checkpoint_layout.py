@@ -1,0 +1,212 @@
+"""The on-disk contract of a run's checkpoints: layout, completeness markers, listing, resume resolution, deletion.
+
+Layout of a run's checkpoints (`<run_dir>/checkpoints/`):
+
+    global_step<N>/               one checkpoint; every rank writes its DeepSpeed ZeRO shards into it
+        ...DeepSpeed files...     model states, optimizer shards, lr scheduler
+        trainer_state.json        the loop's state_dict: step, epoch, position in the epoch, samples seen, world size
+        rng_rank<R>.pt            each rank's RNG states (torch, CUDA, numpy, python) as tensors and numbers
+        COMPLETE                  written last, atomically, by rank 0 after every rank has finished writing; lists
+                                  every file of the checkpoint with its size
+    global_step<N>_universal/     the same step converted for another world size (trainer/checkpoint_universal.py)
+    latest                        DeepSpeed's pointer, rewritten only once a checkpoint is COMPLETE
+
+DeepSpeed writes its own `latest` from rank 0 as soon as rank 0's files are out, before the other ranks are known to
+have finished (deepspeed/runtime/engine.py, save_checkpoint), and not atomically. A checkpoint is therefore only ever
+taken as a resume point when its COMPLETE marker exists, so a crash (kill -9) mid-save leaves the previous checkpoint
+as the latest one. A run that reaches a step whose complete checkpoint already exists (after resuming from an earlier
+one) writes `global_step<N>.partial` and swaps it in only once complete, so a broken run never costs a good
+checkpoint; leftovers of such attempts are removed by the next successful save (trainer/checkpointing.py).
+
+A checkpoint is complete only while its marker exists and every file the marker lists is there with its size, so a
+checkpoint damaged after it was written (files deleted by hand, a copy cut short) is not offered for resuming either.
+Deleting a checkpoint (keep-last pruning, replacing a universal copy) first renames it to `<tag>.deleting`, an
+atomic step after which it no longer counts, and only then removes its files: a kill -9 in the middle leaves a
+`.deleting` folder that is never listed and that the next save removes.
+
+A checkpoint of a single-rank run is written at ZeRO stage 0 (trainer/engine.py `resolve_ds_config`): no ZeRO
+shards, the full weights and torch's AdamW state in `mp_rank_00_model_states.pt`. It resumes on one rank as it is.
+ds_to_universal reads ZeRO shards only, and a run on more ranks runs under ZeRO, whose optimizer cannot load that
+state: `to-universal` and a resume on another number of ranks refuse it, saying so.
+
+How the files inside are loaded safely: trainer/checkpoint_safety.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_pipeline import atomic
+from trainer.config import ConfigError
+
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+UNIVERSAL_SUFFIX = "_universal"
+PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+DELETING_SUFFIX = ".deleting"
+TAG_RE = re.compile(r"^global_step(\d+)(_universal)?$")
+LEFTOVER_RE = re.compile(r"^global_step(\d+)(\.partial|\.old)$")
+DELETING_RE = re.compile(r"^global_step\d+(_universal)?(\.partial|\.old)?\.deleting$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"global_step{step}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A complete checkpoint on disk and what its side files say about it."""
+
+    load_dir: Path
+    tag: str
+    step: int
+    world_size: int
+    universal: bool
+
+    @property
+    def path(self) -> Path:
+        return self.load_dir / self.tag
+
+
+def is_complete(path: Path) -> bool:
+    """The marker exists and every file it lists is there with its size (markers written before the list existed
+    vouch for the folder as it is)."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False  # no marker (the marker is written atomically: it is never torn)
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        return True
+    return all(_size(path / name) == size for name, size in files.items())
+
+
+def _size(file: Path) -> int | None:
+    try:
+        return file.stat().st_size
+    except OSError:
+        return None
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """Every file under checkpoint folder `path` (relative name -> bytes), its marker and temp files aside."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name != COMPLETE and not f.name.startswith("."):
+            out[f.relative_to(path).as_posix()] = f.stat().st_size
+    return out
+
+
+def write_complete_marker(path: Path, marker: dict[str, Any]) -> None:
+    """Mark checkpoint folder `path` complete, listing its files so that a later loss of any of them shows."""
+    atomic.write_text(path / COMPLETE, json.dumps(dict(marker, files=file_sizes(path))) + "\n")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder such that no moment of the deletion leaves a complete-looking one: rename it to
+    `<name>.deleting` first (atomic; that name is never listed), then remove the files. A deletion cut short (kill -9)
+    leaves only the `.deleting` folder, which the next save removes."""
+    if not path.exists():
+        return
+    doomed = path.with_name(path.name + DELETING_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier deletion of the same name that was cut short
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def list_complete(ckpt_dir: Path) -> list[CheckpointRef]:
+    """Every complete checkpoint under `ckpt_dir`, oldest step first (a universal copy after its source)."""
+    refs = []
+    if not ckpt_dir.is_dir():
+        return refs
+    for p in ckpt_dir.iterdir():
+        m = TAG_RE.match(p.name)
+        if not (m and p.is_dir() and is_complete(p)):
+            continue
+        try:
+            state = read_state(p)
+        except (OSError, ValueError):
+            continue  # a marker without the trainer's state: not a checkpoint this trainer can resume
+        refs.append(
+            CheckpointRef(
+                load_dir=ckpt_dir,
+                tag=p.name,
+                step=int(state["step"]),
+                world_size=int(state["world_size"]),
+                universal=bool(m.group(2)),
+            )
+        )
+    return sorted(refs, key=lambda r: (r.step, r.universal))
+
+
+def resolve_resume(ckpt_dir: Path, which: str, world_size: int) -> CheckpointRef:
+    """Find the checkpoint `--resume which` means: `latest` (newest complete) or a tag; check the world size."""
+    refs = list_complete(ckpt_dir)
+    if which == "latest":
+        if not refs:
+            raise ConfigError(f"--resume latest: no complete checkpoint in {ckpt_dir}")
+        newest = max(r.step for r in refs)
+        candidates = [r for r in refs if r.step == newest]
+        # Same step in both forms: the original where the world size matches, else the universal copy.
+        same = [r for r in candidates if not r.universal and r.world_size == world_size]
+        universal = [r for r in candidates if r.universal]
+        ref = (same or universal or candidates)[0]
+    else:
+        path = ckpt_dir / which
+        if not path.is_dir():
+            names = ", ".join(r.tag for r in refs) or "none"
+            raise ConfigError(
+                f"--resume {which}: no checkpoint '{which}' in {ckpt_dir} (complete ones: {names})"
+            )
+        ref = next((r for r in refs if r.tag == which), None)
+        if ref is None:
+            raise ConfigError(
+                f"--resume {which}: {path} is incomplete (no {COMPLETE} marker, or files it lists are missing: "
+                f"its save or its deletion was cut off)"
+            )
+    if not ref.universal and ref.world_size != world_size:
+        if written_zero_stage(ref.path) == 0:
+            raise ConfigError(stage0_reshard_message(ref.tag, ref.world_size))
+        raise ConfigError(
+            f"checkpoint {ref.tag} was written by {ref.world_size} ranks and this run has {world_size}: "
+            f"DeepSpeed cannot reshard it directly. Convert it once with\n"
+            f"  python -m trainer.checkpointing to-universal --run-dir {ckpt_dir.parent} --tag {ref.tag}\n"
+            f"then resume with --resume {ref.tag}{UNIVERSAL_SUFFIX}"
+        )
+    return ref
+
+
+def has_zero_shards(path: Path) -> bool:
+    """Whether DeepSpeed checkpoint folder `path` holds ZeRO optimizer shards; a stage-0 checkpoint has none."""
+    return any(path.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def written_zero_stage(path: Path) -> int:
+    """The ZeRO stage checkpoint `path` was written with as far as its trainer state records it (0 or >= 1 from its
+    files where the record is missing)."""
+    stage = read_state(path).get("zero_stage")
+    if stage is not None:
+        return int(stage)
+    return 1 if has_zero_shards(path) else 0
+
+
+def stage0_reshard_message(tag: str, world_size: int) -> str:
+    """Why a stage-0 checkpoint continues only on the number of ranks that wrote it, and what to do instead."""
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    return (
+        f"checkpoint {tag} was written at ZeRO stage 0 (deepspeed_configs/README.md) and needs no conversion: "
+        f"resume it on {ranks} with --resume {tag}. It cannot continue on another number of ranks: those run "
+        f"under ZeRO, whose optimizer cannot load its AdamW state (mp_rank_00_model_states.pt), and "
+        f"ds_to_universal converts ZeRO shards only; start such a run afresh"
+    )

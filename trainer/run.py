@@ -1,0 +1,183 @@
+"""Building one run from its components: engine, checkpointer, metrics, loaders, evaluation; then training it.
+
+`Run(args, cfg, folder, dist)` resolves the checkpoint to resume from and the DeepSpeed config, prepares the run
+folder (trainer/run_folder.py), builds the task and its `Engine`, the `Checkpointer` and the metrics logger, and loads
+the checkpoint; `train(stop)` hands them to the `TrainLoop`, `evaluate(step)` scores --val-data on every rank.
+`lock_run_dir` takes the run folder's lock before a training job builds anything in it. trainer/main.py checks the
+input before any of this is built and decides the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from trainer import dist as D
+from trainer.config import RunConfig
+from trainer.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def ds_config_path(arg: str | None) -> Path:
+    """--deepspeed_config, else the default for this host's device (trainer/engine.py)."""
+    from trainer.engine import default_ds_config_path
+
+    if arg:
+        return Path(arg)
+    import torch
+
+    return default_ds_config_path(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class Run:
+    """The pieces of one run, built in order; `train()` and `evaluate()` use them."""
+
+    def __init__(self, args: argparse.Namespace, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
+        import torch
+
+        from trainer import run_folder
+        from trainer.checkpointing import Checkpointer, resolve_resume
+        from trainer.engine import Engine, load_ds_config, resolve_ds_config
+        from trainer.metrics import build_logger
+
+        self.args, self.cfg, self.run_dir, self.dist = args, cfg, folder.path, dist
+        ref = (
+            resolve_resume(self.run_dir / "checkpoints", args.resume, dist.world_size)
+            if args.resume
+            else None
+        )
+        ds_cfg = resolve_ds_config(
+            load_ds_config(ds_config_path(args.deepspeed_config)),
+            cfg,
+            dist.world_size,
+            dist.device,
+            load_universal=bool(ref and ref.universal),
+        )
+        answers = run_folder.data_answers(cfg)
+        if ref:
+            folder.check_answers(answers, cfg.data.train_data or cfg.data.val_data or "")
+        folder.start(cfg, ds_cfg, answers, dist)
+        # The same seed on every rank: identical initial weights.
+        _, self.tokenizer, self.answers, self.task = run_folder.load(folder, config=cfg, seed=cfg.train.seed)
+        torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
+        self.engine = Engine(self.task, ds_cfg, cfg, dist)
+        self.checkpointer = Checkpointer(
+            self.run_dir, self.engine, dist, every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last
+        )
+        self.resume_state = self.checkpointer.load(ref) if ref else None
+        self.metrics = build_logger(self.run_dir, dist.is_main)
+        val = cfg.data.val_data
+        self.answer_type_of = run_folder.read_answer_types(val) if val and dist.is_main else {}
+
+    def loader(self, folder: str, *, train: bool, epoch: int = 0, skip: int = 0):
+        from data_pipeline.loader import build_loader
+
+        c, d = self.cfg, self.dist
+        return build_loader(
+            folder,
+            tokenizer=self.tokenizer,
+            batch_size=c.train.micro_batch_size if train else c.train.eval_micro_batch,
+            image_size=c.model.image_size,
+            mean=self.task.image_mean,
+            std=self.task.image_std,
+            rank=d.rank,
+            world_size=d.world_size,
+            train=train,
+            seed=c.train.seed,
+            epoch=epoch,
+            skip_batches=skip,
+            kind=c.data.loader,
+            num_workers=c.data.num_workers,
+            shuffle_buffer=c.data.shuffle_buffer,
+            on_short_shard=c.data.on_short_shard,
+            device=d.device,
+        )
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluate on --val-data on every rank; rank 0 logs `val/...` and writes the predictions file."""
+        from data_pipeline.loader import read_manifest
+        from trainer.evaluation import evaluate, write_results
+        from trainer.loop import shielded
+
+        folder = self.cfg.data.val_data
+        if not folder:
+            return {}
+        loader = self.loader(folder, train=False)
+        result = evaluate(
+            self.engine,
+            shielded(loader),
+            answers=self.answers,
+            device=self.dist.device,
+            answer_type_of=self.answer_type_of,
+            has_answers=bool(read_manifest(folder).get("has_answers", True)),
+            progress=self.dist.is_main and self.cfg.train.progress_bar,
+            total=len(loader),
+        )
+        metrics = result.metrics()
+        if self.dist.is_main:
+            self.metrics.log(metrics, step)
+            pred_path, _ = write_results(result, self.run_dir / "eval", step)
+            score = "n/a (no answers)" if result.vqa_score is None else f"{result.vqa_score:.4f}"
+            log.info(
+                "step %d: val VQA score %s on %d questions (%.1f s) -> %s",
+                *(step, score, result.count, result.seconds, pred_path),
+            )
+        return metrics
+
+    def train(self, stop: Any) -> str:
+        from trainer.loop import TrainLoop
+
+        assert self.cfg.data.train_data is not None
+        train_data, val = self.cfg.data.train_data, self.cfg.data.val_data
+        loop = TrainLoop(
+            self.cfg,
+            self.engine,
+            self.dist,
+            make_loader=lambda epoch, skip: self.loader(train_data, train=True, epoch=epoch, skip=skip),
+            metrics=self.metrics,
+            checkpointer=self.checkpointer,
+            evaluate=self.evaluate if val else None,
+            stop=stop,
+        )
+        if self.resume_state is not None:
+            loop.load_state_dict(self.resume_state)
+        if self.cfg.train.eval_at_start and val:
+            self.evaluate(loop.step)
+        reason = loop.run()
+        if reason == "done" and val:
+            self.evaluate(loop.step)
+        return reason
+
+    def current_step(self) -> int:
+        return int(self.resume_state["step"]) if self.resume_state else 0
+
+    def log_hparams(self) -> None:
+        hp = self.cfg.to_dict()
+        e = self.engine
+        hp["run"] = {
+            "world_size": self.dist.world_size,
+            "zero_stage": e.zero_stage,
+            "precision": e.precision,
+            "grad_accum": e.grad_accum,
+        }
+        self.metrics.log_hparams(hp)
+
+
+def lock_run_dir(run_dir: Path, dist: D.DistInfo) -> Any:
+    """Rank 0 takes the run folder's lock (trainer/runlock.py); every rank learns the outcome, so that all ranks of a
+    refused job stop with the same one-line error instead of waiting on rank 0."""
+    from trainer.runlock import RunLock, RunLockedError
+
+    lock, refused = RunLock(run_dir), None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            refused = str(exc)
+    refused = D.broadcast_object(refused)
+    if refused:
+        raise RunLockedError(refused)
+    return lock
