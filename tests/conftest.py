@@ -44,3 +44,14 @@ def tiny_easyvqa_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         build_shard_folder(dataclasses.replace(spec, candidates=spec.candidates[:n]))
     return root
+
+
+@pytest.fixture
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """This test's process without any launcher's variables (restored afterwards)."""
+    from tests.helpers.launch_env import LAUNCHER_PREFIXES, TORCH_VARS
+
+    for name in list(os.environ):
+        if name in TORCH_VARS or name.startswith(LAUNCHER_PREFIXES):
+            monkeypatch.delenv(name)
+    return monkeypatch

@@ -14,34 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.launch_env import clean_env
 from trainer import dist as D
 from trainer.main import REPO_ROOT, main, ranks_on_this_host
-
-LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL")
-TORCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
-
-
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without any launcher's variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCH_VARS and not k.startswith(LAUNCHER_PREFIXES)}
-    return {**env, **(extra or {})}
-
-
-@pytest.fixture
-def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name in TORCH_VARS or name.startswith(LAUNCHER_PREFIXES):
-            monkeypatch.delenv(name)
-    return monkeypatch
-
 
 # (environment, launcher, rank, world size, local rank, ranks on the host)
 CASES = {

@@ -4,7 +4,6 @@ MASTER_PORT), and `./launch.sh train --preflight` running it on the trainer's ra
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -15,33 +14,11 @@ from pathlib import Path
 import pytest
 from test_launch import Checkout, stamp_for, write_executable
 
+from tests.helpers.launch_env import clean_env
 from trainer import preflight as P
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL")
-TORCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 HEADER = ["host", "rank", "local", "device", "memory"]
-
-
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in TORCH_VARS and not k.startswith(LAUNCHER_PREFIXES)}
-    return {**env, **(extra or {})}
-
-
-@pytest.fixture
-def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name in TORCH_VARS or name.startswith(LAUNCHER_PREFIXES):
-            monkeypatch.delenv(name)
-    return monkeypatch
 
 
 def rows(out: str) -> list[list[str]]:
