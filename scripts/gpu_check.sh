@@ -35,7 +35,7 @@ usage() {
     cat <<'USAGE'
 Usage: scripts/gpu_check.sh [OPTIONS]
 
-Runs the project's GPU path on this machine's first GPU (tests, a resumed bf16 DALI training smoke, the throughput
+Runs the project's GPU path on the first GPU of the machine it runs on (tests, a resumed bf16 DALI training smoke, the throughput
 benchmark with profiles, the ZeRO stage on one GPU, the loaders) within a time budget; one results folder.
 
 Options:

@@ -9,12 +9,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch_env import clean_env
+from tests.helpers.launch_env import clean_env, wait_all
 from trainer import dist as D
 from trainer.main import REPO_ROOT, main, ranks_on_this_host
 
@@ -246,15 +245,7 @@ def test_two_slurm_tasks_form_one_two_rank_job(tiny_easyvqa_shards: Path, tmp_pa
                 stderr=subprocess.STDOUT,
             )
         )
-    deadline = time.monotonic() + 120
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
+    wait_all(procs, 120)
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-4000:] for log in logs)
     assert "rank 0/2 (local 0) on cpu, backend gloo, launcher slurm" in logs[0], logs[0][-4000:]

@@ -8,13 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_launch import Checkout, stamp_for, write_executable
+import test_launch
+from test_launch import Checkout
 
-from tests.helpers.launch_env import clean_env
+from tests.helpers.launch_env import clean_env, wait_all
 from trainer import preflight as P
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,15 +144,7 @@ def run_two_ranks(args: list[str], tmp_path: Path) -> tuple[list[int], list[str]
                 [sys.executable, "-m", "trainer.preflight", *args], cwd=REPO, env=env, stdout=out, stderr=err
             )
         )
-    deadline = time.monotonic() + 60
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
+    wait_all(procs, 60)
     outs = [(tmp_path / f"rank{r}.out").read_text() for r in range(2)]
     errs = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
     return [p.returncode for p in procs], outs, errs
@@ -210,20 +202,8 @@ def test_a_run_folder_under_a_file_fails_with_one_line_naming_rank_and_check(
 # -- launch.sh train --preflight ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def checkout(tmp_path: Path) -> Checkout:
-    """A copy of launch.sh with a fake, set-up virtual environment and no GPU (as tests/test_launch.py makes)."""
-    root, venv, bin_dir, tmp, home = (tmp_path / n for n in ("repo", "venv", "bin", "tmp", "home"))
-    for d in (root, venv / "bin", bin_dir, tmp, home):
-        d.mkdir(parents=True)
-    shutil.copy2(REPO / "launch.sh", root / "launch.sh")
-    shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
-    for name in ("python", "deepspeed", "tensorboard", "ruff"):
-        write_executable(venv / "bin" / name, "#!/bin/sh\nexit 0\n")
-    (venv / ".setup-stamp").write_text(stamp_for(root / "launch.sh"))
-    c = Checkout(root, venv, bin_dir, tmp, home)
-    c.gpus(0)
-    return c
+# launch.sh with a fake, set-up virtual environment and no GPU: tests/test_launch.py's fixture.
+checkout = test_launch.checkout
 
 
 def test_launch_sh_train_preflight_runs_the_module_on_the_trainers_ranks(checkout: Checkout) -> None:
