@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline import build, dali_loader, synthetic, vqa2
-from data_pipeline.loader import build_loader, read_sample_info
+from data_pipeline.loader import LoaderSpec, build_loader, read_sample_info
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +94,19 @@ def time_loader(
     epoch: int,
     max_batches: int,
 ) -> tuple[str, float]:
-    loader = build_loader(
-        folder,
+    spec = LoaderSpec(
         tokenizer=tokenizer,
         batch_size=batch_size,
         image_size=size,
         mean=CLIP_MEAN,
         std=CLIP_STD,
-        rank=0,
-        world_size=1,
         train=True,
         seed=0,
         epoch=epoch,
         kind=kind,
         num_workers=workers,
     )
+    loader = build_loader(folder, spec)
     t0, n = None, 0
     for i, batch in enumerate(loader):
         if i > max_batches:

@@ -297,7 +297,21 @@ def build_shard_folder(spec: BuildSpec) -> Summary:
     _reject_or_fail(spec, spec.rejected, total)
     spec.out.mkdir(parents=True, exist_ok=True)
     work = _prepare_work(spec)
+    accepted, rejected = _accept(spec, work, total)
+    plan = _plan(accepted, spec.shard_size, spec.seed)
+    shard_list = _write_shards(spec, plan, work)
+    atomic.write_json(spec.out / shards.ANSWERS, spec.answers)
+    manifest = _manifest(spec, total, accepted, rejected, shard_list)
+    atomic.write_json(spec.out / shards.MANIFEST, manifest)  # last: a folder without it is unfinished
+    shutil.rmtree(work, ignore_errors=True)
+    samples, seconds = manifest["totals"]["samples"], time.perf_counter() - t0
+    summary = Summary(spec.out, spec.split, samples, rejected, len(shard_list), seconds, spec.notes)
+    log.debug("%s", summary.line())
+    return summary
 
+
+def _accept(spec: BuildSpec, work: Path, total: int) -> tuple[list[Candidate], list[dict[str, Any]]]:
+    """The questions whose image passed its check (with the image to write), and every rejected one, by id."""
     checks = _check_images(spec, work)
     rejected = list(spec.rejected)
     accepted = []
@@ -316,8 +330,11 @@ def build_shard_folder(spec: BuildSpec) -> Summary:
         raise ConversionError(
             f"{spec.out}: nothing to write: all {total} questions rejected (first: {first})"
         )
+    return accepted, rejected
 
-    plan = _plan(accepted, spec.shard_size, spec.seed)
+
+def _write_shards(spec: BuildSpec, plan: list[list[Candidate]], work: Path) -> list[dict[str, Any]]:
+    """Write every shard of `plan` not already finished by an earlier, interrupted conversion; their records."""
     records: dict[int, dict[str, Any]] = {}
     tasks = []
     for i, members in enumerate(plan):
@@ -343,11 +360,17 @@ def build_shard_folder(spec: BuildSpec) -> Summary:
         for record in _parallel_map(_write_shard, tasks, spec.workers):
             records[int(record["tar"].split("-")[1].split(".")[0])] = record
             bar.update(record["samples"])
+    return [records[i] for i in range(len(plan))]
 
-    atomic.write_json(spec.out / shards.ANSWERS, spec.answers)
-    shard_list = [records[i] for i in range(len(plan))]
-    seconds = time.perf_counter() - t0
-    manifest = {
+
+def _manifest(
+    spec: BuildSpec,
+    total: int,
+    accepted: list[Candidate],
+    rejected: list[dict[str, Any]],
+    shard_list: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
         "format": shards.FORMAT_NAME,
         "version": shards.FORMAT_VERSION,
         "source": spec.source,
@@ -370,10 +393,3 @@ def build_shard_folder(spec: BuildSpec) -> Summary:
         "rejected": rejected,
         **spec.extra,
     }
-    atomic.write_json(spec.out / shards.MANIFEST, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    summary = Summary(
-        spec.out, spec.split, manifest["totals"]["samples"], rejected, len(shard_list), seconds, spec.notes
-    )
-    log.debug("%s", summary.line())
-    return summary

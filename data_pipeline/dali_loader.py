@@ -36,6 +36,7 @@ import torch
 
 from data_pipeline import batch as contract
 from data_pipeline import integrity, sharding
+from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -112,50 +113,33 @@ def _pipeline(
 class DaliBatches:
     """One epoch of one rank through DALI; `kind` is "dali-gpu" or "dali-cpu" once constructed."""
 
-    def __init__(
-        self,
-        folder: sharding.ShardFolder,
-        *,
-        tokenizer: contract.Tokenizer,
-        batch_size: int,
-        image_size: int,
-        mean: list[float],
-        std: list[float],
-        rank: int,
-        world_size: int,
-        train: bool,
-        seed: int,
-        epoch: int,
-        num_threads: int,
-        shuffle_buffer: int,
-        device: torch.device | None,
-        n_batches: int,
-    ) -> None:
+    def __init__(self, folder: sharding.ShardFolder, spec: LoaderSpec, n_batches: int) -> None:
         self.folder = folder
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.train = train
+        self.tokenizer = spec.tokenizer
+        self.batch_size = spec.batch_size
+        self.train = spec.train
         self.n_batches = n_batches
         self.n_answers = len(folder.answers)
-        order = sharding.epoch_order(folder, train=train, seed=seed, epoch=epoch)
-        start, stop = sharding.rank_range(folder.total, rank, world_size)
+        order = sharding.epoch_order(folder, train=spec.train, seed=spec.seed, epoch=spec.epoch)
+        start, stop = sharding.rank_range(folder.total, spec.rank, spec.world_size)
         self.n_real = stop - start
         integrity.check_shards(s for s, _, _ in sharding.segments(order, start, stop))
+        mean, std = spec.normalisation
         self._args = dict(
             tars=[str(s.tar) for s in order],
             indexes=[str(s.index) for s in order],
-            batch_size=batch_size,
-            num_threads=max(1, num_threads),
-            rank=rank,
-            world_size=world_size,
-            shuffle=train and shuffle_buffer > 1,
-            initial_fill=max(1, shuffle_buffer),
-            reader_seed=sharding.derive_seed(seed, epoch, rank),
-            image_size=image_size,
+            batch_size=spec.batch_size,
+            num_threads=max(1, spec.num_workers),
+            rank=spec.rank,
+            world_size=spec.world_size,
+            shuffle=spec.train and spec.shuffle_buffer > 1,
+            initial_fill=max(1, spec.shuffle_buffer),
+            reader_seed=sharding.derive_seed(spec.seed, spec.epoch, spec.rank),
+            image_size=spec.image_size,
             mean=mean,
             std=std,
         )
-        self._pipe = self._build_first(device)
+        self._pipe = self._build_first(spec.device)
 
     def _build_first(self, device: torch.device | None):
         if device is not None and device.type == "cpu":

@@ -14,6 +14,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -66,6 +67,32 @@ def _annotators(rng: random.Random, answer: int) -> list[str]:
     return raw
 
 
+def _jpeg(im: Any, chroma_subsampling: bool) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90, **({} if chroma_subsampling else {"subsampling": 0}))
+    return buf.getvalue()
+
+
+def _question(rng: random.Random, image_id: int, k: int, qid: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Question `k` about image `image_id` and its annotation: a random answer and ten annotators' words for it."""
+    answer = rng.randrange(len(_ANSWERS))
+    raw = _annotators(rng, answer)
+    question = {
+        "image_id": image_id,
+        "question": f"what is shown in picture {image_id} ({k})?",
+        "question_id": qid,
+    }
+    annotation = {
+        "question_type": "what is",
+        "multiple_choice_answer": rng.choice(_ANSWERS[answer][1]),
+        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(raw)],
+        "image_id": image_id,
+        "answer_type": _ANSWERS[answer][2],
+        "question_id": qid,
+    }
+    return question, annotation
+
+
 def write_vqa2(
     root: str | Path,
     *,
@@ -97,9 +124,7 @@ def write_vqa2(
     for n, image_id in enumerate(image_ids):
         width, height = rng.randint(sizes[0], sizes[1]), rng.randint(sizes[2], sizes[3])
         im = _image(rng, width, height, gray=(n == 2), photo_like=photo_like)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=90, **({} if chroma_subsampling else {"subsampling": 0}))
-        data = buf.getvalue()
+        data = _jpeg(im, chroma_subsampling)
         if image_id == truncated:
             data = data[: len(data) // 2]  # a download cut short
         (images / f"COCO_{split}_{image_id:012d}.jpg").write_bytes(data)
@@ -109,27 +134,9 @@ def write_vqa2(
         targets.append((missing_image, 0))
     for image_id, k in targets:
         qid = image_id * 1000 + k
-        answer = rng.randrange(len(_ANSWERS))
-        raw = _annotators(rng, answer)
-        questions.append(
-            {
-                "image_id": image_id,
-                "question": f"what is shown in picture {image_id} ({k})?",
-                "question_id": qid,
-            }
-        )
-        annotations.append(
-            {
-                "question_type": "what is",
-                "multiple_choice_answer": rng.choice(_ANSWERS[answer][1]),
-                "answers": [
-                    {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(raw)
-                ],
-                "image_id": image_id,
-                "answer_type": _ANSWERS[answer][2],
-                "question_id": qid,
-            }
-        )
+        question, annotation = _question(rng, image_id, k, qid)
+        questions.append(question)
+        annotations.append(annotation)
         files.question_ids.append(qid)
         if image_id == truncated:
             files.rejected[qid] = "undecodable image"

@@ -44,12 +44,12 @@ from PIL import Image
 
 from data_pipeline import batch as contract
 from data_pipeline import sharding
+from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 
 SKIPPED = "_skipped"  # per-batch count of corrupt samples, removed by the loader before the batch is yielded
 FAILED = "_failed"  # a worker's one-line DataError, raised again by the main process
-ON_SHORT_SHARD = ("error", "warn")
 
 
 def _reason(exc: BaseException) -> str:
@@ -230,46 +230,34 @@ def worker_plans(
 class TorchBatches:
     kind = "torch"
 
-    def __init__(
-        self,
-        folder: sharding.ShardFolder,
-        *,
-        tokenizer: contract.Tokenizer,
-        batch_size: int,
-        image_size: int,
-        mean: list[float],
-        std: list[float],
-        rank: int,
-        world_size: int,
-        train: bool,
-        seed: int,
-        epoch: int,
-        num_workers: int,
-        shuffle_buffer: int,
-        device: torch.device | None,
-        n_batches: int,
-        on_short_shard: str = "error",
-    ) -> None:
+    def __init__(self, folder: sharding.ShardFolder, spec: LoaderSpec, n_batches: int) -> None:
         self.folder = folder
-        self.num_workers = num_workers
+        self.num_workers = spec.num_workers
         self.n_batches = n_batches
         # Normalising on the GPU when training there: uint8 crosses PCIe (4x less) and the host does no float work.
+        device = spec.device
         self.device = device if device is not None and device.type == "cuda" else torch.device("cpu")
         self.pin_memory = self.device.type == "cuda"
+        mean, std = spec.normalisation
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.skipped = 0
         self._plan_args = dict(
-            rank=rank, world_size=world_size, train=train, seed=seed, epoch=epoch, batch_size=batch_size
+            rank=spec.rank,
+            world_size=spec.world_size,
+            train=spec.train,
+            seed=spec.seed,
+            epoch=spec.epoch,
+            batch_size=spec.batch_size,
         )
         self._dataset_args = dict(
-            tokenizer=tokenizer,
+            tokenizer=spec.tokenizer,
             n_answers=len(folder.answers),
-            image_size=image_size,
-            train=train,
-            batch_size=batch_size,
-            shuffle_buffer=shuffle_buffer,
-            on_short_shard=on_short_shard,
+            image_size=spec.image_size,
+            train=spec.train,
+            batch_size=spec.batch_size,
+            shuffle_buffer=spec.shuffle_buffer,
+            on_short_shard=spec.on_short_shard,
         )
 
     def batches(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -175,6 +175,75 @@ def _file_info(path: str | Path) -> dict[str, Any]:
     return {"path": str(p.resolve()), "bytes": p.stat().st_size}
 
 
+def _vocabulary(
+    anns: dict[int, dict[str, Any]] | None,
+    annotations: str | Path | None,
+    answers_file: str | Path | None,
+    min_answer_count: int,
+) -> tuple[list[str], str]:
+    """The answer vocabulary (a given list, else built from the annotations) and a line saying where it came from."""
+    if answers_file is not None:
+        return read_answer_list(answers_file), f"reused from {Path(answers_file).resolve()}"
+    if anns is None:
+        raise ConversionError(
+            "--answers is required without --annotations: test questions need the training vocabulary"
+        )
+    if min_answer_count < 1:
+        raise ConversionError(f"--min-answer-count must be >= 1, got {min_answer_count}")
+    vocab = ans.build_vocabulary((a["multiple_choice_answer"] for a in anns.values()), min_answer_count)
+    if not vocab:
+        raise ConversionError(f"{annotations}: no answer reaches --min-answer-count {min_answer_count}")
+    return (
+        vocab,
+        f"built from {Path(annotations).resolve()} (multiple_choice_answer count >= {min_answer_count})",
+    )
+
+
+def _candidates(
+    qs: list[dict[str, Any]],
+    anns: dict[int, dict[str, Any]] | None,
+    index: dict[str, int],
+    image_paths: dict[int, str],
+    skip_out_of_vocab: bool,
+    *,
+    where: dict[str, Any],
+) -> tuple[list[Candidate], list[dict[str, Any]], int]:
+    """(the questions to convert, the rejected ones with their reason, how many have no answer in the vocabulary)."""
+    candidates: list[Candidate] = []
+    rejected: list[dict[str, Any]] = []
+    out_of_vocab = 0
+    for q in qs:
+        qid, image_id = q["question_id"], q["image_id"]
+        meta: dict[str, Any] = dict(q, answers=[], labels=[], scores=[])
+        reason = None
+        if anns is not None:
+            a = anns.get(qid)
+            if a is None:
+                reason = f"no annotation: question {qid} is not in {where['annotations']}"
+            elif a["image_id"] != image_id:
+                reason = (
+                    f"annotation mismatch: image_id {a['image_id']} in {where['annotations']}, {image_id} in "
+                    f"{where['questions']}"
+                )
+            else:
+                labels, scores = ans.labels_and_scores(a["answers"], index)
+                if not labels:
+                    out_of_vocab += 1
+                    if skip_out_of_vocab:
+                        continue
+                meta.update(answers=a["answers"], labels=labels, scores=scores)
+                if "answer_type" in a:
+                    meta["answer_type"] = a["answer_type"]
+        path = image_paths.get(image_id)
+        if reason is None and path is None:
+            reason = f"image missing: no file for image_id {image_id} in {where['images']}"
+        if reason is not None:
+            rejected.append({"question_id": qid, "image_id": image_id, "reason": reason})
+            continue
+        candidates.append(Candidate(meta, path))
+    return candidates, rejected, out_of_vocab
+
+
 def make_spec(
     *,
     questions: str | Path,
@@ -189,65 +258,11 @@ def make_spec(
     """Read and validate a VQA v2 split and describe its conversion (settings: shard_size, seed, workers, ...)."""
     qs = read_questions(questions)
     anns = read_annotations(annotations) if annotations is not None else None
-    if answers_file is not None:
-        vocab = read_answer_list(answers_file)
-        source = f"reused from {Path(answers_file).resolve()}"
-    elif anns is not None:
-        if min_answer_count < 1:
-            raise ConversionError(f"--min-answer-count must be >= 1, got {min_answer_count}")
-        vocab = ans.build_vocabulary((a["multiple_choice_answer"] for a in anns.values()), min_answer_count)
-        if not vocab:
-            raise ConversionError(f"{annotations}: no answer reaches --min-answer-count {min_answer_count}")
-        source = (
-            f"built from {Path(annotations).resolve()} (multiple_choice_answer count >= {min_answer_count})"
-        )
-    else:
-        raise ConversionError(
-            "--answers is required without --annotations: test questions need the training vocabulary"
-        )
-    index = {a: i for i, a in enumerate(vocab)}
-    image_paths = index_images(images)
-
-    candidates, rejected, out_of_vocab = [], [], 0
-    for q in qs:
-        qid, image_id = q["question_id"], q["image_id"]
-        meta: dict[str, Any] = dict(q)
-        if anns is not None:
-            a = anns.get(qid)
-            if a is None:
-                rejected.append(
-                    {
-                        "question_id": qid,
-                        "image_id": image_id,
-                        "reason": f"no annotation: question {qid} is not in {annotations}",
-                    }
-                )
-                continue
-            if a["image_id"] != image_id:
-                reason = f"annotation mismatch: image_id {a['image_id']} in {annotations}, {image_id} in {questions}"
-                rejected.append({"question_id": qid, "image_id": image_id, "reason": reason})
-                continue
-            labels, scores = ans.labels_and_scores(a["answers"], index)
-            if not labels:
-                out_of_vocab += 1
-                if skip_out_of_vocab:
-                    continue
-            meta.update(answers=a["answers"], labels=labels, scores=scores)
-            if "answer_type" in a:
-                meta["answer_type"] = a["answer_type"]
-        else:
-            meta.update(answers=[], labels=[], scores=[])
-        path = image_paths.get(image_id)
-        if path is None:
-            rejected.append(
-                {
-                    "question_id": qid,
-                    "image_id": image_id,
-                    "reason": f"image missing: no file for image_id {image_id} in {images}",
-                }
-            )
-            continue
-        candidates.append(Candidate(meta, path))
+    vocab, source = _vocabulary(anns, annotations, answers_file, min_answer_count)
+    candidates, rejected, out_of_vocab = _candidates(
+        qs, anns, {a: i for i, a in enumerate(vocab)}, index_images(images), skip_out_of_vocab,
+        where={"questions": questions, "annotations": annotations, "images": images},
+    )  # fmt: skip
 
     unreferenced = _unreferenced(anns, qs)
     inputs = {

@@ -24,7 +24,7 @@ class FilesEngine:
     def __init__(self) -> None:
         self.die_on: str | None = None
 
-    def save(self, save_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+    def save(self, save_dir: Path, tag: str) -> None:
         (save_dir / tag).mkdir(parents=True, exist_ok=True)
         (save_dir / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
         if tag == self.die_on:
@@ -284,8 +284,8 @@ class FullDiskEngine(FilesEngine):
         self.error = error
         self.full = False
 
-    def save(self, save_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
-        super().save(save_dir, tag, client_state)
+    def save(self, save_dir: Path, tag: str) -> None:
+        super().save(save_dir, tag)
         if self.full:
             raise self.error
 

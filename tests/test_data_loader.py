@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from data_pipeline import convert, shards, synthetic
-from data_pipeline.loader import DataError, build_loader, read_answers, read_manifest, read_sample_info
+from data_pipeline.loader import (
+    DataError,
+    LoaderSpec,
+    build_loader,
+    read_answers,
+    read_manifest,
+    read_sample_info,
+)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -78,7 +85,7 @@ def load(folder: Path, kind: str, **kw) -> list[dict[str, torch.Tensor]]:
         kind=kind,
     )
     args.update(kw)
-    loader = build_loader(folder, **args)
+    loader = build_loader(folder, LoaderSpec(**args))
     batches = list(loader)
     assert len(batches) == len(loader)
     return batches
@@ -193,19 +200,19 @@ def test_dali_host_thread_stops_early_and_reraises(folder: Path) -> None:
     kw = dict(
         batch_size=4, image_size=32, mean=MEAN, std=STD, rank=0, world_size=1, train=True, seed=0, kind="dali"
     )
-    loader = build_loader(folder, tokenizer=FakeTokenizer(), **kw)
+    loader = build_loader(folder, LoaderSpec(tokenizer=FakeTokenizer(), **kw))
     for _ in loader:
         break  # the loop leaves early: the background thread and the pipeline must go away
     assert len(list(loader)) == len(loader)  # and a second pass over the same epoch still works
     with pytest.raises(RuntimeError, match="tokenizer exploded"):
-        list(build_loader(folder, tokenizer=BrokenTokenizer(), **kw))
+        list(build_loader(folder, LoaderSpec(tokenizer=BrokenTokenizer(), **kw)))
 
 
 def test_auto_falls_back_and_says_so(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO")
     loader = build_loader(
-        folder, tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, rank=0, world_size=1,
-        train=False, seed=0, kind="auto",
+        folder, LoaderSpec(tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, rank=0, world_size=1,
+        train=False, seed=0, kind="auto")
     )  # fmt: skip
     assert loader.kind in ("dali-gpu", "dali-cpu")
     assert loader.n_answers == len(loader.answers) == len(read_answers(folder))
@@ -232,8 +239,8 @@ def test_torch_loader_skips_corrupt_samples(folder: Path, tmp_path: Path, caplog
     bad_qid = _copy_with_corrupt_sample(folder, damaged)
     caplog.set_level("WARNING")
     loader = build_loader(
-        damaged, tokenizer=FakeTokenizer(), batch_size=4, image_size=48, mean=MEAN, std=STD, rank=0, world_size=1,
-        train=False, seed=0, kind="torch", num_workers=0,
+        damaged, LoaderSpec(tokenizer=FakeTokenizer(), batch_size=4, image_size=48, mean=MEAN, std=STD, rank=0, world_size=1,
+        train=False, seed=0, kind="torch", num_workers=0)
     )  # fmt: skip
     evaluation = list(loader)
     assert loader.corrupt_skipped == 1
@@ -247,23 +254,23 @@ def test_torch_loader_skips_corrupt_samples(folder: Path, tmp_path: Path, caplog
 def test_errors_name_the_folder(folder: Path, tmp_path: Path) -> None:
     kw = dict(tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, seed=0)
     with pytest.raises(DataError, match="nope: no such shard folder"):
-        build_loader(tmp_path / "nope", rank=0, world_size=1, train=True, **kw)
+        build_loader(tmp_path / "nope", LoaderSpec(rank=0, world_size=1, train=True, **kw))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: not a finished shard folder"):
-        build_loader(tmp_path / "empty", rank=0, world_size=1, train=True, **kw)
+        build_loader(tmp_path / "empty", LoaderSpec(rank=0, world_size=1, train=True, **kw))
     with pytest.raises(DataError, match="cannot give each of 8 ranks one full batch"):
-        build_loader(folder, rank=0, world_size=8, train=True, **kw)
+        build_loader(folder, LoaderSpec(rank=0, world_size=8, train=True, **kw))
     with pytest.raises(DataError, match="21 samples for 22 ranks"):
-        build_loader(folder, rank=0, world_size=22, train=False, **kw)
+        build_loader(folder, LoaderSpec(rank=0, world_size=22, train=False, **kw))
     with pytest.raises(ValueError, match="rank"):
-        build_loader(folder, rank=2, world_size=2, train=True, **kw)
+        build_loader(folder, LoaderSpec(rank=2, world_size=2, train=True, **kw))
     with pytest.raises(ValueError, match="kind"):
-        build_loader(folder, rank=0, world_size=1, train=True, kind="gpu", **kw)
+        build_loader(folder, LoaderSpec(rank=0, world_size=1, train=True, kind="gpu", **kw))
     partial = tmp_path / "partial"
     shutil.copytree(folder, partial)
     (partial / "shard-000002.tar").unlink()
     with pytest.raises(DataError, match="shard-000002.tar is listed in manifest.json but missing"):
-        build_loader(partial, rank=0, world_size=1, train=True, **kw)
+        build_loader(partial, LoaderSpec(rank=0, world_size=1, train=True, **kw))
 
 
 def test_444_folder_holds_444_jpegs_and_cpu_decoders_agree_on_it(folder_444: Path) -> None:
@@ -290,8 +297,8 @@ def test_444_folder_holds_444_jpegs_and_cpu_decoders_agree_on_it(folder_444: Pat
 def _gpu_against_torch(folder: Path) -> list[torch.Tensor]:
     """Per batch, |DALI GPU decoder - PyTorch loader| in normalised units, after checking order and targets."""
     loader = build_loader(
-        folder, tokenizer=FakeTokenizer(), batch_size=4, image_size=48, mean=MEAN, std=STD, rank=0, world_size=1,
-        train=False, seed=0, kind="dali", device=torch.device("cuda", 0),
+        folder, LoaderSpec(tokenizer=FakeTokenizer(), batch_size=4, image_size=48, mean=MEAN, std=STD, rank=0, world_size=1,
+        train=False, seed=0, kind="dali", device=torch.device("cuda", 0))
     )  # fmt: skip
     assert loader.kind == "dali-gpu"
     gpu = list(loader)

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, RunConfig, TrainConfig, apply_overrides
-from trainer.engine import CONFIG_DIR, WarmupLinearDecay, load_ds_config, resolve_ds_config
+from trainer.engine import CONFIG_DIR, load_ds_config, resolve_ds_config
+from trainer.optim import WarmupLinearDecay
 from trainer.presets import PRESETS, get_preset
-
-CPU = torch.device("cpu")
-GPU = torch.device("cuda", 0)
 
 
 def test_every_shipped_deepspeed_config_parses_and_sets_gradient_clipping() -> None:
@@ -33,7 +31,7 @@ def test_every_shipped_deepspeed_config_parses_and_sets_gradient_clipping() -> N
 def test_resolved_config_takes_batches_and_optimizer_from_the_trainer() -> None:
     cfg = get_preset("tiny")  # global 16, micro 8
     base = load_ds_config(CONFIG_DIR / "zero2_fp32.json")
-    ds = resolve_ds_config(base, cfg, world_size=1, device=CPU)
+    ds = resolve_ds_config(base, cfg.train, cfg.optim, world_size=1)
     assert (
         ds["train_batch_size"],
         ds["train_micro_batch_size_per_gpu"],
@@ -52,12 +50,19 @@ def test_resolved_config_takes_batches_and_optimizer_from_the_trainer() -> None:
         1e-8,
         (0.9, 0.98),
     )
-    gpu = resolve_ds_config(base, cfg, world_size=2, device=GPU)["optimizer"]["params"]
-    assert gpu["torch_adam"] is True and gpu["fused"] is True  # torch's fused AdamW: no JIT build
-    offload = resolve_ds_config(load_ds_config(CONFIG_DIR / "zero2_offload_bf16.json"), cfg, 2, GPU)
+    two = resolve_ds_config(base, cfg.train, cfg.optim, world_size=2)["optimizer"]["params"]
+    assert (
+        two["torch_adam"] is True and two["fused"] is True
+    )  # torch's fused AdamW on every device: no JIT build
+    offload = resolve_ds_config(
+        load_ds_config(CONFIG_DIR / "zero2_offload_bf16.json"), cfg.train, cfg.optim, 2
+    )
     assert "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeed's CPU Adam does the offloaded step
     assert "checkpoint" not in ds
-    assert resolve_ds_config(base, cfg, 2, CPU, load_universal=True)["checkpoint"]["load_universal"] is True
+    assert (
+        resolve_ds_config(base, cfg.train, cfg.optim, 2, load_universal=True)["checkpoint"]["load_universal"]
+        is True
+    )
 
 
 def test_one_rank_runs_without_zero_and_everything_else_keeps_the_json_stage() -> None:
@@ -67,7 +72,7 @@ def test_one_rank_runs_without_zero_and_everything_else_keeps_the_json_stage() -
     cfg = get_preset("tiny")
     for stage in (1, 2, 3):
         base = load_ds_config(CONFIG_DIR / f"zero{stage}_fp32.json")
-        one = resolve_ds_config(base, cfg, world_size=1, device=CPU)
+        one = resolve_ds_config(base, cfg.train, cfg.optim, world_size=1)
         assert one["zero_optimization"]["stage"] == 0 and "torch_autocast" not in one
         assert not one["bf16"]["enabled"]  # fp32 stays fp32
         # The JSON's other ZeRO settings stay for a resume under ZeRO (Engine.load); the JSON itself is untouched.
@@ -75,15 +80,18 @@ def test_one_rank_runs_without_zero_and_everything_else_keeps_the_json_stage() -
             k: v for k, v in base["zero_optimization"].items() if k != "stage"
         }
         assert base["zero_optimization"]["stage"] == stage
-        assert resolve_ds_config(base, cfg, 2, CPU)["zero_optimization"]["stage"] == stage
+        assert resolve_ds_config(base, cfg.train, cfg.optim, 2)["zero_optimization"]["stage"] == stage
         assert (
-            resolve_ds_config(base, cfg, 1, CPU, load_universal=True)["zero_optimization"]["stage"] == stage
+            resolve_ds_config(base, cfg.train, cfg.optim, 1, load_universal=True)["zero_optimization"][
+                "stage"
+            ]
+            == stage
         )
     offload = {
         "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
         "gradient_clipping": 0.0,
     }
-    assert resolve_ds_config(offload, cfg, 1, CPU)["zero_optimization"]["stage"] == 2
+    assert resolve_ds_config(offload, cfg.train, cfg.optim, 1)["zero_optimization"]["stage"] == 2
 
 
 AUTOCAST_BF16 = {"enabled": True, "dtype": "bfloat16"}
@@ -98,21 +106,18 @@ def test_one_bf16_rank_runs_at_stage_0_with_fp32_weights_and_autocast_and_severa
     no optimizer around torch's fused AdamW) and DeepSpeed's torch_autocast in bf16. Several ranks keep the JSON."""
     cfg = get_preset("tiny")
     base = load_ds_config(CONFIG_DIR / name)
-    for device in (GPU, CPU):
-        one = resolve_ds_config(base, cfg, 1, device)
-        assert one["zero_optimization"]["stage"] == 0
-        assert one["bf16"] == {**base["bf16"], "enabled": False}
-        assert one["torch_autocast"] == AUTOCAST_BF16
-        assert (
-            one["optimizer"]["params"]["torch_adam"] is True and one["optimizer"]["params"]["fused"] is True
-        )
-        assert {k: v for k, v in one["zero_optimization"].items() if k != "stage"} == {
-            k: v for k, v in base["zero_optimization"].items() if k != "stage"
-        }
+    one = resolve_ds_config(base, cfg.train, cfg.optim, 1)
+    assert one["zero_optimization"]["stage"] == 0
+    assert one["bf16"] == {**base["bf16"], "enabled": False}
+    assert one["torch_autocast"] == AUTOCAST_BF16
+    assert one["optimizer"]["params"]["torch_adam"] is True and one["optimizer"]["params"]["fused"] is True
+    assert {k: v for k, v in one["zero_optimization"].items() if k != "stage"} == {
+        k: v for k, v in base["zero_optimization"].items() if k != "stage"
+    }
     assert base["bf16"]["enabled"] and "torch_autocast" not in base  # the JSON itself is untouched
     # Several ranks, or a universal checkpoint on one: ZeRO with bf16 weights, as the JSON says.
     for world_size, universal in ((2, False), (1, True)):
-        ds = resolve_ds_config(base, cfg, world_size, GPU, load_universal=universal)
+        ds = resolve_ds_config(base, cfg.train, cfg.optim, world_size, load_universal=universal)
         assert ds["zero_optimization"] == base["zero_optimization"], (world_size, universal)
         assert ds["bf16"] == base["bf16"] and "torch_autocast" not in ds
 
@@ -121,21 +126,21 @@ def test_bf16_with_offload_fp16_or_its_own_autocast_section_keeps_the_json() -> 
     cfg = get_preset("tiny")
     offload = load_ds_config(CONFIG_DIR / "zero2_offload_bf16.json")
     for world_size in (1, 2):
-        ds = resolve_ds_config(offload, cfg, world_size, GPU)
+        ds = resolve_ds_config(offload, cfg.train, cfg.optim, world_size)
         assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and "torch_autocast" not in ds
     zero2 = load_ds_config(CONFIG_DIR / "zero2_bf16.json")
     # A file that sets torch_autocast itself states its precision: the way to run ZeRO-2 bf16 on one GPU.
     own = {**zero2, "torch_autocast": {"enabled": False}}
-    ds = resolve_ds_config(own, cfg, 1, GPU)
+    ds = resolve_ds_config(own, cfg.train, cfg.optim, 1)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
     assert ds["torch_autocast"] == {"enabled": False}
     # The older "bfloat16" key DeepSpeed also reads.
     old = {k: v for k, v in zero2.items() if k != "bf16"} | {"bfloat16": {"enabled": True}}
-    ds = resolve_ds_config(old, cfg, 1, GPU)
+    ds = resolve_ds_config(old, cfg.train, cfg.optim, 1)
     assert ds["zero_optimization"]["stage"] == 0 and not ds["bfloat16"]["enabled"]
     assert ds["torch_autocast"] == AUTOCAST_BF16
     fp16 = {k: v for k, v in zero2.items() if k != "bf16"} | {"fp16": {"enabled": True}}
-    ds = resolve_ds_config(fp16, cfg, 1, GPU)
+    ds = resolve_ds_config(fp16, cfg.train, cfg.optim, 1)
     assert ds["zero_optimization"]["stage"] == 2 and "torch_autocast" not in ds
 
 
@@ -145,7 +150,7 @@ def test_batch_sizes_that_do_not_add_up_fail_plainly() -> None:
         cfg.train.grad_accum(2)
     base = {"gradient_clipping": 0.0, "train_micro_batch_size_per_gpu": 4}
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 but the trainer config gives 8"):
-        resolve_ds_config(base, get_preset("tiny"), 2, CPU)
+        resolve_ds_config(base, get_preset("tiny").train, get_preset("tiny").optim, 2)
 
 
 def test_trainer_owned_or_missing_settings_in_the_json_are_refused(tmp_path: Path) -> None:
@@ -154,7 +159,9 @@ def test_trainer_owned_or_missing_settings_in_the_json_are_refused(tmp_path: Pat
     with pytest.raises(ConfigError, match="sets 'optimizer', which the trainer config owns"):
         load_ds_config(bad)
     with pytest.raises(ConfigError, match="gradient_clipping explicitly"):
-        resolve_ds_config({"zero_optimization": {"stage": 2}}, get_preset("tiny"), 1, CPU)
+        resolve_ds_config(
+            {"zero_optimization": {"stage": 2}}, get_preset("tiny").train, get_preset("tiny").optim, 1
+        )
     broken = tmp_path / "broken.json"
     broken.write_text('{"zero_optimization": {"stage": 2,}')
     with pytest.raises(ConfigError, match="is not valid JSON"):

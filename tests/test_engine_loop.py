@@ -12,7 +12,8 @@ import torch
 
 from trainer.config import apply_overrides
 from trainer.dist import DistInfo
-from trainer.loop import NonFiniteLossError, StopRequest, TrainLoop
+from trainer.loop import NonFiniteLossError, TrainLoop
+from trainer.preemption import StopRequest
 from trainer.presets import get_preset
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -49,7 +50,7 @@ class FakeEngine:
         self.losses.append(float(loss))
         self.grad += 2 * (self.w - self._x)
 
-    def step(self) -> None:
+    def step(self, *, measure_grad_norm: bool = False) -> None:
         self.micro += 1
         if self.micro % self.grad_accum == 0:
             self.w -= 0.05 * self.grad
@@ -99,7 +100,7 @@ def loop_for(
         ["train.global_batch_size=2", "train.micro_batch_size=1", "train.progress_bar=false", *overrides],
     )
     return TrainLoop(
-        cfg,
+        cfg.train,
         engine,
         DIST,
         make_loader=make_loader,
@@ -187,8 +188,8 @@ def test_sigterm_saves_after_the_current_step_and_reports_interrupted() -> None:
         loop = loop_for(engine, "train.max_steps=100", "train.log_every=50", stop=stop)
         original = engine.step
 
-        def step_then_signal() -> None:
-            original()
+        def step_then_signal(**kwargs: Any) -> None:
+            original(**kwargs)
             if engine.micro == 5:  # inside optimizer step 3
                 os.kill(os.getpid(), signal.SIGTERM)
                 os.kill(os.getpid(), signal.SIGTERM)  # a forwarded duplicate is ignored
@@ -210,7 +211,7 @@ class _WorkerSignalMask(torch.utils.data.Dataset):
 
 
 def test_loader_workers_cannot_be_killed_by_a_signal_meant_for_the_trainer() -> None:
-    from trainer.loop import shielded
+    from trainer.preemption import shielded
 
     loader = torch.utils.data.DataLoader(_WorkerSignalMask(), num_workers=1, batch_size=None)
     masks = list(shielded(loader))

@@ -154,10 +154,10 @@ def test_any_exception_inside_the_loader_exits_without_waiting_for_its_workers(
 import sys
 sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / "tests")!r})
 from test_data_loader import MEAN, STD, BrokenTokenizer
-from data_pipeline.loader import build_loader
-from trainer.loop import shielded
-loader = build_loader({str(tiny_easyvqa_shards / "train")!r}, tokenizer=BrokenTokenizer(), batch_size=4,
-    image_size=32, mean=MEAN, std=STD, rank=0, world_size=1, train=True, seed=0, kind="torch", num_workers=2)
+from data_pipeline.loader import LoaderSpec, build_loader
+from trainer.preemption import shielded
+loader = build_loader({str(tiny_easyvqa_shards / "train")!r}, LoaderSpec(tokenizer=BrokenTokenizer(), batch_size=4,
+    image_size=32, mean=MEAN, std=STD, rank=0, world_size=1, train=True, seed=0, kind="torch", num_workers=2))
 for batch in shielded(loader):
     pass
 """
@@ -200,12 +200,12 @@ def test_shard_cut_short_is_one_line_from_build_loader(
 ) -> None:
     from test_data_loader import MEAN, STD, FakeTokenizer
 
-    from data_pipeline.loader import DataError, build_loader
+    from data_pipeline.loader import DataError, LoaderSpec, build_loader
 
     broken = truncated_copy(tiny_easyvqa_shards / "test", tmp_path / "broken", "shard-000000.tar")
     kw = dict(
         tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, rank=0, world_size=1
     )
     with pytest.raises(DataError, match="shard-000000.tar: ") as info:
-        list(build_loader(broken, train=False, seed=0, kind=kind, num_workers=2, **kw))
+        list(build_loader(broken, LoaderSpec(train=False, seed=0, kind=kind, num_workers=2, **kw)))
     assert len(str(info.value).splitlines()) == 1

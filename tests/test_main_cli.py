@@ -141,7 +141,7 @@ class _Stream:
 
 
 def test_progress_bar_in_a_log_file_updates_rarely() -> None:
-    from trainer.loop import NON_TTY_BAR_INTERVAL_S, bar_refreshes, progress_bar
+    from trainer.progress import NON_TTY_BAR_INTERVAL_S, bar_refreshes, progress_bar
 
     log = _Stream(tty=False)
     bar = progress_bar(True, file=log, total=10_000, unit="step")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.checkpointing import COMPLETE, list_complete, to_universal
 from trainer.main import REPO_ROOT
@@ -138,6 +139,13 @@ def test_zero2_trains_logs_checkpoints_and_evaluates(zero2_run: Path) -> None:
     assert [(r.tag, r.world_size) for r in refs] == [("global_step2", 2), ("global_step4", 2)]
     state = json.loads((zero2_run / "checkpoints" / "global_step4" / "trainer_state.json").read_text())
     assert (state["step"], state["samples"], state["epoch"], state["batch_in_epoch"]) == (4, 32, 0, 4)
+    # The loop's state is stored once: DeepSpeed's own files carry no copy of it.
+    model_states = torch.load(
+        zero2_run / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    assert "module" in model_states and "trainer" not in model_states
     assert (zero2_run / "checkpoints" / "latest").read_text() == "global_step4"
     config = json.loads((zero2_run / "config.json").read_text())
     assert config["model"]["variant"] == "clip-infonce-dot" and config["train"]["max_steps"] == 4

@@ -1,4 +1,4 @@
-"""trainer/preflight.py: every rank's device, all-reduce, data and run-folder checks, rank 0's table and the exit
+"""trainer/tools/preflight/ (`python -m trainer.preflight`): every rank's device, all-reduce, data and run-folder checks, rank 0's table and the exit
 status; a plain process in-process, two ranks started as a launcher starts them (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT), and `./launch.sh train --preflight` running it on the trainer's ranks."""
 
@@ -15,7 +15,9 @@ import test_launch
 from test_launch import Checkout
 
 from tests.helpers.launch_env import clean_env, wait_all
-from trainer import preflight as P
+from trainer.tools.preflight import checks as P
+from trainer.tools.preflight import cli
+from trainer.tools.preflight.report import render
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ["host", "rank", "local", "device", "memory"]
@@ -60,7 +62,7 @@ def test_bus_bandwidth_is_nccl_tests_definition_on_the_slowest_rank() -> None:
     for r in reports:
         r.checks = {"device": P.Check(), "all-reduce": P.Check()}
         r.timings = {1 << 30: 0.5 if r.rank == 2 else 0.25}  # rank 2 is the slowest: 1 GiB in 0.5 s
-    lines = P.render(reports, [1 << 30], "gloo")
+    lines = render(reports, [1 << 30], "gloo")
     perf = next(line for line in lines if line.startswith("1 GiB")).split()
     algbw = (1 << 30) / 0.5 / 1e9
     assert perf[2:] == ["500000.0", "us", f"{algbw:.3g}", "GB/s", f"{algbw * 2 * 3 / 4:.3g}", "GB/s"]
@@ -71,13 +73,13 @@ def test_bus_bandwidth_is_nccl_tests_definition_on_the_slowest_rank() -> None:
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture) -> None:
-    assert P.main(["--help"]) == 0
+    assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--train-data" in out and "--run-dir" in out and "--sizes" in out
 
 
 def test_bad_size_is_refused_with_exit_2(capsys: pytest.CaptureFixture) -> None:
-    assert P.main(["--sizes", "1KiB,lots"]) == 2
+    assert cli.main(["--sizes", "1KiB,lots"]) == 2
     assert error_lines(capsys.readouterr().err) == [
         "error: --sizes: not a message size: 'lots' (e.g. 1KiB, 1MiB, 64MiB, 4096)"
     ]
@@ -93,7 +95,7 @@ def test_a_plain_process_passes_and_leaves_no_trace(
         "--val-data",
         str(tiny_easyvqa_shards / "test"),
     ]
-    rc = P.main([*args, "--run-dir", str(run_dir), "--sizes", "1KiB", "--preset", "tiny"])
+    rc = cli.main([*args, "--run-dir", str(run_dir), "--sizes", "1KiB", "--preset", "tiny"])
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert rows(out) == [[socket.gethostname(), "0", "0", "cpu", *rows(out)[0][4:-4], "ok", "ok", "ok", "ok"]]
@@ -109,7 +111,7 @@ def test_a_truncated_shard_fails_the_data_check(
     shutil.copytree(tiny_easyvqa_shards / "train", data)
     tar = sorted(data.glob("*.tar"))[0]
     tar.write_bytes(tar.read_bytes()[:700])
-    rc = P.main(["--train-data", str(data), "--sizes", "1KiB"])
+    rc = cli.main(["--train-data", str(data), "--sizes", "1KiB"])
     out, err = capsys.readouterr()
     assert rc == 1, out + err
     assert rows(out)[0][-4:] == ["ok", "FAIL", "-", "ok"]

@@ -1,4 +1,4 @@
-"""The speed settings against the unoptimised fp32 path: model.compile (trainer/engine.py compile_model), bf16 with
+"""The speed settings against the unoptimised fp32 path: model.compile (trainer/compiling.py compile_model), bf16 with
 the losses in fp32, and the shipped bf16 DeepSpeed settings (deepspeed_configs/README.md, "Speed on one GPU").
 
 On the CPU, torch.compile is exercised with the `aot_eager` backend: dynamo captures the fused model with static
@@ -19,7 +19,8 @@ from torch import nn
 import trainer.engine as engine_module
 from tests.helpers.tiny import N_ANSWERS, VOCAB, synthetic_batch, tiny_config
 from trainer import dist as D
-from trainer.engine import CONFIG_DIR, Engine, compile_model, load_ds_config, resolve_ds_config
+from trainer.compiling import compile_model
+from trainer.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
 from trainer.task import build_task
 
 
@@ -123,12 +124,12 @@ def _engine(cfg, ds_file: str, dist: D.DistInfo, stage: int | None = None) -> En
     torch.manual_seed(0)
     task = build_task(cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB)
     base = load_ds_config(CONFIG_DIR / ds_file)
-    ds = resolve_ds_config(base, cfg, 1, dist.device)
+    ds = resolve_ds_config(base, cfg.train, cfg.optim, 1)
     if stage is not None:
         ds["zero_optimization"]["stage"] = stage
         ds["bf16"] = base["bf16"]
         ds.pop("torch_autocast", None)
-    return Engine(task, ds, cfg, dist)
+    return Engine(task, ds, dist, optim=cfg.optim, max_steps=cfg.train.max_steps, compile=cfg.model.compile)
 
 
 def _train(engine: Engine, steps: int, first: int = 0) -> list[float]:

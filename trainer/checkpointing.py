@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ __all__ = [
     "STATE_FILE",
     "UNIVERSAL_SUFFIX",
     "CheckpointRef",
+    "CheckpointEngine",
     "CheckpointSpaceError",
     "Checkpointer",
     "check_deepspeed_files",
@@ -129,10 +130,27 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-class Checkpointer:
-    """Saves and loads the engine plus the loop's state; decides cadence and keeps the last K checkpoints."""
+class CheckpointEngine(Protocol):
+    """What the checkpointer needs of an engine (trainer/engine.py `Engine`): every rank writes and reads its own part
+    of a DeepSpeed checkpoint folder; the ZeRO stage is recorded in the trainer state beside it."""
 
-    def __init__(self, run_dir: Path, engine: Any, dist: D.DistInfo, *, every: int, keep_last: int) -> None:
+    @property
+    def zero_stage(self) -> int: ...
+
+    def save(self, save_dir: Path, tag: str) -> None: ...
+
+    def load(self, load_dir: Path, tag: str) -> None: ...
+
+
+class Checkpointer:
+    """Saves and loads the engine plus the loop's state; decides cadence and keeps the last K checkpoints.
+
+    The loop's state is stored once, in trainer_state.json (read back by `load`); DeepSpeed's files hold the
+    weights and the optimizer and schedule state only."""
+
+    def __init__(
+        self, run_dir: Path, engine: CheckpointEngine, dist: D.DistInfo, *, every: int, keep_last: int
+    ) -> None:
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.engine = engine
         self.dist = dist
@@ -140,6 +158,7 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def due(self, step: int) -> bool:
+        """Asked by the loop after every optimizer step: whether a checkpoint is due now (`train.ckpt_every`)."""
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
@@ -182,7 +201,7 @@ class Checkpointer:
 
     def _write_files(self, path: Path, write_tag: str, trainer_state: dict[str, Any]) -> None:
         """This rank's part of a checkpoint: DeepSpeed's files, its RNG states, and (rank 0) the trainer's state."""
-        self.engine.save(self.ckpt_dir, write_tag, client_state={"trainer": trainer_state})
+        self.engine.save(self.ckpt_dir, write_tag)
         atomic.torch_save(rng_state(), path / f"rng_rank{self.dist.rank}.pt")
         if self.dist.is_main:
             state = dict(trainer_state, world_size=self.dist.world_size, zero_stage=self.engine.zero_stage)

@@ -101,6 +101,12 @@ class ModelConfig:
     def contrastive(self) -> str:
         return VARIANTS[self.variant][1]
 
+    @property
+    def compact_clip_vocab(self) -> bool:
+        """Whether CLIP's token table is compacted: asked for, and the variant keeps a text tower to compact (the
+        variants without InfoNCE drop it). The tokenizer then records the BPE ids of the training questions."""
+        return self.clip_text_vocab == "compact" and self.visual == "clip" and self.contrastive != "none"
+
 
 @dataclass
 class LossConfig:

@@ -26,15 +26,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.config import ConfigError, RunConfig
+from trainer.compiling import compile_model
+from trainer.config import ConfigError, OptimConfig, TrainConfig
 from trainer.dist import DistInfo
-from trainer.optim import adamw_settings
+from trainer.optim import WarmupLinearDecay, adamw_settings
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +73,44 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
 
 def resolve_ds_config(
     base: Mapping[str, Any],
-    cfg: RunConfig,
+    train: TrainConfig,
+    optim: OptimConfig,
     world_size: int,
-    device: torch.device,
     *,
     load_universal: bool = False,
 ) -> dict[str, Any]:
-    """The DeepSpeed config this run hands to `deepspeed.initialize`: the JSON plus the trainer-owned settings."""
+    """The DeepSpeed config this run hands to `deepspeed.initialize`: the JSON plus the trainer-owned settings (batch
+    sizes from `train`, AdamW from `optim`), and stage 0 on one rank (`plain_single_rank`)."""
     ds = copy.deepcopy(dict(base))
-    accum = cfg.train.grad_accum(world_size)
     wanted = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": accum,
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum(world_size),
     }
     for key in _TRAINER_OWNED:
         if key in ds and ds[key] != wanted[key]:
             raise ConfigError(
                 f"DeepSpeed config sets {key}={ds[key]} but the trainer config gives {wanted[key]} "
-                f"(train.global_batch_size {cfg.train.global_batch_size}, train.micro_batch_size "
-                f"{cfg.train.micro_batch_size}, world size {world_size}): remove it from the JSON"
+                f"(train.global_batch_size {train.global_batch_size}, train.micro_batch_size "
+                f"{train.micro_batch_size}, world size {world_size}): remove it from the JSON"
             )
     ds.update(wanted)
     if "gradient_clipping" not in ds:
         # DeepSpeed >= 0.19.3 clips at 1.0 by default; ViLT does not clip. Never inherit an unstated default.
         raise ConfigError("DeepSpeed config must set gradient_clipping explicitly (0.0 = off, as ViLT)")
-    # AdamW's settings from trainer/optim.py, as the plain step builds it; betas as a list, as JSON holds them.
-    params: dict[str, Any] = {**adamw_settings(cfg.optim), "betas": list(cfg.optim.betas)}
+    ds["optimizer"] = _optimizer_section(ds, optim)
+    if plain_single_rank(ds, world_size, load_universal=load_universal):
+        _make_single_rank(ds)
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints would interleave
+    ds.setdefault("wall_clock_breakdown", False)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def _optimizer_section(ds: Mapping[str, Any], optim: OptimConfig) -> dict[str, Any]:
+    """DeepSpeed's optimizer section: AdamW's settings from trainer/optim.py, as the plain step builds it."""
+    params: dict[str, Any] = {**adamw_settings(optim), "betas": list(optim.betas)}  # a list, as JSON holds it
     offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     if offload in (None, "none"):
         # torch's AdamW: DeepSpeed's own FusedAdam would first JIT-compile a C++/CUDA op (a minute, and a CUDA
@@ -108,29 +120,25 @@ def resolve_ds_config(
         # element-wise ops each, which counts on the CPU for the CLIP text tower's 49,408-row embedding.
         params["fused"] = True
     # With optimizer offload DeepSpeed runs its CPU Adam (built on first use), the only optimizer it offloads.
-    ds["optimizer"] = {"type": "AdamW", "params": params}
-    if plain_single_rank(ds, world_size, load_universal=load_universal):
-        # One rank: nothing to shard. Stage 0 hands the module's own fp32 weights and gradients to torch's fused
-        # AdamW, as plain PyTorch does; ZeRO-1/2 would copy every gradient into a bucket and a flat partition, step a
-        # separate fp32 copy of the weights and copy it back, and take an fp64 norm, every step. The JSON's other
-        # zero_optimization keys stay (DeepSpeed ignores them at stage 0; Engine.load restores its stage for a
-        # checkpoint written under ZeRO).
-        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
-        bf16_key = _bf16_key(ds)
-        if ds.get(bf16_key, {}).get("enabled", False):
-            # bf16 by torch.autocast over fp32 weights, not bf16 weights: at stage 0 DeepSpeed 0.19.8 steps bf16
-            # weights through its unfused fp16-style optimizer (runtime/fp16/unfused_optimizer.py: fp32 copies made
-            # tensor by tensor in Python, an overflow check that synchronises the device every step), measured at
-            # 983 samples/s against ZeRO-2 bf16's 1,392 and plain PyTorch's 1,635 (one H200, 2026-11-27, vqa2-base
-            # clip-infonce-dot, 384 px, batch 256, compiled). With fp32 weights DeepSpeed wraps nothing: the step
-            # is torch's fused AdamW on the module's parameters, as plain PyTorch's with autocast.
-            ds[bf16_key] = {**ds[bf16_key], "enabled": False}
-            ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints would interleave
-    ds.setdefault("wall_clock_breakdown", False)
-    if load_universal:
-        ds.setdefault("checkpoint", {})["load_universal"] = True
-    return ds
+    return {"type": "AdamW", "params": params}
+
+
+def _make_single_rank(ds: dict[str, Any]) -> None:
+    """One rank: nothing to shard. Stage 0 hands the module's own fp32 weights and gradients to torch's fused AdamW,
+    as plain PyTorch does; ZeRO-1/2 would copy every gradient into a bucket and a flat partition, step a separate fp32
+    copy of the weights and copy it back, and take an fp64 norm, every step. The JSON's other zero_optimization keys
+    stay (DeepSpeed ignores them at stage 0; Engine.load restores its stage for a checkpoint written under ZeRO)."""
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
+    bf16_key = _bf16_key(ds)
+    if ds.get(bf16_key, {}).get("enabled", False):
+        # bf16 by torch.autocast over fp32 weights, not bf16 weights: at stage 0 DeepSpeed 0.19.8 steps bf16 weights
+        # through its unfused fp16-style optimizer (runtime/fp16/unfused_optimizer.py: fp32 copies made tensor by
+        # tensor in Python, an overflow check that synchronises the device every step), measured at 983 samples/s
+        # against ZeRO-2 bf16's 1,392 and plain PyTorch's 1,635 (one H200, 2026-11-27, vqa2-base clip-infonce-dot,
+        # 384 px, batch 256, compiled). With fp32 weights DeepSpeed wraps nothing: the step is torch's fused AdamW on
+        # the module's parameters, as plain PyTorch's with autocast.
+        ds[bf16_key] = {**ds[bf16_key], "enabled": False}
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
 
 
 def _bf16_key(ds: Mapping[str, Any]) -> str:
@@ -179,22 +187,6 @@ def checkpoint_zero(path: Path) -> tuple[int, dict[str, Any] | None]:
     )
 
 
-class WarmupLinearDecay:
-    """LR factor: linear warm-up from 0 over `warmup` steps, then linear decay to 0 at `total` (ViLT's schedule).
-
-    LambdaLR multiplies every param group's own lr by it: the head's 10x and CLIP's separate lr keep their ratios.
-    """
-
-    def __init__(self, total: int, warmup: int) -> None:
-        self.total = total
-        self.warmup = warmup
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return step / max(1, self.warmup)
-        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
-
-
 def move_batch(batch: Mapping[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
     """Put a loader batch on the engine's device; pixels take the engine's compute dtype (bf16 under bf16 weights,
     fp32 under autocast, which casts at each operation)."""
@@ -206,49 +198,6 @@ def move_batch(batch: Mapping[str, Any], device: torch.device, float_dtype: torc
                 v = v.to(float_dtype)
         out[k] = v
     return out
-
-
-def compile_model(model: torch.nn.Module, *, backend: str | Callable = "inductor") -> None:
-    """Compile `model.forward` in place with `torch.compile(dynamic=False)`; run eagerly if compiling fails.
-
-    Static shapes: the default (`dynamic=None`) recompiles with dynamic shapes once a second shape is seen, and that
-    recompilation failed on a 384 px prototype of the model in inductor (H100, torch 2.11: `shape '[1472, 768]' is invalid`); with
-    `dynamic=False` every new shape (an evaluation batch size) gets its own static graph. The forward is replaced as
-    an instance attribute, so parameter names, state dicts and checkpoints stay those of the eager model (a
-    `torch.compile(module)` wrapper would prefix them with `_orig_mod.`).
-
-    Compilation runs lazily, on the first forward. An error of the compiler itself (dynamo tracing, inductor code
-    generation, no C++ compiler: all `TorchDynamoException`) is logged once and the model continues eagerly; errors
-    of the model (shapes, out of memory) are raised as usual. An error while compiling the backward graph surfaces
-    in backward and is not caught: set model.compile=false then.
-    """
-    from torch._dynamo.exc import TorchDynamoException
-
-    eager = model.forward
-    compiled = torch.compile(eager, dynamic=False, backend=backend)
-    failed = False
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        nonlocal failed
-        if not failed:
-            try:
-                return compiled(*args, **kwargs)
-            except TorchDynamoException as exc:
-                failed = True
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                log.warning(
-                    "torch.compile of %s failed (%s: %s); running it eagerly. Set model.compile=false to skip "
-                    "compiling.",
-                    type(model).__name__,
-                    type(exc).__name__,
-                    first[:300],
-                )
-        return eager(*args, **kwargs)
-
-    model.forward = forward  # type: ignore[method-assign]
-    log.info(
-        "model.compile: torch.compile(dynamic=False) of %s; the first step compiles", type(model).__name__
-    )
 
 
 class Engine:
@@ -270,16 +219,19 @@ class Engine:
         self,
         task: torch.nn.Module,
         ds_config: dict[str, Any],
-        cfg: RunConfig,
         dist: DistInfo,
+        *,
+        optim: OptimConfig,
+        max_steps: int,
+        compile: bool = False,
     ) -> None:
         self.task = task
-        self.cfg = cfg
+        self.optim = optim
+        self.compile = compile
         self.dist = dist
         self.ds_config = ds_config
-        total = cfg.train.max_steps
-        self.schedule = WarmupLinearDecay(total, round(cfg.optim.warmup_ratio * total))
-        if cfg.model.compile:
+        self.schedule = WarmupLinearDecay(max_steps, round(optim.warmup_ratio * max_steps))
+        if compile:
             if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
                 # ZeRO-3 gathers each layer's parameters in module hooks, which the graph would have to contain.
                 log.warning("model.compile is not applied under ZeRO stage 3: the model runs eagerly")
@@ -292,7 +244,7 @@ class Engine:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
-        groups = self.task.param_groups(self.cfg.optim)
+        groups = self.task.param_groups(self.optim)
         self._engine, _, _, _ = deepspeed.initialize(
             model=self.task,
             model_parameters=groups,
@@ -373,17 +325,16 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> None:
-        """One micro-step; DeepSpeed applies the optimizer (and the schedule) at the accumulation boundary."""
+    def step(self, *, measure_grad_norm: bool = False) -> None:
+        """One micro-step; DeepSpeed applies the optimizer (and the schedule) at the accumulation boundary.
+
+        Without ZeRO DeepSpeed computes no gradient norm (ZeRO does, every step); the caller asks for one on the steps
+        it logs (`measure_grad_norm`), and it is computed then, before the optimizer step clears the gradients: one
+        pass over the gradients, no host sync."""
         engine = self.engine
         if not engine.zero_optimization() and engine.is_gradient_accumulation_boundary():
-            # Without ZeRO DeepSpeed computes no gradient norm (ZeRO does, every step). The trainer reads it only when
-            # it logs (trainer/loop.py: every train.log_every steps and at max_steps), so it is computed for those
-            # steps only, before the optimizer step clears the gradients: one pass over the gradients, no sync.
-            step = int(engine.global_steps) + 1
-            t = self.cfg.train
             self._grad_norm = None
-            if step % t.log_every == 0 or step == t.max_steps:
+            if measure_grad_norm:
                 grads = [p.grad for p in self.task.parameters() if p.grad is not None]
                 self._grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
         engine.step()
@@ -391,7 +342,7 @@ class Engine:
     def lr(self) -> float:
         """The base learning rate of the last optimizer step (optim.lr x schedule); other groups run at fixed
         multiples of it."""
-        return self.cfg.optim.lr * self.schedule(max(0, self.engine.lr_scheduler.last_epoch - 1))
+        return self.optim.lr * self.schedule(max(0, self.engine.lr_scheduler.last_epoch - 1))
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step (DeepSpeed's under ZeRO; ours at stage 0, on the steps the
@@ -404,12 +355,13 @@ class Engine:
         return float(norm)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def save(self, save_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+    def save(self, save_dir: Path, tag: str) -> None:
         """Every rank calls this: each writes its own ZeRO shards. DeepSpeed's `latest` file is not written here
-        (the checkpointer writes it once the checkpoint is complete on every rank)."""
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        (the checkpointer writes it once the checkpoint is complete on every rank), nor the trainer's state (the
+        checkpointer's trainer_state.json holds it, once)."""
+        self.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
 
-    def load(self, load_dir: Path, tag: str) -> dict[str, Any]:
+    def load(self, load_dir: Path, tag: str) -> None:
         stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         if self._engine is None and stage == 0 and self.dist.world_size == 1:
             # A single-rank checkpoint written under ZeRO (before stage 0 was the single-rank choice, e.g. by the
@@ -417,7 +369,7 @@ class Engine:
             # which only a ZeRO optimizer loads: this run continues at the checkpoint's stage and with the precision
             # recorded with its shards (bf16 weights for a bf16 one, not autocast), and so do its own checkpoints.
             written, written_cfg = checkpoint_zero(Path(load_dir) / tag)
-            if written == 3 and self.cfg.model.compile:
+            if written == 3 and self.compile:
                 raise ConfigError(
                     f"checkpoint {tag} was written under ZeRO stage 3, which runs eagerly: resume it with "
                     f"model.compile=false"
@@ -435,9 +387,8 @@ class Engine:
                     tag,
                     written,
                 )
-        path, client_state = self.engine.load_checkpoint(
+        path, _ = self.engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint '{tag}' from {load_dir}")
-        return dict(client_state or {})

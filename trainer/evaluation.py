@@ -88,7 +88,7 @@ def evaluate(
     `answer_type_of` maps question ids to their answer type (from the shards' sample json, where the data has one).
     `progress`: a progress bar of this rank's `total` batches (rank 0 passes True; every rank runs as many).
     """
-    from trainer.loop import progress_bar
+    from trainer.progress import progress_bar
 
     t0 = time.perf_counter()
     engine.train(False)

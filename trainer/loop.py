@@ -18,51 +18,24 @@ request over the gloo control group: a host-side collective that never waits on 
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from trainer import dist as D
-from trainer.config import RunConfig
+from trainer.config import TrainConfig
 from trainer.metrics import MetricsLogger
+from trainer.preemption import StopRequest, shielded
+from trainer.progress import bar_refreshes, progress_bar
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # A run that meets this many non-finite micro-batches in a row under on_nonfinite=skip stops anyway: the weights
 # themselves are broken, and skipping forever would only burn the allocation.
 MAX_CONSECUTIVE_SKIPS = 20
-
-
-# A progress bar into a file or pipe (a job's log) is redrawn with a carriage return each time: thousands of bars on
-# one line. Redrawn at most this often there; every 0.1 s (tqdm's default) on a terminal.
-NON_TTY_BAR_INTERVAL_S = 60.0
-
-
-def progress_bar(enabled: bool, *, file: Any = None, **kwargs: Any) -> Any:
-    """A tqdm bar (rank 0 shows it, the others pass enabled=False); on a non-terminal stream it updates rarely."""
-    from tqdm import tqdm
-
-    stream = sys.stderr if file is None else file
-    tty = bool(getattr(stream, "isatty", lambda: False)())
-    return tqdm(
-        file=stream,
-        disable=not enabled,
-        dynamic_ncols=tty,
-        mininterval=0.1 if tty else NON_TTY_BAR_INTERVAL_S,
-        maxinterval=10.0 if tty else NON_TTY_BAR_INTERVAL_S,  # tqdm's monitor thread would redraw every 10 s
-        **kwargs,
-    )
-
-
-def bar_refreshes(bar: Any) -> bool:
-    """Whether a postfix change should redraw `bar` now: on a terminal only (elsewhere the interval decides)."""
-    fp = getattr(bar, "fp", None)
-    return bool(getattr(fp, "isatty", lambda: False)())
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,7 +43,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class EngineLike(Protocol):
-    grad_accum: int
+    """What the loop needs of an engine (trainer/engine.py `Engine`)."""
+
+    @property
+    def grad_accum(self) -> int: ...
 
     def train(self, mode: bool = True) -> None: ...
 
@@ -78,74 +54,20 @@ class EngineLike(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> None: ...
+    def step(self, *, measure_grad_norm: bool = False) -> None: ...
 
     def lr(self) -> float: ...
 
     def grad_norm(self) -> float | None: ...
 
 
-class StopRequest:
-    """SIGTERM/SIGINT handler that only records the request; the loop saves a checkpoint and exits cleanly.
+class CheckpointerLike(Protocol):
+    """What the loop needs of a checkpointer (trainer/checkpointing.py `Checkpointer`): asked after every step whether
+    a checkpoint is due (it owns the cadence), and given the loop's state to save with the engine's."""
 
-    Repeated SIGTERMs are ignored (a launcher forwarding the signal to a group that already got it would otherwise
-    kill the save); a second SIGINT restores the default handler so that Ctrl-C twice still ends a stuck process.
-    Forked loader workers inherit this handler, so a signal to the whole process group does not kill them under the
-    main process either.
-    """
+    def due(self, step: int) -> bool: ...
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if self.signum is None:
-            self.signum = signum
-            log.warning(
-                "received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name
-            )
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-_END = object()
-
-
-def shielded(batches: Iterable[T]) -> Iterator[T]:
-    """Iterate a loader whose start (the first batch) runs with SIGTERM/SIGINT blocked.
-
-    Loaders start their worker processes or threads on the first batch, and those inherit the blocked mask. A signal
-    sent to the whole process group (preemption, Ctrl-C) then reaches only the trainer, which checkpoints: PyTorch's
-    DataLoader workers would otherwise die on a SIGTERM that does not come from their parent, and the main process
-    would raise "worker killed" at an arbitrary point, e.g. in the middle of the very checkpoint the signal asked for.
-    A signal arriving meanwhile stays pending and is handled as soon as the loader has started.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        # A DataLoader starts its workers here, a generator-based loader at the first next().
-        it = iter(batches)
-        first = next(it, _END)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    if first is _END:
-        return
-    yield first  # type: ignore[misc]
-    yield from it
+    def save(self, step: int, trainer_state: dict[str, Any]) -> Path: ...
 
 
 class TrainLoop:
@@ -153,17 +75,17 @@ class TrainLoop:
 
     def __init__(
         self,
-        cfg: RunConfig,
+        train: TrainConfig,
         engine: EngineLike,
         dist: D.DistInfo,
         *,
         make_loader: Callable[[int, int], Iterable[dict[str, Any]]],
         metrics: MetricsLogger,
-        checkpointer: Any | None = None,
+        checkpointer: CheckpointerLike | None = None,
         evaluate: Callable[[int], dict[str, float]] | None = None,
         stop: StopRequest | None = None,
     ) -> None:
-        self.t = cfg.train  # the only section the loop reads
+        self.t = train
         self.engine = engine
         self.dist = dist
         self.make_loader = make_loader
@@ -248,7 +170,13 @@ class TrainLoop:
         self._finite: list[torch.Tensor] = []
         self._finite_where: list[tuple[int, torch.Tensor]] = []
 
+    def _log_due(self, step: int) -> bool:
+        return step % self.t.log_every == 0 or step == self.t.max_steps
+
     def _train_step(self, it: Iterator[dict[str, Any]]) -> None:
+        measure_norm = self._log_due(
+            self.step + 1
+        )  # the engine's gradient norm is read on logging steps only
         micro = 0
         consecutive_skips = 0
         while micro < self.accum:
@@ -275,7 +203,7 @@ class TrainLoop:
                 self._finite.append(torch.isfinite(loss.detach()).reshape(1))
                 self._finite_where.append((self.step + 1, batch["question_id"]))
             self.engine.backward(loss)
-            self.engine.step()
+            self.engine.step(measure_grad_norm=measure_norm)
             parts = torch.stack(
                 [out["loss"].detach(), out["vqa_loss"].detach(), out["infonce_loss"].detach()]
             )
@@ -346,7 +274,6 @@ class TrainLoop:
         bar = progress_bar(
             self.dist.is_main and t.progress_bar, total=t.max_steps, initial=self.step, unit="step"
         )
-        refresh = bar_refreshes(bar)
         self.engine.train(True)
         it = self._micro_batches()
         self._reset_interval()
@@ -354,24 +281,8 @@ class TrainLoop:
             while self.step < t.max_steps:
                 self._train_step(it)
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    m = self._log()
-                    postfix = {
-                        "loss": f"{m['train/loss']:.4f}",
-                        "sps": f"{m['train/samples_per_second']:.0f}",
-                    }
-                    bar.set_postfix(postfix, refresh=refresh)
-                    if not t.progress_bar and self.dist.is_main:
-                        log.info(
-                            "step %d/%d loss %.4f (vqa %.4f, infonce %.4f) lr %.2e %.0f samples/s",
-                            self.step,
-                            t.max_steps,
-                            m["train/loss"],
-                            m["train/vqa_loss"],
-                            m["train/infonce_loss"],
-                            m["train/lr"],
-                            m["train/samples_per_second"],
-                        )
+                if self._log_due(self.step):
+                    self._report(self._log(), bar)
                 if self.evaluate is not None and t.eval_every and self.step % t.eval_every == 0:
                     if self.step < t.max_steps:  # the final evaluation is the caller's
                         self.check_finite()
@@ -390,6 +301,19 @@ class TrainLoop:
         finally:
             it.close()  # releases the loader (and its workers) now, not at garbage collection
             bar.close()
+
+    def _report(self, m: dict[str, float], bar: Any) -> None:
+        """A logged step on the console: the bar's postfix, or a log line where the bar is off."""
+        bar.set_postfix(
+            {"loss": f"{m['train/loss']:.4f}", "sps": f"{m['train/samples_per_second']:.0f}"},
+            refresh=bar_refreshes(bar),
+        )
+        if not self.t.progress_bar and self.dist.is_main:
+            log.info(
+                "step %d/%d loss %.4f (vqa %.4f, infonce %.4f) lr %.2e %.0f samples/s",
+                *(self.step, self.t.max_steps, m["train/loss"], m["train/vqa_loss"], m["train/infonce_loss"]),
+                *(m["train/lr"], m["train/samples_per_second"]),
+            )
 
     def _reset_interval_clock(self) -> None:
         """Evaluation and checkpoint time is not training time: restart the throughput clock, keep the sums."""

@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     setup_logging()
     from trainer.checkpointing import CheckpointSpaceError
-    from trainer.loop import NonFiniteLossError, StopRequest
+    from trainer.loop import NonFiniteLossError
+    from trainer.preemption import StopRequest
 
     folder = RunFolder(args.run_dir)
     stop = StopRequest()

@@ -211,7 +211,7 @@ class FusedViltClip(nn.Module):
             if cfg.contrastive == "none":
                 _drop_text_tower(self.clip)
                 self.clip.visual.proj = None  # I is only used by the contrastive loss
-            elif cfg.clip_text_vocab == "compact":
+            elif cfg.compact_clip_vocab:
                 if not clip_vocab:
                     raise ModelBuildError(
                         "model.clip_text_vocab=compact needs the question tokenizer's CLIP vocabulary "

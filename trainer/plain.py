@@ -14,8 +14,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.config import RunConfig
-from trainer.engine import WarmupLinearDecay, move_batch
-from trainer.optim import build_adamw
+from trainer.engine import move_batch
+from trainer.optim import WarmupLinearDecay, build_adamw
 
 
 class PlainEngine:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer import dist as D
 from trainer.config import RunConfig
 from trainer.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,9 @@ class Run:
         )
         ds_cfg = resolve_ds_config(
             load_ds_config(ds_config_path(args.deepspeed_config)),
-            cfg,
+            cfg.train,
+            cfg.optim,
             dist.world_size,
-            dist.device,
             load_universal=bool(ref and ref.universal),
         )
         answers = run_folder.data_answers(cfg)
@@ -63,7 +66,9 @@ class Run:
         # The same seed on every rank: identical initial weights.
         _, self.tokenizer, self.answers, self.task = run_folder.load(folder, config=cfg, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
-        self.engine = Engine(self.task, ds_cfg, cfg, dist)
+        self.engine = Engine(
+            self.task, ds_cfg, dist, optim=cfg.optim, max_steps=cfg.train.max_steps, compile=cfg.model.compile
+        )
         self.checkpointer = Checkpointer(
             self.run_dir, self.engine, dist, every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last
         )
@@ -72,40 +77,38 @@ class Run:
         val = cfg.data.val_data
         self.answer_type_of = run_folder.read_answer_types(val) if val and dist.is_main else {}
 
-    def loader(self, folder: str, *, train: bool, epoch: int = 0, skip: int = 0):
-        from data_pipeline.loader import build_loader
+    def loader_spec(self, *, train: bool) -> LoaderSpec:
+        """How this rank reads shards for training or evaluation (data_pipeline/spec.py), from the config's sections."""
+        from data_pipeline.loader import LoaderSpec
 
-        c, d = self.cfg, self.dist
-        return build_loader(
-            folder,
+        t, d, data = self.cfg.train, self.dist, self.cfg.data
+        return LoaderSpec(
             tokenizer=self.tokenizer,
-            batch_size=c.train.micro_batch_size if train else c.train.eval_micro_batch,
-            image_size=c.model.image_size,
+            batch_size=t.micro_batch_size if train else t.eval_micro_batch,
+            image_size=self.cfg.model.image_size,
             mean=self.task.image_mean,
             std=self.task.image_std,
+            train=train,
+            seed=t.seed,
             rank=d.rank,
             world_size=d.world_size,
-            train=train,
-            seed=c.train.seed,
-            epoch=epoch,
-            skip_batches=skip,
-            kind=c.data.loader,
-            num_workers=c.data.num_workers,
-            shuffle_buffer=c.data.shuffle_buffer,
-            on_short_shard=c.data.on_short_shard,
+            kind=data.loader,
+            num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer,
             device=d.device,
+            on_short_shard=data.on_short_shard,
         )
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Evaluate on --val-data on every rank; rank 0 logs `val/...` and writes the predictions file."""
-        from data_pipeline.loader import read_manifest
+        from data_pipeline.loader import build_loader, read_manifest
         from trainer.evaluation import evaluate, write_results
-        from trainer.loop import shielded
+        from trainer.preemption import shielded
 
         folder = self.cfg.data.val_data
         if not folder:
             return {}
-        loader = self.loader(folder, train=False)
+        loader = build_loader(folder, self.loader_spec(train=False))
         result = evaluate(
             self.engine,
             shielded(loader),
@@ -128,15 +131,17 @@ class Run:
         return metrics
 
     def train(self, stop: Any) -> str:
+        from data_pipeline.loader import build_loader
         from trainer.loop import TrainLoop
 
         assert self.cfg.data.train_data is not None
         train_data, val = self.cfg.data.train_data, self.cfg.data.val_data
+        spec = self.loader_spec(train=True)
         loop = TrainLoop(
-            self.cfg,
+            self.cfg.train,
             self.engine,
             self.dist,
-            make_loader=lambda epoch, skip: self.loader(train_data, train=True, epoch=epoch, skip=skip),
+            make_loader=lambda epoch, skip: build_loader(train_data, spec.at(epoch, skip)),
             metrics=self.metrics,
             checkpointer=self.checkpointer,
             evaluate=self.evaluate if val else None,

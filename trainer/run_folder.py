@@ -175,7 +175,7 @@ class RunFolder:
         from data_pipeline.text import CLIP_VOCAB_FILE
 
         m = cfg.model
-        compact = m.clip_text_vocab == "compact" and m.contrastive != "none"
+        compact = m.compact_clip_vocab
 
         def questions() -> Iterator[str]:
             assert cfg.data.train_data, "check_tokenizer_source ran before start-up"

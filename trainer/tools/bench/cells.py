@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from trainer import dist as D
+from trainer.compiling import compile_model
 from trainer.config import RunConfig, apply_overrides
-from trainer.engine import Engine, compile_model, resolve_ds_config
+from trainer.engine import Engine, resolve_ds_config
 from trainer.plain import PlainEngine
 from trainer.tools.bench.measure import Timing, count_step_flops, mfu_basis, profile_steps, time_engine
 
@@ -194,17 +195,14 @@ def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str,
         )  # fmt: skip
         batch["pixels"] = batch["pixels"].to(dtype)
         return DeviceBatch(batch)
-    from data_pipeline.loader import build_loader
+    from data_pipeline.loader import LoaderSpec, build_loader
 
-    def make_loader(epoch: int):
-        return build_loader(
-            setup.args.train_data, tokenizer=setup.tokenizer, batch_size=cfg.train.micro_batch_size,
-            image_size=cfg.model.image_size, mean=task.image_mean, std=task.image_std, rank=0, world_size=1,
-            train=True, seed=cfg.train.seed, epoch=epoch, kind=cfg.data.loader, num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer, device=device,
-        )  # fmt: skip
-
-    return EpochBatches(make_loader)
+    spec = LoaderSpec(
+        tokenizer=setup.tokenizer, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.image_size,
+        mean=task.image_mean, std=task.image_std, train=True, seed=cfg.train.seed, kind=cfg.data.loader,
+        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=device,
+    )  # fmt: skip
+    return EpochBatches(lambda epoch: build_loader(setup.args.train_data, spec.at(epoch)))
 
 
 HF_VILT = "transformers-vilt"  # the row name of transformers' ViltForQuestionAnswering (--hf-vilt)
@@ -247,8 +245,15 @@ def run_cell(
             compile_model(task.model)
         label = f"torch AdamW{', autocast bf16' if setup.bf16 else ', fp32'}"
     else:
-        ds_cfg = resolve_ds_config(setup.ds_base, cfg, 1, device)
-        engine = Engine(task, ds_cfg, cfg, setup.dist)
+        ds_cfg = resolve_ds_config(setup.ds_base, cfg.train, cfg.optim, 1)
+        engine = Engine(
+            task,
+            ds_cfg,
+            setup.dist,
+            optim=cfg.optim,
+            max_steps=cfg.train.max_steps,
+            compile=cfg.model.compile,
+        )
         label = f"DeepSpeed ZeRO-{engine.zero_stage} {engine.precision}"
     batches = make_batches(setup, cfg, task, mode, engine.dtype)
     profile = None

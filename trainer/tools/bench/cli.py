@@ -193,7 +193,7 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
         tokenizer = build_tokenizer(plan.base, args.train_data, work)
         vilt_vocab = tokenizer.vilt_vocab_size
         clip_vocab = tokenizer.clip_vocab
-    elif plan.base.model.clip_text_vocab == "compact":
+    elif plan.base.model.compact_clip_vocab:
         # Without questions: the ids the synthetic batches use (built only when asked: a batch holds the images too).
         probe = synthetic_batch(
             plan.base,

@@ -1,0 +1,79 @@
+"""`LoaderSpec`: how one rank reads a shard folder, in one typed value (what `build_loader` takes beside the folder).
+
+The trainer builds one spec per run from its config (`train.micro_batch_size`, `model.image_size`, `data.*`) and
+moves it from epoch to epoch with `at(epoch, skip_batches)`; the two loaders (DALI, PyTorch) read the fields they use
+from it. Values are checked when the spec is made, each error naming its field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from data_pipeline import batch as contract
+
+KINDS = ("auto", "dali", "torch")
+ON_SHORT_SHARD = ("error", "warn")
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    tokenizer: contract.Tokenizer
+    """A callable list[str] -> {"vilt_ids", "vilt_mask", "clip_ids"} (data_pipeline.text.QuestionTokenizer)."""
+    batch_size: int
+    """Samples per batch on this rank."""
+    image_size: int
+    """Square output resolution in pixels."""
+    mean: Sequence[float]
+    """3 values on the 0..1 scale (CLIP's for CLIP variants, (0.5,) * 3 for ViLT)."""
+    std: Sequence[float]
+    """3 positive values on the 0..1 scale."""
+    train: bool
+    """Training (seeded shuffle, the last partial batch dropped) or evaluation (every sample once, padded)."""
+    seed: int = 0
+    """Seed of the shard order and the within-rank shuffle."""
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    skip_batches: int = 0
+    """Batches of this epoch already consumed (the resume point)."""
+    kind: str = "auto"
+    """auto (DALI on the GPU, else DALI on the CPU, else torch when DALI is not installed), dali, or torch."""
+    num_workers: int = 2
+    """DataLoader workers (torch) or DALI CPU threads."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling when training (DALI's initial_fill; <= 1 disables the within-epoch shuffle)."""
+    device: torch.device | None = None
+    """Where DALI's GPU decoder runs (None = the current CUDA device; torch.device("cpu") = DALI's CPU mode)."""
+    on_short_shard: str = "error"
+    """torch loader, a tar shorter than its index: error (a DataError naming the tar) or warn (log it, read on)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.image_size < 1:
+            raise ValueError(
+                f"batch_size and image_size must be >= 1, got {self.batch_size} and {self.image_size}"
+            )
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
+        if self.skip_batches < 0 or self.num_workers < 0:
+            raise ValueError(
+                f"skip_batches and num_workers must be >= 0, got {self.skip_batches} and {self.num_workers}"
+            )
+        if self.on_short_shard not in ON_SHORT_SHARD:
+            raise ValueError(
+                f"on_short_shard must be one of {', '.join(ON_SHORT_SHARD)}, got '{self.on_short_shard}'"
+            )
+        contract.normalisation(self.mean, self.std)  # 3 values each, std > 0
+
+    def at(self, epoch: int, skip_batches: int = 0) -> LoaderSpec:
+        """The same reading at another position: epoch `epoch`, its first `skip_batches` batches consumed."""
+        return replace(self, epoch=epoch, skip_batches=skip_batches)
+
+    @property
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        """Mean and std on the 0..255 scale, as both loaders apply them."""
+        return contract.normalisation(self.mean, self.std)
