@@ -336,10 +336,12 @@ Usage: ./launch.sh demo [COMPARE_ARGS...]
 
 The project's main job on a fresh machine: set up .venv, convert the easy-VQA data set that the easy-vqa package
 ships into WebDataset shards (once, in data/easy-vqa; VQA_DEMO_DATA overrides), then run the paper's comparison
-(baseline, clip-infonce-cos, clip-infonce-dot) with the `demo` preset through the real stack, on the GPUs when
-there are any, on the CPU otherwise. Output in runs/demo (VQA_DEMO_RUN_DIR overrides): report.md, results.json,
-loss_curves.png and one TensorBoard run per variant. Extra arguments go to `python -m trainer.compare`
-(e.g. --seeds 0,1,2 or --variants baseline,clip-infonce-dot,clip-no-infonce).
+(baseline, clip-no-infonce, clip-infonce-cos, clip-infonce-dot) with the `demo` preset through the real stack, on
+the GPUs when there are any, on the CPU otherwise. Every run validates every 100 steps on a fixed subset of 500
+test questions (a shard folder written once in the output folder) and its last checkpoint is scored on the whole
+test split. Output in runs/demo (VQA_DEMO_RUN_DIR overrides): report.md, results.json, loss_curves.png and one
+TensorBoard run per variant. Extra arguments go to `python -m trainer.compare` and win over the demo's
+(e.g. --seeds 0,1,2 or --variants clip-infonce-dot,clip-infonce-dot+dup-mask).
 HELP
         return 0
     fi
@@ -347,7 +349,7 @@ HELP
     cd "$ROOT"
     ensure_easyvqa
     run "$PY" -m trainer.compare --preset demo --train-data "$DEMO_DATA/train" --val-data "$DEMO_DATA/test" \
-        --run-dir "$DEMO_RUN_DIR" "$@"
+        --run-dir "$DEMO_RUN_DIR" --val-subset 500 --val-every 100 "$@"
     note "report: $DEMO_RUN_DIR/report.md"
     note "watch:  ./launch.sh tensorboard --logdir $DEMO_RUN_DIR   (or: tensorboard --logdir $DEMO_RUN_DIR)"
 }

@@ -4,11 +4,14 @@
                                          [--answers answers.json] [--min-answer-count 9]
     python -m data_pipeline.convert vqa2-answers --annotations A1.json [A2.json ...] --out answers.json
     python -m data_pipeline.convert easyvqa --out OUT          # writes OUT/train and OUT/test
+    python -m data_pipeline.convert subset --source DIR --count N --out OUT [--seed 0] [--shards 1]
 
 Every conversion checks each image by decoding it, runs on all cores, shows progress, resumes after an
 interruption, refuses to overwrite a finished folder without --overwrite, and ends with a one-line summary.
 Errors are one line naming the file and field; the exit status is 2 for bad input, 1 for --strict rejections and
 for a full disk (the conversion resumes where it stopped once there is room: run the same command again).
+`subset` draws a fixed, seeded subset of a finished shard folder and copies its samples byte for byte (their images
+were checked when that folder was written; data_pipeline/subset.py): seconds, so it neither checks nor resumes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_pipeline import atomic, easyvqa, vqa2
+from data_pipeline import atomic, easyvqa, subset, vqa2
 from data_pipeline.build import (
     DEFAULT_SHARD_SIZE,
     ConversionError,
@@ -39,6 +42,7 @@ EXAMPLES = """examples (VQA v2 as ViLT uses it: one vocabulary from train + val,
       --annotations v2_mscoco_train2014_annotations.json --images train2014 \\
       --answers data/vqa2/answers.json --out data/vqa2/train
   python -m data_pipeline.convert easyvqa --out data/easyvqa
+  python -m data_pipeline.convert subset --source data/easyvqa/test --count 500 --out data/easyvqa/test-500
 
 'COMMAND --help' lists a command's options. Details: docs/data_pipeline.md."""
 
@@ -117,7 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder; train/ and test/ shard folders are written in it"
     )
     _common(p)
+    _add_subset(sub, fmt)
     return parser
+
+
+def _add_subset(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser(
+        "subset",
+        help="a fixed, seeded subset of a shard folder as a shard folder of its own (e.g. a validation subset)",
+        formatter_class=fmt,
+    )
+    p.add_argument("--source", required=True, help="the shard folder to draw from")
+    p.add_argument("--count", required=True, type=int, help="questions in the subset")
+    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    p.add_argument(
+        "--shards", type=int, default=1, help="shards to write (at least one per rank that reads it)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a finished output folder")
 
 
 def _settings(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -143,6 +164,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> list[str]:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(out, vocab)
         return [f"{len(vocab)} answers (majority answer count >= {args.min_answer_count}) -> {out}"]
+    if args.command == "subset":
+        summary = subset.write_subset(
+            args.source,
+            args.out,
+            count=args.count,
+            seed=args.seed,
+            n_shards=args.shards,
+            overwrite=args.overwrite,
+            command="python -m data_pipeline.convert " + shlex.join(argv),
+        )
+        return [summary.line()]
     settings = _settings(args, argv)
     if args.command == "vqa2":
         spec = vqa2.make_spec(

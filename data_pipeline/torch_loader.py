@@ -266,8 +266,19 @@ class TorchBatches:
             self.folder, n_batches=self.n_batches, workers=workers, skip_batches=skip, **self._plan_args
         )
         dataset = _EpochBlocks(plans, **self._dataset_args)
+        a = self._plan_args
+        # DataLoader draws its workers' base seed from this generator when it starts; without one it would draw from
+        # the global torch RNG, and a resumed run (whose RNG state was just restored) would continue the model's
+        # random stream (dropout) on a different draw than the uninterrupted run did.
+        generator = torch.Generator().manual_seed(
+            sharding.derive_seed(a["seed"], a["epoch"], a["rank"], skip)
+        )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,
         )
         skipped = 0
         it = iter(loader)  # workers start here

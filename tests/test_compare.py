@@ -7,9 +7,20 @@ import json
 import pytest
 from PIL import Image
 
-from trainer.tools.compare.cli import DEFAULT_VARIANTS, main
-from trainer.tools.compare.report import claim_lines, write_report
-from trainer.tools.compare.results import loss_noise, smooth, steps_to_stay_under, validate_results, verdict
+from trainer.tools.compare.claims import claims
+from trainer.tools.compare.cli import DEFAULT_VARIANTS, build_parser, main
+from trainer.tools.compare.report import plot, write_report
+from trainer.tools.compare.results import (
+    RESULTS_SCHEMA_VERSION,
+    aggregate,
+    loss_noise,
+    smooth,
+    steps_to_stay_under,
+    validate_results,
+    verdict,
+)
+from trainer.tools.compare.runs import RunSpec, full_eval_command, trainer_command
+from trainer.tools.compare.variants import VariantError, parse_variant, parse_variants
 
 
 def test_steps_to_stay_under_needs_the_curve_to_stay_below():
@@ -64,45 +75,266 @@ def test_verdict_claims_a_difference_only_beyond_the_seed_spread():
     assert verdict([0.5, 0.51], [0.3, 0.31])[0] == "a>b"
 
 
-def test_claims_say_not_resolved_with_one_seed():
-    def entry(steps, noise):
-        spread = lambda v: {"mean": v, "std": 0.0, "values": [v]}  # noqa: E731
-        return {
-            "steps_to_loss_below": {"1": spread(steps)},
-            "loss_noise": spread(noise),
-            "runs": [{"config": {"train": {"max_steps": 800}}}],
-        }
+def _spread(values):
+    vals = [v for v in values if v is not None]
+    mean = sum(vals) / len(vals) if vals else None
+    return {"mean": mean, "std": 0.0, "values": list(values)}
 
-    summary = {
-        "baseline": entry(500, 0.02),
-        "clip-no-infonce": entry(450, 0.02),
-        "clip-infonce-cos": entry(300, 0.03),
-        "clip-infonce-dot": entry(None, 0.01),
+
+def _entry(steps, noise, score=0.9, model=None):
+    """A results.json variant entry with per-seed values (lists of equal length, one per seed)."""
+    return {
+        "model_variant": model,
+        "steps_to_loss_below": {"1": _spread(steps)},
+        "loss_noise": _spread(noise),
+        "full_val_vqa_score": _spread(score if isinstance(score, list) else [score] * len(steps)),
+        "runs": [{"config": {"train": {"max_steps": 800}}} for _ in steps],
     }
-    lines = claim_lines(summary, [1.0])
-    assert len(lines) == 5  # 2 variants x 2 references + the steadiness claim
-    assert all("not resolved" in line for line in lines)
-    assert any("clip-infonce-dot against clip-no-infonce" in line for line in lines)
+
+
+def _by(found, variant, reference):
+    return {c.measure: c.outcome for c in found if c.variant == variant and c.reference == reference}
+
+
+def test_claims_say_not_resolved_with_one_seed():
+    summary = {
+        "baseline": _entry([500], [0.02], model="baseline"),
+        "clip-no-infonce": _entry([450], [0.02], model="clip-no-infonce"),
+        "clip-infonce-cos": _entry([300], [0.03], model="clip-infonce-cos"),
+        "clip-infonce-dot": _entry([None], [0.01], model="clip-infonce-dot"),
+        "clip-infonce-dot+dup-mask": _entry([200], [0.01], 0.99, model="clip-infonce-dot"),
+    }
+    found = claims(summary, [1.0])
+    # 2 paper variants x 2 references + the steadiness claim + the modifier against its plain variant (steps, score)
+    assert len(found) == 4 + 1 + 2
+    assert all(c.outcome == "not resolved" and c.diff is None for c in found)
+    assert _by(found, "clip-infonce-dot+dup-mask", "clip-infonce-dot") == {
+        "steps to VQA loss < 1": "not resolved",
+        "VQA score, whole split, end": "not resolved",
+    }
+    assert _by(found, "clip-infonce-dot", "clip-no-infonce")  # the ablation is a reference
+    # A modified variant is never checked against the paper's references, nor the plain one against itself.
+    assert not _by(found, "clip-infonce-dot+dup-mask", "baseline")
+
+
+def test_modifier_verdict_against_its_plain_variant_follows_the_noise_rule():
+    plain = _entry([300, 310, 320], [0.02] * 3, [0.90, 0.91, 0.92], model="clip-infonce-dot")
+
+    def verdicts(steps, scores):
+        summary = {
+            "clip-infonce-dot": plain,
+            "clip-infonce-dot+dup-mask": _entry(steps, [0.02] * 3, scores, model="clip-infonce-dot"),
+        }
+        return _by(claims(summary, [1.0]), "clip-infonce-dot+dup-mask", "clip-infonce-dot")
+
+    steps_key, score_key = "steps to VQA loss < 1", "VQA score, whole split, end"
+    # Clearly apart (difference 100 steps / 0.05 against seed ranges of 20 / 0.02): verdicts either way.
+    better = verdicts([200, 210, 220], [0.95, 0.96, 0.97])
+    assert better == {steps_key: "supports", score_key: "supports"}
+    worse = verdicts([400, 410, 420], [0.85, 0.86, 0.87])
+    assert worse == {steps_key: "contradicts", score_key: "contradicts"}
+    # A difference inside the seed range (15 steps against a range of 40; 0.01 against 0.04): not resolved.
+    close = verdicts([295, 315, 335], [0.89, 0.92, 0.93])
+    assert close == {steps_key: "not resolved", score_key: "not resolved"}
+    # A run that never gets under the threshold counts as one step past the end, so it loses clearly.
+    assert verdicts([None, None, None], [0.95, 0.96, 0.97])[steps_key] == "contradicts"
+
+
+def test_variant_syntax():
+    v = parse_variant("clip-infonce-dot+dup-mask")
+    assert (v.name, v.model, v.modifiers) == ("clip-infonce-dot+dup-mask", "clip-infonce-dot", ("dup-mask",))
+    assert v.overrides() == ["model.variant=clip-infonce-dot", "loss.duplicate_questions=mask"]
+    assert parse_variant("clip-infonce-cos+dup-positive").settings == {"loss.duplicate_questions": "positive"}
+    assert parse_variant(" baseline ").overrides() == [
+        "model.variant=baseline",
+        "loss.duplicate_questions=none",
+    ]
+    assert [v.name for v in parse_variants("baseline,clip-infonce-dot,clip-infonce-dot+dup-mask")] == [
+        "baseline",
+        "clip-infonce-dot",
+        "clip-infonce-dot+dup-mask",
+    ]
+    bad = {
+        "vilt-xl": "unknown model variant 'vilt-xl'",
+        "clip-infonce-dot+dup-maks": "unknown modifier '+dup-maks'",
+        "clip-infonce-dot+": "unknown modifier '+'",
+        "baseline+dup-mask": "which baseline does not have",
+        "clip-no-infonce+dup-positive": "which clip-no-infonce does not have",
+        "clip-symmetric-ce+dup-mask": "which clip-symmetric-ce does not have",
+        "clip-infonce-dot+dup-mask+dup-positive": "more than one modifier sets loss.duplicate_questions",
+        "clip-infonce-dot,clip-infonce-dot": "clip-infonce-dot given more than once",
+        " , ": "no variant given",
+    }
+    for text, message in bad.items():
+        with pytest.raises(VariantError, match=message.replace("+", "\\+")):
+            parse_variants(text)
+
+
+def test_default_variants_are_the_papers_models_and_the_ablation():
+    assert DEFAULT_VARIANTS == ("baseline", "clip-no-infonce", "clip-infonce-cos", "clip-infonce-dot")
+    help_text = build_parser().format_help()
+    assert "NAME[+MODIFIER]" in help_text and "clip-infonce-dot+dup-mask" in help_text
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
-    assert main(["--train-data", str(tmp_path), "--val-data", str(tmp_path), "--variants", "vilt-xl"]) == 2
-    assert "unknown ['vilt-xl']" in capsys.readouterr().err
-    assert main(["--train-data", str(tmp_path), "--val-data", str(tmp_path)]) == 2
+    base = ["--train-data", str(tmp_path), "--val-data", str(tmp_path)]
+    for value, message in (
+        ("vilt-xl", "--variants 'vilt-xl': unknown model variant 'vilt-xl'"),
+        ("baseline,clip-infonce-dot+dup-foo", "--variants 'clip-infonce-dot+dup-foo': unknown modifier"),
+        ("baseline+dup-mask", "--variants 'baseline+dup-mask': +dup-mask changes the paper's InfoNCE"),
+    ):
+        assert main([*base, "--variants", value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("compare: error: ") and message in err and err.count("\n") == 1
+    assert main([*base, "--set", "loss.duplicate_questions=mask"]) == 2
+    assert "per variant in --variants" in capsys.readouterr().err
+    assert main([*base, "--val-subset", "0"]) == 2
+    assert "--val-subset must be >= 1" in capsys.readouterr().err
+    assert main(base) == 2
     assert "not a shard folder (no manifest.json)" in capsys.readouterr().err
+
+
+def test_trainer_commands_carry_the_variant_and_the_validation_plan(tmp_path):
+    args = build_parser().parse_args(
+        [
+            "--train-data",
+            "T",
+            "--val-data",
+            "V",
+            "--num-gpus",
+            "0",
+            "--set",
+            "train.log_every=1",
+            "--val-every",
+            "100",
+        ]
+    )
+    args.subset_dir = "S"
+
+    def sets(cmd):
+        return [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+
+    dup = trainer_command(RunSpec(parse_variant("clip-infonce-dot+dup-mask"), 3, tmp_path / "r"), args, False)
+    assert sets(dup) == [
+        "train.eval_every=100",
+        "train.log_every=1",
+        "model.variant=clip-infonce-dot",
+        "loss.duplicate_questions=mask",
+        "train.seed=3",
+    ]
+    assert dup[dup.index("--val-data") + 1] == "S"  # training validates on the subset
+    assert dup[dup.index("--run-dir") + 1] == str(tmp_path / "r")
+    plain = trainer_command(RunSpec(parse_variant("clip-infonce-dot"), 3, tmp_path / "p"), args, True)
+    assert "loss.duplicate_questions=none" in sets(plain) and plain[-2:] == ["--resume", "latest"]
+    whole = full_eval_command(RunSpec(parse_variant("clip-infonce-dot"), 3, tmp_path / "p"), args)
+    assert whole[whole.index("--val-data") + 1] == "V" and "--eval-only" in whole
+    assert whole[whole.index("--run-dir") + 1] == str(tmp_path / "p" / "full_eval")
+    args.subset_dir = None
+    no_subset = trainer_command(RunSpec(parse_variant("baseline"), 0, tmp_path / "b"), args, False)
+    assert no_subset[no_subset.index("--val-data") + 1] == "V"
+
+
+def _run_record(seed, val_steps, val_scores, whole, loss_shift=0.0):
+    steps = list(range(5, 805, 5))
+    vqa = [3.0 * 0.995**s + 0.1 + loss_shift for s in steps]
+    return {
+        "run_dir": f"r{seed}",
+        "seed": seed,
+        "full_val_vqa_score": whole,
+        "final_val_vqa_score": val_scores[-1],
+        "best_val_vqa_score": max(val_scores),
+        "best_val_step": val_steps[val_scores.index(max(val_scores))],
+        "final_train_vqa_loss": vqa[-1],
+        "steps_to_loss_below": {"1": steps_to_stay_under(steps, smooth(steps, vqa), 1.0)},
+        "loss_noise": 0.05,
+        "wall_time_s": 100.0,
+        "samples_per_second": 500.0,
+        "config": {"train": {"max_steps": 800, "eval_every": 100}},
+        "curves": {
+            "step": steps,
+            "vqa_loss": vqa,
+            "loss": vqa,
+            "infonce_loss": [],
+            "val_step": val_steps,
+            "val_vqa_score": val_scores,
+        },
+    }
+
+
+def test_report_shows_the_subset_validation_curve_and_the_whole_split_score(tmp_path):
+    val_steps = list(range(100, 900, 100))
+    runs = {
+        "clip-infonce-dot": [_run_record(0, val_steps, [0.5 + 0.05 * i for i in range(8)], 0.8711)],
+        "clip-infonce-dot+dup-mask": [
+            _run_record(0, val_steps, [0.6 + 0.04 * i for i in range(8)], 0.9322, 0.05)
+        ],
+    }
+    variants = {v: parse_variant(v) for v in runs}
+    results = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "preset": "demo",
+        "steps": None,
+        "seeds": [0],
+        "variants_order": list(runs),
+        "train_data": "data/train",
+        "val_data": "data/test",
+        "val_subset": {"folder": "runs/x/val-subset-500", "size": 500, "seed": 0, "of_samples": 9673},
+        "loss_thresholds": [1.0],
+        "smooth_steps": 100,
+        "machine": "CPU only, 2 cores (x86_64)",
+        "date": "2026-11-28",
+        "wall_time_s": 200.0,
+        "variants": aggregate(runs, [1.0], variants),
+    }
+    validate_results(json.loads(json.dumps(results)))  # as written to and read from results.json
+    entry = results["variants"]["clip-infonce-dot+dup-mask"]
+    assert entry["model_variant"] == "clip-infonce-dot"
+    assert entry["settings"] == {"loss.duplicate_questions": "mask"}
+    assert "masked out of InfoNCE" in entry["paper_model"]
+    assert entry["val_curve"]["step"] == val_steps
+    assert entry["val_curve"]["vqa_score"][2]["mean"] == pytest.approx(0.68)
+
+    write_report(results, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "fixed subset of 500 of the 9,673 questions of `data/test`" in report
+    assert "every 100 steps and at the end" in report
+    assert "| variant | step 100 | step 200 | step 300 |" in report
+    assert (
+        "| `clip-infonce-dot+dup-mask` | 0.600 | 0.640 | 0.680 |" in report
+    )  # the subset curve, step by step
+    assert "val VQA, whole split (end)" in report and "0.9322" in report and "0.8711" in report
+    assert (
+        "| the modifier scores higher | `clip-infonce-dot+dup-mask` | `clip-infonce-dot` | "
+        "VQA score, whole split, end | - | - | not resolved |"
+    ) in report
+    assert "**clip-infonce-dot+dup-mask** (0.9322)" in report
+
+    plot(runs, tmp_path / "curves.png", 100, results["val_subset"])
+    with Image.open(tmp_path / "curves.png") as png:
+        png.verify()
+
+    broken = json.loads(json.dumps(results))
+    del broken["variants"]["clip-infonce-dot"]["val_curve"]["vqa_score"][0]
+    with pytest.raises(ValueError, match="val_curve"):
+        validate_results(broken)
 
 
 @pytest.mark.slow
 def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
+    """Three variants, one with a modifier, validated on a 16-question subset of the 32-question test split every 2
+    steps, then scored on the whole split by the trainer's --eval-only."""
     out = tmp_path / "cmp"
+    variants = ["baseline", "clip-infonce-dot", "clip-infonce-dot+dup-mask"]
     argv = [
         "--preset", "tiny",
         "--train-data", str(tiny_easyvqa_shards / "train"),
         "--val-data", str(tiny_easyvqa_shards / "test"),
         "--run-dir", str(out),
+        "--variants", ",".join(variants),
         "--steps", "4",
+        "--val-subset", "16",
+        "--val-every", "2",
         "--set", "train.log_every=1",
-        "--set", "train.eval_every=2",
         "--set", "train.progress_bar=false",
         "--quiet",
     ]  # fmt: skip
@@ -110,21 +342,42 @@ def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     validate_results(results)
-    assert results["variants_order"] == list(DEFAULT_VARIANTS)
-    for variant in DEFAULT_VARIANTS:
+    assert results["schema_version"] == RESULTS_SCHEMA_VERSION
+    assert results["variants_order"] == variants
+    assert results["val_subset"] == {
+        "folder": str(out / "val-subset-16"),
+        "size": 16,
+        "seed": 0,
+        "of_samples": 32,
+    }
+    for variant in variants:
         entry = results["variants"][variant]
         (run,) = entry["runs"]
-        assert run["config"]["model"]["variant"] == variant and run["seed"] == 0
-        assert 0.0 <= entry["final_val_vqa_score"]["mean"] <= 1.0
-        assert (out / f"{variant}-seed0" / "tensorboard").is_dir()
+        run_dir = out / f"{variant}-seed0"
+        assert run["run_dir"] == str(run_dir) and run["seed"] == 0
+        assert run["config"]["model"]["variant"] == variant.split("+")[0]
+        assert run["config"]["loss"]["duplicate_questions"] == ("mask" if "+dup-mask" in variant else "none")
+        assert run["config"]["data"]["val_data"] == str(out / "val-subset-16")
+        # During training: the subset at steps 2 and 4; at the end: the whole split, in its own folder.
+        assert entry["val_curve"]["step"] == [2, 4]
+        subset_eval = json.loads((run_dir / "eval" / "val_metrics_step00000004.json").read_text())
+        whole_eval = json.loads(
+            (run_dir / "full_eval" / "eval" / "val_metrics_step00000004.json").read_text()
+        )
+        assert (subset_eval["count"], whole_eval["count"]) == (16, 32)
+        assert entry["full_val_vqa_score"]["values"] == [whole_eval["vqa_score"]]
+        assert entry["final_val_vqa_score"]["values"] == [pytest.approx(subset_eval["vqa_score"])]
+        assert (run_dir / "tensorboard").is_dir() and (run_dir / "full_eval" / "tensorboard").is_dir()
 
     with Image.open(out / "loss_curves.png") as png:
         png.verify()
     report = (out / "report.md").read_text()
-    for variant in DEFAULT_VARIANTS:
+    for variant in variants:
         assert f"`{variant}`" in report
     assert "![loss curves](loss_curves.png)" in report
     assert "`tiny`, 4 optimizer steps" in report
+    assert "fixed subset of 16 of the 32 questions" in report and "| step 2 | step 4 |" in report
+    assert "| `clip-infonce-dot+dup-mask` | `clip-infonce-dot` | steps to VQA loss < 2 |" in report
 
     # A run folder without config.json (the schema allows config null) still gets a report.
     for entry in results["variants"].values():
@@ -133,7 +386,12 @@ def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
     write_report(results, tmp_path / "no_config.md")
     assert "`tiny`, 4 optimizer steps" in (tmp_path / "no_config.md").read_text()
 
-    # Finished runs are kept: a second call only rebuilds the outputs.
-    before = (out / "baseline-seed0" / "run_complete.json").read_text()
+    # Finished runs and their whole-split scores are kept: a second call only rebuilds the outputs.
+    kept = [
+        out / "baseline-seed0" / "run_complete.json",
+        out / "baseline-seed0" / "full_eval" / "config.json",
+    ]
+    before = [p.stat().st_mtime_ns for p in kept]
+    assert main([*argv, "--report-only"]) == 0
     assert main(argv) == 0
-    assert (out / "baseline-seed0" / "run_complete.json").read_text() == before
+    assert [p.stat().st_mtime_ns for p in kept] == before

@@ -108,7 +108,7 @@ def new_report(args: argparse.Namespace, argv: list[str], setup: Setup) -> dict[
             "hf_vilt": args.hf_vilt,
             "profile": args.profile,
         },  # fmt: skip
-        "deepspeed_config_file": str(setup.ds_path),
+        "deepspeed_config_file": _repo_relative(setup.ds_path),
         "deepspeed_config": setup.ds_base,
         "n_answers": setup.n_answers,
         "vilt_vocab_size": setup.vilt_vocab,
@@ -125,3 +125,12 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out, json.dumps(report, indent=2) + "\n")
+
+
+def _repo_relative(path: Path) -> str:
+    """A shipped file as the repository names it (deepspeed_configs/...), wherever the checkout lies; others as given."""
+    repo = Path(__file__).resolve().parents[3]
+    try:
+        return Path(path).resolve().relative_to(repo).as_posix()
+    except ValueError:
+        return str(path)

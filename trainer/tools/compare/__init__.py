@@ -2,11 +2,22 @@
 then write `results.json`, `loss_curves.png` (the paper's Figure 3, plus validation VQA score) and `report.md`.
 
     python -m trainer.compare --preset demo --train-data data/easy-vqa/train --val-data data/easy-vqa/test \
-        --run-dir runs/demo --variants baseline,clip-infonce-cos,clip-infonce-dot --seeds 0
+        --run-dir runs/demo --variants baseline,clip-no-infonce,clip-infonce-cos,clip-infonce-dot \
+        --val-subset 500 --val-every 100 --seeds 0
+
+A variant is `NAME[+MODIFIER]` (variants.py): NAME a model variant of the trainer, MODIFIER `dup-mask` or
+`dup-positive`, which sets `loss.duplicate_questions` for an InfoNCE variant; `clip-infonce-dot+dup-mask` is model (3)
+with identical questions of a batch masked out of InfoNCE, and is also checked against `clip-infonce-dot`.
 
 Each run goes through the real stack (shards -> loader -> DeepSpeed engine -> TensorBoard) as its own process:
 `deepspeed --num_gpus N trainer/main.py` where there are GPUs, `python trainer/main.py` (one CPU rank) otherwise.
 A comparison is resumable: finished runs are kept, interrupted ones continue from their last checkpoint.
+
+Validation: every `--val-every` steps on --val-data; with `--val-subset N`, on a fixed subset of N of its questions
+instead (a shard folder written once in --run-dir by data_pipeline/subset.py, seed 0, the same for every run), and
+each run's last checkpoint is then scored on the whole --val-data by the trainer's own `--eval-only`, in a run folder
+RUN/full_eval that reads RUN/checkpoints through a link. The report shows the subset curve per variant and the
+whole-split score.
 
 What is compared: the VQA loss (comparable across variants; the total loss of the InfoNCE variants also holds
 lambda * InfoNCE), the step from which its smoothed curve stays under each threshold, validation VQA score, and the
@@ -23,9 +34,12 @@ How, so that the numbers can carry a verdict:
 - Verdicts: a difference between two variants is claimed ("supports" / "contradicts") only when the difference of
   their means over seeds is larger than the larger of their two seed ranges (max - min); otherwise, and always with
   one seed, it is "not resolved". The training-time claim is checked against ViLT (`baseline`) and against the
-  ablation without InfoNCE (`clip-no-infonce`), which isolates the alignment from the CLIP tower.
+  ablation without InfoNCE (`clip-no-infonce`), which isolates the alignment from the CLIP tower; a variant with a
+  modifier against the plain variant it modifies (claims.py).
 
-The modules: `results.py` (reading a finished run's TensorBoard events; smoothing, noise and verdicts; results.json
-and its schema), `runs.py` (one trainer process per variant and seed, resumable), `report.py` (loss_curves.png and
-report.md), `cli.py` (the command line).
+The modules: `variants.py` (the --variants syntax), `results.py` (reading a finished run's TensorBoard events and
+whole-split evaluation; smoothing, noise and the verdict rule; results.json and its schema), `claims.py` (which
+claims the variants allow, each with its verdict), `runs.py` (the validation subset; one trainer process per variant
+and seed, resumable; the whole-split evaluation), `report.py` (loss_curves.png and report.md), `cli.py` (the command
+line).
 """

@@ -23,9 +23,18 @@ from trainer.tools.compare.results import (
     summarise_run,
     validate_results,
 )
-from trainer.tools.compare.runs import RunSpec, run_one
+from trainer.tools.compare.runs import RunSpec, prepare_val_subset, run_one
+from trainer.tools.compare.variants import (
+    DUPLICATES_FIELD,
+    MODIFIERS,
+    SYNTAX,
+    VariantError,
+    infonce_variants,
+    parse_variants,
+)
 
-DEFAULT_VARIANTS = ("baseline", "clip-infonce-cos", "clip-infonce-dot")
+# The paper's three models and the ablation that separates the CLIP tower from the alignment.
+DEFAULT_VARIANTS = ("baseline", "clip-no-infonce", "clip-infonce-cos", "clip-infonce-dot")
 
 
 def machine_description() -> str:
@@ -41,22 +50,58 @@ def machine_description() -> str:
     return f"CPU only, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
 
 
+EPILOG = """variants:
+  clip-infonce-dot               the paper's model (3); identical questions of a batch are InfoNCE negatives
+  clip-infonce-dot+dup-mask      the same model with loss.duplicate_questions=mask (identical questions masked)
+  clip-infonce-cos+dup-positive  model (2) with loss.duplicate_questions=positive (identical questions positives)
+A variant with a modifier is also checked against the plain variant it modifies (fewer steps to each loss
+threshold, higher whole-split VQA score), under the same noise rule as the paper's claims.
+
+example (the demo: the four default variants, validation every 100 steps on 500 fixed test questions):
+  python -m trainer.compare --preset demo --train-data data/easy-vqa/train --val-data data/easy-vqa/test \\
+      --run-dir runs/demo --val-subset 500 --val-every 100"""
+
+
+def subset_summary(folder: str) -> dict[str, Any]:
+    """results.json's `val_subset`: the subset folder and its draw (data_pipeline/subset.py's record)."""
+    from data_pipeline.subset import subset_record
+
+    record = subset_record(folder)
+    assert record is not None, f"{folder}: prepare_val_subset wrote it"
+    return {
+        "folder": folder,
+        "size": record["count"],
+        "seed": record["seed"],
+        "of_samples": record["of_samples"],
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from trainer.config import VARIANTS
+
     p = argparse.ArgumentParser(
         prog="python -m trainer.compare",
         description="Run the paper's comparison: every variant with the same seeds, data order and hyperparameters; "
         "write results.json, loss_curves.png and report.md in --run-dir.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="demo", help="trainer preset for every run (default: demo)")
     p.add_argument("--train-data", required=True, metavar="DIR", help="training shard folder")
-    p.add_argument("--val-data", required=True, metavar="DIR", help="validation shard folder")
+    p.add_argument(
+        "--val-data", required=True, metavar="DIR", help="validation shard folder (the whole split)"
+    )
     p.add_argument(
         "--run-dir", default="runs/compare", metavar="DIR", help="comparison folder (default runs/compare)"
     )
     p.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
-        help=f"comma-separated model variants (default: {','.join(DEFAULT_VARIANTS)}; also clip-no-infonce)",
+        metavar="V1,V2,...",
+        help=f"comma-separated variants, each {SYNTAX}: NAME a model variant ({', '.join(VARIANTS)}); MODIFIER "
+        f"one of {', '.join(MODIFIERS)}, which sets loss.duplicate_questions to mask or positive for an InfoNCE "
+        f"variant ({', '.join(infonce_variants())}), e.g. clip-infonce-dot+dup-mask; run folders, results and "
+        f"report use the name as written (default: {','.join(DEFAULT_VARIANTS)})",
     )
     p.add_argument(
         "--steps", type=int, default=None, metavar="N", help="optimizer steps per run (default: preset's)"
@@ -77,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"width of the centred smoothing window in training steps (default: {SMOOTH_STEPS})",
     )
     p.add_argument(
+        "--val-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validate during training on a fixed subset of N questions of --val-data (a shard folder written "
+        "once in --run-dir, drawn with seed 0), then score each run's last checkpoint on the whole --val-data",
+    )
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="steps between validations during training (train.eval_every; default: the preset's)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -95,13 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from trainer.config import VARIANTS
-
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
+    try:
+        parsed = parse_variants(args.variants)
+    except VariantError as exc:
+        print(f"compare: error: --variants {exc}", file=sys.stderr)
+        return 2
+    variants = {v.name: v for v in parsed}
+    if any(item.split("=", 1)[0].strip() == DUPLICATES_FIELD for item in args.set):
         print(
-            f"compare: error: --variants: unknown {unknown} (one of: {', '.join(VARIANTS)})", file=sys.stderr
+            f"compare: error: --set {DUPLICATES_FIELD}: give it per variant in --variants "
+            f"(e.g. clip-infonce-dot+dup-mask), so that the names say which loss each run had",
+            file=sys.stderr,
         )
         return 2
     try:
@@ -110,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("compare: error: --seeds and --loss-thresholds take comma-separated numbers", file=sys.stderr)
         return 2
-    if args.smooth_steps < 1:
-        print(f"compare: error: --smooth-steps must be >= 1, got {args.smooth_steps}", file=sys.stderr)
-        return 2
+    for flag, value in (("--smooth-steps", args.smooth_steps), ("--val-subset", args.val_subset),
+                        ("--val-every", args.val_every)):  # fmt: skip
+        if value is not None and value < 1:
+            print(f"compare: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     for flag, folder in (("--train-data", args.train_data), ("--val-data", args.val_data)):
         if not (Path(folder) / "manifest.json").is_file():
             print(
@@ -122,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     root = Path(args.run_dir)
-    specs = [RunSpec(v, s, root / f"{v}-seed{s}") for s in seeds for v in variants]
+    specs = [RunSpec(v, s, root / f"{v.name}-seed{s}") for s in seeds for v in parsed]
     start = time.time()
     try:
+        args.subset_dir = None if args.val_subset is None else str(prepare_val_subset(args, root))
         if not args.report_only:
             for spec in specs:
                 run_one(spec, args)
@@ -134,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise CompareError(
                     f"{spec.run_dir}: run not complete; run the comparison without --report-only"
                 )
-            runs[spec.variant].append(summarise_run(spec.run_dir, thresholds, args.smooth_steps))
+            runs[spec.variant.name].append(
+                summarise_run(
+                    spec.run_dir, thresholds, args.smooth_steps, full_eval=args.subset_dir is not None
+                )
+            )
     except CompareError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 1
@@ -143,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "steps": args.steps,
         "seeds": seeds,
-        "variants_order": variants,
+        "variants_order": list(variants),
         "train_data": args.train_data,
         "val_data": args.val_data,
+        "val_subset": None if args.subset_dir is None else subset_summary(args.subset_dir),
         "loss_thresholds": thresholds,
         "smooth_steps": args.smooth_steps,
         "machine": machine_description(),
@@ -153,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         "wall_time_s": sum(r["wall_time_s"] for rs in runs.values() for r in rs)
         if args.report_only
         else time.time() - start,
-        "variants": aggregate(runs, thresholds),
+        "variants": aggregate(runs, thresholds, variants),
     }
     validate_results(results)
     atomic.write_text(root / "results.json", json.dumps(results, indent=2) + "\n")
-    plot(runs, root / "loss_curves.png", args.smooth_steps)
+    plot(runs, root / "loss_curves.png", args.smooth_steps, results["val_subset"])
     write_report(results, root / "report.md")
     print(f"[compare] report: {root / 'report.md'}")
     print(f"[compare] watch:  tensorboard --logdir {root}")

@@ -1,17 +1,34 @@
 """A comparison's outputs besides results.json: loss_curves.png (the paper's Figure 3 plus the validation VQA score)
-and report.md, whose findings state what the numbers say about the paper's two claims, whichever way they fall."""
+and report.md, whose verdict table states what the numbers say about each claim (trainer/tools/compare/claims.py),
+whichever way they fall."""
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
 from data_pipeline import atomic
-from trainer.tools.compare.results import SMOOTH_STEPS, smooth, verdict
+from trainer.tools.compare.claims import claims, verdict_table
+from trainer.tools.compare.results import SMOOTH_STEPS, smooth
 
 
-def plot(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = SMOOTH_STEPS) -> None:
+def validation_title(subset: dict[str, Any] | None) -> str:
+    if subset is None:
+        return "Validation VQA score"
+    return (
+        f"Validation VQA score: fixed subset of {subset['size']:,} of {subset['of_samples']:,} questions (lines), "
+        "whole split at the end (stars)"
+    )
+
+
+def plot(
+    runs: dict[str, list[dict[str, Any]]],
+    out: Path,
+    window: int = SMOOTH_STEPS,
+    subset: dict[str, Any] | None = None,
+) -> None:
+    """Left: training VQA loss, raw and smoothed, per variant and seed. Right: the validation score during training
+    (on the subset where there is one) and, with a subset, each run's whole-split score at its last step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,13 +61,23 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = SMOOTH_
                     linestyle=style,
                     label=label,
                 )
+            if subset is not None and r["full_val_vqa_score"] is not None and cur["step"]:
+                ax_val.plot(
+                    [cur["step"][-1]],
+                    [r["full_val_vqa_score"]],
+                    color=c,
+                    marker="*",
+                    markersize=11,
+                    linestyle="",
+                )
     ax_loss.set(
         title=f"Training VQA loss (raw, faint; local linear fit over {window} steps, solid)",
         xlabel="step",
         ylabel="VQA loss (BCE x classes)",
     )
     ax_loss.set_yscale("log")
-    ax_val.set(title="Validation VQA score", xlabel="step", ylabel="VQA score")
+    ax_val.set(title=validation_title(subset), xlabel="step", ylabel="VQA score")
+    ax_val.title.set_fontsize(9 if subset else 12)
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -74,17 +101,17 @@ def _fmt(spread: dict[str, Any], digits: int = 3, integer: bool = False) -> str:
 
 
 def findings(summary: dict[str, Any], thresholds: list[float]) -> list[str]:
-    """Plain statements of what the numbers say about the paper's claims, whichever way they fall."""
+    """Plain statements of what the numbers show besides the verdicts, whichever way they fall."""
     lines = []
     scores = {
-        v: s["best_val_vqa_score"]["mean"]
+        v: s["full_val_vqa_score"]["mean"]
         for v, s in summary.items()
-        if s["best_val_vqa_score"]["mean"] is not None
+        if s["full_val_vqa_score"]["mean"] is not None
     }
     if scores:
         best = max(scores, key=scores.get)
         lines.append(
-            f"Best validation VQA score: **{best}** ({scores[best]:.4f}); "
+            f"Highest VQA score on the whole validation split at the end: **{best}** ({scores[best]:.4f}); "
             + ", ".join(f"{v} {s:.4f}" for v, s in sorted(scores.items(), key=lambda kv: -kv[1]) if v != best)
             + "."
         )
@@ -102,7 +129,6 @@ def findings(summary: dict[str, Any], thresholds: list[float]) -> list[str]:
             + (f"; never for {', '.join(never)}" if never else "")
             + "."
         )
-    lines += claim_lines(summary, thresholds)
     seeds = max(len(s["runs"]) for s in summary.values())
     if seeds == 1:
         lines.append(
@@ -112,54 +138,20 @@ def findings(summary: dict[str, Any], thresholds: list[float]) -> list[str]:
     return lines
 
 
-def _values(spread: dict[str, Any], never: float) -> list[float]:
-    """A spread's per-seed values; a run that never reached a threshold counts as `never` (past its last step)."""
-    return [never if v is None else v for v in spread["values"]]
-
-
-def _say(outcome: str, claim_holds_when: str) -> str:
-    if outcome == "unresolved":
-        return "not resolved"
-    return "supports" if outcome == claim_holds_when else "contradicts"
-
-
-def claim_lines(summary: dict[str, Any], thresholds: list[float]) -> list[str]:
-    """The paper's two claims, each verdict by the noise rule of the module docstring."""
-    lines = []
-    last_step = max(
-        (max(r["config"]["train"]["max_steps"] for r in s["runs"] if r["config"]) for s in summary.values()
-         if any(r["config"] for r in s["runs"])),
-        default=0,
-    )  # fmt: skip
-    never = float(last_step + 1)
-    references = [r for r in ("baseline", "clip-no-infonce") if r in summary]
-    for v in ("clip-infonce-cos", "clip-infonce-dot"):
-        if v not in summary:
-            continue
-        for ref in references:
-            parts = []
-            for t in thresholds:
-                key = f"{t:g}"
-                a = _values(summary[v]["steps_to_loss_below"][key], never)
-                b = _values(summary[ref]["steps_to_loss_below"][key], never)
-                outcome, diff, spread = verdict(a, b)
-                detail = "" if diff is None else f", {diff:+.0f} steps against a seed range of {spread:.0f}"
-                parts.append(f"< {t:g}: {_say(outcome, 'a<b')}{detail}")
-            lines.append(
-                f"Claim 'converges in fewer steps' for {v} against {ref} (steps until the VQA loss stays under each "
-                f"threshold): " + "; ".join(parts) + "."
-            )
-    if "clip-infonce-cos" in summary and "clip-infonce-dot" in summary:
-        dot = [v for v in summary["clip-infonce-dot"]["loss_noise"]["values"] if v is not None]
-        cos = [v for v in summary["clip-infonce-cos"]["loss_noise"]["values"] if v is not None]
-        outcome, diff, spread = verdict(dot, cos)
-        detail = "" if diff is None else f" (difference {diff:+.4f} against a seed range of {spread:.4f})"
-        if dot and cos:
-            lines.append(
-                f"Claim '(3) is steadier than (2)': late-training loss noise {statistics.fmean(dot):.4f} for the "
-                f"inner product and {statistics.fmean(cos):.4f} for cosine: {_say(outcome, 'a<b')}{detail}."
-            )
-    return lines
+def validation_table(summary: dict[str, Any]) -> str:
+    """The evaluations during training: one row per variant, one column per step (mean ± std over seeds)."""
+    steps = sorted({s for entry in summary.values() for s in entry["val_curve"]["step"]})
+    if not steps:
+        return "No evaluation during training."
+    rows = []
+    for v, entry in summary.items():
+        at = dict(zip(entry["val_curve"]["step"], entry["val_curve"]["vqa_score"], strict=True))
+        rows.append([f"`{v}`", *(_fmt(at[s], 3) if s in at else "" for s in steps)])
+    head = ["variant", *(f"step {s}" for s in steps)]
+    return "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        + ["| " + " | ".join(r) + " |" for r in rows]
+    )
 
 
 def _steps_run(results: dict[str, Any]) -> str:
@@ -175,14 +167,40 @@ def _steps_run(results: dict[str, Any]) -> str:
     return ", ".join(str(s) for s in sorted(steps))
 
 
+def _validation_setup(results: dict[str, Any]) -> str:
+    every = {
+        run["config"]["train"]["eval_every"]
+        for variant in results["variants"].values()
+        for run in variant["runs"]
+        if run["config"]
+    }
+    if not every:  # no run folder kept its config.json
+        when = "(cadence not recorded)"
+    elif every == {0}:
+        when = "at the end of training only"
+    else:
+        when = f"every {', '.join(str(e) for e in sorted(every - {0}))} steps and at the end"
+    sub = results.get("val_subset")
+    if sub is None:
+        return f"Validation `{results['val_data']}` (the whole split), {when}."
+    return (
+        f"Validation during training {when} on a fixed subset of {sub['size']:,} of the {sub['of_samples']:,} "
+        f"questions of `{results['val_data']}` (drawn with seed {sub['seed']}, shard folder `{sub['folder']}`); "
+        f"each run's last checkpoint is then scored on the whole split by the trainer's `--eval-only`."
+    )
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     s = results["variants"]
     th = results["loss_thresholds"]
+    subset = results.get("val_subset") is not None
+    during = "subset VQA" if subset else "val VQA"
     head = [
         "variant",
         "paper model",
-        "final val VQA",
-        "best val VQA",
+        "val VQA, whole split (end)",
+        *([f"{during} (end)"] if subset else []),
+        f"best {during}",
         *[f"steps to loss < {t:g}" for t in th],
         "loss noise",
         "samples/s",
@@ -192,7 +210,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         [
             f"`{v}`",
             r["paper_model"],
-            _fmt(r["final_val_vqa_score"], 4),
+            _fmt(r["full_val_vqa_score"], 4),
+            *([_fmt(r["final_val_vqa_score"], 4)] if subset else []),
             _fmt(r["best_val_vqa_score"], 4),
             *[_fmt(r["steps_to_loss_below"][f"{t:g}"], integer=True) for t in th],
             _fmt(r["loss_noise"], 4),
@@ -205,18 +224,20 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         + ["| " + " | ".join(r) + " |" for r in rows]
     )
+    found = claims(s, th)
     text = (
         f"""# Comparison report: {results["preset"]} preset
 
 ## Question
 Does replacing ViLT's visual embedding with CLIP and aligning CLIP's image and question features with InfoNCE before
 fusion make VQA fine-tuning converge in fewer steps (Takahira et al.)? And is the inner-product InfoNCE (eq. 2)
-steadier than the cosine one (eq. 1)?
+steadier than the cosine one (eq. 1)? A variant with a modifier (`NAME+MODIFIER`, e.g. `clip-infonce-dot+dup-mask`)
+is also checked against the plain variant it modifies.
 
 ## Setup
 - Preset `{results["preset"]}`, {_steps_run(results)} optimizer steps, seeds {", ".join(map(str, results["seeds"]))};
   every variant with the same seeds, data order and hyperparameters.
-- Training data `{results["train_data"]}`, validation `{results["val_data"]}`.
+- Training data `{results["train_data"]}`. {_validation_setup(results)}
 - Machine: {results["machine"]}; date {results["date"]}; total wall time {results["wall_time_s"]:.0f} s.
 - The loss compared is the VQA loss (BCE x number of answers), the part all variants share; its smoothed curve is
   a local linear fit over a centred window of {results["smooth_steps"]} steps (no lag: the figure shows it running
@@ -231,6 +252,15 @@ steadier than the cosine one (eq. 1)?
 {table}
 
 ![loss curves](loss_curves.png)
+
+## Validation during training ({"fixed subset" if subset else "whole split"}, VQA score)
+{validation_table(s)}
+
+## Verdicts
+{verdict_table(found) if found else "No claim can be checked with these variants."}
+
+"Difference" is the mean of the variant minus the mean of the one it is checked against (steps, noise or score),
+"seed range" the larger of their two ranges over seeds.
 
 ## What the numbers say
 """

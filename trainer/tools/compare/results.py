@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from trainer.tools.compare.variants import Variant, describe
+
 PAPER_MODEL = {
     "baseline": "(1) ViLT",
     "clip-infonce-cos": "(2) CLIP + InfoNCE, cosine (eq. 1)",
@@ -19,7 +21,10 @@ PAPER_MODEL = {
 }
 SMOOTH_STEPS = 100  # default width of the centred smoothing window, in training steps
 DONE_FILE = "run_complete.json"
-RESULTS_SCHEMA_VERSION = 2
+FULL_EVAL_DIR = (
+    "full_eval"  # RUN/full_eval: the trainer's --eval-only of the last checkpoint on the whole split
+)
+RESULTS_SCHEMA_VERSION = 3  # 3: variants with modifiers, the validation subset and the whole-split score
 
 
 # results.json, documented: top-level keys and their types; every variant entry; every spread ({mean, std, values}).
@@ -30,7 +35,11 @@ RESULTS_SCHEMA: dict[str, Any] = {
     "seeds": list,
     "variants_order": list,
     "train_data": str,
-    "val_data": str,
+    "val_data": str,  # the whole validation split
+    "val_subset": (
+        dict,
+        type(None),
+    ),  # {folder, size, seed, of_samples} when runs validated on a fixed subset
     "loss_thresholds": list,
     "smooth_steps": int,
     "machine": str,
@@ -40,8 +49,12 @@ RESULTS_SCHEMA: dict[str, Any] = {
 }
 VARIANT_SCHEMA: dict[str, str] = {
     "paper_model": "str",
-    "final_val_vqa_score": "spread",  # last evaluation of each run
-    "best_val_vqa_score": "spread",  # best evaluation of each run
+    "model_variant": "str",  # the trainer's model.variant (the plain variant a modified one is compared with)
+    "settings": "dict",  # what the variant sets besides model.variant, e.g. {"loss.duplicate_questions": "mask"}
+    "full_val_vqa_score": "spread",  # each run's last checkpoint scored on the whole validation split
+    "final_val_vqa_score": "spread",  # last evaluation during training (on the subset where there is one)
+    "best_val_vqa_score": "spread",  # best evaluation during training (on the subset where there is one)
+    "val_curve": "{step: [...], vqa_score: [spread per step]}",  # the evaluations during training
     "steps_to_loss_below": "spread per threshold",  # first step from which the smoothed VQA loss stays below
     "loss_noise": "spread",  # std of successive differences of log VQA loss / sqrt(2), second half of training
     "wall_time_s": "spread",
@@ -60,6 +73,9 @@ def validate_results(results: dict[str, Any]) -> None:
     for key, typ in RESULTS_SCHEMA.items():
         if key not in results or not isinstance(results[key], typ):
             raise ValueError(f"results.json: '{key}' missing or not {typ}")
+    subset = results["val_subset"]
+    if subset is not None and set(subset) != {"folder", "size", "seed", "of_samples"}:
+        raise ValueError("results.json: 'val_subset' is not {folder, size, seed, of_samples}")
     for variant, entry in results["variants"].items():
         missing = set(VARIANT_SCHEMA) - set(entry)
         if missing:
@@ -67,6 +83,17 @@ def validate_results(results: dict[str, Any]) -> None:
         for key, kind in VARIANT_SCHEMA.items():
             if kind == "spread":
                 spread(entry[key], f"variants.{variant}.{key}")
+        if not isinstance(entry["model_variant"], str) or not isinstance(entry["settings"], dict):
+            raise ValueError(
+                f"results.json: variants.{variant}: model_variant must be a str, settings a dict"
+            )
+        curve = entry["val_curve"]
+        if not isinstance(curve, dict) or len(curve.get("step", ())) != len(curve.get("vqa_score", [None])):
+            raise ValueError(
+                f"results.json: variants.{variant}.val_curve is not {{step, vqa_score}} of one length"
+            )
+        for i, point in enumerate(curve["vqa_score"]):
+            spread(point, f"variants.{variant}.val_curve.vqa_score[{i}]")
         for t in results["loss_thresholds"]:
             spread(
                 entry["steps_to_loss_below"].get(f"{t:g}"), f"variants.{variant}.steps_to_loss_below.{t:g}"
@@ -75,6 +102,7 @@ def validate_results(results: dict[str, Any]) -> None:
             for key in (
                 "seed",
                 "run_dir",
+                "full_val_vqa_score",
                 "final_val_vqa_score",
                 "best_val_vqa_score",
                 "config",
@@ -93,7 +121,10 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[str, dict[int, tuple[float, float]]] = {}
+    full_eval = run_dir / FULL_EVAL_DIR  # its own scalars (read_full_eval), at the same steps as the run's
     for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        if full_eval in events.parents:
+            continue
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
@@ -154,7 +185,24 @@ def verdict(a: list[float], b: list[float]) -> tuple[str, float | None, float | 
     return ("a<b" if diff < 0 else "a>b"), diff, spread
 
 
-def summarise_run(run_dir: Path, thresholds: list[float], window: int = SMOOTH_STEPS) -> dict[str, Any]:
+def read_full_eval(run_dir: Path) -> dict[str, Any] | None:
+    """The whole-split evaluation of a run's last checkpoint (RUN/full_eval/eval/, trainer/evaluation.py's metrics
+    file); None until it is written for the run's last step."""
+    from trainer.run_folder import RunFolder
+
+    files = sorted((run_dir / FULL_EVAL_DIR / "eval").glob("val_metrics_step*.json"))
+    config = RunFolder(run_dir).config_file
+    if not files or not config.is_file():
+        return None
+    metrics = json.loads(files[-1].read_text())
+    return metrics if metrics.get("step") == json.loads(config.read_text())["train"]["max_steps"] else None
+
+
+def summarise_run(
+    run_dir: Path, thresholds: list[float], window: int = SMOOTH_STEPS, *, full_eval: bool = False
+) -> dict[str, Any]:
+    """One finished run's numbers. `full_eval`: the runs validated on a subset, and the whole-split score is that of
+    RUN/full_eval; otherwise the runs validated on the whole split, and it is their last evaluation."""
     from trainer.run_folder import RunFolder
 
     scalars = read_scalars(run_dir)
@@ -168,10 +216,19 @@ def summarise_run(run_dir: Path, thresholds: list[float], window: int = SMOOTH_S
     sps = [v for _, v, _ in scalars.get("train/samples_per_second", [])]
     done = json.loads((run_dir / DONE_FILE).read_text())
     config_file = RunFolder(run_dir).config_file
+    final = val[-1][1] if val else None
+    if full_eval:
+        whole = read_full_eval(run_dir)
+        if whole is None:
+            raise CompareError(f"{run_dir}: not yet scored on the whole validation split ({FULL_EVAL_DIR}/)")
+        final_whole = whole.get("vqa_score")
+    else:
+        final_whole = final
     return {
         "run_dir": str(run_dir),
         "seed": done["seed"],
-        "final_val_vqa_score": val[-1][1] if val else None,
+        "full_val_vqa_score": final_whole,
+        "final_val_vqa_score": final,
         "best_val_vqa_score": best[1] if best else None,
         "best_val_step": best[0] if best else None,
         "final_train_vqa_loss": smoothed[-1],
@@ -202,11 +259,24 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
     }
 
 
-def aggregate(runs: dict[str, list[dict[str, Any]]], thresholds: list[float]) -> dict[str, Any]:
+def _val_curve(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evaluations during training: every step any run evaluated at, a spread over the runs at each."""
+    at = [dict(zip(r["curves"]["val_step"], r["curves"]["val_vqa_score"], strict=True)) for r in rs]
+    steps = sorted({s for points in at for s in points})
+    return {"step": steps, "vqa_score": [_spread([points.get(s) for points in at]) for s in steps]}
+
+
+def aggregate(
+    runs: dict[str, list[dict[str, Any]]], thresholds: list[float], variants: dict[str, Variant]
+) -> dict[str, Any]:
     out = {}
-    for variant, rs in runs.items():
-        out[variant] = {
-            "paper_model": PAPER_MODEL.get(variant, variant),
+    for name, rs in runs.items():
+        variant = variants[name]
+        out[name] = {
+            "paper_model": describe(variant, PAPER_MODEL),
+            "model_variant": variant.model,
+            "settings": variant.settings,
+            "full_val_vqa_score": _spread([r["full_val_vqa_score"] for r in rs]),
             "final_val_vqa_score": _spread([r["final_val_vqa_score"] for r in rs]),
             "best_val_vqa_score": _spread([r["best_val_vqa_score"] for r in rs]),
             "steps_to_loss_below": {
@@ -215,6 +285,7 @@ def aggregate(runs: dict[str, list[dict[str, Any]]], thresholds: list[float]) ->
             "loss_noise": _spread([r["loss_noise"] for r in rs]),
             "wall_time_s": _spread([r["wall_time_s"] for r in rs]),
             "samples_per_second": _spread([r["samples_per_second"] for r in rs]),
+            "val_curve": _val_curve(rs),
             "runs": [{k: v for k, v in r.items() if k != "curves"} for r in rs],
         }
     return out
