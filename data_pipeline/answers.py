@@ -1,15 +1,18 @@
 """VQA answers: the official normalisation, the answer vocabulary, soft scores and the official VQA accuracy.
 
-Everything here follows the official VQA evaluation script (`vqaEval.py` of the VQA API, used for VQA v1/v2):
-answers are normalised by `processPunctuation` then `processDigitArticle` (punctuation, number words to digits,
-articles dropped, contractions restored), and a predicted answer scores the average, over the 10 leave-one-out
-subsets of 9 annotators, of min(1, matching annotators / 3): 0, 0.3, 0.6, 0.9, 1.0 for 0, 1, 2, 3, >=4 matches.
-The trainer's evaluation imports this module, so training targets and the reported metric share one definition.
+The normalisation is the official VQA evaluation script's (`vqaEval.py` of the VQA API, used for VQA v1/v2):
+`processPunctuation` then `processDigitArticle` (punctuation, number words to digits, articles dropped,
+contractions restored). A predicted answer scores the average, over the 10 leave-one-out subsets of 9 annotators, of
+min(1, matching annotators / 3): 0, 0.3, 0.6, 0.9, 1.0 for 0, 1, 2, 3, >=4 matches.
 
-Two faithful quirks of the official script are kept on purpose (the metric must match published numbers):
-- the period-stripping regex is applied with `count=re.UNICODE` (32), i.e. at most 32 periods are removed;
-- `vqa_score` normalises the answers only when the annotators do not all give the same raw string.
-Training targets (`answer_scores`) always normalise, as ViLT does; see docs/data_pipeline.md.
+Two definitions use this, on purpose different:
+- training targets and the answer vocabulary (`answer_scores`, `build_vocabulary`): every annotator answer fully
+  normalised, as ViLT builds them;
+- the reported accuracy (`vqa_score`, which trainer/evaluation.py computes for every prediction from the raw
+  annotator answers in the shards): exactly the official script, quirks included, so that the number matches
+  published ones: the prediction is fully normalised, the annotators' answers only by punctuation and only when they
+  are not all the same string, and the period-stripping regex runs with `count=re.UNICODE` (32).
+See docs/data_pipeline.md.
 """
 
 from __future__ import annotations
@@ -142,20 +145,34 @@ def labels_and_scores(
 
 
 def vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one predicted answer against the annotators' raw answers.
+    """Official VQA accuracy of one predicted answer against the annotators' raw answers, as `vqaEval.py` of the VQA
+    API (PythonEvaluationTools/vqaEvaluation/vqaEval.py) computes it:
 
-    Exactly `vqaEval.py`: whitespace is cleaned; punctuation/digit/article normalisation is applied to both sides
-    only when the raw annotator answers are not all identical; the score is the mean over leave-one-out subsets.
+    - the prediction: newlines and tabs to spaces, stripped, then `processPunctuation` and `processDigitArticle`
+      (`normalize_prediction`);
+    - the annotators' answers: taken as they are when all are the same string, else `processPunctuation` only (no
+      lower-casing, number words or articles: "Two" never matches a prediction) (`reference_answers`);
+    - the score: the mean over the leave-one-out subsets of min(1, matching answers among the others / 3).
     """
-    gts = [_clean_whitespace(a) for a in answers]
-    if not gts:
-        raise ValueError("vqa_score needs at least one annotator answer")
-    pred = _clean_whitespace(prediction)
-    if len(set(gts)) > 1:
-        gts = [_process_digit_article(_process_punctuation(a)) for a in gts]
-        pred = _process_digit_article(_process_punctuation(pred))
-    matches = sum(1 for a in gts if a == pred)
-    return soft_score(matches, len(gts))
+    return score_against(normalize_prediction(prediction), reference_answers(answers))
+
+
+def normalize_prediction(prediction: str) -> str:
+    """A predicted answer as the official script compares it."""
+    return _process_digit_article(_process_punctuation(_clean_whitespace(prediction)))
+
+
+def reference_answers(answers: Sequence[str]) -> tuple[str, ...]:
+    """The annotators' raw answers as the official script compares them (computed once per question)."""
+    if not answers:
+        raise ValueError("the official VQA accuracy needs at least one annotator answer")
+    gts = tuple(answers)
+    return tuple(_process_punctuation(a) for a in gts) if len(set(gts)) > 1 else gts
+
+
+def score_against(prediction: str, references: Sequence[str]) -> float:
+    """Official accuracy of an already normalised prediction against already processed annotator answers."""
+    return soft_score(sum(1 for a in references if a == prediction), len(references))
 
 
 def build_vocabulary(major_answers: Iterable[str], min_count: int) -> list[str]:

@@ -60,11 +60,18 @@ def test_answer_scores_merge_spellings() -> None:
 
 
 def test_vqa_score_keeps_the_official_quirks() -> None:
-    # Not all identical: both sides normalised.
-    assert A.vqa_score("2", ["Two"] * 9 + ["three"]) == 1.0
-    # All ten raw answers identical: the official script compares raw strings (no normalisation).
+    """vqaEval.py: the prediction always fully normalised; the annotators' answers by punctuation only, and only when
+    they are not all the same string."""
+    # Not all identical: punctuation only, so "Two" stays "Two" and never matches the normalised "2".
+    assert A.vqa_score("2", ["Two"] * 9 + ["three"]) == 0.0
+    assert A.vqa_score("2", ["2"] * 9 + ["three"]) == 1.0
+    assert A.vqa_score("2", ["2!"] * 3 + ["three"] * 7) == 0.0  # "!" becomes a space: "2 " is not "2"
+    assert A.vqa_score("dog", ["dog.", "dog", "cat"] + ["bird"] * 7) == pytest.approx(0.6)  # periods stripped
+    # All ten raw answers identical: compared as they are.
     assert A.vqa_score("2", ["Two"] * 10) == 0.0
-    assert A.vqa_score("Two", ["Two"] * 10) == 1.0
+    assert A.vqa_score("Two", ["2"] * 10) == 1.0  # the prediction is normalised: "Two" -> "2"
+    assert A.vqa_score("two", ["two"] * 10) == 0.0  # the same raw string, but only the prediction is normalised
+    assert A.vqa_score("yes", ["Yes"] * 10) == 0.0
     assert A.vqa_score("dog", ["dog", "dog", "cat"] + ["bird"] * 7) == pytest.approx(0.6)
 
 

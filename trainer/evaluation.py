@@ -6,9 +6,11 @@ ones and marks padding with `valid` = 0). Each rank sums the VQA scores, per-sam
 samples; one all-reduce of those sums (float64) gives the global metrics, identical whatever the world size.
 
 Metrics:
-- `val/vqa_score`: the official VQA accuracy. The shards store each answer's soft score (the average over the 10
-  choose 9 annotator subsets of min(1, matches/3)), so the score of a prediction is the target's soft score at the
-  predicted answer; answers outside the vocabulary score 0 as they would officially.
+- `val/vqa_score`: the official VQA accuracy (`vqaEval.py` of the VQA API, data_pipeline/answers.py `vqa_score`):
+  rank 0 scores every prediction against the annotators' raw answers that the shards keep in each sample's json
+  (`read_references`), with the official script's normalisation, quirks included. Data with one answer per question
+  (easy-VQA), where the 10-annotator formula does not apply, scores the stored target of the predicted answer (1 for
+  the right answer, else 0).
 - `val/loss`: ViLT's VQA loss (binary cross-entropy with logits summed over answers) averaged over real samples.
   The contrastive term is left out: it depends on which samples share a batch, and padding would distort it.
 - `val/vqa_score/<type>`: the same per answer type (yes/no, number, other) where the sample json has
@@ -35,6 +37,31 @@ from data_pipeline import atomic
 from trainer import dist as D
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the official accuracy of one question needs: its annotators' answers as the official script compares them
+    (data_pipeline/answers.py `reference_answers`), and its answer type where the data has one."""
+
+    answers: tuple[str, ...]
+    answer_type: str | None = None
+
+
+def read_references(folder: str) -> dict[int, Reference]:
+    """question_id -> Reference for every question of a shard folder with several annotator answers (VQA v2); an
+    answer type alone for data with one answer per question and a type; {} for easy-VQA (neither). Rank 0 reads it
+    once per run: the sample json of every question (the shards' `answers` field keeps the raw strings)."""
+    from data_pipeline.answers import reference_answers
+    from data_pipeline.sharding import iter_sample_json, open_folder
+
+    out: dict[int, Reference] = {}
+    for meta in iter_sample_json(open_folder(folder)):
+        raw = [str(a) for a in meta.get("answers") or ()]
+        kind = meta.get("answer_type") or None
+        if len(raw) > 1 or kind:
+            out[int(meta["question_id"])] = Reference(reference_answers(raw) if len(raw) > 1 else (), kind)
+    return out
 
 
 @dataclass
@@ -78,22 +105,23 @@ def evaluate(
     *,
     answers: Sequence[str],
     device: torch.device,
-    answer_type_of: Mapping[int, str] | None = None,
+    references: Mapping[int, Reference] | None = None,
     has_answers: bool = True,
     progress: bool = False,
     total: int | None = None,
 ) -> EvalResult:
     """Run the whole evaluation loader through the engine on every rank and reduce the sufficient statistics.
 
-    `answer_type_of` maps question ids to their answer type (from the shards' sample json, where the data has one).
+    `references` (rank 0; `read_references`): the annotators' answers and answer type of each question, from which
+    the official accuracy is computed; a question without annotator answers scores its stored target.
     `progress`: a progress bar of this rank's `total` batches (rank 0 passes True; every rank runs as many).
     """
     from trainer.progress import progress_bar
 
     t0 = time.perf_counter()
     engine.train(False)
-    # [score sum, loss sum, count]: float64 so that the sums do not depend on how samples fall on ranks.
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    # [loss sum, count]: float64 so that the sums do not depend on how samples fall on ranks.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     rows: list[torch.Tensor] = []
     bar = progress_bar(progress, total=total, desc="eval", unit="batch", leave=False)
     try:
@@ -111,23 +139,13 @@ def evaluate(
     gathered = sorted((row for part in parts or () for row in part), key=lambda r: r[0])
     predictions = [{"question_id": int(q), "answer": answers[int(p)]} for q, p, _ in gathered]
 
-    count = int(sums[2].item())
+    count = int(sums[1].item())
     result = EvalResult(count=count, vqa_score=None, loss=None, predictions=predictions)
     if has_answers and count > 0:
-        result.vqa_score = float(sums[0] / count)
-        result.loss = float(sums[1] / count)
-        if answer_type_of:
-            type_sums: dict[str, list[float]] = {}
-            for q, _, sc in gathered:
-                kind = answer_type_of.get(int(q))
-                if kind is not None:
-                    acc = type_sums.setdefault(kind, [0.0, 0])
-                    acc[0] += sc
-                    acc[1] += 1
-            for kind in sorted(type_sums):
-                total, n = type_sums[kind]
-                result.by_type[kind] = total / n
-                result.count_by_type[kind] = int(n)
+        result.loss = float(sums[0] / count)
+        scores = _official_scores(gathered, answers, references or {}) if parts is not None else None
+        # Rank 0 scored the gathered predictions; every rank reports the same numbers.
+        result.vqa_score, result.by_type, result.count_by_type = D.broadcast_object(scores)  # type: ignore[misc]
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -135,7 +153,7 @@ def evaluate(
 def _eval_batch(
     engine: Any, batch: Mapping[str, Any], device: torch.device, sums: torch.Tensor, rows: list[torch.Tensor]
 ) -> None:
-    """Forward one batch; add its real samples' score, loss and count to `sums`, its (qid, answer, score) to `rows`."""
+    """Forward one batch; add its real samples' loss and count to `sums`, its (qid, answer, stored score) to `rows`."""
     out = engine.forward(batch)
     logits = out["logits"].float()
     targets = batch["targets"].to(device).float()
@@ -144,9 +162,8 @@ def _eval_batch(
     pred = logits.argmax(dim=1)
     score = targets.gather(1, pred[:, None]).squeeze(1).double() * valid
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).double() * valid
-    sums[0] += score.sum()
-    sums[1] += loss.sum()
-    sums[2] += valid.sum()
+    sums[0] += loss.sum()
+    sums[1] += valid.sum()
     qid = torch.as_tensor(batch["question_id"]).reshape(-1).double()
     keep = valid.bool().cpu()
     rows.append(torch.stack([qid, pred.cpu().double(), score.cpu()], dim=1)[keep])
@@ -160,3 +177,26 @@ def write_results(result: EvalResult, out_dir: Path, step: int, split_name: str 
     metrics_path = out_dir / f"{split_name}_metrics_step{step:08d}.json"
     atomic.write_text(metrics_path, json.dumps(dict(result.summary(), step=step), indent=2) + "\n")
     return pred_path, metrics_path
+
+
+def _official_scores(
+    gathered: list[list[float]], answers: Sequence[str], references: Mapping[int, Reference]
+) -> tuple[float, dict[str, float], dict[str, int]]:
+    """Rank 0: (overall accuracy, accuracy per answer type, questions per type) of the gathered (question id,
+    predicted answer index, stored soft score) rows: the official accuracy where the question has annotator answers,
+    else its stored score."""
+    from data_pipeline.answers import normalize_prediction, score_against
+
+    normalised = [normalize_prediction(a) for a in answers]  # once per vocabulary answer, not per question
+    total, type_sums = 0.0, {}
+    for q, p, stored in gathered:
+        ref = references.get(int(q))
+        score = score_against(normalised[int(p)], ref.answers) if ref is not None and ref.answers else stored
+        total += score
+        if ref is not None and ref.answer_type:
+            acc = type_sums.setdefault(ref.answer_type, [0.0, 0])
+            acc[0] += score
+            acc[1] += 1
+    by_type = {kind: type_sums[kind][0] / type_sums[kind][1] for kind in sorted(type_sums)}
+    counts = {kind: int(type_sums[kind][1]) for kind in sorted(type_sums)}
+    return total / max(1, len(gathered)), by_type, counts

@@ -44,6 +44,7 @@ class Run:
         from trainer import run_folder
         from trainer.checkpointing import Checkpointer, resolve_resume
         from trainer.engine import Engine, load_ds_config, resolve_ds_config
+        from trainer.evaluation import read_references
         from trainer.metrics import build_logger
 
         self.args, self.cfg, self.run_dir, self.dist = args, cfg, folder.path, dist
@@ -75,7 +76,7 @@ class Run:
         self.resume_state = self.checkpointer.load(ref) if ref else None
         self.metrics = build_logger(self.run_dir, dist.is_main)
         val = cfg.data.val_data
-        self.answer_type_of = run_folder.read_answer_types(val) if val and dist.is_main else {}
+        self.references = read_references(val) if val and dist.is_main else {}
 
     def loader_spec(self, *, train: bool) -> LoaderSpec:
         """How this rank reads shards for training or evaluation (data_pipeline/spec.py), from the config's sections."""
@@ -114,7 +115,7 @@ class Run:
             shielded(loader),
             answers=self.answers,
             device=self.dist.device,
-            answer_type_of=self.answer_type_of,
+            references=self.references,
             has_answers=bool(read_manifest(folder).get("has_answers", True)),
             progress=self.dist.is_main and self.cfg.train.progress_bar,
             total=len(loader),

@@ -282,16 +282,3 @@ def data_answers(cfg: RunConfig) -> list[str]:
             f"{cfg.data.val_data} and {data_dir} have different answer vocabularies ({ANSWERS_FILE})"
         )
     return answers
-
-
-def read_answer_types(folder: str) -> dict[int, str]:
-    """question_id -> answer_type where the shards carry one (VQA v2); {} for data without types (easy-VQA)."""
-    from data_pipeline.sharding import iter_sample_json, open_folder
-
-    out: dict[int, str] = {}
-    for meta in iter_sample_json(open_folder(folder)):
-        kind = meta.get("answer_type")
-        if not kind:
-            return out  # every sample of a folder has a type or none does
-        out[int(meta["question_id"])] = str(kind)
-    return out
