@@ -1,14 +1,15 @@
 """Question tokenisation for both text paths of the model: ViLT's BERT WordPiece and CLIP's BPE.
 
 ViLT's tokenizer is BERT WordPiece. With a pretrained ViLT checkpoint its own tokenizer files are used; without one a
-WordPiece vocabulary is trained on the training questions with the `tokenizers` library and saved in the run folder,
-so a run is reproducible offline. CLIP's tokenizer is open_clip's own (its BPE vocabulary ships with the package).
+WordPiece vocabulary is built from the training questions (whole words by count, every character as a fallback; the
+same in every process) and saved in the run folder, so a run is reproducible offline. CLIP's tokenizer is open_clip's own (its BPE vocabulary ships with the package).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,20 +30,32 @@ class TokenizerError(BadInputError, ValueError):
 
 
 def _train_wordpiece(questions: Iterable[str], vocab_size: int) -> dict[str, int]:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A BERT WordPiece vocabulary for `questions`, the same in every process: the special tokens (BERT's order, so
+    [PAD] is id 0 as ViLT's embedding padding_idx expects), every character the questions use as a word start and as a
+    continuation (`##c`), so that any word of them can be spelt, then whole words by decreasing count (ties
+    alphabetically) up to `vocab_size` entries. Words are what BERT's normaliser (lower case) and pre-tokenizer make
+    of the questions, as the tokenizer will split them.
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    tok.train_from_iterator(questions, trainer=trainer)
-    vocab = tok.get_vocab()
-    # Special tokens come first, in BERT's order, so [PAD] is id 0 as ViLT's embedding padding_idx expects.
-    if [vocab[t] for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
-        raise TokenizerError(f"WordPiece trainer did not place {SPECIAL_TOKENS} first")
-    return vocab
+    Not the `tokenizers` library's WordPieceTrainer: it numbers the subwords it creates in hash-map order, which
+    differs from process to process, and breaks ties between merges by those numbers, so the same questions gave
+    another vocabulary (other ids, even other tokens) in every run (huggingface/tokenizers issue 1794)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for question in questions:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(question)))
+    chars = sorted({c for word in counts for c in word})
+    tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    known = set(tokens)
+    for word, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in known:
+            tokens.append(word)
+            known.add(word)
+    return {token: i for i, token in enumerate(tokens)}
 
 
 class QuestionTokenizer:

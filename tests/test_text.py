@@ -75,3 +75,62 @@ def test_clip_vocabulary_is_fitted_on_the_questions_and_saved(tmp_path):
     (tmp_path / "tok" / "clip_vocab.json").write_text('{"a": 1}')
     with pytest.raises(TokenizerError, match="clip_vocab.json: expected a JSON list"):
         QuestionTokenizer.load(tmp_path / "tok")
+
+
+def test_wordpiece_vocabulary_is_the_same_in_every_process(tmp_path) -> None:
+    """Built in three separate processes from the same questions: the same tokens with the same ids (a run started
+    afresh with the same seed must train the same model)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    questions = [
+        f"is the {w} shape {c} or {d}?" for w in ("big", "small", "tiny") for c, d in (("red", "blue"),)
+    ]
+    questions += ["how many dogs are there?", "what is the man holding?", "is this a zebra?"] * 3
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    script = (
+        "import json, sys\n"
+        "from data_pipeline.text import _train_wordpiece\n"
+        "print(json.dumps(list(_train_wordpiece(json.load(open(sys.argv[1])), 60).items())))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "q.json")],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for _ in range(3)
+    ]
+    assert outs[0] == outs[1] == outs[2]
+    vocab = dict(json.loads(outs[0]))
+    assert list(vocab)[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert sorted(vocab.values()) == list(range(len(vocab))) and len(vocab) == 60
+    # Characters and their continuations first, then whole words by decreasing count, ties alphabetically, until
+    # the size is reached ("zebra", seen as often as "what", is cut).
+    assert list(vocab)[5:8] == ["?", "a", "b"] and "##z" in vocab
+    words = [t for t in vocab if len(t) > 1 and not t.startswith(("##", "["))]
+    assert words == [
+        *("is", "the"),
+        *(
+            "are",
+            "blue",
+            "dogs",
+            "holding",
+            "how",
+            "man",
+            "many",
+            "or",
+            "red",
+            "shape",
+            "there",
+            "this",
+            "what",
+        ),
+    ]
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    assert "[UNK]" not in tok.tokenize("is the zebra holding a dog?")  # unseen words are spelt, not lost
