@@ -8,7 +8,7 @@ VENV="${VQA_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 DRY_RUN=0
 # A new subcommand: a cmd_NAME function (answering --help), a line in usage, a line in main's case, a name here.
-COMMANDS="setup, test, demo, compare, train, tensorboard, help"
+COMMANDS="setup, test, demo, compare, fetch-weights, train, tensorboard, help"
 
 usage() {
     cat <<'USAGE'
@@ -19,6 +19,8 @@ Commands:
   test         set up, then run the whole test suite (ruff + pytest); extra ARGS go to pytest
   demo         set up, convert the embedded easy-VQA data (once), run the paper's comparison on it
   compare      set up, then run the paper's comparison on any preset and data (ARGS go to trainer.compare)
+  fetch-weights  set up, then download a preset's pretrained checkpoints into a folder the nodes share and
+               print the --set options that point training at them (training itself never downloads)
   train        set up, then train with DeepSpeed: this node's GPUs, several nodes over ssh, or one node of
                several without ssh (Kubernetes, Slurm); ARGS go to trainer/main.py
                (--preflight: check every rank's GPU, network, data and run folder instead)
@@ -87,7 +89,8 @@ cmd_setup() {
     # torch first: DeepSpeed's setup.py looks for it, and pip must take the pinned build, not a newer CUDA one.
     pip_install --upgrade "pip>=24" setuptools wheel
     pip_install "torch==2.14.1" "torchvision==0.29.1"
-    # DS_BUILD_OPS=0: no CUDA ops at install time here (the Docker image pre-builds fused Adam itself).
+    # DS_BUILD_OPS=0: no DeepSpeed op is compiled at install time (the trainer steps torch's fused AdamW; an op that
+    # is needed, such as cpu_adam for optimizer offload, is compiled on first use).
     DS_BUILD_OPS=0 pip_install -e "${ROOT}[dev]"
     [[ "$DRY_RUN" == 1 ]] || echo "$stamp" > "$VENV/.setup-stamp"
 }
@@ -399,6 +402,28 @@ HELP
         "${data_args[@]}" "${rest[@]}"
 }
 
+cmd_fetch_weights() {
+    if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+        cat <<'HELP'
+Usage: ./launch.sh fetch-weights [--preset P] [--cache DIR] [--vilt NAME] [--clip TAG] [--clip-arch ARCH]
+
+Set up .venv, then download the pretrained checkpoints that preset P names (default vqa2-base: ViLT
+dandelin/vilt-b32-mlm and open_clip's ViT-B-32 `openai` weights) into DIR, a folder every node reads at the same
+path (default: $VQA_WEIGHTS, else weights/ in the repository). huggingface_hub shows the progress and resumes an
+interrupted download; files already complete are kept. The last lines, on stdout, are the options that point
+training at the local copies, e.g.
+  --set model.vilt_pretrained=DIR/vilt/dandelin--vilt-b32-mlm
+  --set model.clip_pretrained=DIR/open_clip/models--timm--vit_base_patch32_clip_224.openai/snapshots/.../open_clip_model.safetensors
+Training never downloads (HF_HUB_OFFLINE=1): a checkpoint missing from local disk stops it at start with one line.
+Exit status: 0 done, 1 a download failed, 2 bad input.
+HELP
+        "$PY" -m trainer.weights --help 2>/dev/null | sed -n '/^options:/,$p' || true
+        return 0
+    fi
+    cmd_setup
+    run "$PY" -m trainer.weights "$@"
+}
+
 cmd_train() {
     local num_gpus="" hostfile="" num_nodes="" master_addr="" master_port="" node_rank="" ssh_port="" no_ssh=0
     local preflight=0
@@ -620,6 +645,7 @@ main() {
         test) cmd_test "$@" ;;
         demo) cmd_demo "$@" ;;
         compare) cmd_compare "$@" ;;
+        fetch-weights) cmd_fetch_weights "$@" ;;
         train) cmd_train "$@" ;;
         tensorboard) cmd_tensorboard "$@" ;;
         help) usage ;;

@@ -1,7 +1,7 @@
 """Print requirements from pyproject.toml, one per line, for the Docker build to install in stages.
 
 pyproject.toml is the one list of pinned dependencies. The image cannot install it in a single `pip install`:
-torch must be present before DeepSpeed is built without build isolation (to compile fused Adam against it), so
+torch must be present before DeepSpeed is installed without build isolation (its setup.py imports torch), so
 docker/Dockerfile asks this script for the pins of each stage instead of keeping a second list that would drift.
 
     python docker/pins.py                    every runtime dependency

@@ -57,6 +57,10 @@ def ranks_on_this_host(env: Mapping[str, str] = os.environ) -> int:
 # variable, when set, decides.
 if ranks_on_this_host() > 1:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Training never reaches the Hugging Face hub: pretrained weights are fetched beforehand (./launch.sh fetch-weights,
+# trainer/weights.py), `check` makes sure they are on local disk, and offline mode keeps every library from trying
+# the network. Set before anything imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__" and not __package__:
@@ -234,6 +238,9 @@ def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     from trainer.engine import load_ds_config
 
     load_ds_config(ds_config_path(args.deepspeed_config))
+    from trainer.weights import check_available
+
+    check_available(cfg.model, args.preset)  # on local disk, or one line naming ./launch.sh fetch-weights
     if not (args.resume or args.eval_only or args.auto_fresh):
         folder.check_fresh()
     folder.check_tokenizer_source(cfg)

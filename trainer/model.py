@@ -87,8 +87,8 @@ def load_vilt(cfg: ModelConfig, vocab_size: int) -> ViltModel:
     except OSError as exc:
         raise ModelBuildError(
             f"model.vilt_pretrained: cannot load ViLT from '{cfg.vilt_pretrained}' "
-            f"({str(exc).splitlines()[0][:160]}). Pass a directory written by save_pretrained, or download the "
-            f"checkpoint beforehand (e.g. `hf download dandelin/vilt-b32-mlm`; README.md, 'Pretrained weights')."
+            f"({str(exc).splitlines()[0][:160]}). Pass a directory written by save_pretrained, or fetch the "
+            f"checkpoint beforehand with `./launch.sh fetch-weights` (README.md, 'Pretrained weights')."
         ) from None
     if model.config.vocab_size != vocab_size:
         raise ModelBuildError(
@@ -115,7 +115,8 @@ def load_clip(cfg: ModelConfig) -> nn.Module:
         if not Path(pretrained).is_file():
             raise ModelBuildError(
                 f"model.clip_pretrained: no checkpoint file at '{pretrained}' "
-                f"(pass an open_clip pretrained tag or a local file saved with torch.save(model.state_dict()))"
+                f"(pass a local file saved with torch.save(model.state_dict()), or fetch open_clip's weights with "
+                f"`./launch.sh fetch-weights`)"
             )
     try:
         model = open_clip.create_model(
@@ -126,7 +127,8 @@ def load_clip(cfg: ModelConfig) -> nn.Module:
         )
     except RuntimeError as exc:
         raise ModelBuildError(
-            f"model.clip_pretrained: cannot load '{pretrained}' for {cfg.clip_arch}: {str(exc).splitlines()[0][:200]}"
+            f"model.clip_pretrained: cannot load '{pretrained}' for {cfg.clip_arch}: {str(exc).splitlines()[0][:200]} "
+            f"(training never downloads: fetch the weights with `./launch.sh fetch-weights`)"
         ) from None
     # open_clip's logit_scale is a 0-dim parameter, which DeepSpeed cannot broadcast; this model takes its
     # temperature from the loss config instead, so the parameter is dropped.

@@ -23,7 +23,11 @@ On every rank (the launcher's variables are read by trainer/dist.py, as for the 
   the first 2 samples of the rank's first shard (where its share of the data starts) are read through the index:
   every component complete, the json parses, the image decodes;
 - run folder (--run-dir): created if missing (as the trainer would), and a test file written, synced, read back
-  and deleted; a folder the preflight created is removed again.
+  and deleted; a folder the preflight created is removed again. With several ranks, the folder must also be the
+  same one on every rank: rank 0 writes a probe file with a random token and every rank reads it back from its own
+  --run-dir. A rank that does not find it (a node's local disk at that path instead of one shared filesystem)
+  fails with a line saying the run folder is not shared between nodes: each node would keep its own part of every
+  checkpoint, and no node could resume. Its outcome shows in the table's run-folder column.
 
 Rank 0 gathers every rank's results and prints one table (one row per rank) and the all-reduce table. Exit status:
 0 every check passed; 1 a check failed (one `error:` line on stderr names the first failing host, rank and check);

@@ -42,7 +42,8 @@ class RankReport:
     device: str = "?"
     memory: str = "-"
     checks: dict[str, Check] = field(default_factory=dict)
-    """check name -> outcome, in the order run: device, data:<folder>, run folder, all-reduce."""
+    """check name -> outcome, in the order run: device, data <folder>, run folder, run folder (shared),
+    all-reduce."""
     timings: dict[int, float] = field(default_factory=dict)
     """all-reduce message size in bytes -> mean seconds per all-reduce on this rank."""
 
@@ -197,6 +198,64 @@ def check_run_dir(report: RankReport, run_dir: str) -> list[Path]:
     except OSError as exc:
         report.checks["run folder"] = Check(False, f"{path}: not writable ({exc.strerror or exc})")
     return created
+
+
+SHARED_CHECK = "run folder (shared)"
+SHARED_PROBE = ".preflight-shared-"
+
+
+def _read_probe(path: Path, wait_s: float) -> bytes | None:
+    """The file's bytes, waiting up to `wait_s` for it to appear (a shared filesystem may show it a moment late)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+
+
+def check_shared_run_dir(report: RankReport, run_dir: str, is_main: bool, wait_s: float = 2.0) -> None:
+    """Every rank sees the same run folder: rank 0 writes a probe file with a random token into its --run-dir, and
+    every rank reads it back from its own. A rank that does not find it has a folder of its own at that path (a
+    node's local disk instead of one shared filesystem), where each node would write its part of every checkpoint:
+    the checkpoints would be split between the nodes and no node could resume. A collective over the world; no
+    entry where a rank's run folder already failed its own check, or rank 0's did."""
+    from trainer import dist as D
+
+    token = uuid.uuid4().hex
+    probe = Path(run_dir) / f"{SHARED_PROBE}{token[:12]}"
+    own_ok = report.checks.get("run folder", Check(False)).ok
+    written = None
+    if is_main and own_ok:
+        try:
+            with open(probe, "w") as f:
+                f.write(token)
+                f.flush()
+                os.fsync(f.fileno())
+            written = (probe.name, token)
+        except OSError as exc:
+            report.checks[SHARED_CHECK] = Check(
+                False, f"{run_dir}: cannot write a probe ({exc.strerror or exc})"
+            )
+    shared = D.broadcast_object(written)  # after rank 0's write: what every rank must now find
+    if shared is not None and own_ok:
+        name, expected = shared  # type: ignore[misc]
+        seen = _read_probe(Path(run_dir) / name, wait_s)
+        report.checks[SHARED_CHECK] = (
+            Check()
+            if seen == expected.encode()
+            else Check(
+                False,
+                f"{run_dir}: rank 0's probe file {name} is not there: the run folder is not shared between nodes, "
+                f"so each node would keep its own part of every checkpoint (split checkpoints, no resume); mount "
+                f"one shared filesystem at the same path on every node",
+            )
+        )
+    D.barrier()  # every rank has looked: the probe can go
+    if written is not None:
+        probe.unlink(missing_ok=True)
 
 
 def check_all_reduce(report: RankReport, device: Any, sizes: list[int], iters: int) -> None:

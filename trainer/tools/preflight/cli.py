@@ -6,13 +6,18 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
+from typing import Any
 
 from trainer.tools.preflight.checks import (
+    SHARED_CHECK,
+    Check,
     RankReport,
     check_all_reduce,
     check_data,
     check_device,
     check_run_dir,
+    check_shared_run_dir,
     parse_size,
 )
 from trainer.tools.preflight.report import render
@@ -26,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer.preflight",
         description=(
             "Check, on every rank of a job, the GPU and its memory, an all-reduce over the world (latency and bus "
-            "bandwidth), reading samples of each shard folder, and writing to the run folder; rank 0 prints one "
-            "table. Exit 0 when every check passes, 1 when one fails (one line names the host, rank and check). "
+            "bandwidth), reading samples of each shard folder, and writing to the run folder (the same folder on "
+            "every rank); rank 0 prints one table. Exit 0 when every check passes, 1 when one fails (one line names the host, rank and check). "
             "Start it with the training job's launcher (deepspeed --module trainer.preflight, torchrun -m, srun, "
             "plain python); ./launch.sh train --preflight does. Unknown arguments are ignored."
         ),
@@ -107,20 +112,42 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     try:
-        import torch.distributed as tdist
-
-        sizes = _sizes(args, device.type == "cuda")
-        check_all_reduce(report, device, sizes, args.iters)
-        verdict = _verdict(report, sizes, str(tdist.get_backend()), info.is_main)
-        D.barrier()  # every rank's probe file is gone: the folders made for it can go
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass  # not empty (the trainer wrote into it meanwhile), or another rank removed it
-        return verdict
+        return _checks_over_the_world(args, report, device, info.world_size, info.is_main, created)
     finally:
         D.destroy()
+
+
+def _checks_over_the_world(
+    args: argparse.Namespace,
+    report: RankReport,
+    device: Any,
+    world_size: int,
+    is_main: bool,
+    created: list[Path],
+) -> int:
+    """The checks that need the other ranks (the run folder shared, the all-reduce), the verdict, then the removal
+    of the folders this rank made for its probe; the exit status."""
+    import torch.distributed as tdist
+
+    from trainer import dist as D
+
+    sizes = _sizes(args, device.type == "cuda")
+    if args.run_dir and world_size > 1:
+        try:
+            check_shared_run_dir(report, args.run_dir, is_main)
+        except Exception as exc:  # the collective itself failed: the all-reduce check says more
+            report.checks[SHARED_CHECK] = Check(
+                False, f"cannot compare with rank 0: {str(exc).splitlines()[0]}"
+            )
+    check_all_reduce(report, device, sizes, args.iters)
+    verdict = _verdict(report, sizes, str(tdist.get_backend()), is_main)
+    D.barrier()  # every rank's probe file is gone: the folders made for it can go
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (the trainer wrote into it meanwhile), or another rank removed it
+    return verdict
 
 
 def _verdict(report: RankReport, sizes: list[int], backend: str, is_main: bool) -> int:
