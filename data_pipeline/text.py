@@ -126,6 +126,13 @@ class QuestionTokenizer:
                 f"no ViLT tokenizer at '{path}': pass a directory saved with save_pretrained "
                 f"(tokenizer.json or vocab.txt) or download the checkpoint first ({exc.__class__.__name__})"
             ) from None
+        if len(vilt) <= len(SPECIAL_TOKENS):
+            # transformers 5 returns a tokenizer of special tokens only, without an error, for a name whose files are
+            # not on disk: saved into a run folder it would turn every question into [UNK].
+            raise TokenizerError(
+                f"no ViLT tokenizer at '{path}': it has no vocabulary beyond the special tokens (not downloaded? "
+                f"run ./launch.sh fetch-weights)"
+            )
         return cls(
             vilt, clip_arch=clip_arch, max_text_len=max_text_len, clip_context_length=clip_context_length
         )

@@ -70,7 +70,9 @@ def test_vqa_score_keeps_the_official_quirks() -> None:
     # All ten raw answers identical: compared as they are.
     assert A.vqa_score("2", ["Two"] * 10) == 0.0
     assert A.vqa_score("Two", ["2"] * 10) == 1.0  # the prediction is normalised: "Two" -> "2"
-    assert A.vqa_score("two", ["two"] * 10) == 0.0  # the same raw string, but only the prediction is normalised
+    assert (
+        A.vqa_score("two", ["two"] * 10) == 0.0
+    )  # the same raw string, but only the prediction is normalised
     assert A.vqa_score("yes", ["Yes"] * 10) == 0.0
     assert A.vqa_score("dog", ["dog", "dog", "cat"] + ["bird"] * 7) == pytest.approx(0.6)
 

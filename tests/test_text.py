@@ -62,6 +62,11 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         QuestionTokenizer.from_pretrained_vilt(
             str(tmp_path / "missing"), clip_arch="ViT-tiny-8", max_text_len=6, clip_context_length=16
         )
+    # A hub name whose files are not on disk: transformers gives a tokenizer of special tokens only, no error.
+    with pytest.raises(TokenizerError, match="no vocabulary beyond the special tokens.*fetch-weights"):
+        QuestionTokenizer.from_pretrained_vilt(
+            "test-org/not-downloaded", clip_arch="ViT-tiny-8", max_text_len=6, clip_context_length=16
+        )
 
 
 def test_clip_vocabulary_is_fitted_on_the_questions_and_saved(tmp_path):

@@ -115,7 +115,7 @@ def test_vqa2_base_fetches_vilt_and_openai_clip_and_prints_the_set_lines(
         f"--set model.clip_pretrained={clip / 'open_clip_model.safetensors'}",
     ]
     # ViLT through snapshot_download (config, tokenizer, weights; no TF copy), CLIP through open_clip's own choice
-    # of repository and file for ViT-B-32's `openai` tag (its safetensors file first).
+    # of repository and file for ViT-B-32-quickgelu's `openai` tag (its safetensors file first).
     assert hub.calls == [
         ("snapshot_download", "dandelin/vilt-b32-mlm", vilt, W.VILT_PATTERNS),
         (
@@ -132,11 +132,17 @@ def test_vqa2_base_fetches_vilt_and_openai_clip_and_prints_the_set_lines(
         "vocab.txt",
     ]
     assert (
-        "QuickGELU" in err
-    )  # the preset's ViT-B-32 runs GELU on weights trained with QuickGELU: said, not hidden
+        "QuickGELU" not in err
+    )  # the preset's ViT-B-32-quickgelu is the activation the weights were trained with
     # What the trainer checks at start accepts what was printed.
     sets = [line.split(" ", 1)[1] for line in out.splitlines()]
     W.check_available(apply_overrides(get_preset("vqa2-base"), sets).model)
+    # The plain ViT-B-32 runs GELU on weights trained with QuickGELU: said, not hidden.
+    assert (
+        W.main(["--preset", "vqa2-base", "--clip-arch", "ViT-B-32", "--vilt", "none", "--cache", str(cache)])
+        == 0
+    )
+    assert "QuickGELU" in capsys.readouterr().err
 
 
 def test_nothing_to_fetch_and_bad_input_are_one_line(
@@ -152,7 +158,9 @@ def test_nothing_to_fetch_and_bad_input_are_one_line(
     assert "unknown preset 'nope'" in capsys.readouterr().err
     rc, out, errors = run_main(["--vilt", "none", "--clip", "laion9000", *cache], capsys)
     assert (rc, out) == (2, []) and len(errors) == 1
-    assert "'laion9000' is not an open_clip pretrained tag of ViT-B-32 (its tags: openai," in errors[0]
+    assert (
+        "'laion9000' is not an open_clip pretrained tag of ViT-B-32-quickgelu (its tags: openai," in errors[0]
+    )
     rc, _, errors = run_main(["--vilt", "none", "--clip", str(tmp_path / "missing.pt"), *cache], capsys)
     assert rc == 2 and errors == [f"error: --clip: no checkpoint file at '{tmp_path / 'missing.pt'}'"]
     # A repository the hub does not have: a failed download (exit 1), one line naming the option.

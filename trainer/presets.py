@@ -80,9 +80,11 @@ def vqa2_base() -> RunConfig:
     """ViLT-B/32 (768 x 12) fused with CLIP ViT-B/32 at 384 px on VQA v2, ViLT's fine-tuning recipe.
 
     10 epochs over train+val (658,111 questions) at batch 256 is 25,708 optimizer steps. The pretrained weights
-    (ViLT's MLM checkpoint `dandelin/vilt-b32-mlm`, open_clip's `ViT-B-32` `openai` weights) are what the paper
-    fine-tunes; they are downloaded ahead of time into the Hugging Face cache (README, "Pretrained weights");
-    `--set model.vilt_pretrained=none` trains ViLT from scratch.
+    (ViLT's MLM checkpoint `dandelin/vilt-b32-mlm`, CLIP ViT-B/32's `openai` weights) are what the paper fine-tunes;
+    `./launch.sh fetch-weights --preset vqa2-base` downloads them ahead of time into a cache the nodes share and prints
+    the `--set` lines that point the run at it (README, "Pretrained weights"); `--set model.vilt_pretrained=none`
+    trains ViLT from scratch. The architecture is open_clip's `ViT-B-32-quickgelu`: OpenAI trained these weights with
+    QuickGELU, and open_clip's plain `ViT-B-32` (GELU) would run them with another activation.
     """
     steps = -(-VQA2_TRAINVAL_QUESTIONS * VQA2_EPOCHS // VQA2_BATCH)
     return RunConfig(
@@ -94,7 +96,7 @@ def vqa2_base() -> RunConfig:
             num_heads=12,
             intermediate_size=3072,
             patch_size=32,
-            clip_arch="ViT-B-32",
+            clip_arch="ViT-B-32-quickgelu",
             clip_pretrained="openai",
             image_size=384,
             max_text_len=40,
