@@ -94,11 +94,12 @@ def fp32_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     if not has_zero_shards(path):
         sd = stage0_state_dict(path)
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # zero_to_fp32 reports its progress with print(): to stderr, so that stdout stays the commands' own output
-        # (predict's JSON lines, export's folder name).
+        # zero_to_fp32 reports its progress with print(), and DeepSpeed's logger (its accelerator warning on import
+        # included) writes to the stdout it finds when first imported: both to stderr, so that stdout stays the
+        # commands' own output (predict's JSON lines, export's folder name).
         with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
             sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
