@@ -167,7 +167,7 @@ launch.sh waits for them to exit (the trainer checkpoints on SIGTERM); over ssh,
 stops every node. Ctrl-C acts as with plain deepspeed.
 
 Examples:
-  ./launch.sh train --preset tiny --train-data data/easyvqa/train --val-data data/easyvqa/test --run-dir runs/tiny
+  ./launch.sh train --preset tiny --train-data data/easy-vqa/train --val-data data/easy-vqa/test --run-dir runs/tiny
   ./launch.sh train --hostfile hostfile --master_addr 10.0.0.1 -- --preset vqa2-base --resume latest ...
   ./launch.sh train --no_ssh --num_nodes 2 --node_rank 1 --master_addr 10.0.0.1 -- --preset vqa2-base ...
   ./launch.sh train --preflight --hostfile hostfile -- --train-data /mnt/shards/train --run-dir /mnt/runs/r

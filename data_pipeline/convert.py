@@ -41,8 +41,8 @@ EXAMPLES = """examples (VQA v2 as ViLT uses it: one vocabulary from train + val,
   python -m data_pipeline.convert vqa2 --questions v2_OpenEnded_mscoco_train2014_questions.json \\
       --annotations v2_mscoco_train2014_annotations.json --images train2014 \\
       --answers data/vqa2/answers.json --out data/vqa2/train
-  python -m data_pipeline.convert easyvqa --out data/easyvqa
-  python -m data_pipeline.convert subset --source data/easyvqa/test --count 500 --out data/easyvqa/test-500
+  python -m data_pipeline.convert easyvqa --out data/easy-vqa
+  python -m data_pipeline.convert subset --source data/easy-vqa/test --count 500 --out data/easy-vqa/test-500
 
 'COMMAND --help' lists a command's options. Details: docs/data_pipeline.md."""
 

@@ -2,7 +2,7 @@
 
     python -m trainer.bench --preset vqa2-base --variants clip-infonce-dot,baseline --image-sizes 384,224 \\
         --batch-size 256 --modes synthetic,shards,plain --train-data DIR --set model.compile=true
-    python -m trainer.bench --preset tiny --train-data data/easyvqa/train          (the CPU: the tiny model)
+    python -m trainer.bench --preset tiny --train-data data/easy-vqa/train          (the CPU: the tiny model)
 
 Every variant x image size x mode is one cell. A cell builds the task (model + losses, random weights: a preset's
 pretrained names are dropped, speed does not depend on them and nothing here reaches the network) with the project's
