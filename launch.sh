@@ -97,15 +97,22 @@ cmd_setup() {
 
 cmd_test() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
-        echo "Usage: ./launch.sh test [PYTEST_ARGS...]"
+        echo "Usage: ./launch.sh test [--fast] [PYTEST_ARGS...]"
         echo "Set up .venv, check formatting and lint with ruff, then run the whole test suite with pytest."
+        echo "--fast runs the fast tier only (pytest -m 'not slow': no multi-process training runs), for the"
+        echo "inner loop of development; CI runs the whole suite."
         return 0
+    fi
+    local fast=()
+    if [[ "${1:-}" == "--fast" ]]; then
+        shift
+        fast=(-m "not slow")
     fi
     cmd_setup
     cd "$ROOT"
     run "$VENV/bin/ruff" format --check .
     run "$VENV/bin/ruff" check .
-    run "$PY" -m pytest "$@"
+    run "$PY" -m pytest "${fast[@]}" "$@"
 }
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from trainer.tools.bench.cli import main
 from trainer.tools.bench.measure import count_step_flops
 
 
+@pytest.mark.slow
 def test_bench_tiny_preset_all_modes(tiny_easyvqa_shards: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = [

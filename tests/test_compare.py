@@ -320,6 +320,7 @@ def test_report_shows_the_subset_validation_curve_and_the_whole_split_score(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
     """Three variants, one with a modifier, validated on a 16-question subset of the 32-question test split every 2
     steps, then scored on the whole split by the trainer's --eval-only."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -208,17 +209,42 @@ def test_dali_host_thread_stops_early_and_reraises(folder: Path) -> None:
         list(build_loader(folder, LoaderSpec(tokenizer=BrokenTokenizer(), **kw)))
 
 
-def test_auto_falls_back_and_says_so(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO")
-    loader = build_loader(
-        folder, LoaderSpec(tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, rank=0, world_size=1,
-        train=False, seed=0, kind="auto")
+def test_auto_falls_back_and_says_so(
+    folder: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from data_pipeline import dali_loader
+
+    spec = LoaderSpec(
+        tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, rank=0, world_size=1,
+        train=False, seed=0, kind="auto",
     )  # fmt: skip
+    expected = list(build_loader(folder, dataclasses.replace(spec, kind="torch")))
+    # Without DALI: the PyTorch loader, one line saying so, and the same batches as kind="torch" gives.
+    monkeypatch.setattr(dali_loader, "available", lambda: False)
+    caplog.set_level("INFO", logger="data_pipeline")
+    loader = build_loader(folder, spec)
+    assert loader.kind == "torch"
+    batches = list(loader)
+    said = [r.getMessage() for r in caplog.records if "DALI is not installed" in r.getMessage()]
+    assert said == ["data loader: DALI is not installed; using the PyTorch (webdataset + PIL) loader"]
+    assert len(batches) == len(loader) == len(expected) > 0
+    assert valid_qids(batches) == valid_qids(expected)
+    for got, want in zip(batches, expected, strict=True):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), [
+            k for k in want if not torch.equal(got[k], want[k])
+        ]
+    # With DALI (pinned, so installed): DALI, on the CPU where there is no GPU, and one line saying so.
+    monkeypatch.undo()
+    caplog.clear()
+    loader = build_loader(folder, spec)
     assert loader.kind in ("dali-gpu", "dali-cpu")
     assert loader.n_answers == len(loader.answers) == len(read_answers(folder))
+    assert len(list(loader)) == len(expected)
     if not torch.cuda.is_available():
         assert loader.kind == "dali-cpu"
         assert sum("CPU mode" in r.getMessage() for r in caplog.records) == 1
+    assert not any("DALI is not installed" in r.getMessage() for r in caplog.records)
 
 
 def _copy_with_corrupt_sample(folder: Path, dest: Path) -> int:

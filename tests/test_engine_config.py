@@ -193,7 +193,7 @@ def test_presets_default_to_the_papers_proposal() -> None:
     assert (m.hidden_size, m.num_layers, m.clip_arch, m.image_size, m.max_text_len) == (
         768,
         12,
-        "ViT-B-32",
+        "ViT-B-32-quickgelu",  # the activation OpenAI's CLIP weights were trained with
         384,
         40,
     )

@@ -3,8 +3,11 @@ host synchronisation only on logging steps, signals."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -202,18 +205,124 @@ def test_sigterm_saves_after_the_current_step_and_reports_interrupted() -> None:
     assert [s for s, _, _ in loop.checkpointer.saved] == [3]
 
 
-class _WorkerSignalMask(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 2
-
-    def __getitem__(self, i: int) -> list[int]:
-        return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+# -- loader workers: they outlive a signal meant for the trainer, and never outlive the loop ----------------------
 
 
-def test_loader_workers_cannot_be_killed_by_a_signal_meant_for_the_trainer() -> None:
-    from trainer.preemption import shielded
+def _live_children() -> set[int]:
+    """Child processes of this process that are still running (not exited, not zombies)."""
+    me, found = os.getpid(), set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == me and state not in ("Z", "X"):
+            found.add(int(entry.name))
+    return found
 
-    loader = torch.utils.data.DataLoader(_WorkerSignalMask(), num_workers=1, batch_size=None)
-    masks = list(shielded(loader))
-    assert all({int(signal.SIGTERM), int(signal.SIGINT)} <= set(m) for m in masks)
-    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the trainer still receives it
+
+class _Tokenizer:
+    """Ids from the question's length; with `fail_after`, raises in the worker on that call (a loader error)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after, self.calls = fail_after, 0
+
+    def __call__(self, questions: list[str]) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("tokenizer exploded")
+        ids = torch.tensor([[2, 5 + len(q) % 40, 3, 0] for q in questions])
+        return {"vilt_ids": ids, "vilt_mask": (ids > 0).long(), "clip_ids": ids.clone()}
+
+
+def _survives_sigterm(pid: int, grace_s: float = 2.0) -> bool:
+    """Whether the process `pid`, just sent SIGTERM, is still running after it: True at once when the signal is seen
+    pending (blocked, it can no longer end the process), else after `grace_s` seconds alive."""
+    deadline = time.monotonic() + grace_s
+    while pid in _live_children():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # ended meanwhile
+            return False
+        pending = next(line for line in status.splitlines() if line.startswith("ShdPnd:")).split()[1]
+        if int(pending, 16) & (1 << (signal.SIGTERM - 1)) or time.monotonic() > deadline:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+EXIT_PATHS = ["done", "interrupted", "error in the loop", "loader error"]
+
+
+@pytest.mark.parametrize("path", EXIT_PATHS)
+def test_loader_workers_survive_a_signal_meant_for_the_trainer_and_end_with_the_loop(
+    path: str, tiny_easyvqa_shards: Path
+) -> None:
+    """The real torch loader with 2 workers under the loop. At the first batch, SIGTERM reaches every worker, as a
+    signal to the trainer's process group does: they must survive it (a dead worker ends the run with "worker
+    killed"). Whichever way the loop ends, its workers are gone when `run` returns or raises, not later at garbage
+    collection: pytest.raises keeps the traceback, and with it the frames that hold the loader, alive."""
+    from data_pipeline.loader import LoaderSpec, build_loader
+
+    tokenizer = _Tokenizer(fail_after=3 if path == "loader error" else None)
+
+    def make_loader(epoch: int, skip: int):
+        spec = LoaderSpec(
+            tokenizer=tokenizer, batch_size=4, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, rank=0,
+            world_size=1, train=True, seed=0, epoch=epoch, skip_batches=skip, kind="torch", num_workers=2,
+        )  # fmt: skip
+        return build_loader(tiny_easyvqa_shards / "train", spec)
+
+    before = _live_children()
+    workers: set[int] = set()
+    survived: list[bool] = []
+    engine = FakeEngine()
+    forward = engine.forward
+
+    def forward_and_signal(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        n = len(engine.seen)
+        if n == 0:
+            workers.update(_live_children() - before)
+            assert len(workers) == 2, workers
+            assert signal.SIGTERM not in signal.pthread_sigmask(
+                signal.SIG_BLOCK, []
+            )  # the trainer still gets it
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+            survived.extend(_survives_sigterm(pid) for pid in workers)
+            if path == "interrupted":
+                os.kill(os.getpid(), signal.SIGTERM)
+        if path == "error in the loop" and n == 3:
+            raise RuntimeError("the engine failed")
+        return forward(batch)
+
+    engine.forward = forward_and_signal
+    stop = StopRequest().install() if path == "interrupted" else None
+    # 3 steps (6 batches) end in the middle of the first epoch (32 batches of 4), and so do the errors: no path ends
+    # the workers by exhausting the data.
+    max_steps = 3 if path in ("done", "interrupted") else 32
+    loop = loop_for(engine, f"train.max_steps={max_steps}", "train.log_every=8", stop=stop)
+    loop.make_loader = make_loader
+    raised = None
+    try:
+        if path in ("done", "interrupted"):
+            assert loop.run() == path
+        else:
+            match = "the engine failed" if path == "error in the loop" else "tokenizer exploded"
+            with pytest.raises(RuntimeError, match=match) as raised:
+                loop.run()
+            assert raised.tb is not None  # the traceback, and the loader in its frames, are still alive here
+        assert survived == [True, True], "a loader worker died of the SIGTERM meant for the trainer"
+        assert 0 < len(engine.seen) < 32
+        still_running = workers & _live_children()
+        assert not still_running, f"{path}: loader workers {sorted(still_running)} outlive the loop"
+    finally:
+        if stop is not None:
+            stop.uninstall()
+        # Never leave a worker behind for the next test: without the traceback, the DataLoader's own shutdown ends
+        # any that a failure above kept (SIGKILL would make its SIGCHLD handler fail a later test instead).
+        raised = None
+        gc.collect()

@@ -105,6 +105,7 @@ def test_the_export_is_a_folder_of_safetensors_json_and_the_tokenizer(tiny_run: 
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_from_pretrained_loads_without_pickle_and_predicts_as_the_run(
     tiny_run: Path,
     exported: Path,

@@ -6,7 +6,9 @@ Each trainer run is a subprocess with a timeout, so that a hang or a crash fails
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import shards
+from tests.helpers.launch_env import running_in_group
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # a healthy failing run takes ~5-10 s on 2 cores; a hang must not stall the suite
@@ -87,18 +90,78 @@ def corrupt_image_copy(folder: Path, dest: Path) -> str:
     return shards.read_index_keys(dest / "shard-000000.idx")[2]
 
 
-def test_torch_loader_read_error_exits_promptly_with_one_line(
-    tiny_easyvqa_shards: Path, tmp_path: Path
+def run_in_own_group(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `cmd` as the leader of a process group of its own; fail unless the process itself exits within TIMEOUT_S
+    and leaves no process of its group running. The deadline is the process's own exit, not the end of its output:
+    a worker left behind holding the output pipes open must not decide when the test looks."""
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
+    try:
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the trainer did not exit within {TIMEOUT_S} s:\n{err_path.read_text()[-3000:]}")
+        left = running_in_group(proc.pid)
+        assert not left, f"processes {left} of the trainer (its loader workers) outlive it"
+    finally:
+        if running_in_group(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)  # trainer and workers
+        proc.wait(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out_path.read_text(), err_path.read_text())
+
+
+# The trainer script with a fault injected into every loader worker: its third batch raises. Not a DataError (a
+# one-line exit 2) but any exception: it leaves the program, and its traceback (kept as sys.last_traceback) keeps
+# the DataLoader iterator alive while the interpreter exits.
+FAULTY_WORKER_TRAINER = """
+import runpy, sys
+from data_pipeline import torch_loader
+batch, calls = torch_loader._EpochBlocks._batch, [0]
+def faulty(self, rows):
+    calls[0] += 1
+    if calls[0] > 2:
+        raise RuntimeError("fault injected into a loader worker")
+    return batch(self, rows)
+torch_loader._EpochBlocks._batch = faulty
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error", ["damaged shard", "any exception"])
+def test_the_trainer_process_exits_after_a_loader_error_and_leaves_no_worker(
+    error: str, tiny_easyvqa_shards: Path, tmp_path: Path
 ) -> None:
-    """The loader's workers (SIGTERM blocked) are stopped by the loader: no hang at exit after the error."""
-    broken = truncated_copy(tiny_easyvqa_shards / "train", tmp_path / "broken")
+    """A hang regression. The loader's workers block SIGTERM, so multiprocessing's exit handler (terminate, then join)
+    would wait for them forever unless the loader stops them itself: after a damaged shard (a one-line error, exit
+    2) and after any other exception in a worker (a traceback, exit 1), the trainer process exits and leaves no
+    worker running."""
+    train = tiny_easyvqa_shards / "train"
+    if error == "damaged shard":
+        train = truncated_copy(train, tmp_path / "broken")
     run = with_tokenizer(tmp_path / "run", tiny_easyvqa_shards / "train")
-    result = trainer(
-        "--train-data", str(broken), "--run-dir", str(run), "--max-steps", "20", "--set", "data.loader=torch"
-    )
-    one_error_line(result, str(broken / "shard-000001.tar"), "damaged shard")
+    args = [
+        str(REPO / "trainer" / "main.py"),
+        "--preset",
+        "tiny",
+        "--train-data",
+        str(train),
+        "--run-dir",
+        str(run),
+    ]
+    args += ["--max-steps", "20", "--set", "data.loader=torch", "--set", "data.num_workers=2"]
+    if error == "damaged shard":
+        result = run_in_own_group([sys.executable, *args], tmp_path)
+        one_error_line(result, str(train / "shard-000001.tar"), "damaged shard")
+    else:
+        result = run_in_own_group([sys.executable, "-c", FAULTY_WORKER_TRAINER, *args], tmp_path)
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "fault injected into a loader worker" in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_truncated_shard_in_the_tokenizer_build_is_one_line(
     tiny_easyvqa_shards: Path, tmp_path: Path
 ) -> None:
@@ -107,6 +170,7 @@ def test_truncated_shard_in_the_tokenizer_build_is_one_line(
     one_error_line(result, str(broken / "shard-000001.tar"), "truncated")
 
 
+@pytest.mark.slow
 def test_dali_corrupt_image_in_evaluation_is_one_line_not_a_crash(
     tiny_easyvqa_shards: Path, tmp_path: Path
 ) -> None:
@@ -121,6 +185,7 @@ def test_dali_corrupt_image_in_evaluation_is_one_line_not_a_crash(
     one_error_line(result, str(val / "shard-000000.tar"), f"sample {key}", "damaged image")
 
 
+@pytest.mark.slow
 def test_damaged_tar_header_is_an_error_not_a_silent_loss(tiny_easyvqa_shards: Path, tmp_path: Path) -> None:
     broken, before = damaged_header_copy(tiny_easyvqa_shards / "train", tmp_path / "broken")
     run = with_tokenizer(tmp_path / "run", tiny_easyvqa_shards / "train")
@@ -131,6 +196,7 @@ def test_damaged_tar_header_is_an_error_not_a_silent_loss(tiny_easyvqa_shards: P
     assert f"ends after sample {before} of the 64" in line and f"{64 - before} samples lost" in line
 
 
+@pytest.mark.slow
 def test_short_shard_can_be_a_warning_through_the_config(tiny_easyvqa_shards: Path, tmp_path: Path) -> None:
     broken, before = damaged_header_copy(tiny_easyvqa_shards / "train", tmp_path / "broken")
     run = with_tokenizer(tmp_path / "run", tiny_easyvqa_shards / "train")

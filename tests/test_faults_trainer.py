@@ -11,11 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.launch_env import wait_for_output
 from trainer.main import REPO_ROOT, main
 from trainer.runlock import LOCK_FILE, RunLock, RunLockedError
 
@@ -86,11 +86,16 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
         "import sys, time; from pathlib import Path; from trainer.runlock import RunLock\n"
         "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)"
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", holder_code, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
-    )
+    log = tmp_path / "holder.log"
+    with log.open("w") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-c", holder_code, str(run_dir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        wait_for_output(child, log, "held", timeout_s=60)
         with pytest.raises(RunLockedError, match=f"pid {child.pid}"):
             RunLock(run_dir).acquire()
     finally:
@@ -102,6 +107,7 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three trainer runs, each with its own deadline
 def test_second_job_in_a_run_folder_is_refused_and_a_killed_job_blocks_nothing(
     tiny_easyvqa_shards: Path, tmp_path: Path
 ) -> None:
@@ -114,13 +120,8 @@ def test_second_job_in_a_run_folder_is_refused_and_a_killed_job_blocks_nothing(
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while (
-            "step 1/100000" not in (tmp_path / "first.log").read_text()
-        ):  # lock held, config written, training
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
+        # Training: the lock is held and config.json written.
+        wait_for_output(first, tmp_path / "first.log", "step 1/100000", timeout_s=180)
         config_before = (run_dir / "config.json").read_bytes()
         second = subprocess.run(
             [*cmd, "--max-steps", "2"], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=180
@@ -220,6 +221,7 @@ def test_an_rng_file_that_would_run_code_is_refused_on_resume(
     assert not (run_dir / "checkpoints" / "global_step3").exists()
 
 
+@pytest.mark.slow
 def test_a_weights_file_that_would_run_code_is_refused_by_predict(exported: Path, tmp_path: Path) -> None:
     import pickle
 

@@ -34,6 +34,7 @@ def test_help_and_bad_options() -> None:
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU"
 )
+@pytest.mark.slow
 def test_refuses_without_a_gpu_unless_asked(tmp_path: Path) -> None:
     out = run("--out", str(tmp_path / "r"))
     assert out.returncode == 2 and "torch sees no CUDA GPU" in out.stderr
@@ -41,6 +42,7 @@ def test_refuses_without_a_gpu_unless_asked(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the smoke stage's own budget is 500 s
 def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
     out_dir = tmp_path / "check"
     out = run(

@@ -9,6 +9,7 @@ repository's .venv change what is printed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -402,10 +403,19 @@ def test_train_runs_what_the_dry_run_prints(checkout: Checkout) -> None:
 
 
 def test_several_nodes_over_ssh_need_pdsh(checkout: Checkout) -> None:
-    if shutil.which("pdsh", path=checkout.env()["PATH"]):
-        pytest.skip("pdsh is installed on this machine")
+    # A PATH without pdsh, wherever the system has it: every other command of the checkout's PATH, linked.
+    no_pdsh = checkout.tmp / "path-without-pdsh"
+    no_pdsh.mkdir()
+    for folder in reversed(
+        checkout.env()["PATH"].split(":")
+    ):  # the first folder's command wins, as on a PATH
+        for tool in Path(folder).iterdir() if Path(folder).is_dir() else ():
+            if tool.name != "pdsh" and os.access(tool, os.X_OK):
+                (no_pdsh / tool.name).unlink(missing_ok=True)
+                (no_pdsh / tool.name).symlink_to(tool)
+    assert shutil.which("pdsh", path=str(no_pdsh)) is None
     hostfile = checkout.hostfile("a slots=8\nb slots=8\n")
-    result = checkout.launch("train", "--hostfile", str(hostfile))
+    result = checkout.launch("train", "--hostfile", str(hostfile), PATH=str(no_pdsh))
     assert result.returncode == 2 and "need pdsh" in result.stderr and "--no_ssh" in result.stderr
 
 
@@ -461,8 +471,10 @@ time.sleep(120)
 @pytest.fixture
 def real_deepspeed(checkout: Checkout) -> Checkout:
     """The checkout, its venv pointing at the repository's real DeepSpeed, and a stand-in trainer/main.py."""
-    if not (REAL_VENV / "bin" / "deepspeed").exists():
-        pytest.skip(f"needs DeepSpeed's launcher beside the test interpreter, in {REAL_VENV}/bin")
+    # pyproject.toml pins deepspeed, which installs its launcher beside the interpreter: missing, the set-up is broken.
+    assert (REAL_VENV / "bin" / "deepspeed").exists(), (
+        f"no DeepSpeed launcher in {REAL_VENV}/bin: run ./launch.sh setup"
+    )
     for name in ("python", "deepspeed"):
         (checkout.venv / "bin" / name).unlink()
         (checkout.venv / "bin" / name).symlink_to(REAL_VENV / "bin" / name)
@@ -532,6 +544,61 @@ def test_sigterm_before_the_ranks_start_stops_the_launch(real_deepspeed: Checkou
         if proc.poll() is None:
             proc.kill()
     assert not list((c.tmp / "out").iterdir()), "no rank started"
+
+
+# --- `./launch.sh train` end to end: DeepSpeed's real launcher, the real trainer -----------------------------------
+
+
+@pytest.fixture
+def real_trainer(checkout: Checkout) -> Checkout:
+    """The checkout with the repository's trainer, data pipeline and DeepSpeed configs, and a venv whose `deepspeed`
+    is the real launcher (its script runs the interpreter it was installed with)."""
+    deepspeed = REAL_VENV / "bin" / "deepspeed"
+    # pyproject.toml pins deepspeed, which installs its launcher beside the interpreter: missing, the set-up is broken.
+    assert deepspeed.exists(), f"no DeepSpeed launcher in {REAL_VENV}/bin: run ./launch.sh setup"
+    (checkout.venv / "bin" / "deepspeed").unlink()
+    (checkout.venv / "bin" / "deepspeed").symlink_to(deepspeed)
+    for name in ("trainer", "data_pipeline", "deepspeed_configs"):
+        (checkout.root / name).symlink_to(REPO / name)
+    return checkout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_trains_with_the_real_trainer_through_deepspeeds_launcher(
+    real_trainer: Checkout, tiny_easyvqa_shards: Path
+) -> None:
+    """`./launch.sh train` on a machine without a GPU: one CPU rank started by the `deepspeed` CLI runs
+    trainer/main.py for 3 steps on the tiny easy-VQA shards, with the data and run folder given as launch.sh's
+    environment variables; the run folder then holds the logged losses and the final checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.checkpointing import list_complete
+
+    c, run_dir = real_trainer, real_trainer.tmp / "run"
+    result = subprocess.run(
+        [str(c.root / "launch.sh"), "train", "--", "--preset", "tiny", "--max-steps", "3",
+         *("--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4", "--set", "train.log_every=1"),
+         *("--set", "train.progress_bar=false", "--set", "data.num_workers=1")],
+        env=c.env(
+            VQA_TRAIN_DATA=str(tiny_easyvqa_shards / "train"), VQA_RUN_DIR=str(run_dir), HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+        ),
+        cwd=c.tmp, capture_output=True, text=True, timeout=540,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert "no GPU found" in result.stderr  # launch.sh chose one CPU process
+    # DeepSpeed's per-node launcher started the rank, handing it --local_rank as it does every trainer.
+    assert "deepspeed.launcher.launch" in log and "--local_rank=0" in log, log[-6000:]
+    assert "step 3/3" in log, log[-6000:]
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    losses = {e.step: e.value for e in ea.Scalars("train/loss")}
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), losses
+    assert [(r.tag, r.world_size) for r in list_complete(run_dir / "checkpoints")] == [("global_step3", 1)]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["max_steps"] == 3 and config["train"]["global_batch_size"] == 8
 
 
 def test_launch_sh_can_be_sourced_without_running() -> None:

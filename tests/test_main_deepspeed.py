@@ -21,17 +21,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers.launch_env import running_in_group, wait_for_output, wait_group
 from trainer.checkpointing import COMPLETE, list_complete, to_universal
 from trainer.main import REPO_ROOT
 from trainer.metrics import GPU_TAGS, TRAIN_TAGS, VAL_TAGS
 
-pytestmark = pytest.mark.slow
+# Each launch has its own deadline (300 s); a test with a 2-rank fixture launch and its own may take two.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -119,6 +120,7 @@ def zero2_run(tiny_easyvqa_shards: Path, tmp_path_factory: pytest.TempPathFactor
     return run_dir
 
 
+@pytest.mark.distributed
 def test_zero2_trains_logs_checkpoints_and_evaluates(zero2_run: Path) -> None:
     s = scalars(zero2_run)
     for tag in (*TRAIN_TAGS, *VAL_TAGS):
@@ -161,6 +163,7 @@ def test_zero2_trains_logs_checkpoints_and_evaluates(zero2_run: Path) -> None:
     assert all(set(p) == {"question_id", "answer"} and p["answer"] in answers for p in preds)
 
 
+@pytest.mark.distributed
 def test_resume_reproduces_the_uninterrupted_losses(zero2_run: Path, tmp_path: Path) -> None:
     run_dir = copy_run(zero2_run, tmp_path / "resumed")
     shutil.rmtree(run_dir / "checkpoints" / "global_step4")
@@ -173,6 +176,7 @@ def test_resume_reproduces_the_uninterrupted_losses(zero2_run: Path, tmp_path: P
     assert resumed["val/vqa_score"][4] == full["val/vqa_score"][4]
 
 
+@pytest.mark.distributed
 def test_two_rank_checkpoint_resumes_on_one_rank_via_universal(zero2_run: Path, tmp_path: Path) -> None:
     run_dir = copy_run(zero2_run, tmp_path / "universal")
     dst = to_universal(run_dir, "global_step4")
@@ -208,6 +212,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_via_universal(zero2_run: Path, 
     ]  # evaluation wrote no checkpoint
 
 
+@pytest.mark.distributed
 def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
     tiny_easyvqa_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -217,26 +222,25 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
     # Evaluating first also runs ZeRO-3's gathered-parameter forward in evaluation mode on both ranks.
     args += ["--val-data", str(tiny_easyvqa_shards / "test"), "--set", "train.eval_at_start=true"]
     args += ["--set", "model.clip_text_vocab=compact"]  # export and predict rebuild the compact table
-    proc = subprocess.Popen(
-        command(args, 2),
-        cwd=REPO_ROOT,
-        env=env(2),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the signal reaches launcher and ranks, as on preemption
-    )
-    lines: list[str] = []
-    deadline = time.monotonic() + 300
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if "step 2/1000" in line:
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines[-50:])
-    rest, _ = proc.communicate(timeout=120)
-    text = "".join(lines) + rest
+    log = tmp_path / "zero3.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command(args, 2),
+            cwd=REPO_ROOT,
+            env=env(2),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the signal reaches launcher and ranks, as on preemption
+        )
+    try:
+        wait_for_output(proc, log, "step 2/1000", timeout_s=300)
+        os.killpg(proc.pid, signal.SIGTERM)
+        wait_group(proc, timeout_s=120)  # the checkpoint, then the exit of every rank (and of the launcher)
+    finally:
+        if running_in_group(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    text = log.read_text(errors="replace")
     assert "received SIGTERM" in text, text[-5000:]
     refs = list_complete(run_dir / "checkpoints")
     assert refs and refs[-1].step >= 2 and refs[-1].world_size == 2, text[-5000:]
@@ -272,6 +276,7 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
 
+@pytest.mark.distributed
 def test_zero1_trains_under_torchrun(tiny_easyvqa_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "zero1"
     args = [*TINY, "--train-data", str(tiny_easyvqa_shards / "train"), "--run-dir", str(run_dir)]

@@ -24,6 +24,7 @@ def test_question_types_cover_easy_vqa_answers():
     assert types["yes"] == types["no"] == "yes/no" and types["teal"] == "colour"
 
 
+@pytest.mark.slow
 def test_one_run_reports_scores_per_type_and_builds_the_derived_tower(capsys):
     rc = preset_search.main(
         ["--device", "cpu", "--threads", "1", "--steps", "3", "--evals", "2", "--eval-limit", "256"]
@@ -47,6 +48,7 @@ def test_derived_tower_rejects_an_unknown_field():
         preset_search.derive_clip_arch("RN-tiny", ["depth=3"])
 
 
+@pytest.mark.slow
 def test_grid_mode_appends_one_line_per_run(tmp_path):
     grid = tmp_path / "grid.txt"
     grid.write_text("# one tiny run\n--steps 1 --eval-limit 64 --threads 1 --variant baseline\n")

@@ -51,6 +51,7 @@ def _counting_aot_eager(graphs: list) -> object:
 
 
 @pytest.mark.parametrize("variant", ["baseline", "clip-infonce-dot"])
+@pytest.mark.slow
 def test_compiled_model_matches_eager_and_keeps_its_parameter_names(variant: str) -> None:
     torch._dynamo.reset()
     _, eager = _task(variant)
@@ -191,6 +192,7 @@ def test_shipped_bf16_engine_trains_like_fp32_and_compiled_like_eager(
         D.destroy()
 
 
+@pytest.mark.slow
 def test_one_fp32_rank_steps_torch_fused_adamw_without_zero_and_trains_and_resumes_like_zero2(
     tmp_path: Path,
 ) -> None:
@@ -238,6 +240,7 @@ def _autocast_cfg():
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=1))
 
 
+@pytest.mark.slow
 def test_one_bf16_rank_runs_at_stage_0_in_autocast_and_trains_like_plain_pytorch() -> None:
     """zero2_bf16.json on one rank (trainer/engine.py `plain_single_rank`, deepspeed_configs/README.md): ZeRO stage 0,
     fp32 weights, DeepSpeed's torch_autocast in bf16 around the forward, and torch's fused AdamW stepping the module's
@@ -311,6 +314,7 @@ def test_one_bf16_rank_runs_at_stage_0_in_autocast_and_trains_like_plain_pytorch
         D.destroy()
 
 
+@pytest.mark.slow
 def test_one_bf16_rank_resumes_its_own_checkpoints_and_zero2_bf16_ones_under_zero2_bf16(
     tmp_path: Path,
 ) -> None:

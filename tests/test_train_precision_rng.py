@@ -187,7 +187,7 @@ def test_dropout_run_resumed_continues_the_saved_random_stream(
     loader: str, one_batch: Path, tmp_path: Path, no_launcher
 ) -> None:
     if loader == "dali":
-        pytest.importorskip("nvidia.dali")
+        import nvidia.dali  # noqa: F401  (pinned in pyproject.toml: missing, the set-up is broken, not the test)
     ds_json = CONFIGS / "zero2_fp32.json"
     run_dir = train(
         tmp_path / "run", one_batch, ds_json, "--set", "model.dropout=0.2", "--set", f"data.loader={loader}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -69,3 +70,40 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     """`variant[+duplicates]`, e.g. clip-infonce-dot+mask: the variant and its loss settings for the parity tests."""
     variant, _, dup = spec.partition("+")
     return variant, ({"duplicate_questions": dup} if dup else {})
+
+
+def hand_vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """ViLT's VQA loss written out: binary cross-entropy of every answer's sigmoid against its soft score, averaged
+    over the batch and summed over the answers."""
+    x, y = logits.double(), targets.double()
+    per = -(y * torch.nn.functional.logsigmoid(x) + (1 - y) * torch.nn.functional.logsigmoid(-x))
+    return per.sum(dim=1).mean()
+
+
+def check_one_training_step(task: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig) -> dict:
+    """Forward, backward and one AdamW step on `batch`, checking what the step did: the loss is finite and equals
+    its parts (the VQA part computed by hand), every weight that got a non-zero gradient moved, nothing became
+    non-finite, and the loss on the same batch went down. Returns the first forward's output."""
+    task.train()
+    torch.manual_seed(1)  # the same dropout masks in both forwards
+    out = task(batch)
+    loss = out["loss"]
+    assert torch.isfinite(loss), loss
+    hand = hand_vqa_loss(out["logits"], batch["targets"]).item()
+    assert math.isclose(out["vqa_loss"].item(), hand, rel_tol=1e-5), (out["vqa_loss"].item(), hand)
+    weight = cfg.loss.infonce_weight if cfg.model.contrastive != "none" else 0.0
+    parts = out["vqa_loss"].item() + weight * out["infonce_loss"].item()
+    assert math.isclose(loss.item(), parts, rel_tol=1e-6), (loss.item(), parts)
+    loss.backward()
+    before = {n: p.detach().clone() for n, p in task.named_parameters()}
+    torch.optim.AdamW(task.param_groups(cfg.optim)).step()
+    stepped = [n for n, p in task.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+    assert stepped, "no weight received a gradient"
+    still = [n for n in stepped if torch.equal(dict(task.named_parameters())[n].detach(), before[n])]
+    assert not still, f"weights with a gradient that the step left unchanged: {still}"
+    assert all(torch.isfinite(p).all() for p in task.parameters())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        after = task(batch)["loss"]
+    assert after.item() < loss.item(), (loss.item(), after.item())
+    return out
