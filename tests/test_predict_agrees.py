@@ -1,10 +1,11 @@
-"""`predict` answers as the run's own evaluation does, from ZeRO-2 and ZeRO-3 checkpoints written by 2 ranks.
+"""`predict` answers as the run's own evaluation does, from ZeRO-2, ZeRO-3 and universal checkpoints of 2 ranks.
 
 Each run trains 2 steps on 2 CPU ranks and evaluates the test split at the end with the PyTorch loader, whose image
 preprocessing (PIL, RGB, bilinear squash) is the one `python -m trainer.predict` applies to an image file. The test
 then writes the very JPEG bytes the shards hold for a few evaluation questions to files and asks `predict`, from the
-run folder (its ZeRO shards gathered by zero_to_fp32) and from an export folder (safetensors, no pickle), the same
-questions about them: every answer must be the one in the evaluation's predictions file.
+run folder (its ZeRO shards gathered by zero_to_fp32, or the ZeRO-2 checkpoint's universal conversion) and from an
+export folder of each (safetensors, no pickle), the same questions about them: every answer must be the one in the
+evaluation's predictions file.
 """
 
 from __future__ import annotations
@@ -79,3 +80,13 @@ def test_predict_gives_the_evaluation_answers(
     out = tmp_path / "model"
     assert export.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
     assert _predict(capsys, ["--weights", str(out)], samples) == expected
+
+    if ds_json.startswith("zero2"):
+        # The same weights through DeepSpeed's universal checkpoint (one fp32 file per parameter).
+        from trainer.checkpointing import to_universal
+
+        universal = to_universal(run_dir, "global_step2").name
+        assert _predict(capsys, ["--run-dir", str(run_dir), "--tag", universal], samples) == expected
+        out = tmp_path / "model-universal"
+        assert export.main(["--run-dir", str(run_dir), "--tag", universal, "--out", str(out)]) == 0
+        assert _predict(capsys, ["--weights", str(out)], samples) == expected

@@ -75,12 +75,14 @@ EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, ANSWERS_FILE, TOKENIZER_DIR)
 
 
 def pick_checkpoint(run_dir: Path, tag: str | None) -> tuple[str, int]:
-    """(tag, step) of a complete, non-universal checkpoint of the run (the newest if `tag` is None)."""
-    refs = [r for r in list_complete(run_dir / "checkpoints") if not r.universal]
+    """(tag, step) of a complete checkpoint of the run: `tag` (a universal one included), else the newest that is not
+    universal (a universal checkpoint holds the same weights as the checkpoint it was converted from)."""
+    refs = list_complete(run_dir / "checkpoints")
     if not refs:
         raise ConfigError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
     if tag is None:
-        return refs[-1].tag, refs[-1].step
+        own = [r for r in refs if not r.universal] or refs
+        return own[-1].tag, own[-1].step
     for r in refs:
         if r.tag == tag:
             return r.tag, r.step
@@ -91,7 +93,9 @@ def fp32_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The VQATask's weights in fp32 from checkpoint `tag` of the run, whichever ZeRO stage wrote it."""
     path = run_dir / "checkpoints" / tag
     check_deepspeed_files(path)  # zero_to_fp32 unpickles the shards fully: nothing unknown may reach it
-    if not has_zero_shards(path):
+    if (path / "zero").is_dir():
+        sd = universal_state_dict(path)
+    elif not has_zero_shards(path):
         sd = stage0_state_dict(path)
     else:
         # zero_to_fp32 reports its progress with print(), and DeepSpeed's logger (its accelerator warning on import
@@ -102,6 +106,34 @@ def fp32_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def universal_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a universal checkpoint (`python -m trainer.checkpointing to-universal`, DeepSpeed's
+    ds_to_universal): one folder per parameter under zero/, whose fp32.pt holds the whole parameter as {"param": tensor,
+    ...}, read with `weights_only=True`. The task's buffers, when it has any, come from the module states beside it."""
+    out: dict[str, torch.Tensor] = {}
+    for folder in sorted((path / "zero").iterdir()):
+        file = folder / "fp32.pt"
+        if not file.is_file():
+            continue  # DeepSpeed's own entries (e.g. optimizer_state) hold no weights
+        try:
+            entry = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ConfigError(
+                f"{file}: holds objects other than tensors and plain containers; not loaded"
+            ) from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("param"), torch.Tensor):
+            raise ConfigError(f"{file}: not a universal checkpoint parameter (no 'param' tensor)")
+        out[folder.name] = entry["param"]
+    if not out:
+        raise ConfigError(f"{path}: a zero/ folder without parameters: not a universal checkpoint")
+    states = torch.load(
+        path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False
+    )
+    module = states.get("module") or {}
+    out.update({name: module[name] for name in states.get("buffer_names") or () if name in module})
+    return out
 
 
 def stage0_state_dict(path: Path) -> dict[str, torch.Tensor]:
