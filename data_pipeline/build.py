@@ -25,82 +25,32 @@ import os
 import random
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from data_pipeline import atomic, shards
-from data_pipeline.errors import BadInputError
+from data_pipeline.buildspec import DEFAULT_SHARD_SIZE, BuildSpec, Candidate, ConversionError, Summary
 from data_pipeline.images import CheckResult, check_image, convert_to_jpeg
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "BuildSpec",
+    "Candidate",
+    "ConversionError",
+    "Summary",
+    "build_shard_folder",
+    "clear_output",
+    "default_workers",
+    "is_finished",
+]
 
 log = logging.getLogger(__name__)
 
 WORK = ".work"
-DEFAULT_SHARD_SIZE = 1000
-
-
-class ConversionError(BadInputError):
-    """Bad input or a refused operation; the message is one line naming the file (and field) at fault."""
-
-
-@dataclass
-class Candidate:
-    meta: dict[str, Any]
-    """The sample json: question_id, image_id, question, answers, labels, scores (+ answer_type when known)."""
-    image: str
-    """Path of the source image file."""
-
-
-@dataclass
-class BuildSpec:
-    out: Path
-    source: str
-    """Source data set name recorded in the manifest: vqa2 | easyvqa."""
-    split: str
-    candidates: list[Candidate]
-    rejected: list[dict[str, Any]]
-    """Questions the reader already left out: {question_id, image_id, reason}."""
-    answers: list[str]
-    answers_source: str
-    has_answers: bool
-    image_mode: str = "verbatim"
-    """verbatim: store the source bytes (JPEG/PNG); jpeg: convert once to JPEG quality 95 (easy-VQA's PNGs)."""
-    shard_size: int = DEFAULT_SHARD_SIZE
-    seed: int = 0
-    workers: int = 1
-    strict: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    inputs: dict[str, Any] = field(default_factory=dict)
-    """Input files and settings that define the output (manifest + resume fingerprint)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    """Input findings that are not rejections, appended to the summary line (e.g. unreferenced annotations)."""
-    """More manifest fields from the reader (e.g. questions filtered out on purpose)."""
-    command: str = ""
-
-
-@dataclass
-class Summary:
-    out: Path
-    split: str
-    written: int
-    rejected: list[dict[str, Any]]
-    shards: int
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        text = f"{self.split}: {self.written} written in {self.shards} shards, {len(self.rejected)} rejected"
-        if self.rejected:
-            kinds = Counter(r["reason"].split(":", 1)[0] for r in self.rejected)
-            text += ": " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-        text += "".join(f"; {note}" for note in self.notes)
-        return text + f" ({self.seconds:.1f} s) -> {self.out}"
 
 
 def default_workers() -> int:
@@ -135,6 +85,8 @@ def _fingerprint(spec: BuildSpec) -> str:
         "source": spec.source,
         "split": spec.split,
         "image_mode": spec.image_mode,
+        "image_size": spec.image_size,
+        "jpeg_quality": spec.jpeg_quality,
         "shard_size": spec.shard_size,
         "seed": spec.seed,
         "inputs": spec.inputs,
@@ -213,7 +165,8 @@ def _check_images(spec: BuildSpec, work: Path) -> dict[str, CheckResult]:
         log.info("%s: %d images already checked, %d to go", spec.out, len(results), len(todo))
     if spec.image_mode == "jpeg":
         fn: Callable = convert_to_jpeg
-        tasks: list = [(p, str(work / "images" / _converted_name(p))) for p in todo]
+        size, quality = spec.image_size, spec.jpeg_quality
+        tasks: list = [(p, str(work / "images" / _converted_name(p)), size, quality) for p in todo]
     else:
         fn, tasks = check_image, todo
     chunk = max(1, min(64, len(tasks) // (spec.workers * 8) if spec.workers else 1))
@@ -378,7 +331,13 @@ def _manifest(
         "command": spec.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "inputs": spec.inputs,
-        "settings": {"shard_size": spec.shard_size, "seed": spec.seed, "image_mode": spec.image_mode},
+        "settings": {
+            "shard_size": spec.shard_size,
+            "seed": spec.seed,
+            "image_mode": spec.image_mode,
+            "image_size": spec.image_size,
+            "jpeg_quality": spec.jpeg_quality if spec.image_mode == "jpeg" else None,
+        },  # fmt: skip
         "answers": {"count": len(spec.answers), "source": spec.answers_source, "file": shards.ANSWERS},
         "has_answers": spec.has_answers,
         "totals": {

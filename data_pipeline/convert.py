@@ -65,6 +65,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace a finished (or differently made) output folder"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="store every image squashed to N x N (bilinear, as the loaders resize) as a JPEG: smaller shards and no "
+        "resize when training at N; training at a larger size is refused (default: images as they are)",
+    )
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of re-encoded images (1-100)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +159,8 @@ def _settings(args: argparse.Namespace, argv: list[str]) -> dict:
         "strict": args.strict,
         "overwrite": args.overwrite,
         "progress": not args.no_progress,
+        "image_size": args.image_size,
+        "jpeg_quality": args.jpeg_quality,
         "command": "python -m data_pipeline.convert " + shlex.join(argv),
     }
 

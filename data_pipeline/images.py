@@ -66,18 +66,24 @@ def check_image(path: str) -> CheckResult:
     return CheckResult(path, True, output=path, width=im.width, height=im.height)
 
 
-def convert_to_jpeg(task: tuple[str, str]) -> CheckResult:
-    """(source, destination): decode `source` (any format PIL reads), write RGB JPEG quality 95 to `destination`.
+def convert_to_jpeg(task: tuple[str, str, int | None, int]) -> CheckResult:
+    """(source, destination, size, quality): decode `source` (any format PIL reads), squash it to size x size when a
+    size is given, write it as an RGB JPEG of that quality to `destination`.
 
-    4:4:4 chroma (no subsampling): easy-VQA's 64x64 images are flat colour shapes whose colour is half the task;
-    4:2:0 would blur the colour edges. The JPEG is decoded again before it is accepted. Written atomically.
+    The squash is the loaders' (data_pipeline/torch_loader.py, trainer/predict.py: RGB, bilinear to a square), done
+    once here so that training at that size decodes small files and resizes nothing. 4:4:4 chroma (no subsampling):
+    easy-VQA's 64x64 images are flat colour shapes whose colour is half the task; 4:2:0 would blur the colour edges.
+    The JPEG is decoded again before it is accepted. Written atomically.
     """
-    source, destination = task
+    source, destination, size, quality = task
     try:
         with open(source, "rb") as f:
             im, _ = _decode(f.read())
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        rgb = im.convert("RGB")
+        if size is not None:
+            rgb = rgb.resize((size, size), Image.BILINEAR)
+        rgb.save(buf, format="JPEG", quality=quality, subsampling=0)
         data = buf.getvalue()
         _decode(data)
     except FileNotFoundError:
@@ -86,4 +92,4 @@ def convert_to_jpeg(task: tuple[str, str]) -> CheckResult:
         return _failure(source, exc)
     # No sync to disk: an intermediate file, which an interrupted conversion converts again.
     atomic.write_bytes(destination, data, fsync=False)
-    return CheckResult(source, True, output=destination, width=im.width, height=im.height)
+    return CheckResult(source, True, output=destination, width=rgb.width, height=rgb.height)

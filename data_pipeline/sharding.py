@@ -226,3 +226,15 @@ def iter_sample_json(folder: ShardFolder) -> Iterator[dict[str, Any]]:
                     raise DataError(
                         f"{shard.tar}: sample {n}: its json is damaged ({_json_reason(exc)}): convert the data again"
                     ) from None
+
+
+def check_image_size(shards_dir: str | Path, manifest: dict[str, Any], image_size: int) -> None:
+    """Refuse a folder whose images were stored smaller than the training resolution (`--image-size` at conversion):
+    the loaders would upsample them, silently training on blurred images."""
+    stored = (manifest.get("settings") or {}).get("image_size")
+    if stored is not None and int(stored) < image_size:
+        raise DataError(
+            f"{shards_dir}: images stored at {stored} x {stored} px (converted with --image-size {stored}) but "
+            f"model.image_size is {image_size}: convert again with --image-size {image_size} (or larger, or without "
+            f"it), or train at {stored}"
+        )

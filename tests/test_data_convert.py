@@ -338,3 +338,55 @@ def test_annotations_without_a_question_are_counted(raw, tmp_path, capsys) -> No
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["unreferenced_annotations"]["count"] == 1
     assert m["unreferenced_annotations"]["question_ids"] == [999_999_001]
+
+
+def test_image_size_stores_the_loaders_squash_and_the_trainer_refuses_a_larger_size(
+    raw: synthetic.Vqa2Files, converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--image-size N: every image squashed once to N x N as the loaders would (PIL bilinear), re-encoded at
+    --jpeg-quality, recorded in the manifest; a training run at a larger size stops before start-up naming both."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.sharding import DataError, check_image_size
+
+    out = tmp_path / "small"
+    assert run(*vqa2_args(raw, out, "--image-size", "24", "--jpeg-quality", "90")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    settings = manifest["settings"]
+    assert (settings["image_mode"], settings["image_size"], settings["jpeg_quality"]) == ("jpeg", 24, 90)
+    assert json.loads((converted / "manifest.json").read_text())["settings"]["image_size"] is None
+    originals = {p.name.rsplit("_", 1)[1].split(".")[0]: p for p in raw.images.iterdir()}
+    checked = 0
+    for tar in sorted(out.glob("*.tar")):
+        for sample in tar_samples(tar).values():
+            meta = json.loads(sample["json"])
+            stored = Image.open(io.BytesIO(sample["jpg"]))
+            assert stored.format == "JPEG" and stored.size == (24, 24)
+            with Image.open(originals[f"{meta['image_id']:012d}"]) as src:
+                squash = np.asarray(src.convert("RGB").resize((24, 24), Image.BILINEAR), dtype=np.float64)
+            assert (
+                np.abs(np.asarray(stored.convert("RGB"), dtype=np.float64) - squash).mean() < 4
+            )  # JPEG error only
+            checked += 1
+    assert checked == manifest["totals"]["samples"] > 0
+
+    def image_bytes(folder: Path) -> int:
+        return sum(len(x["jpg"]) for tar in folder.glob("*.tar") for x in tar_samples(tar).values())
+
+    assert image_bytes(out) < image_bytes(converted)  # up to 120 px wide sources stored at 24 x 24
+
+    check_image_size(out, manifest, 24)
+    check_image_size(out, manifest, 16)  # smaller: the loaders downsample, nothing lost
+    check_image_size(converted, json.loads((converted / "manifest.json").read_text()), 4096)  # as they were
+    with pytest.raises(DataError, match=r"stored at 24 x 24 px .*model.image_size is 32: convert again"):
+        check_image_size(out, manifest, 32)
+    from trainer.main import check_data  # the trainer's start-up check of --train-data/--val-data
+
+    with pytest.raises(DataError, match="model.image_size is 32"):
+        check_data(str(out), "train_data", 1, True, 32)
+    capsys.readouterr()
+    assert run(*vqa2_args(raw, tmp_path / "bad", "--image-size", "0")) == 2
+    assert "--image-size must be >= 1, got 0" in capsys.readouterr().err

@@ -232,8 +232,8 @@ def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     resolve_auto_resume(args, folder)
     cfg = resolve_config(args, folder)
     world = D.env_world_size()
-    check_data(cfg.data.train_data, "train_data", world, required=not args.eval_only)
-    check_data(cfg.data.val_data, "val_data", world, required=args.eval_only)
+    check_data(cfg.data.train_data, "train_data", world, not args.eval_only, cfg.model.image_size)
+    check_data(cfg.data.val_data, "val_data", world, args.eval_only, cfg.model.image_size)
     cfg.train.grad_accum(world)
     from trainer.engine import load_ds_config
 
@@ -247,9 +247,12 @@ def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     return cfg
 
 
-def check_data(folder: str | None, what: str, world_size: int, required: bool) -> dict[str, Any] | None:
-    """Fail before start-up on a missing folder or fewer shards than ranks; returns the folder's manifest."""
-    from data_pipeline.sharding import read_manifest
+def check_data(
+    folder: str | None, what: str, world_size: int, required: bool, image_size: int = 0
+) -> dict[str, Any] | None:
+    """Fail before start-up on a missing folder, fewer shards than ranks, or images stored smaller than
+    `image_size`; returns the folder's manifest."""
+    from data_pipeline.sharding import check_image_size, read_manifest
 
     if folder is None:
         if required:
@@ -262,6 +265,7 @@ def check_data(folder: str | None, what: str, world_size: int, required: bool) -
             f"--{what.replace('_', '-')} {folder}: {n_shards} shard(s) for {world_size} ranks; every rank needs at "
             f"least one: convert again with a smaller --shard-size"
         )
+    check_image_size(folder, manifest, image_size)
     return manifest
 
 
