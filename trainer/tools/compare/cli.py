@@ -20,6 +20,7 @@ from trainer.tools.compare.results import (
     SMOOTH_STEPS,
     CompareError,
     aggregate,
+    shown,
     summarise_run,
     validate_results,
 )
@@ -69,7 +70,7 @@ def subset_summary(folder: str) -> dict[str, Any]:
     record = subset_record(folder)
     assert record is not None, f"{folder}: prepare_val_subset wrote it"
     return {
-        "folder": folder,
+        "folder": shown(folder),
         "size": record["count"],
         "seed": record["seed"],
         "of_samples": record["of_samples"],
@@ -215,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seeds": seeds,
         "variants_order": list(variants),
-        "train_data": args.train_data,
-        "val_data": args.val_data,
+        "train_data": shown(args.train_data),
+        "val_data": shown(args.val_data),
         "val_subset": None if args.subset_dir is None else subset_summary(args.subset_dir),
         "loss_thresholds": thresholds,
         "smooth_steps": args.smooth_steps,

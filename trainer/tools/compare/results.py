@@ -12,6 +12,18 @@ from typing import Any
 
 from trainer.tools.compare.variants import Variant, describe
 
+REPO = Path(__file__).resolve().parents[3]  # trainer/tools/compare/results.py -> the repository
+
+
+def shown(path: str | Path) -> str:
+    """A path as results.json and the report record it: relative to the repository when inside it (a committed
+    report names `data/easy-vqa/train`, not the checkout's location), else as given."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path)
+
+
 PAPER_MODEL = {
     "baseline": "(1) ViLT",
     "clip-infonce-cos": "(2) CLIP + InfoNCE, cosine (eq. 1)",
@@ -225,7 +237,7 @@ def summarise_run(
     else:
         final_whole = final
     return {
-        "run_dir": str(run_dir),
+        "run_dir": shown(run_dir),
         "seed": done["seed"],
         "full_val_vqa_score": final_whole,
         "final_val_vqa_score": final,
