@@ -15,9 +15,10 @@ from trainer.tools.compare.results import SMOOTH_STEPS, smooth
 def validation_title(subset: dict[str, Any] | None) -> str:
     if subset is None:
         return "Validation VQA score"
+    # Two lines: one would run past the axes of the figure's right panel.
     return (
-        f"Validation VQA score: fixed subset of {subset['size']:,} of {subset['of_samples']:,} questions (lines), "
-        "whole split at the end (stars)"
+        f"Validation VQA score: fixed subset of {subset['size']:,} of {subset['of_samples']:,} questions\n"
+        "(lines), whole split at the end (stars)"
     )
 
 
