@@ -38,7 +38,8 @@ def _train_wordpiece(questions: Iterable[str], vocab_size: int) -> dict[str, int
 
     Not the `tokenizers` library's WordPieceTrainer: it numbers the subwords it creates in hash-map order, which
     differs from process to process, and breaks ties between merges by those numbers, so the same questions gave
-    another vocabulary (other ids, even other tokens) in every run (huggingface/tokenizers issue 1794)."""
+    another vocabulary (other ids, even other tokens) in every run (tokenizers 0.23.3; upstream report
+    huggingface/tokenizers#1794)."""
     from tokenizers import normalizers, pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(lowercase=True)

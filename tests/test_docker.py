@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.doc_standins import interpolate, merge_service
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -248,19 +250,6 @@ def test_dockerignore_keeps_data_runs_and_checkpoints_out_of_the_build() -> None
 
 # --- the compose file ---------------------------------------------------------------------------------------------
 
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
-
-
-def interpolate(value, env: dict[str, str]):
-    """Compose's ${NAME}, ${NAME:-default} and ${NAME-default} substitution, over a parsed document."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
-    if isinstance(value, str):
-        return _VARIABLE.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
-    return value
-
 
 def compose(env: dict[str, str] | None = None) -> dict:
     """The compose file as Docker Compose sees it with only these variables set (none: the defaults)."""
@@ -349,14 +338,7 @@ def merged_trainer(*files: Path) -> dict:
     sequences (devices, cap_add) appended, environment lists merged by variable name."""
     merged: dict = {}
     for file in files:
-        service = interpolate(yaml.safe_load(file.read_text()), {})["services"]["trainer"]
-        for key, value in service.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            elif isinstance(value, list) and isinstance(merged.get(key), list):
-                merged[key] = merged[key] + [v for v in value if v not in merged[key]]
-            else:
-                merged[key] = value
+        merge_service(merged, interpolate(yaml.safe_load(file.read_text()), {})["services"]["trainer"])
     return merged
 
 

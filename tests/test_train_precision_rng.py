@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_main_deepspeed import scalars
 
 from trainer.main import REPO_ROOT, main
 
@@ -85,14 +86,6 @@ def resume(run_dir: Path, dst: Path, ds_json: Path, tag: str = "global_step2") -
     (dst / "checkpoints" / "latest").write_text(tag)
     assert main(["--run-dir", str(dst), "--resume", tag, "--deepspeed_config", str(ds_json)]) == 0
     return dst
-
-
-def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(run_dir / "tensorboard"))
-    ea.Reload()
-    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
 
 
 def state(run_dir: Path, tag: str) -> dict:

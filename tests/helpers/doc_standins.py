@@ -207,15 +207,20 @@ def compose_services(files: list[str]) -> dict[str, dict]:
     for file in files:
         document = interpolate(yaml.safe_load(Path(file).read_text()), dict(os.environ))
         for name, service in document["services"].items():
-            merged = services.setdefault(name, {})
-            for key, value in service.items():
-                if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                    merged[key] = {**merged[key], **value}
-                elif isinstance(value, list) and isinstance(merged.get(key), list):
-                    merged[key] = merged[key] + [v for v in value if v not in merged[key]]
-                else:
-                    merged[key] = value
+            merge_service(services.setdefault(name, {}), service)
     return services
+
+
+def merge_service(merged: dict, service: dict) -> None:
+    """One compose file's definition of a service merged into `merged` as `docker compose -f A -f B` does: mappings
+    key by key, sequences appended without repeats, anything else replaced."""
+    for key, value in service.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        elif isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = merged[key] + [v for v in value if v not in merged[key]]
+        else:
+            merged[key] = value
 
 
 def service_env(service: dict) -> dict[str, str]:
