@@ -19,7 +19,8 @@ API (kept stable: the trainer calls exactly this):
 - Damaged data is a one-line `DataError` naming the shard (and, for a damaged image under DALI, the sample key).
 - `VQALoader`: iterable over the batches of ONE epoch; `len()` = batches it yields (= `batches_per_epoch` -
   `skip_batches`); attributes `kind` ("dali-gpu" | "dali-cpu" | "torch"), `answers`, `n_answers`,
-  `batches_per_epoch`, `manifest`, `corrupt_skipped`.
+  `batches_per_epoch`, `manifest`, `corrupt_skipped`; `state(k)`: the position after k batches, to save with a
+  checkpoint and resume from (`spec.at(e, k, resume_state=...)`: DALI then skips without decoding).
 - `read_answers(shards_dir) -> list[str]`, `read_manifest(shards_dir) -> dict`,
   `read_sample_info(shards_dir) -> {question_id: sample json}` (answer types, raw answers, questions).
 
@@ -79,6 +80,14 @@ class VQALoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self._backend.batches(self.skip_batches)
+
+    def state(self, consumed: int) -> bytes | None:
+        """This epoch's position after `consumed` batches in a form to save with a checkpoint and pass back as
+        `LoaderSpec.resume_state` (data_pipeline/loader_state.py): DALI's own checkpoint, which resumes without
+        decoding the consumed batches. None where there is none (the torch loader, whose exact resume reads only
+        the skipped samples' bytes; or a position the loader no longer holds); resuming is exact either way."""
+        get = getattr(self._backend, "state", None)
+        return get(consumed) if get is not None else None
 
     @property
     def corrupt_skipped(self) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import shards
+from data_pipeline import shards, storage
 from data_pipeline.errors import BadInputError
 
 
@@ -31,14 +31,14 @@ class DataError(BadInputError, ValueError):
 
 @dataclass(frozen=True)
 class Shard:
-    tar: Path
-    index: Path
+    tar: storage.Location  # a Path, or an ObjectPath (s3://...) for a folder in object storage
+    index: storage.Location
     samples: int
 
 
 @dataclass(frozen=True)
 class ShardFolder:
-    folder: Path
+    folder: storage.Location
     shards: tuple[Shard, ...]
     answers: list[str]
     manifest: dict[str, Any]
@@ -48,16 +48,17 @@ class ShardFolder:
         return sum(s.samples for s in self.shards)
 
 
-def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
-    folder = Path(shards_dir)
-    if not folder.is_dir():
+def read_manifest(shards_dir: str | Path | storage.ObjectPath) -> dict[str, Any]:
+    folder = storage.location(shards_dir)
+    if isinstance(folder, Path) and not folder.is_dir():
         raise DataError(f"{folder}: no such shard folder")
     path = folder / shards.MANIFEST
-    if not path.is_file():
-        hint = " (an unfinished conversion: rerun it)" if (folder / ".work").is_dir() else ""
+    if not storage.exists(path):
+        unfinished = isinstance(folder, Path) and (folder / ".work").is_dir()
+        hint = " (an unfinished conversion: rerun it)" if unfinished else ""
         raise DataError(f"{folder}: not a finished shard folder, {shards.MANIFEST} is missing{hint}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
     if (
@@ -70,7 +71,7 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_shard_entries(entries: Any, path: Path) -> None:
+def _check_shard_entries(entries: Any, path: storage.Location) -> None:
     """Every shard entry names its tar and index and counts its samples: the loaders plan positions from them."""
     if not isinstance(entries, list):
         raise DataError(f"{path}: field 'shards' must be a list, got {type(entries).__name__}")
@@ -90,12 +91,13 @@ def _check_shard_entries(entries: Any, path: Path) -> None:
             raise DataError(f"{where}: field 'samples' must be >= 0, got {entry['samples']}")
 
 
-def read_answers(shards_dir: str | Path) -> list[str]:
-    path = Path(shards_dir) / shards.ANSWERS
-    if not path.is_file():
-        raise DataError(f"{Path(shards_dir)}: {shards.ANSWERS} is missing")
+def read_answers(shards_dir: str | Path | storage.ObjectPath) -> list[str]:
+    folder = storage.location(shards_dir)
+    path = folder / shards.ANSWERS
+    if not storage.exists(path):
+        raise DataError(f"{folder}: {shards.ANSWERS} is missing")
     try:
-        answers = json.loads(path.read_text(encoding="utf-8"))
+        answers = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({_json_reason(exc)})") from None
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers:
@@ -103,15 +105,17 @@ def read_answers(shards_dir: str | Path) -> list[str]:
     return answers
 
 
-def open_folder(shards_dir: str | Path) -> ShardFolder:
+def open_folder(shards_dir: str | Path | storage.ObjectPath) -> ShardFolder:
     """Read and check a finished shard folder (manifest, answers, every listed tar and index present)."""
-    folder = Path(shards_dir)
+    folder = storage.location(shards_dir)
     manifest = read_manifest(folder)
+    # In object storage, one listing of the prefix instead of a request per file.
+    present = storage.listing(folder) if isinstance(folder, storage.ObjectPath) else None
     found = []
     for entry in manifest["shards"]:
         tar, idx = folder / entry["tar"], folder / entry["index"]
         for p in (tar, idx):
-            if not p.is_file():
+            if not (p.is_file() if isinstance(p, Path) else p.name in (present or {})):
                 raise DataError(f"{folder}: {p.name} is listed in {shards.MANIFEST} but missing")
         if entry["samples"] > 0:
             found.append(Shard(tar, idx, int(entry["samples"])))
@@ -199,7 +203,11 @@ def _json_reason(exc: ValueError) -> str:
 def read_index(shard: Shard) -> list[dict[str, tuple[int, int]]]:
     """A shard's index entries, or a one-line error naming the index file."""
     try:
-        return shards.read_index(shard.index)
+        if isinstance(shard.index, Path):
+            return shards.read_index(shard.index)
+        return shards.parse_index(storage.read_text(shard.index).splitlines(), shard.index)
+    except storage.StorageError:
+        raise
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         raise DataError(f"{shard.index}: not a readable DALI index ({str(exc).splitlines()[0]})") from None
 
@@ -207,25 +215,27 @@ def read_index(shard: Shard) -> list[dict[str, tuple[int, int]]]:
 def iter_sample_json(folder: ShardFolder) -> Iterator[dict[str, Any]]:
     """Every sample json of a folder, read through the index files; a damaged shard is a one-line DataError."""
     for shard in folder.shards:
-        with open(shard.tar, "rb") as f:
-            for n, entry in enumerate(read_index(shard)):
-                if "json" not in entry:
-                    raise DataError(f"{shard.index}: sample {n} has no json component")
-                offset, size = entry["json"]
-                f.seek(offset)
-                raw = f.read(size)
-                if len(raw) < size:
-                    # The index points past the end of the tar: the file was cut short after conversion.
-                    raise DataError(
-                        f"{shard.tar}: truncated: sample {n} of {shard.samples} lies past the end of the file "
-                        f"(its index expects byte {offset + size}): convert the data again"
-                    )
-                try:
-                    yield json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise DataError(
-                        f"{shard.tar}: sample {n}: its json is damaged ({_json_reason(exc)}): convert the data again"
-                    ) from None
+        spans = []
+        for n, entry in enumerate(read_index(shard)):
+            if "json" not in entry:
+                raise DataError(f"{shard.index}: sample {n} has no json component")
+            spans.append(entry["json"])
+        # Ranged reads: seeks in a local file, concurrent range requests in object storage.
+        for n, ((offset, size), raw) in enumerate(
+            zip(spans, storage.read_ranges(shard.tar, spans), strict=True)
+        ):
+            if len(raw) < size:
+                # The index points past the end of the tar: the file was cut short after conversion.
+                raise DataError(
+                    f"{shard.tar}: truncated: sample {n} of {shard.samples} lies past the end of the file "
+                    f"(its index expects byte {offset + size}): convert the data again"
+                )
+            try:
+                yield json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DataError(
+                    f"{shard.tar}: sample {n}: its json is damaged ({_json_reason(exc)}): convert the data again"
+                ) from None
 
 
 def check_image_size(shards_dir: str | Path, manifest: dict[str, Any], image_size: int) -> None:

@@ -125,17 +125,21 @@ def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
 def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI index file: per sample, {ext: (data offset, size)}."""
     with open(idx_path) as f:
-        header = f.readline().split()
-        if len(header) != 2 or header[0] != INDEX_VERSION:
-            raise ValueError(f"{idx_path}: not a DALI {INDEX_VERSION} index (header {' '.join(header)!r})")
-        out = []
-        for line in f:
-            fields = line.split()
-            out.append(
-                {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-            )
+        return parse_index(f, idx_path)
+
+
+def parse_index(lines: Iterable[str], name: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse the lines of a DALI index (a file, or text fetched from object storage); `name` is for errors."""
+    it = iter(lines)
+    header = next(it, "").split()
+    if len(header) != 2 or header[0] != INDEX_VERSION:
+        raise ValueError(f"{name}: not a DALI {INDEX_VERSION} index (header {' '.join(header)!r})")
+    out = []
+    for line in it:
+        fields = line.split()
+        out.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
     if len(out) != int(header[1]):
-        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(out)}")
+        raise ValueError(f"{name}: header says {header[1]} samples, found {len(out)}")
     return out
 
 

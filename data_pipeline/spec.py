@@ -39,6 +39,9 @@ class LoaderSpec:
     epoch: int = 0
     skip_batches: int = 0
     """Batches of this epoch already consumed (the resume point)."""
+    resume_state: bytes | None = None
+    """What `VQALoader.state(skip_batches)` returned when this position was saved (None: none saved). DALI restores
+    its reader from it instead of decoding the skipped batches, where it was saved for this same reading."""
     kind: str = "auto"
     """auto (DALI on the GPU, else DALI on the CPU, else torch when DALI is not installed), dali, or torch."""
     num_workers: int = 2
@@ -69,9 +72,10 @@ class LoaderSpec:
             )
         contract.normalisation(self.mean, self.std)  # 3 values each, std > 0
 
-    def at(self, epoch: int, skip_batches: int = 0) -> LoaderSpec:
-        """The same reading at another position: epoch `epoch`, its first `skip_batches` batches consumed."""
-        return replace(self, epoch=epoch, skip_batches=skip_batches)
+    def at(self, epoch: int, skip_batches: int = 0, resume_state: bytes | None = None) -> LoaderSpec:
+        """The same reading at another position: epoch `epoch`, its first `skip_batches` batches consumed (and the
+        loader state saved there, if any)."""
+        return replace(self, epoch=epoch, skip_batches=skip_batches, resume_state=resume_state)
 
     @property
     def normalisation(self) -> tuple[list[float], list[float]]:

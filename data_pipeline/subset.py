@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import atomic, shards
+from data_pipeline import atomic, shards, storage
 from data_pipeline.build import ConversionError, clear_output, is_finished
 from data_pipeline.sharding import open_folder, read_index
 
@@ -113,6 +113,16 @@ def _write_shards(
     return records
 
 
+def _local(where: str | Path) -> Path:
+    """A subset is made from local files by byte offsets: a folder in object storage is refused with one line."""
+    if storage.is_remote(where):
+        raise ConversionError(
+            f"{where}: convert subset reads and writes local folders only: copy the folder to local disk first "
+            "(e.g. aws s3 sync URL DIR), then upload the subset"
+        )
+    return Path(where)
+
+
 def write_subset(
     source: str | Path,
     out: str | Path,
@@ -125,7 +135,7 @@ def write_subset(
 ) -> SubsetSummary:
     """Write the subset folder (module docstring); returns its summary."""
     t0 = time.perf_counter()
-    source, out = Path(source), Path(out)
+    source, out = _local(source), _local(out)
     if n_shards < 1:
         raise ConversionError(f"--shards must be >= 1, got {n_shards}")
     if out.resolve() == source.resolve():

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import batch as contract
-from data_pipeline import sharding
+from data_pipeline import sharding, storage
 from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -63,20 +63,29 @@ def _read_piece(tar: str, first: int, last: int, total: int) -> Generator[dict[s
     """Samples [first, last) of one tar; returns how many it read. A read error is a DataError naming the tar."""
     import webdataset as wds
 
+    # Object storage: webdataset streams the tar through a pipe: URL (data_pipeline/storage.py `cat`).
+    remote = storage.is_remote(tar)
+    url = storage.pipe_url(tar) if remote else tar
     # Splitting is ours (positions), not webdataset's: no node/worker splitters, no shard shuffling.
-    ds = wds.WebDataset([tar], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
     samples, n = itertools.islice(ds, first, last), 0
     while True:
         try:
             sample = next(samples)
         except StopIteration:
             return n
-        except Exception as exc:  # tarfile/webdataset errors of a damaged file
+        except Exception as exc:  # tarfile/webdataset errors of a damaged file, or a failed download
+            what = (
+                "could not be read (the storage error is printed above)"
+                if remote
+                else "damaged shard, unreadable"
+            )
             raise sharding.DataError(
-                f"{tar}: damaged shard, unreadable after sample {first + n} of {total} ({_reason(exc)}): "
-                "convert the data again"
+                f"{tar}: {what} after sample {first + n} of {total} ({_reason(exc)}): "
+                + ("check the URL and the AWS_* settings" if remote else "convert the data again")
             ) from None
         n += 1
+        sample["__url__"] = tar  # errors name the shard, not the pipe command
         yield sample
 
 

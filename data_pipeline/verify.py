@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import shards
+from data_pipeline import shards, storage
 from data_pipeline.sharding import DataError, read_manifest
 
 
@@ -144,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     try:
-        problems, summary = verify(
-            Path(args.folder), decode=args.decode, workers=args.workers, progress=args.progress
-        )
-    except DataError as exc:
+        folder = storage.require_local(args.folder, "python -m data_pipeline.verify")
+        problems, summary = verify(folder, decode=args.decode, workers=args.workers, progress=args.progress)
+    except (DataError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for line in problems:

@@ -66,7 +66,7 @@ class FakeEngine:
         return 1.0
 
 
-def make_loader(epoch: int, skip: int):
+def make_loader(epoch: int, skip: int, state: bytes | None = None):
     return [{"question_id": torch.tensor([100 * epoch + i])} for i in range(EPOCH_LEN)][skip:]
 
 
@@ -91,7 +91,7 @@ class FakeCheckpointer:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
+    def save(self, step: int, state: dict[str, Any], loader_state: bytes | None = None) -> None:
         self.saved.append((step, dict(state), float(self.engine.w)))
 
 
@@ -269,7 +269,7 @@ def test_loader_workers_survive_a_signal_meant_for_the_trainer_and_end_with_the_
 
     tokenizer = _Tokenizer(fail_after=3 if path == "loader error" else None)
 
-    def make_loader(epoch: int, skip: int):
+    def make_loader(epoch: int, skip: int, state: bytes | None = None):
         spec = LoaderSpec(
             tokenizer=tokenizer, batch_size=4, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, rank=0,
             world_size=1, train=True, seed=0, epoch=epoch, skip_batches=skip, kind="torch", num_workers=2,

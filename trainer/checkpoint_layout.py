@@ -6,6 +6,9 @@ Layout of a run's checkpoints (`<run_dir>/checkpoints/`):
         ...DeepSpeed files...     model states, optimizer shards, lr scheduler
         trainer_state.json        the loop's state_dict: step, epoch, position in the epoch, samples seen, world size
         rng_rank<R>.pt            each rank's RNG states (torch, CUDA, numpy, python) as tensors and numbers
+        loader_rank<R>.bin        each rank's data loader position where the loader keeps one (DALI's checkpoint
+                                  with its reading's key, data_pipeline/loader_state.py); used by a resume on the
+                                  same world size, which then skips the consumed batches without decoding them
         COMPLETE                  written last, atomically, by rank 0 after every rank has finished writing; lists
                                   every file of the checkpoint with its size
     global_step<N>_universal/     the same step converted for another world size (trainer/checkpoint_universal.py)

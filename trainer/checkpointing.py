@@ -161,7 +161,7 @@ class Checkpointer:
         """Asked by the loop after every optimizer step: whether a checkpoint is due now (`train.ckpt_every`)."""
         return self.every > 0 and step % self.every == 0
 
-    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, trainer_state: dict[str, Any], loader_state: bytes | None = None) -> Path:
         """Every rank calls this. The checkpoint counts only once rank 0 has written COMPLETE, after all ranks.
         Raises CheckpointSpaceError on every rank where the disk is (or would be) too full; the earlier checkpoints
         stay as they were."""
@@ -183,7 +183,9 @@ class Checkpointer:
             # stale shards, e.g. from another world size, must not mix with the new ones.
             shutil.rmtree(path, ignore_errors=True)
         D.barrier()
-        failure = self._out_of_space_guard(tag, lambda: self._write_files(path, write_tag, trainer_state))
+        failure = self._out_of_space_guard(
+            tag, lambda: self._write_files(path, write_tag, trainer_state, loader_state)
+        )
         # Every rank's shards and side files are on disk, or some rank ran out of space: all ranks learn which.
         if D.any_rank(failure is not None):
             if self.dist.is_main:
@@ -199,10 +201,15 @@ class Checkpointer:
             raise CheckpointSpaceError(failure or self._space_message(tag, "rank 0's write failed"))
         return final
 
-    def _write_files(self, path: Path, write_tag: str, trainer_state: dict[str, Any]) -> None:
-        """This rank's part of a checkpoint: DeepSpeed's files, its RNG states, and (rank 0) the trainer's state."""
+    def _write_files(
+        self, path: Path, write_tag: str, trainer_state: dict[str, Any], loader_state: bytes | None
+    ) -> None:
+        """This rank's part of a checkpoint: DeepSpeed's files, its RNG states and loader position, and (rank 0) the
+        trainer's state."""
         self.engine.save(self.ckpt_dir, write_tag)
         atomic.torch_save(rng_state(), path / f"rng_rank{self.dist.rank}.pt")
+        if loader_state is not None:
+            atomic.write_bytes(path / f"loader_rank{self.dist.rank}.bin", loader_state)
         if self.dist.is_main:
             state = dict(trainer_state, world_size=self.dist.world_size, zero_stage=self.engine.zero_stage)
             atomic.write_text(path / STATE_FILE, json.dumps(state, indent=2) + "\n")
@@ -298,6 +305,9 @@ class Checkpointer:
                 refused or f"checkpoint {ref.tag}: another rank refused its files (see its error)"
             )
         self.engine.load(ref.load_dir, ref.tag)
+        loader_file = ref.path / f"loader_rank{self.dist.rank}.bin"
+        if own_rng and loader_file.is_file():  # the same world size: this rank's loader position is its own
+            state["loader_state"] = loader_file.read_bytes()
         if rng is not None:
             set_rng_state(rng)
         else:

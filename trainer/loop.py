@@ -2,7 +2,9 @@
 
 `TrainLoop.run()` reads top to bottom: for each optimizer step it feeds `grad_accum` micro-batches through the engine,
 then lets the logger, evaluator and checkpointer act when due. Its `state_dict()` is the resume contract: step,
-epoch, micro-batches consumed in the epoch (the loader position), samples seen, skipped batches.
+epoch, micro-batches consumed in the epoch (the loader position), samples seen, skipped batches. Beside it, each
+rank's loader may hand over its own saved position (`loader.state(k)`: DALI's checkpoint, which resumes without
+decoding the consumed batches); it is saved per rank and given back to the first loader of a resumed run.
 
 Host synchronisation happens only on logging, evaluation and checkpoint steps: losses are summed on the device, and
 the non-finite check is a device-side flag per micro-batch that is read at those points. With
@@ -67,7 +69,7 @@ class CheckpointerLike(Protocol):
 
     def due(self, step: int) -> bool: ...
 
-    def save(self, step: int, trainer_state: dict[str, Any]) -> Path: ...
+    def save(self, step: int, trainer_state: dict[str, Any], loader_state: bytes | None = None) -> Path: ...
 
 
 class TrainLoop:
@@ -79,7 +81,7 @@ class TrainLoop:
         engine: EngineLike,
         dist: D.DistInfo,
         *,
-        make_loader: Callable[[int, int], Iterable[dict[str, Any]]],
+        make_loader: Callable[[int, int, bytes | None], Iterable[dict[str, Any]]],
         metrics: MetricsLogger,
         checkpointer: CheckpointerLike | None = None,
         evaluate: Callable[[int], dict[str, float]] | None = None,
@@ -101,6 +103,8 @@ class TrainLoop:
         self.samples = 0
         self.skipped = 0
         self.last_saved_step = -1
+        self._loader: Any = None  # this epoch's loader, asked for its position when a checkpoint is written
+        self._resume_loader_state: bytes | None = None
         # Per-interval accumulators (device tensors; read on logging steps only).
         self._reset_interval()
 
@@ -138,12 +142,16 @@ class TrainLoop:
             )
         self.batch_in_epoch = batch
         self.last_saved_step = self.step
+        # This rank's loader position, loaded by the checkpointer beside the state; only for the same reading.
+        same_reading = old_world == self.dist.world_size and old_micro == self.t.micro_batch_size
+        self._resume_loader_state = state.get("loader_state") if same_reading else None
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         """Micro-batches forever, epoch after epoch; `batch_in_epoch` counts those handed out (the resume point)."""
         while True:
-            loader = self.make_loader(self.epoch, self.batch_in_epoch)
+            loader = self.make_loader(self.epoch, self.batch_in_epoch, self._resume_loader_state)
+            self._resume_loader_state, self._loader = None, loader
             produced = False
             for batch in shielded(loader):
                 produced = True
@@ -153,6 +161,11 @@ class TrainLoop:
                 raise RuntimeError(f"the training loader yielded no batch in epoch {self.epoch}")
             self.epoch += 1
             self.batch_in_epoch = 0
+
+    def loader_state(self) -> bytes | None:
+        """This rank's loader position at `batch_in_epoch`, where its loader keeps one (see the module docstring)."""
+        get = getattr(self._loader, "state", None)
+        return get(self.batch_in_epoch) if get is not None and self.batch_in_epoch > 0 else None
 
     def _next(self, it: Iterator[dict[str, Any]]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -265,7 +278,7 @@ class TrainLoop:
         if self.checkpointer is None or self.last_saved_step == self.step:
             return
         self.check_finite()  # never write a checkpoint of weights that a NaN step touched
-        self.checkpointer.save(self.step, self.state_dict())
+        self.checkpointer.save(self.step, self.state_dict(), self.loader_state())
         self.last_saved_step = self.step
 
     def run(self) -> str:

@@ -142,7 +142,7 @@ class Run:
             self.cfg.train,
             self.engine,
             self.dist,
-            make_loader=lambda epoch, skip: build_loader(train_data, spec.at(epoch, skip)),
+            make_loader=lambda epoch, skip, state: build_loader(train_data, spec.at(epoch, skip, state)),
             metrics=self.metrics,
             checkpointer=self.checkpointer,
             evaluate=self.evaluate if val else None,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import atomic
+from data_pipeline import atomic, storage
 from trainer.tools.compare.report import plot, write_report
 from trainer.tools.compare.results import (
     DONE_FILE,
@@ -181,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compare: error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
     for flag, folder in (("--train-data", args.train_data), ("--val-data", args.val_data)):
+        if storage.is_remote(folder):
+            print(
+                f"compare: error: {flag} {folder}: the comparison reads local shard folders only: copy it to "
+                "local disk first (e.g. aws s3 sync URL DIR)",
+                file=sys.stderr,
+            )
+            return 2
         if not (Path(folder) / "manifest.json").is_file():
             print(
                 f"compare: error: {flag} {folder}: not a shard folder (no manifest.json); convert it with "

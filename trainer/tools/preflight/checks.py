@@ -133,7 +133,7 @@ def read_first_samples(folder_dir: str, rank: int, world_size: int, n: int = SAM
     """
     from PIL import Image
 
-    from data_pipeline import sharding
+    from data_pipeline import sharding, storage
 
     folder = sharding.open_folder(folder_dir)
     start, stop = sharding.rank_range(folder.total, rank, world_size)
@@ -144,25 +144,23 @@ def read_first_samples(folder_dir: str, rank: int, world_size: int, n: int = SAM
         )
     shard, first, last = pieces[0]
     entries = sharding.read_index(shard)[first : min(last, first + n)]
-    with open(shard.tar, "rb") as f:
-        for i, entry in enumerate(entries, start=first):
-            for ext, (offset, size) in entry.items():
-                f.seek(offset)
-                raw = f.read(size)
-                if len(raw) < size:
-                    raise sharding.DataError(
-                        f"{shard.tar}: sample {i}: its {ext} lies past the end of the file"
-                    )
-                try:
-                    if ext == "json":
-                        json.loads(raw)
-                    elif ext.lower() in ("jpg", "jpeg", "png", "webp"):
-                        with Image.open(io.BytesIO(raw)) as im:
-                            im.verify()
-                except Exception as exc:  # any decoder's error: the sample is damaged
-                    raise sharding.DataError(
-                        f"{shard.tar}: sample {i}: its {ext} does not decode ({str(exc).splitlines()[0]})"
-                    ) from None
+    parts = [(i, ext, span) for i, entry in enumerate(entries, start=first) for ext, span in entry.items()]
+    # Ranged reads: seeks in a local file, range requests for a folder in object storage (s3://).
+    for (i, ext, (_, size)), raw in zip(
+        parts, storage.read_ranges(shard.tar, [p[2] for p in parts]), strict=True
+    ):
+        if len(raw) < size:
+            raise sharding.DataError(f"{shard.tar}: sample {i}: its {ext} lies past the end of the file")
+        try:
+            if ext == "json":
+                json.loads(raw)
+            elif ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                with Image.open(io.BytesIO(raw)) as im:
+                    im.verify()
+        except Exception as exc:  # any decoder's error: the sample is damaged
+            raise sharding.DataError(
+                f"{shard.tar}: sample {i}: its {ext} does not decode ({str(exc).splitlines()[0]})"
+            ) from None
     return f"{shard.tar.name}: {len(entries)} samples"
 
 
