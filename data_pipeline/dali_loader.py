@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from data_pipeline import batch as contract
-from data_pipeline import integrity, loader_state, sharding
+from data_pipeline import integrity, loader_state, sharding, storage
 from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -295,9 +295,14 @@ class DaliBatches:
         # DALI's message: "... encountered:", the operator's own error, then "pipeline ... no longer valid" lines.
         after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("encountered:")]
         reason = after[-1] if after else (lines[0] if lines else exc.__class__.__name__)
+        if storage.is_remote(
+            self.folder.folder
+        ):  # most likely the store (credentials, endpoint, a missing object)
+            hint = "check the AWS_* settings and the objects; data.loader=torch names the failing object"
+        else:
+            hint = "its images passed the integrity check: try data.loader=torch, which names and skips undecodable samples"
         return sharding.DataError(
-            f"{self.folder.folder}: DALI failed on batch {index} of this rank ({reason}); its images passed the "
-            "integrity check: try data.loader=torch, which names and skips undecodable samples"
+            f"{self.folder.folder}: DALI failed on batch {index} of this rank ({reason}); {hint}"
         )
 
     def _assemble(self, index: int, pixels: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
