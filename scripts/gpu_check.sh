@@ -244,7 +244,7 @@ warm_cell() {  # warm_cell SIZE MODE [DEEPSPEED_JSON]: one untimed step, so that
     bench --image-sizes "$1" --modes "$2" --warmup 1 --steps 1 --repeats 1 ${3:+--deepspeed-config "$3"} \
         --out "$OUT/warm/$name.json" > "$OUT/warm/$name.log" 2>&1
 }
-zero_configs() {  # ZeRO-2 and ZeRO-1 with bf16 weights, kept as written on one GPU by their own torch_autocast section
+zero_configs() {  # ZeRO-2 and ZeRO-1 with bf16 weights (fp32 on a CPU), kept as written on one rank by their own torch_autocast section
     local base="$ROOT/deepspeed_configs/zero2_bf16.json" stage
     [[ "$GPU_GIB" == 0 ]] && base="$ROOT/deepspeed_configs/zero2_fp32.json"
     mkdir -p "$OUT/zero"
@@ -312,6 +312,8 @@ verdict = {
     "loss_falls": falls, "resumed_continues_curve": bool(both) and max(gaps.values()) < 0.05,
     "resumed_starts_after_checkpoint": bool(resumed) and min(resumed) > half,
     "dali_gpu": "dali-gpu" in (smoke / "first.log").read_text() + (smoke / "resumed.log").read_text(),
+    # the resumed epoch restored DALI's own checkpoint (no decoding of the consumed batches), not the exact path
+    "dali_state_restored": "resuming from the saved loader state" in (smoke / "resumed.log").read_text(),
 }
 (smoke / "smoke.json").write_text(json.dumps(verdict, indent=2) + "\n")
 print(json.dumps({k: v for k, v in verdict.items() if not isinstance(v, dict)}))
