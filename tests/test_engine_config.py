@@ -67,7 +67,7 @@ def test_resolved_config_takes_batches_and_optimizer_from_the_trainer() -> None:
 
 def test_one_rank_runs_without_zero_and_everything_else_keeps_the_json_stage() -> None:
     """trainer/engine.py's single-rank choice (`plain_single_rank`): one rank has nothing to shard, and ZeRO's flat
-    copies cost the CPU step 15-20% (docs/performance.md); several ranks stay sharded, offload keeps ZeRO, and so does
+    copies cost the CPU step 15-25% (docs/performance.md); several ranks stay sharded, offload keeps ZeRO, and so does
     a run that loads a universal checkpoint (only a ZeRO optimizer restores one)."""
     cfg = get_preset("tiny")
     for stage in (1, 2, 3):
@@ -142,6 +142,18 @@ def test_bf16_with_offload_fp16_or_its_own_autocast_section_keeps_the_json() -> 
     fp16 = {k: v for k, v in zero2.items() if k != "bf16"} | {"fp16": {"enabled": True}}
     ds = resolve_ds_config(fp16, cfg.train, cfg.optim, 1)
     assert ds["zero_optimization"]["stage"] == 2 and "torch_autocast" not in ds
+
+
+def test_an_fp32_json_with_its_own_autocast_section_keeps_its_zero_stage_on_one_rank() -> None:
+    """The same rule in fp32: the way to time the one-rank ZeRO engine against the stage-0 default (what
+    scripts/gpu_check.sh's zero stage runs on the CPU); without the section one fp32 rank runs at stage 0."""
+    cfg = get_preset("demo")
+    zero2 = load_ds_config(CONFIG_DIR / "zero2_fp32.json")
+    assert resolve_ds_config(zero2, cfg.train, cfg.optim, 1)["zero_optimization"]["stage"] == 0
+    own = {**zero2, "torch_autocast": {"enabled": False}}
+    ds = resolve_ds_config(own, cfg.train, cfg.optim, 1)
+    assert ds["zero_optimization"] == zero2["zero_optimization"] and not ds["bf16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": False}
 
 
 def test_batch_sizes_that_do_not_add_up_fail_plainly() -> None:

@@ -12,7 +12,7 @@ so no setting has two owners.
 One rank runs without ZeRO (`resolve_ds_config`, `plain_single_rank`): ZeRO stage 0, DeepSpeed steps torch's fused
 AdamW on the module's own fp32 weights and gradients, as a plain PyTorch script does; a bf16 JSON computes in bf16 by
 DeepSpeed's `torch_autocast` section (torch.autocast, entered by DeepSpeed's forward) instead of bf16 weights. With one
-rank ZeRO has nothing to shard. Its flat fp32 copies, gradient buckets and fp64 norm cost the CPU step 15-20%
+rank ZeRO has nothing to shard. Its flat fp32 copies, gradient buckets and fp64 norm cost the CPU step 15-25%
 (docs/performance.md); on one H200 (2026-11-27, vqa2-base clip-infonce-dot, batch 256, compiled) the ZeRO-2 bf16
 engine ran at 1,392 samples/s at 384 px and 2,048 at 224 px against plain PyTorch's 1,635 and 3,257 (fp32 weights,
 autocast bf16, fused AdamW): its step was host-bound (per-tensor norms, per-parameter gradient hooks and bucket
@@ -157,9 +157,9 @@ def plain_single_rank(ds: Mapping[str, Any], world_size: int, *, load_universal:
 
     One rank without offload, in fp32 or bf16. Several ranks keep ZeRO (it shards optimizer state and gradients).
     Offload needs ZeRO, and a universal checkpoint loads only into a ZeRO optimizer (`load_universal`). fp16 keeps the
-    JSON (autocast fp16 would need a gradient scaler; not measured). A bf16 JSON that has a `torch_autocast` section
-    of its own (`"enabled": false` included) states its precision itself and is kept as written: the way to run the
-    one-rank ZeRO bf16 engine, e.g. to compare it.
+    JSON (autocast fp16 would need a gradient scaler; not measured). A JSON, bf16 or fp32, that has a `torch_autocast`
+    section of its own (`"enabled": false` included) states its precision itself and is kept as written: the way to
+    run the one-rank ZeRO engine, e.g. to compare it (scripts/gpu_check.sh's zero stage, on a GPU and on the CPU).
     """
     zero = ds.get("zero_optimization", {})
     offload = any(
@@ -168,9 +168,9 @@ def plain_single_rank(ds: Mapping[str, Any], world_size: int, *, load_universal:
     )
     if world_size != 1 or load_universal or offload or ds.get("fp16", {}).get("enabled", False):
         return False
-    if ds.get(_bf16_key(ds), {}).get("enabled", False):
-        return "torch_autocast" not in ds
-    return int(zero.get("stage", 0)) > 0
+    if "torch_autocast" in ds:
+        return False
+    return bool(ds.get(_bf16_key(ds), {}).get("enabled", False)) or int(zero.get("stage", 0)) > 0
 
 
 def checkpoint_zero(path: Path) -> tuple[int, dict[str, Any] | None]:
