@@ -117,11 +117,31 @@ def open_folder(shards_dir: str | Path | storage.ObjectPath) -> ShardFolder:
         for p in (tar, idx):
             if not (p.is_file() if isinstance(p, Path) else p.name in (present or {})):
                 raise DataError(f"{folder}: {p.name} is listed in {shards.MANIFEST} but missing")
+        _check_size(folder, tar, entry, present)
         if entry["samples"] > 0:
             found.append(Shard(tar, idx, int(entry["samples"])))
     if not found:
         raise DataError(f"{folder}: the shard folder holds no samples")
     return ShardFolder(folder, tuple(found), read_answers(folder), manifest)
+
+
+def _check_size(folder: Any, tar: Any, entry: dict[str, Any], present: dict[str, int] | None) -> None:
+    """A tar whose size differs from the manifest's (a copy cut short, a file changed after conversion): named before
+    any reader meets it mid-run. A stat per shard (one listing in object storage): cheap enough for every start."""
+    expected = entry.get("bytes")
+    if not isinstance(expected, int):
+        return  # not recorded (an older folder): the loaders' own checks still apply
+    actual = tar.stat().st_size if isinstance(tar, Path) else (present or {}).get(tar.name)
+    if actual != expected:
+        fix = (
+            "upload the folder again (python -m data_pipeline.verify checks the local copy first)"
+            if storage.is_remote(folder)
+            else f"check the folder with python -m data_pipeline.verify {folder}"
+        )
+        raise DataError(
+            f"{tar}: {actual} bytes, {shards.MANIFEST} records {expected} (cut short or changed after conversion): "
+            + fix
+        )
 
 
 def derive_seed(*parts: int) -> int:

@@ -1,4 +1,5 @@
-"""`python -m data_pipeline.verify`: an intact folder passes; bit rot, a cut-short copy and a stale index are named."""
+"""`python -m data_pipeline.verify`: an intact folder passes; bit rot, a cut-short copy, a stale or missing index are
+named. The trainer's start-up check compares shard sizes with the manifest and names the command when they differ."""
 
 from __future__ import annotations
 
@@ -88,3 +89,26 @@ def test_cut_short_copy_and_stale_index_are_named(folder: Path, tmp_path: Path, 
 def test_not_a_shard_folder_is_one_line(tmp_path: Path, capsys) -> None:
     assert verify.main([str(tmp_path), "--no-progress"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_missing_index_is_named(folder: Path, tmp_path: Path, capsys) -> None:
+    bad = copy(folder, tmp_path)
+    (bad / "shard-000001.idx").unlink()
+    assert verify.main([str(bad), "--no-progress", "--no-decode", "--workers", "1"]) == 2
+    assert f"{bad / 'shard-000001.idx'}: missing" in capsys.readouterr().out
+
+
+def test_trainer_start_checks_sizes_and_names_verify(folder: Path, tmp_path: Path) -> None:
+    from data_pipeline.sharding import DataError, open_folder
+    from trainer.main import check_data
+
+    assert check_data(str(folder), "train_data", world_size=1, required=True)["totals"]["samples"] > 0
+    bad = copy(folder, tmp_path)
+    tar = bad / "shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:-512])  # a copy cut short by one tar block: the index still fits
+    expected = f"{tar}: {tar.stat().st_size} bytes, manifest.json records {tar.stat().st_size + 512}"
+    for check in (lambda: check_data(str(bad), "train_data", 1, True), lambda: open_folder(bad)):
+        with pytest.raises(DataError) as err:
+            check()
+        assert str(err.value).startswith(expected)
+        assert str(err.value).endswith(f"check the folder with python -m data_pipeline.verify {bad}")

@@ -250,15 +250,15 @@ def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
 def check_data(
     folder: str | None, what: str, world_size: int, required: bool, image_size: int = 0
 ) -> dict[str, Any] | None:
-    """Fail before start-up on a missing folder, fewer shards than ranks, or images stored smaller than
-    `image_size`; returns the folder's manifest."""
-    from data_pipeline.sharding import check_image_size, read_manifest
+    """Fail before start-up on a missing or damaged folder (open_folder: every listed file there with the manifest's
+    size), fewer shards than ranks, or images stored smaller than `image_size`; returns the folder's manifest."""
+    from data_pipeline.sharding import check_image_size, open_folder
 
     if folder is None:
         if required:
             raise ConfigError(f"{what}: no shard folder given (--{what.replace('_', '-')} DIR)")
         return None
-    manifest = read_manifest(folder)
+    manifest = open_folder(folder).manifest
     n_shards = sum(1 for s in manifest["shards"] if s.get("samples", 0) > 0)
     if n_shards < world_size:
         raise ConfigError(
