@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +96,31 @@ def _question(rng: random.Random, image_id: int, k: int, qid: int) -> tuple[dict
     return question, annotation
 
 
+def _spread(image_ids: list[int], per_image: float) -> list[tuple[int, int]]:
+    """(image id, k) for every question: image n gets floor((n+1)q) - floor(nq) questions, q = `per_image`."""
+    q = Fraction(str(per_image))  # exact for decimals such as 5.4 (no float rounding in the counts)
+    return [
+        (image_id, k)
+        for n, image_id in enumerate(image_ids)
+        for k in range(math.floor((n + 1) * q) - math.floor(n * q))
+    ]
+
+
+def _write_json(files: Vqa2Files, questions: list[dict], annotations: list[dict]) -> None:
+    """The official questions and annotations file layouts."""
+    info = {"description": "synthetic VQA v2-format data (data_pipeline.synthetic)", "version": "2.0"}
+    common = {"info": info, "data_subtype": files.split, "license": {"name": "none", "url": ""}}
+    files.questions.write_text(
+        json.dumps({**common, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
+    )
+    files.annotations.write_text(json.dumps({**common, "data_type": "mscoco", "annotations": annotations}))
+
+
 def write_vqa2(
     root: str | Path,
     *,
     n_images: int = 8,
-    questions_per_image: int = 3,
+    questions_per_image: float = 3,
     split: str = "train2014",
     seed: int = 0,
     bad: bool = True,
@@ -105,13 +128,17 @@ def write_vqa2(
     sizes: tuple[int, int, int, int] = (40, 120, 30, 100),
     photo_like: bool = False,
     chroma_subsampling: bool = True,
+    on_image: Callable[[int], None] | None = None,
 ) -> Vqa2Files:
     """Write images/, questions.json and annotations.json under `root` (see the module docstring).
 
     `sizes` = (min width, max width, min height, max height) of the images; `photo_like` adds noise so that
     JPEGs weigh and decode like photos (for the benchmark). `chroma_subsampling=False` writes 4:4:4 JPEGs instead of
     the usual 4:2:0: decoders differ in how they upsample chroma (nvJPEG and libjpeg-turbo by tens of levels next to
-    colour edges), so comparisons of two decoders' pixels use 4:4:4.
+    colour edges), so comparisons of two decoders' pixels use 4:4:4. A fractional `questions_per_image` (VQA v2 has
+    ~5.4) spreads the questions evenly: image n gets floor((n+1)q) - floor(nq) of them, so a whole number gives
+    every image exactly that many (the random draws, and so the files, stay as they were). `on_image(n)` is called
+    after each image is written (progress for large sets).
     """
     rng = random.Random(seed)
     root = Path(root)
@@ -128,7 +155,9 @@ def write_vqa2(
         if image_id == truncated:
             data = data[: len(data) // 2]  # a download cut short
         (images / f"COCO_{split}_{image_id:012d}.jpg").write_bytes(data)
-    targets = [(image_id, k) for image_id in image_ids for k in range(questions_per_image)]
+        if on_image is not None:
+            on_image(n + 1)
+    targets = _spread(image_ids, questions_per_image)
     missing_image = first_image_id + n_images + 7  # no file is written for this one
     if bad:
         targets.append((missing_image, 0))
@@ -142,10 +171,5 @@ def write_vqa2(
             files.rejected[qid] = "undecodable image"
         elif image_id == missing_image:
             files.rejected[qid] = "image missing"
-    info = {"description": "synthetic VQA v2-format data (data_pipeline.synthetic)", "version": "2.0"}
-    common = {"info": info, "data_subtype": split, "license": {"name": "none", "url": ""}}
-    files.questions.write_text(
-        json.dumps({**common, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
-    )
-    files.annotations.write_text(json.dumps({**common, "data_type": "mscoco", "annotations": annotations}))
+    _write_json(files, questions, annotations)
     return files
