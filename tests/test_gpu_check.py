@@ -66,6 +66,7 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
     )
     # On the CPU the resumed run repeats the killed run's steps exactly (same data order, same weights).
     assert all(gap < 1e-4 for gap in verdict["relative_difference_at_common_steps"].values())
-    assert not verdict["dali_gpu"] and verdict["dali_state_restored"]  # step 12 is mid-epoch (8 batches an epoch)
+    # Step 12 is mid-epoch (8 batches an epoch): the resumed run restored DALI's own checkpoint.
+    assert not verdict["dali_gpu"] and verdict["dali_state_restored"]
     assert not (out_dir / "data").exists()  # the shards (gigabytes at the real size) are removed at the end
     assert "smoke:" in (out_dir / "summary.txt").read_text()
