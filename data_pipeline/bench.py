@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 from data_pipeline import build, dali_loader, synthetic, vqa2
 from data_pipeline.loader import LoaderSpec, build_loader, read_sample_info
+from data_pipeline.machine import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     try:

@@ -34,6 +34,7 @@ from typing import Any
 from PIL import Image
 
 from data_pipeline import build, synthetic
+from data_pipeline.machine import cpu_model
 
 # Official VQA v2 counts (questions, images) of the splits a training run converts.
 FULL_VQA2 = {"train2014": (443_757, 82_783), "val2014": (214_354, 40_504)}
@@ -44,19 +45,18 @@ GENERATED_IMAGE_KIB = 160  # for the free-space check only; the measured sizes a
 
 def machine() -> dict[str, Any]:
     """CPU, cores, GPU presence and library versions, without importing torch (versions from package metadata)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     versions = {}
     for pkg in ("torch", "pillow", "numpy"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
-    return {"cpu": cpu, "cores": build.default_workers(), "python": platform.python_version(), **versions}
+    return {
+        "cpu": cpu_model(),
+        "cores": build.default_workers(),
+        "python": platform.python_version(),
+        **versions,
+    }
 
 
 def generate(root: Path, n_images: int, per_image: float, progress: bool) -> synthetic.Vqa2Files:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import convert, shards, synthetic
+from data_pipeline import shards
 from data_pipeline.loader import (
     DataError,
     LoaderSpec,
@@ -19,6 +19,7 @@ from data_pipeline.loader import (
     read_manifest,
     read_sample_info,
 )
+from tests.helpers.synthetic_shards import convert_synthetic
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,25 +50,13 @@ class FakeTokenizer:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("loader")
-    raw = synthetic.write_vqa2(root / "raw")
-    out = root / "shards"
-    args = ["vqa2", "--questions", str(raw.questions), "--annotations", str(raw.annotations)]
-    args += ["--images", str(raw.images), "--out", str(out), "--min-answer-count", "1"]
-    assert convert.main([*args, "--shard-size", "5", "--workers", "1", "--no-progress"]) == 0
-    return out
+    return convert_synthetic(tmp_path_factory.mktemp("loader"))
 
 
 @pytest.fixture(scope="module")
 def folder_444(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same kind of folder with 4:4:4 JPEGs: no chroma upsampling, so two decoders differ only in rounding."""
-    root = tmp_path_factory.mktemp("loader444")
-    raw = synthetic.write_vqa2(root / "raw", bad=False, chroma_subsampling=False)
-    out = root / "shards"
-    args = ["vqa2", "--questions", str(raw.questions), "--annotations", str(raw.annotations)]
-    args += ["--images", str(raw.images), "--out", str(out), "--min-answer-count", "1"]
-    assert convert.main([*args, "--shard-size", "5", "--workers", "1", "--no-progress"]) == 0
-    return out
+    return convert_synthetic(tmp_path_factory.mktemp("loader444"), bad=False, chroma_subsampling=False)
 
 
 def load(folder: Path, kind: str, **kw) -> list[dict[str, torch.Tensor]]:

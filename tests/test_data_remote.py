@@ -19,9 +19,10 @@ import pytest
 import torch
 from test_data_loader import MEAN, STD, FakeTokenizer
 
-from data_pipeline import convert, dali_loader, integrity, sharding, storage, synthetic, verify
+from data_pipeline import convert, dali_loader, integrity, sharding, storage, verify
 from data_pipeline.errors import BadInputError
 from data_pipeline.loader import LoaderSpec, build_loader, read_answers, read_manifest, read_sample_info
+from tests.helpers.synthetic_shards import convert_synthetic
 
 pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
 boto3 = pytest.importorskip("boto3")
@@ -90,13 +91,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("remote")
-    raw = synthetic.write_vqa2(root / "raw")
-    out = root / "shards"
-    args = ["vqa2", "--questions", str(raw.questions), "--annotations", str(raw.annotations)]
-    args += ["--images", str(raw.images), "--out", str(out), "--min-answer-count", "1"]
-    assert convert.main([*args, "--shard-size", "5", "--workers", "1", "--no-progress"]) == 0
-    return out
+    return convert_synthetic(tmp_path_factory.mktemp("remote"))
 
 
 def _upload(folder: Path, prefix: str, skip: str = "", cut: dict[str, int] | None = None) -> str:

@@ -9,41 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import convert, shards, synthetic, verify
+from data_pipeline import shards, verify
+from tests.helpers.synthetic_shards import convert_synthetic
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("verify")
-    raw = synthetic.write_vqa2(root / "raw", bad=False, sizes=(64, 96, 48, 80), photo_like=True)
-    out = root / "shards"
-    args = [
-        "vqa2",
-        "--questions",
-        str(raw.questions),
-        "--annotations",
-        str(raw.annotations),
-        "--images",
-        str(raw.images),
-    ]
-    assert (
-        convert.main(
-            [
-                *args,
-                "--out",
-                str(out),
-                "--min-answer-count",
-                "1",
-                "--shard-size",
-                "8",
-                "--workers",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    return out
+    return convert_synthetic(root, shard_size=8, bad=False, sizes=(64, 96, 48, 80), photo_like=True)
 
 
 def copy(folder: Path, tmp_path: Path) -> Path:
