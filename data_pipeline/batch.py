@@ -53,6 +53,14 @@ def assemble(
     evaluation: bool,
 ) -> dict[str, torch.Tensor]:
     """One batch from pixels and per-row sample jsons (None = a padding row, evaluation only)."""
+    return attach(pixels, host_fields(metas, tokenizer, n_answers), evaluation=evaluation)
+
+
+def host_fields(
+    metas: Sequence[dict[str, Any] | None], tokenizer: Tokenizer, n_answers: int
+) -> dict[str, torch.Tensor]:
+    """Every field of a batch but its pixels (tokens, targets, question ids, `valid`): the host's share of a batch,
+    which the DALI loader may compute in another process (data_pipeline/host_pool.py)."""
     b = len(metas)
     questions = [m["question"] if m is not None else "" for m in metas]
     tokens = tokenizer(questions)
@@ -77,16 +85,24 @@ def assemble(
             targets[i, torch.tensor(labels, dtype=torch.long)] = torch.tensor(
                 m["scores"], dtype=torch.float32
             )
-    if not bool(valid.all()):
-        pixels[~valid.to(pixels.device)] = 0
-    batch = {
-        "pixels": pixels,
+    return {
         "vilt_ids": tokens["vilt_ids"].long(),
         "vilt_mask": tokens["vilt_mask"].long(),
         "clip_ids": tokens["clip_ids"].long(),
         "targets": targets,
         "question_id": qids,
+        "valid": valid,
     }
+
+
+def attach(
+    pixels: torch.Tensor, fields: dict[str, torch.Tensor], *, evaluation: bool
+) -> dict[str, torch.Tensor]:
+    """The batch: `pixels` (padding rows zeroed) with `host_fields`' tensors; `valid` kept in evaluation only."""
+    valid = fields["valid"]
+    if not bool(valid.all()):
+        pixels[~valid.to(pixels.device)] = 0
+    batch = {"pixels": pixels, **{k: v for k, v in fields.items() if k != "valid"}}
     if evaluation:
         batch["valid"] = valid
     return batch

@@ -5,7 +5,8 @@ Pipeline per rank: `fn.readers.webdataset` (index files; shard_id/num_shards = r
 `fn.resize` to S x S (linear, antialiased; squash, no crop) -> `fn.crop_mirror_normalize` (float, CHW) ->
 `DALIGenericIterator`. The json component comes out padded with zeros (`fn.pad`) and is parsed on the host, where
 the caller's tokenizer turns questions into ids (so shards do not depend on a tokenizer; the bench measures it).
-That host work runs in a background thread, PREFETCH batches ahead of the training loop.
+That host work runs in a background thread, PREFETCH batches ahead of the training loop, or, with
+`host_workers` > 0, in spawned processes (host_pool.py) that the thread only feeds, out of the trainer's GIL.
 
 Mode: "dali-gpu" when the mixed decoder builds; when it raises (no GPU, no driver) the same pipeline is built in
 DALI's CPU mode (`device_id=None`, decoder on "cpu") and one log line says so.
@@ -31,14 +32,16 @@ import logging
 import queue
 import threading
 import warnings
+from collections import deque
 from collections.abc import Generator, Iterator
+from concurrent.futures import Future
 from typing import TypeVar
 
 import numpy as np
 import torch
 
 from data_pipeline import batch as contract
-from data_pipeline import integrity, loader_state, sharding, storage
+from data_pipeline import host_pool, integrity, loader_state, sharding, storage
 from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 # of NVIDIA's ResNet-50 DALI example (tuned there for A100). Not measured in this project yet.
 HW_DECODER_LOAD = 0.65
 PREFETCH = 2  # host-assembled batches kept ready ahead of the training loop
+POOL_AHEAD = 2  # batches in the host workers while the oldest is waited for (host_workers > 0)
 # Saved positions kept per epoch: the training loop is at most PREFETCH (+ DALI's own queue) behind the producer.
 KEPT_STATES = 16
 
@@ -161,6 +165,7 @@ class DaliBatches:
         }
         self._restore = self._restore_point(spec)
         self._states: dict[int, bytes] = {}  # batches consumed -> DALI's checkpoint there (the last few only)
+        self._pool = host_pool.shared(spec.tokenizer, spec.host_workers) if spec.host_workers > 0 else None
         self._pipe = self._build_first(spec.device)
 
     def _restore_point(self, spec: LoaderSpec) -> bytes | None:
@@ -260,6 +265,7 @@ class DaliBatches:
     def _produce(
         self, iterator, pipe, first: int, skip: int
     ) -> Generator[dict[str, torch.Tensor], None, None]:
+        pending: deque[tuple[torch.Tensor, Future]] = deque()  # batches in the host workers, oldest first
         try:
             for i in range(first, self.n_batches):
                 out = self._next(iterator, i)
@@ -273,8 +279,17 @@ class DaliBatches:
                 # frees), while this batch waits in the queue for the training loop.
                 pixels, raw = out[0]["pixels"].clone(), out[0]["json"].numpy().copy()
                 del out
-                yield self._assemble(i, pixels, raw)
+                if self._pool is None:
+                    yield self._assemble(i, pixels, raw)
+                    continue
+                pending.append((pixels, self._pool.submit(*self._host_job(i, raw))))
+                if len(pending) > POOL_AHEAD:
+                    yield self._finish(*pending.popleft())
+            while pending:
+                yield self._finish(*pending.popleft())
         finally:
+            for _, job in pending:
+                job.cancel()
             del iterator, pipe  # the pipeline's threads and buffers go with the epoch
 
     def _keep_state(self, consumed: int, checkpoint: bytes) -> None:
@@ -295,9 +310,8 @@ class DaliBatches:
         # DALI's message: "... encountered:", the operator's own error, then "pipeline ... no longer valid" lines.
         after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("encountered:")]
         reason = after[-1] if after else (lines[0] if lines else exc.__class__.__name__)
-        if storage.is_remote(
-            self.folder.folder
-        ):  # most likely the store (credentials, endpoint, a missing object)
+        # In object storage the store is the likely cause (credentials, endpoint, a missing object).
+        if storage.is_remote(self.folder.folder):
             hint = "check the AWS_* settings and the objects; data.loader=torch names the failing object"
         else:
             hint = "its images passed the integrity check: try data.loader=torch, which names and skips undecodable samples"
@@ -305,16 +319,18 @@ class DaliBatches:
             f"{self.folder.folder}: DALI failed on batch {index} of this rank ({reason}); {hint}"
         )
 
+    def _host_job(self, index: int, rows: np.ndarray) -> tuple[np.ndarray, list[bool], str, int]:
+        # Evaluation rows past this rank's own samples are padding (no json to parse).
+        real = [self.train or index * self.batch_size + j < self.n_real for j in range(rows.shape[0])]
+        return rows, real, f"{self.folder.folder}: batch {index}", self.n_answers
+
     def _assemble(self, index: int, pixels: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        metas = []
-        for j in range(rows.shape[0]):
-            position = index * self.batch_size + j
-            if not self.train and position >= self.n_real:
-                metas.append(None)  # evaluation padding: past this rank's own samples
-                continue
-            where = f"{self.folder.folder}: batch {index}, row {j}"
-            metas.append(contract.parse_json(np.trim_zeros(rows[j], "b").tobytes(), where))
-        return contract.assemble(pixels, metas, self.tokenizer, self.n_answers, evaluation=not self.train)
+        rows, real, where, n_answers = self._host_job(index, rows)
+        fields = host_pool.host_fields(rows, real, where, self.tokenizer, n_answers)
+        return contract.attach(pixels, fields, evaluation=not self.train)
+
+    def _finish(self, pixels: torch.Tensor, job: Future) -> dict[str, torch.Tensor]:
+        return contract.attach(pixels, job.result(), evaluation=not self.train)
 
 
 class _Failure:

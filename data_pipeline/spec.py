@@ -52,6 +52,8 @@ class LoaderSpec:
     """Where DALI's GPU decoder runs (None = the current CUDA device; torch.device("cpu") = DALI's CPU mode)."""
     on_short_shard: str = "error"
     """torch loader, a tar shorter than its index: error (a DataError naming the tar) or warn (log it, read on)."""
+    host_workers: int = 0
+    """DALI loader: processes that parse and tokenise batches (data_pipeline/host_pool.py); 0 = a thread of this one."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.image_size < 1:
@@ -62,6 +64,8 @@ class LoaderSpec:
             raise ValueError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
+        if self.host_workers < 0:
+            raise ValueError(f"host_workers must be >= 0, got {self.host_workers}")
         if self.skip_batches < 0 or self.num_workers < 0:
             raise ValueError(
                 f"skip_batches and num_workers must be >= 0, got {self.skip_batches} and {self.num_workers}"

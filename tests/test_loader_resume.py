@@ -10,6 +10,7 @@ do not depend on where the images are decoded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -141,7 +142,10 @@ def test_trainer_saves_loader_positions_and_a_resumed_dali_run_continues_the_los
     ds_json = CONFIGS / "zero2_fp32.json"
     batches = ["--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=16"]
     data = tiny_easyvqa_shards / "train"  # 128 questions: 8 batches an epoch, so step 2 is mid-epoch
-    run_dir = train(tmp_path / "run", data, ds_json, *batches, "--set", "data.loader=dali")
+    # With the host work in a worker process (data.host_workers), which the resumed run keeps from the run's config.
+    dali = ["--set", "data.loader=dali", "--set", "data.host_workers=1"]
+    run_dir = train(tmp_path / "run", data, ds_json, *batches, *dali)
+    assert json.loads((run_dir / "config.json").read_text())["data"]["host_workers"] == 1
     ckpt = run_dir / "checkpoints" / "global_step2"
     assert (ckpt / "loader_rank0.bin").is_file()
     assert b'"batch": 2' in (ckpt / "loader_rank0.bin").read_bytes().partition(b"\n")[0]
@@ -149,3 +153,27 @@ def test_trainer_saves_loader_positions_and_a_resumed_dali_run_continues_the_los
         resumed = resume(run_dir, tmp_path / "resumed", ds_json)
     assert "resuming from the saved loader state" in caplog.text
     assert_resumed_equal(run_dir, resumed)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_host_workers_give_the_same_batches(folder: Path, train: bool) -> None:  # noqa: F811
+    """data.host_workers: the host share of each batch (JSON, tokens, targets) computed in spawned processes."""
+    s = spec(
+        train=train, batch_size=4 if train else 7
+    )  # evaluation: 7 does not divide the 24 samples (padding)
+    in_thread = list(build_loader(folder, s))
+    in_workers = list(build_loader(folder, dataclasses.replace(s, host_workers=1)))
+    keys = ("pixels", "question_id", "vilt_ids", "vilt_mask", "clip_ids", "targets") + (
+        () if train else ("valid",)
+    )
+    assert len(in_workers) == len(in_thread) > 0
+    for a, b in zip(in_thread, in_workers, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_an_error_in_a_host_worker_reaches_the_training_loop(folder: Path) -> None:  # noqa: F811
+    from test_data_loader import BrokenTokenizer
+
+    loader = build_loader(folder, spec(tokenizer=BrokenTokenizer(), host_workers=1))
+    with pytest.raises(RuntimeError, match="tokenizer exploded"):
+        list(loader)

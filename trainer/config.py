@@ -144,8 +144,13 @@ class DataConfig:
     on_short_shard: str = "error"
     """A shard that ends before the samples its index counts (a damaged tar header; PyTorch loader): error | warn
     (log the loss and read on)."""
+    host_workers: int = 0
+    """DALI loader: processes that parse and tokenise its batches, out of the training process's interpreter lock
+    (data_pipeline/host_pool.py); 0 = a thread of the training process."""
 
     def __post_init__(self) -> None:
+        if self.host_workers < 0:
+            raise ConfigError(f"data.host_workers: must be >= 0, got {self.host_workers}")
         if self.loader not in ("auto", "dali", "torch"):
             raise ConfigError(f"data.loader: '{self.loader}' is not one of auto, dali, torch")
         if self.on_short_shard not in ("error", "warn"):

@@ -98,6 +98,7 @@ class Run:
             shuffle_buffer=data.shuffle_buffer,
             device=d.device,
             on_short_shard=data.on_short_shard,
+            host_workers=data.host_workers,
         )
 
     def evaluate(self, step: int) -> dict[str, float]:

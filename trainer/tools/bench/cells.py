@@ -201,6 +201,7 @@ def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str,
         tokenizer=setup.tokenizer, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.image_size,
         mean=task.image_mean, std=task.image_std, train=True, seed=cfg.train.seed, kind=cfg.data.loader,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=device,
+        host_workers=cfg.data.host_workers,
     )  # fmt: skip
     return EpochBatches(lambda epoch: build_loader(setup.args.train_data, spec.at(epoch)))
 
