@@ -8,6 +8,7 @@
 #      the end; smoke.json says whether the loss fell and whether the resumed losses continue the first run's curve;
 #   3. bench: `python -m trainer.bench`, clip-infonce-dot at each --sizes, modes synthetic / shards / plain,
 #      compiled, a torch.profiler table per cell, and transformers' ViltForQuestionAnswering at the first size;
+#      then the shards mode at the first size with data.host_workers=2 (the loader's host work out of the trainer);
 #   4. zero: ZeRO-2 and ZeRO-1 with bf16 weights on one GPU, as several GPUs run them (compiled, batches already on
 #      the GPU), to compare with the one-rank default that the bench's cells run (stage 0, fp32 weights, autocast bf16);
 #   5. loaders: images/s of DALI's GPU decoding and of the PyTorch loader alone (python -m data_pipeline.bench).
@@ -337,6 +338,9 @@ if wants bench; then
             --modes synthetic,shards,plain "${extra[@]}" --warmup 3 --steps 5 --repeats 3 \
             --profile "$OUT/profiles" --profile-steps 3 --out "$OUT/bench_${size}px.json"
     done
+    # The DALI loader's host work (JSON, tokens) in 2 processes instead of a thread of the trainer: shards mode only.
+    run_stage "bench_${FIRST}px_host_workers" 30 90 bench --image-sizes "$FIRST" --modes shards \
+        --set data.host_workers=2 --warmup 3 --steps 5 --repeats 3 --out "$OUT/bench_${FIRST}px_host_workers.json"
 fi
 
 # -- 4. the ZeRO stage on one GPU --------------------------------------------------------------------------------------
@@ -373,7 +377,7 @@ if smoke.is_file():
     print("smoke:", {k: v[k] for k in ("loss_falls", "resumed_continues_curve", "resumed_starts_after_checkpoint", "dali_gpu")})
     print("  first run:", v["first_run_losses"]); print("  resumed:  ", v["resumed_run_losses"])
 rows = []
-for f in sorted(out.glob("bench_*px.json")) + sorted((out / "zero").glob("bench_*.json")):
+for f in sorted(out.glob("bench_*px*.json")) + sorted((out / "zero").glob("bench_*.json")):
     report = json.loads(f.read_text())
     for r in report["results"]:
         rows.append((f.name, r))
