@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from data_pipeline import build, synthetic
+from data_pipeline import build, sharding, synthetic
 from data_pipeline.machine import cpu_model
 
 # Official VQA v2 counts (questions, images) of the splits a training run converts.
@@ -165,7 +165,7 @@ def run_measured(argv: list[str], progress: bool) -> dict[str, Any]:
 
 def stored_images(folder: Path, count: int) -> list[bytes]:
     """The first `count` images of the folder's shards (shards are a seeded random draw: a fair sample)."""
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = sharding.read_manifest(folder)
     images: list[bytes] = []
     for shard in manifest["shards"]:
         with tarfile.open(folder / shard["tar"]) as tar:
@@ -227,7 +227,7 @@ def measure_setting(raw: synthetic.Vqa2Files, out: Path, size: int | None, args:
     print(f"converting ({label}) ...", file=sys.stderr)
     argv = convert_argv(raw, out, args.workers, size)
     run = run_measured(argv, not args.no_progress)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = sharding.read_manifest(out)
     totals = manifest["totals"]
     row = {"setting": label, "image_size": size, "command": "python -m data_pipeline.convert " + shlex.join(argv),
            **run, "questions": totals["samples"], "images": totals["images"], "shards": totals["shards"],

@@ -326,7 +326,7 @@ class DaliBatches:
 
     def _assemble(self, index: int, pixels: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
         rows, real, where, n_answers = self._host_job(index, rows)
-        fields = host_pool.host_fields(rows, real, where, self.tokenizer, n_answers)
+        fields = host_pool.fields_from_rows(rows, real, where, self.tokenizer, n_answers)
         return contract.attach(pixels, fields, evaluation=not self.train)
 
     def _finish(self, pixels: torch.Tensor, job: Future) -> dict[str, torch.Tensor]:

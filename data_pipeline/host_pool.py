@@ -32,7 +32,7 @@ def _start(tokenizer: contract.Tokenizer) -> None:
     torch.set_num_threads(1)  # one core per worker: its tensors are small
 
 
-def host_fields(
+def fields_from_rows(
     rows: np.ndarray, real: list[bool], where: str, tokenizer: contract.Tokenizer, n_answers: int
 ) -> dict[str, torch.Tensor]:
     """Every field of a batch but its pixels, from DALI's zero-padded JSON rows (`real[j]` False: a padding row)."""
@@ -47,11 +47,11 @@ def host_fields(
 
 def _in_worker(rows: np.ndarray, real: list[bool], where: str, n_answers: int) -> dict[str, torch.Tensor]:
     assert _tokenizer is not None, "a host worker runs only after _start"
-    return host_fields(rows, real, where, _tokenizer, n_answers)
+    return fields_from_rows(rows, real, where, _tokenizer, n_answers)
 
 
 class HostPool:
-    """`workers` spawned processes computing `host_fields` for the batches submitted to them."""
+    """`workers` spawned processes computing `fields_from_rows` for the batches submitted to them."""
 
     def __init__(self, tokenizer: contract.Tokenizer, workers: int) -> None:
         self.tokenizer = tokenizer
