@@ -225,7 +225,7 @@ def test_trainer_commands_carry_the_variant_and_the_validation_plan(tmp_path):
     assert dup[dup.index("--val-data") + 1] == "S"  # training validates on the subset
     assert dup[dup.index("--run-dir") + 1] == str(tmp_path / "r")
     plain = trainer_command(RunSpec(parse_variant("clip-infonce-dot"), 3, tmp_path / "p"), args, True)
-    assert "loss.duplicate_questions=none" in sets(plain) and plain[-2:] == ["--resume", "latest"]
+    assert "loss.duplicate_questions=none" in sets(plain) and plain[-2:] == ["--resume", "auto"]
     whole = full_eval_command(RunSpec(parse_variant("clip-infonce-dot"), 3, tmp_path / "p"), args)
     assert whole[whole.index("--val-data") + 1] == "V" and "--eval-only" in whole
     assert whole[whole.index("--run-dir") + 1] == str(tmp_path / "p" / "full_eval")
@@ -363,12 +363,16 @@ def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
         assert entry["val_curve"]["step"] == [2, 4]
         subset_eval = json.loads((run_dir / "eval" / "val_metrics_step00000004.json").read_text())
         whole_eval = json.loads(
-            (run_dir / "full_eval" / "eval" / "val_metrics_step00000004.json").read_text()
+            (run_dir / "full_eval" / "eval" / "global_step4" / "val_metrics_step00000004.json").read_text()
         )
         assert (subset_eval["count"], whole_eval["count"]) == (16, 32)
         assert entry["full_val_vqa_score"]["values"] == [whole_eval["vqa_score"]]
         assert entry["final_val_vqa_score"]["values"] == [pytest.approx(subset_eval["vqa_score"])]
-        assert (run_dir / "tensorboard").is_dir() and (run_dir / "full_eval" / "tensorboard").is_dir()
+        assert (run_dir / "tensorboard").is_dir()
+        assert (run_dir / "full_eval" / "eval" / "global_step4" / "tensorboard").is_dir()
+        assert not (
+            run_dir / "full_eval" / "tensorboard"
+        ).exists()  # the evaluation writes under eval/<tag>/ only
 
     with Image.open(out / "loss_curves.png") as png:
         png.verify()

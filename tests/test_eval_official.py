@@ -291,12 +291,20 @@ def test_eval_only_run_reports_the_official_score_of_its_predictions(tmp_path: P
         "--run-dir",
         str(run_dir),
     ]
-    argv += ["--eval-only", "--set", "model.variant=baseline", "--set", "train.progress_bar=false"]
+    argv += [
+        "--eval-only",
+        "--resume",
+        "none",
+        "--set",
+        "model.variant=baseline",
+        "--set",
+        "train.progress_bar=false",
+    ]
     argv += ["--set", "train.eval_batch_size=4", "--set", "data.num_workers=1"]  # 11 questions: padding
     argv += ["--deepspeed_config", "deepspeed_configs/zero2_fp32.json"]
     assert main(argv) == 0
-    metrics = json.loads((run_dir / "eval" / "val_metrics_step00000000.json").read_text())
-    predictions = json.loads((run_dir / "eval" / "val_predictions_step00000000.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "initial" / "val_metrics_step00000000.json").read_text())
+    predictions = json.loads((run_dir / "eval" / "initial" / "val_predictions_step00000000.json").read_text())
     raw = {qid: answers for qid, _, answers, _ in AGREEING}
     assert sorted(p["question_id"] for p in predictions) == sorted(raw)
     official = [official_accuracy(p["answer"], raw[p["question_id"]]) for p in predictions]

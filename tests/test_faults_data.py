@@ -180,7 +180,8 @@ def test_dali_corrupt_image_in_evaluation_is_one_line_not_a_crash(
     key = corrupt_image_copy(tiny_easyvqa_shards / "test", val)
     result = trainer(
         "--train-data", str(tiny_easyvqa_shards / "train"), "--val-data", str(val), "--run-dir",
-        str(tmp_path / "run"), "--eval-only", "--set", "train.eval_batch_size=256", "--set", "data.loader=dali",
+        str(tmp_path / "run"), "--eval-only", "--resume", "none", "--set", "train.eval_batch_size=256",
+        "--set", "data.loader=dali",
     )  # fmt: skip
     one_error_line(result, str(val / "shard-000000.tar"), f"sample {key}", "damaged image")
 

@@ -54,7 +54,12 @@ def test_help_explains_every_option_and_config_field(capsys: pytest.CaptureFixtu
         (["--set", "train.nope=1"], "unknown field 'train.nope'"),
         (["--set", "train.max_steps=many"], "'many' is not a valid int"),
         (["--train-data", "/nonexistent/shards"], "/nonexistent/shards: no such shard folder"),
-        (["--eval-only"], "val_data: no shard folder given"),
+        (["--eval-only", "--resume", "none"], "val_data: no shard folder given"),
+        (
+            ["--eval-only", "--run-dir", "/nonexistent/run"],
+            "--resume none to score freshly initialised weights",
+        ),
+        (["--resume", "none"], "--resume none: only with --eval-only"),
         (["--run-dir", "/nonexistent/run", "--resume"], "has no config.json"),
     ],
 )

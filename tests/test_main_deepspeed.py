@@ -202,9 +202,10 @@ def test_two_rank_checkpoint_resumes_on_one_rank_via_universal(zero2_run: Path, 
     assert (
         main(["--run-dir", str(run_dir), "--resume", "--eval-only", "--set", "train.progress_bar=false"]) == 0
     )
-    again = json.loads((run_dir / "eval" / "val_metrics_step00000005.json").read_text())
+    again = json.loads((run_dir / "eval" / "global_step5" / "val_metrics_step00000005.json").read_text())
     assert again["vqa_score"] == final["vqa_score"] and again["count"] == 32
-    assert len(json.loads((run_dir / "eval" / "val_predictions_step00000005.json").read_text())) == 32
+    predictions = run_dir / "eval" / "global_step5" / "val_predictions_step00000005.json"
+    assert len(json.loads(predictions.read_text())) == 32
     assert sorted(r.tag for r in list_complete(run_dir / "checkpoints")) == [
         "global_step4",
         "global_step4_universal",

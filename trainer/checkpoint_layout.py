@@ -41,11 +41,12 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_pipeline import atomic
+from trainer.checkpoint_integrity import HASH, check_files, digests
 from trainer.config import ConfigError
 
 COMPLETE = "COMPLETE"
@@ -55,7 +56,7 @@ PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 DELETING_SUFFIX = ".deleting"
 TAG_RE = re.compile(r"^global_step(\d+)(_universal)?$")
-LEFTOVER_RE = re.compile(r"^global_step(\d+)(\.partial|\.old)$")
+LEFTOVER_RE = re.compile(r"^global_step(\d+)(\.partial|\.old|\.incomplete-\d+)$")
 DELETING_RE = re.compile(r"^global_step\d+(_universal)?(\.partial|\.old)?\.deleting$")
 
 
@@ -80,15 +81,19 @@ class CheckpointRef:
 
 def is_complete(path: Path) -> bool:
     """The marker exists and every file it lists is there with its size (markers written before the list existed
-    vouch for the folder as it is)."""
+    vouch for the folder as it is). Content hashes are checked before a resume only (`choose_resume`): they read
+    every byte."""
+    marker = read_marker(path)
+    return marker is not None and check_files(path, marker, hashes=False).problem is None
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The COMPLETE marker of checkpoint folder `path`; None without one (it is written atomically: never torn)."""
     try:
         marker = json.loads((path / COMPLETE).read_text())
     except (OSError, ValueError):
-        return False  # no marker (the marker is written atomically: it is never torn)
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if not isinstance(files, dict):
-        return True
-    return all(_size(path / name) == size for name, size in files.items())
+        return None
+    return marker if isinstance(marker, dict) else {}
 
 
 def _size(file: Path) -> int | None:
@@ -108,8 +113,11 @@ def file_sizes(path: Path) -> dict[str, int]:
 
 
 def write_complete_marker(path: Path, marker: dict[str, Any]) -> None:
-    """Mark checkpoint folder `path` complete, listing its files so that a later loss of any of them shows."""
-    atomic.write_text(path / COMPLETE, json.dumps(dict(marker, files=file_sizes(path))) + "\n")
+    """Mark checkpoint folder `path` complete, listing its files with their sizes and content hashes, so that a
+    later loss or change of any of them shows (trainer/checkpoint_integrity.py)."""
+    sizes = file_sizes(path)
+    record = dict(marker, files=sizes, **{HASH: digests(path, sizes)})
+    atomic.write_text(path / COMPLETE, json.dumps(record) + "\n")
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -153,18 +161,80 @@ def list_complete(ckpt_dir: Path) -> list[CheckpointRef]:
     return sorted(refs, key=lambda r: (r.step, r.universal))
 
 
-def resolve_resume(ckpt_dir: Path, which: str, world_size: int) -> CheckpointRef:
-    """Find the checkpoint `--resume which` means: `latest` (newest complete) or a tag; check the world size."""
+def damaged(ckpt_dir: Path) -> list[tuple[str, str]]:
+    """(tag, why) of every checkpoint folder under `ckpt_dir` that has a COMPLETE marker but fails its size check or
+    has no readable trainer state: written completely once, changed since. Such a folder is never resumed, never
+    pruned and never replaced by the trainer (it may be the only copy of a long run): the operator moves it aside."""
+    out = []
+    for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
+        marker = read_marker(p) if TAG_RE.match(p.name) and p.is_dir() else None
+        if marker is None:
+            continue
+        why = check_files(p, marker, hashes=False).problem
+        if why is None:
+            try:
+                read_state(p)
+            except (OSError, ValueError):
+                why = f"its {STATE_FILE} cannot be read"
+        if why is not None:
+            out.append((p.name, why))
+    return out
+
+
+def incomplete(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint folders without a COMPLETE marker: saves cut off before they finished, which never counted."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(
+        p for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and p.is_dir() and read_marker(p) is None
+    )
+
+
+def set_aside(path: Path, label: str) -> Path:
+    """Rename checkpoint folder `path` to `<name>.<label>-<n>` (the lowest free n): a name that is never listed,
+    resumed or pruned, so its files stay for the operator to inspect or delete. Returns the new path."""
+    n = 1
+    while (dst := path.with_name(f"{path.name}.{label}-{n}")).exists() or dst.is_symlink():
+        n += 1
+    os.rename(path, dst)
+    return dst
+
+
+def move_aside_hint(ckpt_dir: Path, tags: list[str]) -> str:
+    first = tags[0]
+    return (
+        f"move them out of the way (e.g. mv {ckpt_dir / first} {ckpt_dir / first}.damaged), or restore them from a "
+        f"copy, then start again"
+    )
+
+
+@dataclass
+class ResumeFindings:
+    """What choosing a checkpoint to resume found on the way: notes to log, and the tags whose files failed their
+    content check (never to be pruned or replaced by the run that resumes)."""
+
+    notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def resolve_resume(
+    ckpt_dir: Path,
+    which: str,
+    world_size: int,
+    *,
+    verify: bool = False,
+    findings: ResumeFindings | None = None,
+) -> CheckpointRef:
+    """Find the checkpoint `--resume which` means: `latest` (the newest intact one) or a tag; check the world size.
+
+    `verify`: also compare every file with the content hash in its marker (trainer/checkpoint_integrity.py). With
+    `latest`, a checkpoint that fails falls back to the next older intact one, and `findings` (when given) receives
+    what was passed over and why; a named tag that fails is refused. Failing checkpoints are left as they are."""
     refs = list_complete(ckpt_dir)
+    bad = dict(damaged(ckpt_dir))
+    found = findings if findings is not None else ResumeFindings()
     if which == "latest":
-        if not refs:
-            raise ConfigError(f"--resume latest: no complete checkpoint in {ckpt_dir}")
-        newest = max(r.step for r in refs)
-        candidates = [r for r in refs if r.step == newest]
-        # Same step in both forms: the original where the world size matches, else the universal copy.
-        same = [r for r in candidates if not r.universal and r.world_size == world_size]
-        universal = [r for r in candidates if r.universal]
-        ref = (same or universal or candidates)[0]
+        ref = _newest_intact(ckpt_dir, refs, bad, world_size, verify, found)
     else:
         path = ckpt_dir / which
         if not path.is_dir():
@@ -172,11 +242,20 @@ def resolve_resume(ckpt_dir: Path, which: str, world_size: int) -> CheckpointRef
             raise ConfigError(
                 f"--resume {which}: no checkpoint '{which}' in {ckpt_dir} (complete ones: {names})"
             )
+        if which in bad:
+            raise ConfigError(
+                f"--resume {which}: {path} is damaged ({bad[which]}); not resumed and left as it is"
+            )
         ref = next((r for r in refs if r.tag == which), None)
         if ref is None:
             raise ConfigError(
-                f"--resume {which}: {path} is incomplete (no {COMPLETE} marker, or files it lists are missing: "
-                f"its save or its deletion was cut off)"
+                f"--resume {which}: {path} is incomplete (no {COMPLETE} marker: its save was cut off)"
+            )
+        why = _content_problem(ref, verify, found)
+        if why is not None:
+            raise ConfigError(
+                f"--resume {which}: {path} is damaged ({why}); not resumed and left as it is (train."
+                f"verify_checkpoints=false skips this check)"
             )
     if not ref.universal and ref.world_size != world_size:
         if written_zero_stage(ref.path) == 0:
@@ -188,6 +267,72 @@ def resolve_resume(ckpt_dir: Path, which: str, world_size: int) -> CheckpointRef
             f"then resume with --resume {ref.tag}{UNIVERSAL_SUFFIX}"
         )
     return ref
+
+
+def _newest_intact(
+    ckpt_dir: Path,
+    refs: list[CheckpointRef],
+    bad: dict[str, str],
+    world_size: int,
+    verify: bool,
+    found: ResumeFindings,
+) -> CheckpointRef:
+    """`--resume latest`: the newest checkpoint whose files pass their checks; newer ones that fail are named in
+    `found`. Of one step in both forms, the original where the world size matches comes first, else the universal
+    copy."""
+    failed = dict(bad)
+
+    def preference(r: CheckpointRef) -> tuple[int, int]:
+        return r.step, 2 if not r.universal and r.world_size == world_size else int(r.universal)
+
+    order = sorted(refs, key=preference, reverse=True)
+    for ref in order:
+        why = _content_problem(ref, verify, found)
+        if why is None:
+            passed = [f"{tag} ({w})" for tag, w in failed.items() if _step_of(tag) >= ref.step]
+            if passed:
+                found.notes.append(
+                    f"resuming from {ref.tag}, the newest intact checkpoint; passed over, left as they are: "
+                    + "; ".join(passed)
+                )
+            return ref
+        failed[ref.tag] = why
+        found.failed.append(ref.tag)
+    if not failed:
+        raise ConfigError(
+            f"--resume latest: no complete checkpoint in {ckpt_dir}{_incomplete_note(ckpt_dir)}"
+        )
+    raise ConfigError(
+        f"no intact checkpoint in {ckpt_dir}: "
+        + "; ".join(f"{tag} ({why})" for tag, why in sorted(failed.items(), key=lambda kv: _step_of(kv[0])))
+        + f". Nothing was resumed, and they are left as they are: {move_aside_hint(ckpt_dir, sorted(failed))}"
+    )
+
+
+def _incomplete_note(ckpt_dir: Path) -> str:
+    names = [p.name for p in incomplete(ckpt_dir)]
+    if not names:
+        return ""
+    return f" (incomplete, never resumable: {', '.join(names)}; --resume auto starts afresh beside them)"
+
+
+def _step_of(tag: str) -> int:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else -1
+
+
+def _content_problem(ref: CheckpointRef, verify: bool, found: ResumeFindings) -> str | None:
+    """Why `ref`'s files differ from its marker's hashes (None: intact, or not verified)."""
+    if not verify:
+        return None
+    marker = read_marker(ref.path) or {}
+    verdict = check_files(ref.path, marker)
+    if verdict.problem is None and not verdict.hashed:
+        found.notes.append(
+            f"{ref.tag}: its {COMPLETE} marker has no content hashes (written before they were recorded): checked "
+            f"by file sizes only"
+        )
+    return verdict.problem
 
 
 def has_zero_shards(path: Path) -> bool:

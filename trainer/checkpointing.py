@@ -42,12 +42,16 @@ from trainer.checkpoint_layout import (
     TAG_RE,
     UNIVERSAL_SUFFIX,
     CheckpointRef,
+    damaged,
     has_zero_shards,
+    incomplete,
     is_complete,
     list_complete,
+    read_marker,
     read_state,
     remove_checkpoint,
     resolve_resume,
+    set_aside,
     tag_for_step,
     write_complete_marker,
     written_zero_stage,
@@ -84,6 +88,7 @@ __all__ = [
     "remove_checkpoint",
     "resolve_resume",
     "rng_state",
+    "set_aside_incomplete",
     "set_rng_state",
     "tag_for_step",
     "to_universal",
@@ -93,6 +98,20 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+INCOMPLETE_LABEL = "incomplete"  # <tag>.incomplete-<n>: a save cut off, set aside at the next start
+DAMAGED_LABEL = (
+    "damaged"  # <tag>.damaged-<n>: a checkpoint that failed its checks, moved out of a new save's way
+)
+
+
+def set_aside_incomplete(ckpt_dir: Path) -> None:
+    """Rank 0 of a training start, under the run folder's lock: every checkpoint folder without a COMPLETE marker (a
+    save cut off, e.g. by kill -9) is renamed to `<tag>.incomplete-<n>`, so that it blocks no start and no save of the
+    same step; it never counted as a checkpoint, and the next save's pruning removes it (saying so)."""
+    for path in incomplete(ckpt_dir):
+        moved = set_aside(path, INCOMPLETE_LABEL)
+        log.warning("set aside %s as %s: its save was cut off (no %s marker)", path, moved.name, COMPLETE)
 
 
 class CheckpointSpaceError(RuntimeError):
@@ -156,6 +175,8 @@ class Checkpointer:
         self.dist = dist
         self.every = every
         self.keep_last = keep_last
+        self.failed: set[str] = set()
+        """Tags whose files failed their content check at this start (Run sets it): never pruned nor replaced."""
 
     def due(self, step: int) -> bool:
         """Asked by the loop after every optimizer step: whether a checkpoint is due now (`train.ckpt_every`)."""
@@ -170,7 +191,7 @@ class Checkpointer:
         # A complete checkpoint of this step already exists (a resumed run passing it again): write beside it and
         # swap at the end, so that a run dying mid-save never costs the good copy. Rank 0 decides for everyone
         # (DeepSpeed needs the same tag on every rank), and whether there is room for another checkpoint at all.
-        decision = (is_complete(final), self._room_problem(tag)) if self.dist.is_main else None
+        decision = (self._keep_apart(final), self._room_problem(tag)) if self.dist.is_main else None
         replacing, no_room = D.broadcast_object(decision)  # type: ignore[misc]
         if no_room:
             raise CheckpointSpaceError(no_room)
@@ -180,7 +201,10 @@ class Checkpointer:
         if self.dist.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             # Whatever is at the write path is a leftover of an attempt that died (a complete checkpoint never is):
-            # stale shards, e.g. from another world size, must not mix with the new ones.
+            # stale shards, e.g. from another world size, must not mix with the new ones. A symbolic link there is
+            # removed, not followed: the new files go into the run folder.
+            if path.is_symlink():
+                path.unlink()
             shutil.rmtree(path, ignore_errors=True)
         D.barrier()
         failure = self._out_of_space_guard(
@@ -227,6 +251,20 @@ class Checkpointer:
         atomic.write_text(self.ckpt_dir / "latest", tag)
         self._prune(keep=final)
 
+    def _keep_apart(self, final: Path) -> bool:
+        """Rank 0, before saving step `final`: whether a complete copy is there to be replaced once the new one is
+        complete. A damaged copy (its marker no longer matches its files, or its content check failed at this
+        start) is never replaced nor deleted: it is renamed to `<tag>.damaged-<n>` and the new one written beside."""
+        if not final.is_dir() or read_marker(final) is None:
+            return False
+        if final.name in self.failed or final.name in dict(damaged(self.ckpt_dir)):
+            moved = set_aside(final, DAMAGED_LABEL)
+            log.warning(
+                "%s failed its checks: set aside as %s, left as it is; writing a new one", final, moved.name
+            )
+            return False
+        return is_complete(final)
+
     def _out_of_space_guard(self, tag: str, write: Any) -> str | None:
         """Run `write`; None if it succeeded, the one-line message if the disk filled up (other errors propagate)."""
         try:
@@ -270,7 +308,7 @@ class Checkpointer:
     def _prune(self, keep: Path) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones, older half-written leftovers, and what
         deletions cut short left behind."""
-        refs = [r for r in list_complete(self.ckpt_dir) if not r.universal]
+        refs = [r for r in list_complete(self.ckpt_dir) if not r.universal and r.tag not in self.failed]
         doomed = [r.path for r in refs[: max(0, len(refs) - self.keep_last)] if r.path != keep]
         keep_step = read_state(keep)["step"]
         for p in self.ckpt_dir.iterdir():
@@ -281,7 +319,9 @@ class Checkpointer:
             if not (m and p.is_dir()) or p == keep:
                 continue
             leftover = LEFTOVER_RE.match(p.name) is not None
-            half_written = not m.group(2) and not is_complete(p)
+            # Only a folder without any marker is half-written; one whose marker no longer matches its files is
+            # damaged and stays (`damaged`), like one that failed its content check (`failed`).
+            half_written = not m.group(2) and read_marker(p) is None
             if (leftover or half_written) and int(m.group(1)) <= keep_step:
                 doomed.append(p)
         for p in doomed:

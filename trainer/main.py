@@ -112,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         nargs="?",
         const="latest",
-        metavar="latest|auto|TAG",
-        help="continue the run in --run-dir from its newest complete checkpoint (latest, the default) or a tag "
+        metavar="latest|auto|TAG|none",
+        help="continue the run in --run-dir from its newest intact checkpoint (latest, the default) or a tag "
         "such as global_step1000 (or global_step1000_universal after `python -m trainer.checkpointing "
         "to-universal`, to resume on a different number of ranks). auto: resume from the newest complete "
         "checkpoint when there is one, else start a fresh run from --preset and the other options; one command "
-        "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod)",
+        "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod). none: with "
+        "--eval-only, score freshly initialised weights",
     )
     _add_engine_options(p)
     return p
@@ -148,7 +149,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-only",
         action="store_true",
-        help="evaluate on --val-data (after --resume, the checkpoint's weights) and write predictions; no training",
+        help="evaluate a checkpoint on --val-data (--resume TAG, or the newest intact one) and write predictions and "
+        "metrics under RUN/eval/<tag>/; no training, and nothing else in the run folder is written. --resume none "
+        "scores freshly initialised weights (RUN/eval/initial/)",
     )
     p.add_argument(
         "--local_rank",
@@ -188,11 +191,13 @@ def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
 def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
     """`--resume auto`: becomes `--resume latest` where the run folder holds a complete checkpoint, else a fresh
     start (`args.resume = None`); says which. Checkpoints without their COMPLETE marker (a save cut off before the
-    first one finished) cannot be resumed: the fresh run replaces them, as a resumed run replaces those after its
-    checkpoint (trainer/checkpointing.py)."""
+    first one finished) cannot be resumed: the fresh run sets them aside (trainer/checkpointing.py
+    `set_aside_incomplete`). A folder whose checkpoints were complete once but all fail their checks now is
+    refused: a fresh run would bury them under its own saves."""
     args.auto_fresh, args.auto_resume = False, args.resume == "auto"
     if not args.auto_resume:
         return
+    from trainer.checkpoint_layout import damaged, incomplete, move_aside_hint
     from trainer.checkpointing import list_complete
 
     ckpt_dir = folder.path / "checkpoints"
@@ -205,12 +210,19 @@ def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
             refs[-1].step,
         )
         return
+    bad = damaged(ckpt_dir)
+    if bad:
+        raise ConfigError(
+            f"--resume auto: no intact checkpoint in {ckpt_dir}, and a fresh start would write over the damaged "
+            f"ones: {'; '.join(f'{tag} ({why})' for tag, why in bad)}; "
+            f"{move_aside_hint(ckpt_dir, [tag for tag, _ in bad])}"
+        )
     args.resume, args.auto_fresh = None, True
-    leftovers = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+    leftovers = [p.name for p in incomplete(ckpt_dir)]
     log.info(
         "--resume auto: no complete checkpoint in %s: starting a fresh run (preset %s)%s",
         *(folder.path, args.preset or "tiny"),
-        f"; its incomplete ones ({', '.join(leftovers)}) cannot be resumed and go with the run's next saves"
+        f"; its incomplete ones ({', '.join(leftovers)}) cannot be resumed and are set aside"
         if leftovers
         else "",
     )
@@ -228,9 +240,15 @@ def check_same_start(args: argparse.Namespace) -> None:
 
 
 def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
-    """Everything that can be checked without a process group fails here, in seconds; returns the run's config."""
+    """Everything that can be checked without a process group fails here, in seconds, before anything in the run
+    folder changes; returns the run's config."""
+    resolve_initial(args)
+    if args.eval_only:
+        resolve_eval_target(args, folder)
     resolve_auto_resume(args, folder)
     cfg = resolve_config(args, folder)
+    if args.resume:
+        check_same_model(cfg, folder)
     world = D.env_world_size()
     check_data(cfg.data.train_data, "train_data", world, not args.eval_only, cfg.model.image_size)
     check_data(cfg.data.val_data, "val_data", world, args.eval_only, cfg.model.image_size)
@@ -244,7 +262,72 @@ def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     if not (args.resume or args.eval_only or args.auto_fresh):
         folder.check_fresh()
     folder.check_tokenizer_source(cfg)
+    if not args.eval_only:
+        problem = folder.write_problem()
+        if problem:
+            raise ConfigError(f"--run-dir {folder.path}: checkpoints cannot be written: {problem}")
     return cfg
+
+
+def resolve_initial(args: argparse.Namespace) -> None:
+    """`--resume none` (with --eval-only only): score freshly initialised weights; `args.initial` says so."""
+    args.initial = args.resume == "none"
+    if not args.initial:
+        return
+    if not args.eval_only:
+        raise ConfigError(
+            "--resume none: only with --eval-only (to score initial weights); a training run without --resume "
+            "starts afresh"
+        )
+    args.resume = None
+
+
+def resolve_eval_target(args: argparse.Namespace, folder: RunFolder) -> None:
+    """Which weights `--eval-only` scores. Without --resume: the newest intact checkpoint of a run folder that has
+    one (named in the log and in its output folder, RUN/eval/<tag>/): a trained run's weights are what an
+    evaluation of that folder means, and the name keeps the result from being taken for another's. A folder with no
+    complete checkpoint is refused: scoring untrained weights must be asked for (--resume none)."""
+    if args.initial or args.resume not in (None, "auto"):
+        return
+    from trainer.checkpointing import list_complete
+
+    ckpt_dir = folder.path / "checkpoints"
+    if list_complete(ckpt_dir):
+        if args.resume is None:
+            log.info(
+                "--eval-only without --resume: evaluating the newest intact checkpoint of %s (--resume TAG for "
+                "another, --resume none for freshly initialised weights)",
+                folder.path,
+            )
+        args.resume = "latest"
+        return
+    raise ConfigError(
+        f"--eval-only: no complete checkpoint in {ckpt_dir} to evaluate: pass --run-dir of a trained run, or "
+        f"--resume none to score freshly initialised weights"
+    )
+
+
+# Model settings a resumed run may change: none of them changes the shapes or names of the saved weights.
+RESUMABLE_MODEL_FIELDS = frozenset({"dropout", "attention", "compile", "init_std"})
+
+
+def check_same_model(cfg: RunConfig, folder: RunFolder) -> None:
+    """A resumed run (or an evaluation of a checkpoint) keeps the model its checkpoints hold: another variant,
+    tower, size or vocabulary cannot load them. Refused here, before the folder's config.json is rewritten."""
+    import dataclasses
+
+    saved = folder.read_config().model
+    changed = [
+        f"model.{f.name}={getattr(cfg.model, f.name)} (saved: {getattr(saved, f.name)})"
+        for f in dataclasses.fields(saved)
+        if f.name not in RESUMABLE_MODEL_FIELDS and getattr(cfg.model, f.name) != getattr(saved, f.name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume: {', '.join(changed)}: the checkpoints in {folder.path} hold the saved model's weights, "
+            f"which another model cannot load; nothing was changed: drop those --set options, or start a new "
+            f"--run-dir"
+        )
 
 
 def check_data(
@@ -285,8 +368,8 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
     """Train (or, with --eval-only, evaluate), then close the metrics; the exit status."""
     run.log_hparams()
     if run.args.eval_only:
-        if not run.args.resume:
-            log.warning("--eval-only without --resume: evaluating freshly initialised weights")
+        if run.args.initial:
+            log.warning("--eval-only --resume none: evaluating freshly initialised weights")
         run.evaluate(run.current_step())
         reason = "done"
     else:

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer import dist as D
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.run_folder import RunFolder
 
 if TYPE_CHECKING:
     from data_pipeline.spec import LoaderSpec
+    from trainer.checkpoint_layout import CheckpointRef
+
+INITIAL_EVAL = "initial"  # RUN/eval/initial: --eval-only --resume none, freshly initialised weights
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +46,16 @@ class Run:
         import torch
 
         from trainer import run_folder
-        from trainer.checkpointing import Checkpointer, resolve_resume
+        from trainer.checkpointing import Checkpointer, set_aside_incomplete
         from trainer.engine import Engine, load_ds_config, resolve_ds_config
         from trainer.evaluation import read_references
         from trainer.metrics import build_logger
 
         self.args, self.cfg, self.run_dir, self.dist = args, cfg, folder.path, dist
-        ref = (
-            resolve_resume(self.run_dir / "checkpoints", args.resume, dist.world_size)
-            if args.resume
-            else None
-        )
+        if dist.is_main and not args.eval_only:
+            # Under the run folder's lock: a save cut off earlier is set aside before anything else looks.
+            set_aside_incomplete(self.run_dir / "checkpoints")
+        ref, failed = self._choose_checkpoint(args.resume) if args.resume else (None, [])
         ds_cfg = resolve_ds_config(
             load_ds_config(ds_config_path(args.deepspeed_config)),
             cfg.train,
@@ -63,9 +66,22 @@ class Run:
         answers = run_folder.data_answers(cfg)
         if ref:
             folder.check_answers(answers, cfg.data.train_data or cfg.data.val_data or "")
-        folder.start(cfg, ds_cfg, answers, dist)
+        if args.eval_only:
+            # An evaluation writes only under its own folder, named by the weights it scores; the run's config,
+            # answers, tokenizer, checkpoints and TensorBoard curves are only read.
+            own = RunFolder(self.run_dir / "eval" / (ref.tag if ref else INITIAL_EVAL))
+            own.start_evaluation(cfg, ds_cfg, answers, folder, dist)
+        elif ref is None:
+            own = folder
+            folder.start(cfg, ds_cfg, answers, dist)
+        else:
+            own = folder
+            folder.prepare_resume(cfg, dist)
+        self.out_dir = own.path
+        """Where this run's evaluations (eval/) and TensorBoard events go: the run folder, or for --eval-only its
+        evaluation folder RUN/eval/<tag>."""
         # The same seed on every rank: identical initial weights.
-        _, self.tokenizer, self.answers, self.task = run_folder.load(folder, config=cfg, seed=cfg.train.seed)
+        _, self.tokenizer, self.answers, self.task = run_folder.load(own, config=cfg, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
         self.engine = Engine(
             self.task, ds_cfg, dist, optim=cfg.optim, max_steps=cfg.train.max_steps, compile=cfg.model.compile
@@ -73,10 +89,49 @@ class Run:
         self.checkpointer = Checkpointer(
             self.run_dir, self.engine, dist, every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last
         )
+        self.checkpointer.failed.update(failed)
         self.resume_state = self.checkpointer.load(ref) if ref else None
-        self.metrics = build_logger(self.run_dir, dist.is_main)
+        if ref and not args.eval_only:
+            folder.record(
+                cfg, ds_cfg, answers, dist
+            )  # only now: a start that could not resume changed nothing
+        self.metrics = build_logger(self.out_dir, dist.is_main)
         val = cfg.data.val_data
         self.references = read_references(val) if val and dist.is_main else {}
+
+    def _choose_checkpoint(self, which: str) -> tuple[CheckpointRef, list[str]]:
+        """Rank 0 finds the checkpoint `--resume which` means, checking its files against their content hashes
+        (train.verify_checkpoints), and says what it passed over; every rank then takes the same tag, or stops with
+        rank 0's one-line error. The tags that failed their check are returned: the run never prunes or replaces
+        them."""
+        from trainer.checkpoint_layout import ResumeFindings, resolve_resume
+
+        ckpt_dir = self.run_dir / "checkpoints"
+        verify = self.cfg.train.verify_checkpoints
+        decision: tuple[str | None, str | None, list[str]] | None = None
+        if self.dist.is_main:
+            found = ResumeFindings()
+            t0 = time.perf_counter()
+            try:
+                ref = resolve_resume(ckpt_dir, which, self.dist.world_size, verify=verify, findings=found)
+                decision = (ref.tag, None, found.failed)
+            except ConfigError as exc:
+                decision = (None, str(exc), found.failed)
+            for note in found.notes:
+                log.warning("%s", note)
+            if verify and decision[0]:
+                log.info(
+                    "checked %s against its content hashes in %.1f s", decision[0], time.perf_counter() - t0
+                )
+            elif not verify:
+                log.warning(
+                    "train.verify_checkpoints=false: %s resumed without checking its content hashes", which
+                )
+        tag, error, failed = D.broadcast_object(decision)
+        if error is not None:
+            raise ConfigError(error)
+        assert tag is not None
+        return resolve_resume(ckpt_dir, tag, self.dist.world_size), failed
 
     def loader_spec(self, *, train: bool) -> LoaderSpec:
         """How this rank reads shards for training or evaluation (data_pipeline/spec.py), from the config's sections."""
@@ -124,7 +179,8 @@ class Run:
         metrics = result.metrics()
         if self.dist.is_main:
             self.metrics.log(metrics, step)
-            pred_path, _ = write_results(result, self.run_dir / "eval", step)
+            out = self.out_dir if self.args.eval_only else self.run_dir / "eval"
+            pred_path, _ = write_results(result, out, step)
             score = "n/a (no answers)" if result.vqa_score is None else f"{result.vqa_score:.4f}"
             log.info(
                 "step %d: val VQA score %s on %d questions (%.1f s) -> %s",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -163,11 +164,59 @@ class RunFolder:
             )
 
     def start(self, cfg: RunConfig, ds_config: dict[str, Any], answers: list[str], dist: D.DistInfo) -> None:
-        """Rank 0 writes config, DeepSpeed config and answers and provisions the tokenizer; every rank waits."""
+        """A fresh run: rank 0 writes config, DeepSpeed config and answers and provisions the tokenizer; every rank
+        waits."""
         if dist.is_main:
             self.save(cfg, answers=answers, ds_config=ds_config)
             self.provision_tokenizer(cfg)
         D.barrier()
+
+    def prepare_resume(self, cfg: RunConfig, dist: D.DistInfo) -> None:
+        """A resumed run, before its checkpoint is loaded: only what building its task needs (the tokenizer's CLIP
+        ids, where `compact` asks for them and an older tokenizer lacks them); config and DeepSpeed config are
+        rewritten by `record` once the checkpoint has loaded, so that a start that cannot resume changes nothing."""
+        if dist.is_main:
+            self.provision_tokenizer(cfg)
+        D.barrier()
+
+    def record(self, cfg: RunConfig, ds_config: dict[str, Any], answers: list[str], dist: D.DistInfo) -> None:
+        """A resumed run, once its checkpoint has loaded: rank 0 writes the settings it continues with."""
+        if dist.is_main:
+            self.save(cfg, answers=answers, ds_config=ds_config)
+        D.barrier()
+
+    def start_evaluation(
+        self, cfg: RunConfig, ds_config: dict[str, Any], answers: list[str], run: RunFolder, dist: D.DistInfo
+    ) -> None:
+        """An `--eval-only` folder (RUN/eval/<checkpoint tag>): rank 0 records the settings it evaluates with and
+        the answers, and takes the run's tokenizer (or, for initial weights in a folder without one, builds it
+        here); the run's own files are only read."""
+        if dist.is_main:
+            tokenizer = run.tokenizer_files() if run.has_tokenizer() else None
+            self.save(cfg, answers=answers, ds_config=ds_config, tokenizer_files=tokenizer)
+            self.provision_tokenizer(cfg)
+        D.barrier()
+
+    def write_problem(self) -> str | None:
+        """Why a training run could not write its checkpoints here (None: it can): `checkpoints/` a symbolic link
+        to nothing, or not a folder, or the folder it would be written in not writable (a read-only mount, missing
+        permissions). Found by writing and removing a probe file, as a save would, before anything is written."""
+        ckpts = self.path / "checkpoints"
+        if ckpts.is_symlink() and not ckpts.exists():
+            return f"{ckpts} is a symbolic link to {os.readlink(ckpts)}, which does not exist"
+        if ckpts.exists() and not ckpts.is_dir():
+            return f"{ckpts} is not a folder"
+        where = next((p for p in (ckpts, self.path, *self.path.parents) if p.exists()), Path("."))
+        if not where.is_dir():
+            return f"{where} is not a folder"
+        probe = where / f".write-probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            return f"cannot write in {where} ({exc.strerror or exc})"
+        return None
 
     def provision_tokenizer(self, cfg: RunConfig) -> None:
         """The run's tokenizer in tokenizer/: kept when there, else from a pretrained ViLT or the training questions.

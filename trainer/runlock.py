@@ -14,6 +14,7 @@ file systems (NFSv4, Lustre with flock enabled); where a file system ignores it,
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -37,7 +38,17 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise RunLockedError naming the holder; never waits."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # O_NOFOLLOW: the holder's record is written into the lock file (truncated first); through a symbolic
+            # link that would truncate whatever file the link names, possibly outside the run folder.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ConfigError(
+                f"--run-dir {self.path.parent}: {LOCK_FILE} is a symbolic link (to {os.readlink(self.path)}); the "
+                f"trainer never writes through it: remove the link {self.path} and start again"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -59,6 +70,8 @@ class RunLock:
     def holder(self) -> str:
         """The recorded holder, as words (the file is written right after the lock is taken: it can be empty)."""
         try:
+            if self.path.is_symlink():
+                return "holder not recorded"
             info = json.loads(self.path.read_text() or "{}")
             return f"host {info['host']}, pid {info['pid']}, since {info['since']}"
         except (OSError, ValueError, KeyError, TypeError):

@@ -133,9 +133,11 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[str, dict[int, tuple[float, float]]] = {}
-    full_eval = run_dir / FULL_EVAL_DIR  # its own scalars (read_full_eval), at the same steps as the run's
+    # The evaluations of RUN/full_eval and any --eval-only (RUN/eval/<tag>/) keep their own scalars, at the same
+    # steps as the run's.
+    apart = (run_dir / FULL_EVAL_DIR, run_dir / "eval")
     for events in sorted(run_dir.rglob("events.out.tfevents.*")):
-        if full_eval in events.parents:
+        if any(folder in events.parents for folder in apart):
             continue
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
@@ -198,11 +200,11 @@ def verdict(a: list[float], b: list[float]) -> tuple[str, float | None, float | 
 
 
 def read_full_eval(run_dir: Path) -> dict[str, Any] | None:
-    """The whole-split evaluation of a run's last checkpoint (RUN/full_eval/eval/, trainer/evaluation.py's metrics
-    file); None until it is written for the run's last step."""
+    """The whole-split evaluation of a run's last checkpoint (RUN/full_eval/eval/<tag>/, the metrics file of the
+    trainer's --eval-only); None until it is written for the run's last step."""
     from trainer.run_folder import RunFolder
 
-    files = sorted((run_dir / FULL_EVAL_DIR / "eval").glob("val_metrics_step*.json"))
+    files = sorted((run_dir / FULL_EVAL_DIR / "eval").glob("*/val_metrics_step*.json"), key=lambda p: p.name)
     config = RunFolder(run_dir).config_file
     if not files or not config.is_file():
         return None

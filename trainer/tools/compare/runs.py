@@ -83,12 +83,15 @@ def trainer_command(spec: RunSpec, args: argparse.Namespace, resume: bool) -> li
     for item in [*cadence, *args.set, *spec.variant.overrides(), f"train.seed={spec.seed}"]:
         cmd += ["--set", item]
     if resume:
-        cmd += ["--resume", "latest"]
+        # auto, not latest: a run killed during its first save holds only an incomplete checkpoint, which the
+        # trainer sets aside and starts afresh beside (latest would refuse it at every restart).
+        cmd += ["--resume", "auto"]
     return cmd
 
 
 def full_eval_command(spec: RunSpec, args: argparse.Namespace) -> list[str]:
-    """The trainer's own evaluation (`--eval-only`) of a finished run's last checkpoint on the whole --val-data."""
+    """The trainer's own evaluation (`--eval-only`) of a finished run's last checkpoint on the whole --val-data; it
+    writes under RUN/full_eval/eval/<tag>/ only."""
     return [
         *_launcher(args),
         str(REPO / "trainer" / "main.py"),

@@ -192,7 +192,14 @@ def check_run_dir(report: RankReport, run_dir: str) -> list[Path]:
                 raise OSError(f"{probe}: read back different bytes than written")
         finally:
             probe.unlink()
-        report.checks["run folder"] = Check()
+        # The checkpoints go into checkpoints/, which can be a link elsewhere (one to nothing) or a read-only mount:
+        # the trainer's own start refuses those too (trainer/run_folder.py `write_problem`).
+        from trainer.run_folder import RunFolder
+
+        problem = RunFolder(path).write_problem()
+        report.checks["run folder"] = (
+            Check() if problem is None else Check(False, f"checkpoints cannot be written: {problem}")
+        )
     except OSError as exc:
         report.checks["run folder"] = Check(False, f"{path}: not writable ({exc.strerror or exc})")
     return created
