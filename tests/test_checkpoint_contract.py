@@ -240,7 +240,9 @@ def test_a_checkpoint_missing_a_file_its_marker_lists_is_not_complete(tmp_path: 
     (ck.ckpt_dir / "global_step1" / "mp_rank_00_model_states.pt").unlink()
     assert not is_complete(ck.ckpt_dir / "global_step1")
     assert [r.tag for r in list_complete(ck.ckpt_dir)] == ["global_step2"]
-    with pytest.raises(ConfigError, match=r"global_step1 is damaged \(mp_rank_00_model_states.pt is missing\)"):
+    with pytest.raises(
+        ConfigError, match=r"global_step1 is damaged \(mp_rank_00_model_states.pt is missing\)"
+    ):
         resolve_resume(ck.ckpt_dir, "global_step1", 1)
     (ck.ckpt_dir / "global_step2" / "rng_rank0.pt").write_bytes(b"torn")  # a size that differs counts too
     assert not is_complete(ck.ckpt_dir / "global_step2")

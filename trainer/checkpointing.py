@@ -259,6 +259,7 @@ class Checkpointer:
             return False
         if final.name in self.failed or final.name in dict(damaged(self.ckpt_dir)):
             moved = set_aside(final, DAMAGED_LABEL)
+            self.failed.discard(final.name)  # the name now belongs to the checkpoint written next
             log.warning(
                 "%s failed its checks: set aside as %s, left as it is; writing a new one", final, moved.name
             )
