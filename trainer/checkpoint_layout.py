@@ -10,9 +10,12 @@ Layout of a run's checkpoints (`<run_dir>/checkpoints/`):
                                   with its reading's key, data_pipeline/loader_state.py); used by a resume on the
                                   same world size, which then skips the consumed batches without decoding them
         COMPLETE                  written last, atomically, by rank 0 after every rank has finished writing; lists
-                                  every file of the checkpoint with its size
+                                  every file of the checkpoint with its size and SHA-256
+                                  (trainer/checkpoint_integrity.py)
     global_step<N>_universal/     the same step converted for another world size (trainer/checkpoint_universal.py)
     latest                        DeepSpeed's pointer, rewritten only once a checkpoint is COMPLETE
+    global_step<N>.incomplete-<k> a save cut off before its marker, set aside at the next training start
+    global_step<N>.damaged-<k>    a checkpoint that failed its checks, moved out of the way of a new save of its step
 
 DeepSpeed writes its own `latest` from rank 0 as soon as rank 0's files are out, before the other ranks are known to
 have finished (deepspeed/runtime/engine.py, save_checkpoint), and not atomically. A checkpoint is therefore only ever
@@ -22,7 +25,10 @@ one) writes `global_step<N>.partial` and swaps it in only once complete, so a br
 checkpoint; leftovers of such attempts are removed by the next successful save (trainer/checkpointing.py).
 
 A checkpoint is complete only while its marker exists and every file the marker lists is there with its size, so a
-checkpoint damaged after it was written (files deleted by hand, a copy cut short) is not offered for resuming either.
+checkpoint damaged after it was written (files deleted by hand, a copy cut short) is not offered for resuming either;
+before a resume its files are also compared with the marker's hashes (`resolve_resume(verify=True)`), which catches
+bytes changed at the same size. A checkpoint with a marker that fails either check is damaged (`damaged`): never
+resumed, pruned, replaced or deleted by the trainer; where a save of its step comes along, it is renamed aside.
 Deleting a checkpoint (keep-last pruning, replacing a universal copy) first renames it to `<tag>.deleting`, an
 atomic step after which it no longer counts, and only then removes its files: a kill -9 in the middle leaves a
 `.deleting` folder that is never listed and that the next save removes.

@@ -7,7 +7,8 @@
 
 Each launcher's rank variables are read by trainer/dist.py (`world_info_from_env`). `--resume auto` resumes from the
 newest complete checkpoint when the run folder has one and starts afresh otherwise: one command for the first start
-of a job and all its restarts.
+of a job and all its restarts. Which weights a start begins from is decided before anything in the run folder is
+written (trainer/start.py); a start that cannot resume the saved state changes nothing there.
 
 `main(argv) -> int` is also called in-process by tests. Exit status: 0 done, 2 bad input (configuration, data,
 checkpoint), 1 a failure while training (e.g. a non-finite loss), 128 + signal after a SIGTERM/SIGINT checkpoint.
@@ -78,6 +79,12 @@ from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help 
 from trainer.presets import PRESETS, get_preset  # noqa: E402
 from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
 from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
+from trainer.start import (  # noqa: E402
+    check_same_model,
+    resolve_auto_resume,
+    resolve_eval_target,
+    resolve_initial,
+)
 
 log = logging.getLogger("trainer.main")
 
@@ -188,46 +195,6 @@ def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
 
 
 # -- checks before any process group exists ----------------------------------------------------------------------
-def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
-    """`--resume auto`: becomes `--resume latest` where the run folder holds a complete checkpoint, else a fresh
-    start (`args.resume = None`); says which. Checkpoints without their COMPLETE marker (a save cut off before the
-    first one finished) cannot be resumed: the fresh run sets them aside (trainer/checkpointing.py
-    `set_aside_incomplete`). A folder whose checkpoints were complete once but all fail their checks now is
-    refused: a fresh run would bury them under its own saves."""
-    args.auto_fresh, args.auto_resume = False, args.resume == "auto"
-    if not args.auto_resume:
-        return
-    from trainer.checkpoint_layout import damaged, incomplete, move_aside_hint
-    from trainer.checkpointing import list_complete
-
-    ckpt_dir = folder.path / "checkpoints"
-    refs = list_complete(ckpt_dir)
-    if refs:
-        args.resume = "latest"
-        log.info(
-            "--resume auto: resuming %s from its newest complete checkpoint (step %d)",
-            folder.path,
-            refs[-1].step,
-        )
-        return
-    bad = damaged(ckpt_dir)
-    if bad:
-        raise ConfigError(
-            f"--resume auto: no intact checkpoint in {ckpt_dir}, and a fresh start would write over the damaged "
-            f"ones: {'; '.join(f'{tag} ({why})' for tag, why in bad)}; "
-            f"{move_aside_hint(ckpt_dir, [tag for tag, _ in bad])}"
-        )
-    args.resume, args.auto_fresh = None, True
-    leftovers = [p.name for p in incomplete(ckpt_dir)]
-    log.info(
-        "--resume auto: no complete checkpoint in %s: starting a fresh run (preset %s)%s",
-        *(folder.path, args.preset or "tiny"),
-        f"; its incomplete ones ({', '.join(leftovers)}) cannot be resumed and are set aside"
-        if leftovers
-        else "",
-    )
-
-
 def check_same_start(args: argparse.Namespace) -> None:
     """After `--resume auto`, every rank must have decided as rank 0 did (a run folder that is not one shared
     filesystem would have some ranks resume and others start afresh)."""
@@ -267,67 +234,6 @@ def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
         if problem:
             raise ConfigError(f"--run-dir {folder.path}: checkpoints cannot be written: {problem}")
     return cfg
-
-
-def resolve_initial(args: argparse.Namespace) -> None:
-    """`--resume none` (with --eval-only only): score freshly initialised weights; `args.initial` says so."""
-    args.initial = args.resume == "none"
-    if not args.initial:
-        return
-    if not args.eval_only:
-        raise ConfigError(
-            "--resume none: only with --eval-only (to score initial weights); a training run without --resume "
-            "starts afresh"
-        )
-    args.resume = None
-
-
-def resolve_eval_target(args: argparse.Namespace, folder: RunFolder) -> None:
-    """Which weights `--eval-only` scores. Without --resume: the newest intact checkpoint of a run folder that has
-    one (named in the log and in its output folder, RUN/eval/<tag>/): a trained run's weights are what an
-    evaluation of that folder means, and the name keeps the result from being taken for another's. A folder with no
-    complete checkpoint is refused: scoring untrained weights must be asked for (--resume none)."""
-    if args.initial or args.resume not in (None, "auto"):
-        return
-    from trainer.checkpointing import list_complete
-
-    ckpt_dir = folder.path / "checkpoints"
-    if list_complete(ckpt_dir):
-        if args.resume is None:
-            log.info(
-                "--eval-only without --resume: evaluating the newest intact checkpoint of %s (--resume TAG for "
-                "another, --resume none for freshly initialised weights)",
-                folder.path,
-            )
-        args.resume = "latest"
-        return
-    raise ConfigError(
-        f"--eval-only: no complete checkpoint in {ckpt_dir} to evaluate: pass --run-dir of a trained run, or "
-        f"--resume none to score freshly initialised weights"
-    )
-
-
-# Model settings a resumed run may change: none of them changes the shapes or names of the saved weights.
-RESUMABLE_MODEL_FIELDS = frozenset({"dropout", "attention", "compile", "init_std"})
-
-
-def check_same_model(cfg: RunConfig, folder: RunFolder) -> None:
-    """A resumed run (or an evaluation of a checkpoint) keeps the model its checkpoints hold: another variant,
-    tower, size or vocabulary cannot load them. Refused here, before the folder's config.json is rewritten."""
-    import dataclasses
-
-    saved = folder.read_config().model
-    changed = [
-        f"model.{f.name}={getattr(cfg.model, f.name)} (saved: {getattr(saved, f.name)})"
-        for f in dataclasses.fields(saved)
-        if f.name not in RESUMABLE_MODEL_FIELDS and getattr(cfg.model, f.name) != getattr(saved, f.name)
-    ]
-    if changed:
-        raise ConfigError(
-            f"--resume: {', '.join(changed)}: the checkpoints in {folder.path} hold the saved model's weights, "
-            f"which another model cannot load; nothing was changed: drop those --set options, or start a new "
-            f"--run-dir"
-        )
 
 
 def check_data(

@@ -2,21 +2,25 @@
 from it to a model.
 
     RUN/
-      config.json             the resolved RunConfig (trainer/config.py)       this module, rank 0, at every start
-      deepspeed_config.json   the resolved DeepSpeed JSON of that start         this module, rank 0, at every start
-      answers.json            the answer list (index -> answer string)          this module, rank 0, at every start
+      config.json             the resolved RunConfig (trainer/config.py)       rank 0, every training start
+      deepspeed_config.json   the resolved DeepSpeed JSON of that start         rank 0, every training start
+      answers.json            the answer list (index -> answer string)          rank 0, every training start
       tokenizer/              the question tokenizer (data_pipeline/text.py)    this module, rank 0, once per run
       checkpoints/            DeepSpeed checkpoints and the trainer's state     trainer/checkpointing.py
       eval/                   predictions and metrics of each evaluation        trainer/evaluation.py
+      eval/<tag>/             an --eval-only of checkpoint <tag> (or initial)   trainer/run.py, as a folder of its own
       tensorboard/            TensorBoard events                                trainer/metrics.py
       .lock                   the job that holds the folder                     trainer/runlock.py
 
-trainer/main.py starts a run through `RunFolder.start` (writes the three JSON files, provisions the tokenizer) and
-builds its task with `load`; export, predict, bench and the preset search read or rebuild through the same names.
+Only the training run that holds the folder's lock writes its files: a fresh run through `RunFolder.start` (writes the
+three JSON files, provisions the tokenizer), a resumed one through `prepare_resume` and, once its checkpoint has
+loaded, `record`, so that a start that cannot resume changes nothing. `--eval-only` writes a folder of the same shape
+under eval/<tag>/ (`start_evaluation`) and only reads the run's own. Every command builds its task with `load`;
+export, predict, bench and the preset search read or rebuild through the same names.
 The answer list and the tokenizer travel with the run, so that predict and export never need the data folder.
 Every JSON file is written atomically (temp file, then rename): a reader (an evaluation beside the training job, a
-crash mid-write) sees the old file or the new one, never half of one. Damaged files are one-line `ConfigError`s that
-name the file.
+crash mid-write) sees the old file or the new one, never half of one, and a symbolic link in a file's place is
+replaced rather than written through. Damaged files are one-line `ConfigError`s that name the file.
 
 The question tokenizer comes from, in order: the run folder (a resumed or evaluated run keeps its own), a pretrained
 ViLT checkpoint (`model.vilt_pretrained`, its own WordPiece vocabulary), or the training questions (a WordPiece

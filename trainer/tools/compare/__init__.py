@@ -16,8 +16,9 @@ A comparison is resumable: finished runs are kept, interrupted ones continue fro
 Validation: every `--val-every` steps on --val-data; with `--val-subset N`, on a fixed subset of N of its questions
 instead (a shard folder written once in --run-dir by data_pipeline/subset.py, seed 0, the same for every run), and
 each run's last checkpoint is then scored on the whole --val-data by the trainer's own `--eval-only`, in a run folder
-RUN/full_eval that reads RUN/checkpoints through a link. The report shows the subset curve per variant and the
-whole-split score.
+RUN/full_eval that reads RUN/checkpoints through a link (results in RUN/full_eval/eval/<tag>/). The report shows the
+subset curve per variant and the whole-split score. A run interrupted at any point (kill -9 included) continues with
+the same command: its trainer restarts with `--resume auto`.
 
 What is compared: the VQA loss (comparable across variants; the total loss of the InfoNCE variants also holds
 lambda * InfoNCE), the step from which its smoothed curve stays under each threshold, validation VQA score, and the
