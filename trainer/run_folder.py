@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -213,7 +214,7 @@ class RunFolder:
         where = next((p for p in (ckpts, self.path, *self.path.parents) if p.exists()), Path("."))
         if not where.is_dir():
             return f"{where} is not a folder"
-        probe = where / f".write-probe-{os.getpid()}"
+        probe = where / f".write-probe-{uuid.uuid4().hex}"  # every rank of every node probes at once
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             os.close(fd)
