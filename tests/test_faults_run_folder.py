@@ -8,6 +8,7 @@ docs/faults.md lists these faults and what the user sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -254,19 +256,35 @@ def test_a_checkpoint_folder_that_cannot_be_written_stops_the_start_and_the_pref
     assert not (tmp_path / "gone").exists()
 
 
-@pytest.mark.skipif(
-    os.geteuid() == 0, reason="root writes into a mode 0555 folder; the dangling link above covers root"
-)
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` made unwritable: mode 0555, or for root (whom modes do not stop) the immutable attribute."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    chattr = shutil.which("chattr")
+    made = chattr and subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode == 0
+    if not made:
+        pytest.skip(
+            "root writes into a mode 0555 folder, and this file system has no immutable attribute (chattr)"
+        )
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
 def test_a_read_only_checkpoint_folder_stops_the_start(
     tiny_easyvqa_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints").chmod(0o555)
-    try:
+    with read_only(run_dir / "checkpoints"):
         line = refused(train_args(run_dir, tiny_easyvqa_shards, "--max-steps", "2"), capsys, tmp_path)
-    finally:
-        (run_dir / "checkpoints").chmod(0o755)
     assert f"cannot write in {run_dir / 'checkpoints'}" in line
 
 
