@@ -87,8 +87,8 @@ class CheckpointRef:
 
 def is_complete(path: Path) -> bool:
     """The marker exists and every file it lists is there with its size (markers written before the list existed
-    vouch for the folder as it is). Content hashes are checked before a resume only (`choose_resume`): they read
-    every byte."""
+    vouch for the folder as it is). Content hashes are checked before a resume only (`resolve_resume(verify=True)`):
+    they read every byte."""
     marker = read_marker(path)
     return marker is not None and check_files(path, marker, hashes=False).problem is None
 

@@ -7,6 +7,11 @@ files are loaded safely: trainer/checkpoint_safety.py; `python -m trainer.checkp
 module is its command name): trainer/checkpoint_universal.py. The names of those modules that the rest of the project
 uses are importable from here as well.
 
+Damage: a checkpoint whose COMPLETE marker no longer matches its files, or whose content check failed when this run
+chose where to resume from (`Checkpointer.failed`), is never pruned, replaced or deleted; a save of its step renames
+it to `<tag>.damaged-<n>` first. A save cut off before its marker is set aside at the next start
+(`set_aside_incomplete`).
+
 Disk space: before a save, rank 0 compares the free space of the checkpoint folder with the size of the newest
 complete checkpoint (all ranks' files), and refuses to start a save that cannot fit: with `train.keep_last=K`, K
 checkpoints stay on disk while the next one is written, so the folder needs room for K+1. A save that runs out of
@@ -99,10 +104,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Names a checkpoint folder is set aside under (checkpoint_layout.set_aside): never listed or resumed. The next save's
+# pruning removes incomplete ones (they never counted); damaged ones are never removed by the trainer.
 INCOMPLETE_LABEL = "incomplete"  # <tag>.incomplete-<n>: a save cut off, set aside at the next start
-DAMAGED_LABEL = (
-    "damaged"  # <tag>.damaged-<n>: a checkpoint that failed its checks, moved out of a new save's way
-)
+DAMAGED_LABEL = "damaged"  # <tag>.damaged-<n>: failed its checks, moved out of a new save's way
 
 
 def set_aside_incomplete(ckpt_dir: Path) -> None:

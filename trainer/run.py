@@ -91,10 +91,8 @@ class Run:
         )
         self.checkpointer.failed.update(failed)
         self.resume_state = self.checkpointer.load(ref) if ref else None
-        if ref and not args.eval_only:
-            folder.record(
-                cfg, ds_cfg, answers, dist
-            )  # only now: a start that could not resume changed nothing
+        if ref and not args.eval_only:  # only now: a start that could not resume has changed nothing
+            folder.record(cfg, ds_cfg, answers, dist)
         self.metrics = build_logger(self.out_dir, dist.is_main)
         val = cfg.data.val_data
         self.references = read_references(val) if val and dist.is_main else {}
@@ -121,7 +119,7 @@ class Run:
                 log.warning("%s", note)
             if verify and decision[0]:
                 log.info(
-                    "checked %s against its content hashes in %.1f s", decision[0], time.perf_counter() - t0
+                    "checked %s against its content hashes in %.2f s", decision[0], time.perf_counter() - t0
                 )
             elif not verify:
                 log.warning(
