@@ -106,6 +106,10 @@ def test_eval_only_without_resume_scores_the_newest_checkpoint_in_its_own_folder
     argv = ["--run-dir", str(run), "--val-data", str(tiny_easyvqa_shards / "test"), "--eval-only"]
     assert main([*argv, "--set", "train.progress_bar=false"]) == 0
     assert "evaluating the newest intact checkpoint" in caplog.text
+    assert (
+        f"evaluating checkpoint global_step2 (step 2); results in {run / 'eval' / 'global_step2'}"
+        in caplog.text
+    )
     changed = changes(before, snapshot(tmp_path))
     assert changed and all(
         p in ("run/eval", "run/eval/global_step2") or p.startswith("run/eval/global_step2/") for p in changed

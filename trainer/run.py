@@ -71,6 +71,8 @@ class Run:
             # answers, tokenizer, checkpoints and TensorBoard curves are only read.
             own = RunFolder(self.run_dir / "eval" / (ref.tag if ref else INITIAL_EVAL))
             own.start_evaluation(cfg, ds_cfg, answers, folder, dist)
+            what = f"checkpoint {ref.tag} (step {ref.step})" if ref else "freshly initialised weights"
+            log.info("--eval-only: evaluating %s; results in %s", what, own.path)
         elif ref is None:
             own = folder
             folder.start(cfg, ds_cfg, answers, dist)
