@@ -15,7 +15,7 @@ import logging
 from trainer.config import ConfigError, RunConfig
 from trainer.run_folder import RunFolder
 
-log = logging.getLogger("trainer.main")
+log = logging.getLogger(__name__)
 
 
 def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
