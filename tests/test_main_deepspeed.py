@@ -363,7 +363,8 @@ def test_resume_auto_starts_fresh_then_continues(
     run_dir = tmp_path / "run"
     base = [*TINY, "--train-data", str(tiny_easyvqa_shards / "train"), "--run-dir", str(run_dir)]
     base += ["--deepspeed_config", "deepspeed_configs/zero2_fp32.json", "--resume", "auto"]
-    # A save cut off before the first checkpoint was complete: nothing to resume, the fresh run replaces it.
+    # A save cut off before the first checkpoint was complete: nothing to resume; the fresh run sets it aside, and
+    # its own first save's pruning removes it.
     (run_dir / "checkpoints" / "global_step2").mkdir(parents=True)
     caplog.set_level(logging.INFO, logger="trainer")
     assert main([*base, "--max-steps", "2"]) == 0
