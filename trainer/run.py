@@ -76,7 +76,7 @@ class Run:
         self.resume_state = self.checkpointer.load(ref) if ref else None
         self.metrics = build_logger(self.run_dir, dist.is_main)
         val = cfg.data.val_data
-        self.references = read_references(val) if val and dist.is_main else {}
+        self.references = read_references(val, cfg.train.vqa_rule) if val and dist.is_main else {}
 
     def loader_spec(self, *, train: bool) -> LoaderSpec:
         """How this rank reads shards for training or evaluation (data_pipeline/spec.py), from the config's sections."""
@@ -120,6 +120,7 @@ class Run:
             has_answers=bool(read_manifest(folder).get("has_answers", True)),
             progress=self.dist.is_main and self.cfg.train.progress_bar,
             total=len(loader),
+            vqa_rule=self.cfg.train.vqa_rule,
         )
         metrics = result.metrics()
         if self.dist.is_main:
