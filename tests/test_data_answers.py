@@ -32,6 +32,7 @@ def official_accuracy(pred: str, gts: list[str]) -> float:
         ("3.5", "3.5"),
         ("red, white", "red white"),
         ("t-shirt", "t shirt"),
+        ("t-shirt -", "tshirt"),  # a " -" anywhere: every "-" is removed, not turned into a space
         ("black & white", "black & white"),
     ],
 )

@@ -50,3 +50,14 @@ def test_each_epoch_of_one_shard_has_its_own_order_and_a_seed_repeats_it(one_sha
     assert first != second, f"{kind}: epochs 0 and 1 of one shard read in the same order"
     assert _order(one_shard, kind, seed=3, epoch=1) == second
     assert _order(one_shard, kind, seed=3, epoch=0) == first
+
+
+def test_the_shard_order_follows_the_epoch(tmp_path: Path) -> None:
+    from data_pipeline.sharding import epoch_order, open_folder
+
+    folder = open_folder(str(convert_synthetic(tmp_path, shard_size=3, bad=False, n_images=8)))
+    assert len(folder.shards) >= 6
+    orders = [[str(s.tar) for s in epoch_order(folder, train=True, seed=3, epoch=e)] for e in range(4)]
+    assert len({tuple(o) for o in orders}) == 4  # every epoch its own order
+    assert [str(s.tar) for s in epoch_order(folder, train=True, seed=3, epoch=2)] == orders[2]
+    assert [str(s.tar) for s in epoch_order(folder, train=False, seed=3, epoch=2)] == sorted(orders[0])

@@ -220,3 +220,18 @@ def test_duplicate_questions_setting_is_checked():
             n_answers=N_ANSWERS,
             vilt_vocab_size=VOCAB,
         )
+
+
+def test_clip_symmetric_loss_averages_both_directions():
+    """Image-to-text over rows and text-to-image over columns, on features where the two directions differ."""
+    g = torch.Generator().manual_seed(0)
+    i, t = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+    )
+    logits = (i / i.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).T / 0.3
+    image_to_text = sum(-torch.log_softmax(logits[r], 0)[r] for r in range(3)) / 3
+    text_to_image = sum(-torch.log_softmax(logits[:, c], 0)[c] for c in range(3)) / 3
+    assert float(image_to_text) != pytest.approx(float(text_to_image), rel=1e-3)
+    got = clip_symmetric_loss(i, t, temperature=0.3)
+    assert float(got) == pytest.approx(float(image_to_text + text_to_image) / 2, rel=1e-9)

@@ -61,6 +61,14 @@ CASES = [
     ("red white", ["red, white"] * 3 + ["red"] * 7, 0.9, 0.9, "', ' drops the comma"),
     ("red white", ["red,white"] * 3 + ["red"] * 7, 0.9, 0.9, "',' alone becomes a space"),
     ("red white", ["red - white"] * 3 + ["red"] * 7, 0.0, 0.9, "' -' drops the dash: 2016 keeps two spaces"),
+    (
+        "tshirt",
+        ["t-shirt -"] * 3 + ["shirt"] * 7,
+        0.0,
+        0.9,
+        "' -' in the text: every '-' goes, not to a space",
+    ),
+    ("yes", ["yes."] * 10, 0.0, 0.0, "identical answers keep their period: no processing at all"),
     ("cat", ["dog"] * 10, 0.0, 0.0, "no match"),
     ("dog", ["dog"] + ["cat"] * 9, 0.3, 0.3, "one match"),
 ]
@@ -97,7 +105,26 @@ def test_an_unknown_version_is_a_clear_error() -> None:
 # -- random traps ------------------------------------------------------------------------------------------------
 _BASES = ["dog", "Dog", "the dog", "a dog", "two", "2", "Two", "none", "0", "yes", "Yes", "no", "dont", "don't",
           "isnt", "whats", "red white", "1,000", "1000", "3.5", "t-shirt", "t shirt", "an apple", "Apple"]  # fmt: skip
-_DECORATIONS = ["", "", "", ".", "!", "?", ",", " ", "  ", "\t", "\n", " .", " !", ";", "-", "(s)"]
+_DECORATIONS = [
+    "",
+    "",
+    "",
+    ".",
+    "!",
+    "?",
+    ",",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    " .",
+    " !",
+    ";",
+    "-",
+    " -",
+    "(s)",
+    " ?",
+]
 
 
 def _trap(rng: random.Random) -> str:
