@@ -182,6 +182,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_engine_arithmetic.py",),
     ),
     M(
+        "samples-counted-per-micro-batch",
+        "trainer/loop.py",
+        "step_samples = self.t.global_batch_size",
+        "step_samples = self.t.micro_batch_size",
+        "the samples seen (logged throughput, resume state) count one micro-batch per step",
+        ("tests/test_engine_loop.py",),
+    ),
+    M(
         "resume-position-ignored",
         "trainer/loop.py",
         "        self.batch_in_epoch = batch\n        self.last_saved_step = self.step",
@@ -247,6 +255,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_data_loader.py",),
     ),
     M(
+        "padding-marked-valid",
+        "data_pipeline/batch.py",
+        "valid = torch.zeros(b, dtype=torch.bool)",
+        "valid = torch.ones(b, dtype=torch.bool)",
+        "evaluation padding rows are marked as real questions",
+        ("tests/test_eval_official.py",),
+    ),
+    M(
         "convert-skip-out-of-vocab-ignored",
         "data_pipeline/convert.py",
         "skip_out_of_vocab=args.skip_out_of_vocab,",
@@ -293,6 +309,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "cleaned = tuple(_clean_whitespace(a) for a in answers)",
         "cleaned = tuple(answers)",
         "vqa-2021 compares the annotators' answers with their stray white space",
+        ("tests/test_vqa_rules.py",),
+    ),
+    M(
+        "rule-2016-identical-processed",
+        "data_pipeline/answers.py",
+        "return tuple(answers) if agree else tuple(_process_punctuation(a) for a in answers)",
+        "return tuple(_process_punctuation(a) for a in answers)",
+        "vqa-2016 processes identical annotator answers too",
         ("tests/test_vqa_rules.py",),
     ),
     M(
@@ -374,6 +398,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return _anchor_losses(z, rows, temperature, similarity, groups, duplicates).mean()",
         "return _anchor_losses(z, rows, temperature, similarity, groups, duplicates).sum()",
         "InfoNCE sums over anchors instead of averaging (scales with the batch)",
+        ("tests/test_losses.py",),
+    ),
+    M(
+        "contrastive-rank-offset-dropped",
+        "trainer/losses.py",
+        "local = torch.arange(m_local, device=all_i.device) + rank * m_local",
+        "local = torch.arange(m_local, device=all_i.device)",
+        "on every rank the contrastive anchors are rank 0's samples of the gathered batch",
         ("tests/test_losses.py",),
     ),
     M(
