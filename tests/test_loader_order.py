@@ -36,7 +36,7 @@ def _order(folder: Path, kind: str, seed: int, epoch: int) -> list[int]:
         seed=seed,
         epoch=epoch,
         kind=kind,
-        num_workers=1,
+        num_workers=1 if kind == "dali" else 0,  # no forked worker after DALI's threads in this process
         shuffle_buffer=24,
         device=torch.device("cpu"),
     )
