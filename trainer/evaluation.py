@@ -57,10 +57,9 @@ def read_references(folder: str, rule: str = "vqa-2021") -> dict[int, Reference]
     once per run: the sample json of every question (the shards' `answers` field keeps the raw strings), processed
     as version `rule` of the official script does."""
     from data_pipeline.answers import check_rule, normalises_prediction, reference_answers
-
-    check_rule(rule, "train.vqa_rule")
     from data_pipeline.sharding import iter_sample_json, open_folder
 
+    check_rule(rule, "train.vqa_rule")
     out: dict[int, Reference] = {}
     for meta in iter_sample_json(open_folder(folder)):
         raw = [str(a) for a in meta.get("answers") or ()]
