@@ -9,8 +9,8 @@ Each mutation is one small edit (file, the exact old snippet, its replacement) o
 error and gives a wrong number: a swapped mean/std, an unscaled accumulation, a reduction over the wrong world size,
 a metric rule dropped. The check copies the repository's files (tracked and untracked-but-not-ignored; the real tree
 is never modified) into a temporary folder, applies one mutation at a time there and runs the fast tier
-(`pytest -m "not slow" -x -q -p no:cacheprovider`, PYTHONPATH the copy) with the mutation's own test files first, so
-that a caught mutation stops early; a mutation the tier passes survives. A snippet that no longer occurs exactly once
+(`pytest -m "not slow" -x -q -p no:cacheprovider`, PYTHONPATH the copy), after the mutation's own test files on their
+own, so that a caught mutation stops early; a mutation the whole tier passes survives. A snippet that no longer occurs exactly once
 is reported as an error, not skipped, so that the list stays in step with the code (tests/test_mutation_list.py
 checks that too, in the fast tier). The unmutated tier runs first (`--no-baseline` skips it): a mutation can only
 count as caught when the tier passes without it.
@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -462,23 +463,39 @@ def _first_failure(output: str) -> str:
     return tail[-1] if tail else ""
 
 
-def run_tier(
-    root: Path, first: tuple[str, ...], python: str, timeout: float, *, only_first: bool = False
-) -> tuple[str, float, str]:
-    """Run the fast tier in `root` (its `first` test files first, or only them); (passed | failed | timeout, seconds,
-    detail)."""
-    where = list(first) if only_first else [*first, "tests"]
+def _pytest(
+    root: Path, where: list[str], python: str, timeout: float, env: dict[str, str]
+) -> tuple[str, str]:
     cmd = [python, "-m", "pytest", "-m", "not slow", "-x", "-q", "-p", "no:cacheprovider", *where]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout", time.perf_counter() - t0, f"over {timeout:.0f} s"
-    seconds = time.perf_counter() - t0
+        return "timeout", f"over {timeout:.0f} s"
     if proc.returncode == 0:
-        return "passed", seconds, ""
-    return "failed", seconds, _first_failure(proc.stdout + proc.stderr)
+        return "passed", ""
+    return "failed", _first_failure(proc.stdout + proc.stderr)
+
+
+def run_tier(
+    root: Path,
+    first: tuple[str, ...],
+    python: str,
+    timeout: float,
+    *,
+    only_first: bool = False,
+    mutation: str = "",
+) -> tuple[str, float, str]:
+    """Run the fast tier in `root`: the `first` test files on their own (a caught mutation stops there), then, if
+    they pass and not `only_first`, the whole tier. (passed | failed | timeout, seconds, detail).
+
+    `mutation` is exported as MUTATION_CHECK_APPLIED, so that tests/test_mutation_list.py does not count the one
+    snippet that is meant to be missing from the copy."""
+    env = {**os.environ, "PYTHONPATH": str(root), "MUTATION_CHECK_APPLIED": mutation}
+    t0 = time.perf_counter()
+    result, detail = _pytest(root, list(first), python, timeout, env) if first else ("passed", "")
+    if result == "passed" and not only_first:
+        result, detail = _pytest(root, ["tests"], python, max(1.0, timeout - (time.perf_counter() - t0)), env)
+    return result, time.perf_counter() - t0, detail
 
 
 def check_one(root: Path, m: Mutation, python: str, timeout: float, *, only_first: bool = False) -> Outcome:
@@ -489,7 +506,9 @@ def check_one(root: Path, m: Mutation, python: str, timeout: float, *, only_firs
     original = path.read_text()
     path.write_text(original.replace(m.old, m.new))
     try:
-        result, seconds, detail = run_tier(root, m.tests, python, timeout, only_first=only_first)
+        result, seconds, detail = run_tier(
+            root, m.tests, python, timeout, only_first=only_first, mutation=m.name
+        )
     finally:
         path.write_text(original)
     status = {"passed": "survived", "failed": "killed", "timeout": "timeout"}[result]
@@ -587,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}\t{m.file}\t{m.description}")
         return 0
 
+    # SIGTERM as Ctrl-C: the running pytest is killed and the temporary copy removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
         root = Path(tmp) / "repo"

@@ -103,3 +103,50 @@ def test_evaluation_sums_count_every_ranks_samples(monkeypatch: pytest.MonkeyPat
     assert two.loss == pytest.approx(single.loss)
     assert two.vqa_score == pytest.approx(single.vqa_score) == pytest.approx(2 / 3)
     assert len(two.predictions) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_log_what_one_process_logs_for_the_same_global_batch(tmp_path) -> None:
+    """The real all-reduce (gloo, 2 processes) under the real loop: rank 0's logged losses equal those of one process
+    that accumulates both ranks' micro-batches of every step."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers.logged_loss import QidLossEngine, Recorder, loader_of, train_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).parent / "helpers" / "logged_loss_worker.py"
+    out = tmp_path / "logged.json"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env["OMP_NUM_THREADS"] = "1"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(worker), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    two_ranks = {step: m for step, m in json.loads(out.read_text())}
+
+    one = Recorder()
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    loop = TrainLoop(train_config(), QidLossEngine(accum=2), dist, make_loader=loader_of([0, 1]), metrics=one)
+    assert loop.run() == "done"
+    one_process = dict(one.rows)
+    assert sorted(two_ranks) == sorted(one_process) == [1, 2, 3, 4]
+    for step, m in one_process.items():
+        for tag in ("train/loss", "train/vqa_loss", "train/infonce_loss"):
+            assert two_ranks[step][tag] == pytest.approx(m[tag], rel=1e-6), (step, tag)
