@@ -276,12 +276,17 @@ def test_references_read_from_the_shards_are_the_raw_answers(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_eval_only_run_reports_the_official_score_of_its_predictions(tmp_path: Path, no_launcher) -> None:
+@pytest.mark.parametrize("rule", ["vqa-2016", "vqa-2021"])
+def test_eval_only_run_reports_the_official_score_of_its_predictions(
+    tmp_path: Path, no_launcher, rule: str
+) -> None:
     """Through the entry point: an --eval-only run on converted VQA v2-format shards; the official accuracy of the
-    predictions file it writes, computed from the raw annotations, is the score it reports."""
+    predictions file it writes, computed from the raw annotations by the transcription of that version of the script,
+    is the score it reports, and the metrics file names the version."""
+    from tests.helpers.vqa_official import OFFICIAL
     from trainer.main import main
 
-    shards = write_and_convert(tmp_path / "data", AGREEING)
+    shards = write_and_convert(tmp_path / "data", AGREEING + RULES_DIFFER)
     run_dir = tmp_path / "run"
     argv = [
         "--preset",
@@ -294,17 +299,17 @@ def test_eval_only_run_reports_the_official_score_of_its_predictions(tmp_path: P
         str(run_dir),
     ]
     argv += ["--eval-only", "--set", "model.variant=baseline", "--set", "train.progress_bar=false"]
-    argv += ["--set", "train.eval_batch_size=4", "--set", "data.num_workers=1"]  # 11 questions: padding
-    argv += ["--set", "train.vqa_rule=vqa-2016"]  # the rule written out above
+    argv += ["--set", "train.eval_batch_size=4", "--set", "data.num_workers=1"]  # 14 questions: padding
+    argv += ["--set", f"train.vqa_rule={rule}"]
     argv += ["--deepspeed_config", "deepspeed_configs/zero2_fp32.json"]
     assert main(argv) == 0
     metrics = json.loads((run_dir / "eval" / "val_metrics_step00000000.json").read_text())
     predictions = json.loads((run_dir / "eval" / "val_predictions_step00000000.json").read_text())
-    raw = {qid: answers for qid, _, answers, _ in AGREEING}
+    raw = {qid: answers for qid, _, answers, _ in AGREEING + RULES_DIFFER}
     assert sorted(p["question_id"] for p in predictions) == sorted(raw)
-    official = [official_accuracy(p["answer"], raw[p["question_id"]]) for p in predictions]
-    assert metrics["count"] == len(AGREEING)
-    assert metrics["vqa_rule"] == "vqa-2016"
+    official = [OFFICIAL[rule](p["answer"], raw[p["question_id"]]) for p in predictions]
+    assert metrics["count"] == len(raw)
+    assert metrics["vqa_rule"] == rule
     assert metrics["vqa_score"] == pytest.approx(sum(official) / len(official), abs=1e-6)
 
 
