@@ -570,8 +570,9 @@ def select(only: list[str]) -> list[Mutation]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Apply each of a fixed list of realistic mistakes to a throwaway copy of the repository and "
-        "report which the fast test tier misses.",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]) if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--only", action="append", default=[], help="comma-separated mutation names (repeatable)"
@@ -579,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutations and exit")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds per run of the tier (default 600)"
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds per mutation, its own tests and the tier together (default 600)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tier")
     parser.add_argument(
