@@ -10,8 +10,15 @@ Two definitions use this, on purpose different:
   normalised, as ViLT builds them;
 - the reported accuracy (`vqa_score`, which trainer/evaluation.py computes for every prediction from the raw
   annotator answers in the shards): exactly the official script, quirks included, so that the number matches
-  published ones: the prediction is fully normalised, the annotators' answers only by punctuation and only when they
-  are not all the same string, and the period-stripping regex runs with `count=re.UNICODE` (32).
+  published ones. Two versions of the script are in use (`VQA_RULES`):
+  - "vqa-2021" (the default): vqaEval.py at GT-Vision-Lab/VQA commit a013f00 (2021-03-11, "Fixed processing
+    answers bug"): prediction and annotators' answers cleaned of newlines, tabs and surrounding white space; when the
+    annotators do not all give the same (cleaned) string, both are fully normalised (punctuation, then number words,
+    articles, contractions); when they all agree, both are compared as cleaned;
+  - "vqa-2016": vqaEval.py at commit 458a8b2 (2016), which scored many published results: the prediction is always
+    fully normalised, the annotators' answers are taken raw, or by punctuation only when they are not all the same
+    string.
+  Both run the period-stripping regex with `count=re.UNICODE` (32), as the script does.
 See docs/data_pipeline.md.
 """
 
@@ -144,34 +151,75 @@ def labels_and_scores(
     return [i for i, _ in pairs], [s for _, s in pairs]
 
 
-def vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one predicted answer against the annotators' raw answers, as `vqaEval.py` of the VQA
-    API (PythonEvaluationTools/vqaEvaluation/vqaEval.py) computes it:
+VQA_2021 = "vqa-2021"
+VQA_2016 = "vqa-2016"
+VQA_RULES = (VQA_2021, VQA_2016)
+"""The official accuracy's versions (`vqa_score`'s `rule`): the current script (a013f00, 2021) and the 2016 one."""
+DEFAULT_VQA_RULE = VQA_2021
 
-    - the prediction: newlines and tabs to spaces, stripped, then `processPunctuation` and `processDigitArticle`
-      (`normalize_prediction`);
-    - the annotators' answers: taken as they are when all are the same string, else `processPunctuation` only (no
-      lower-casing, number words or articles: "Two" never matches a prediction) (`reference_answers`);
+
+def check_rule(rule: str, where: str = "rule") -> str:
+    """`rule` if it names a version of the official accuracy, else a ValueError naming `where`."""
+    if rule not in VQA_RULES:
+        raise ValueError(f"{where}: '{rule}' is not one of {', '.join(VQA_RULES)}")
+    return rule
+
+
+def vqa_score(prediction: str, answers: Sequence[str], rule: str = DEFAULT_VQA_RULE) -> float:
+    """Official VQA accuracy of one predicted answer against the annotators' raw answers, as `vqaEval.py` of the VQA
+    API (PythonEvaluationTools/vqaEvaluation/vqaEval.py) computes it in the version `rule` (`VQA_RULES`):
+
+    - "vqa-2021": answers and prediction cleaned of newlines, tabs and surrounding white space; if the cleaned
+      answers are not all the same string, answers and prediction are both fully normalised (`processPunctuation`
+      then `processDigitArticle`), else compared as cleaned ("Dog." matches ten "Dog.", "dog" does not);
+    - "vqa-2016": the prediction cleaned and fully normalised; the answers taken as they are when all are the same
+      string, else `processPunctuation` only (no lower-casing, number words or articles: "Two" never matches);
     - the score: the mean over the leave-one-out subsets of min(1, matching answers among the others / 3).
     """
-    return score_against(normalize_prediction(prediction), reference_answers(answers))
+    refs = reference_answers(answers, rule)
+    return score_against(compared_prediction(prediction, normalises_prediction(answers, rule)), refs)
 
 
 def normalize_prediction(prediction: str) -> str:
-    """A predicted answer as the official script compares it."""
+    """A predicted answer fully normalised, as both versions compare it where they normalise it."""
     return _process_digit_article(_process_punctuation(_clean_whitespace(prediction)))
 
 
-def reference_answers(answers: Sequence[str]) -> tuple[str, ...]:
-    """The annotators' raw answers as the official script compares them (computed once per question)."""
+def compared_prediction(prediction: str, normalise: bool) -> str:
+    """A predicted answer as the official script compares it: cleaned, and fully normalised if `normalise`
+    (`normalises_prediction` says when)."""
+    return normalize_prediction(prediction) if normalise else _clean_whitespace(prediction)
+
+
+def _annotators_agree(answers: Sequence[str], rule: str) -> bool:
+    # 2021 compares the answers after cleaning ("dog" and "dog " agree), 2016 the raw strings.
+    texts = [_clean_whitespace(a) for a in answers] if rule == VQA_2021 else list(answers)
+    return len(set(texts)) <= 1
+
+
+def normalises_prediction(answers: Sequence[str], rule: str = DEFAULT_VQA_RULE) -> bool:
+    """Whether version `rule` normalises the prediction for a question with these annotators' answers: 2016 always,
+    2021 only where the annotators disagree."""
+    check_rule(rule)
+    return rule == VQA_2016 or not _annotators_agree(answers, rule)
+
+
+def reference_answers(answers: Sequence[str], rule: str = DEFAULT_VQA_RULE) -> tuple[str, ...]:
+    """The annotators' raw answers as version `rule` of the official script compares them (computed once per
+    question)."""
+    check_rule(rule)
     if not answers:
         raise ValueError("the official VQA accuracy needs at least one annotator answer")
-    gts = tuple(answers)
-    return tuple(_process_punctuation(a) for a in gts) if len(set(gts)) > 1 else gts
+    agree = _annotators_agree(answers, rule)
+    if rule == VQA_2016:
+        return tuple(answers) if agree else tuple(_process_punctuation(a) for a in answers)
+    cleaned = tuple(_clean_whitespace(a) for a in answers)
+    return cleaned if agree else tuple(_process_digit_article(_process_punctuation(a)) for a in cleaned)
 
 
 def score_against(prediction: str, references: Sequence[str]) -> float:
-    """Official accuracy of an already normalised prediction against already processed annotator answers."""
+    """Official accuracy of an already compared prediction (`compared_prediction`) against already processed
+    annotator answers (`reference_answers`)."""
     return soft_score(sum(1 for a in references if a == prediction), len(references))
 
 

@@ -331,3 +331,33 @@ def test_running_out_of_space_mid_save_is_named_and_costs_no_earlier_checkpoint(
     with pytest.raises(RuntimeError, match="not about space"):  # other errors are not renamed
         engine.error, engine.full = RuntimeError("not about space"), True
         _save_step(ck, 2)
+
+
+class ModuleStatesEngine(Stage0FilesEngine):
+    """Writes real module states (a float weight, an integer buffer) as DeepSpeed does at stage 0."""
+
+    def save(self, save_dir: Path, tag: str) -> None:
+        (save_dir / tag).mkdir(parents=True, exist_ok=True)
+        module = {
+            "w": torch.randn(2, 3, dtype=torch.bfloat16),
+            "ids": torch.arange(5),
+            "seen": torch.tensor(7),
+        }
+        torch.save(
+            {"module": module, "optimizer": {"state": {}}}, save_dir / tag / "mp_rank_00_model_states.pt"
+        )
+
+
+def test_the_export_keeps_integer_buffers(tmp_path: Path) -> None:
+    """The exported state dict holds every entry of the module's: floating weights in fp32, integer buffers (position
+    ids, compact vocabulary maps) as they are; strict loading needs both."""
+    from trainer.export import fp32_state_dict
+
+    Checkpointer(tmp_path, ModuleStatesEngine(), DIST, every=1, keep_last=1).save(
+        2, {"step": 2, "epoch": 0, "batch_in_epoch": 2, "samples": 2}
+    )
+    sd = fp32_state_dict(tmp_path, "global_step2")
+    assert set(sd) == {"w", "ids", "seen"}
+    assert sd["w"].dtype == torch.float32
+    assert sd["ids"].dtype == torch.int64 and torch.equal(sd["ids"], torch.arange(5))
+    assert int(sd["seen"]) == 7

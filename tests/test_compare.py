@@ -400,3 +400,17 @@ def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
     assert main([*argv, "--report-only"]) == 0
     assert main(argv) == 0
     assert [p.stat().st_mtime_ns for p in kept] == before
+
+
+def test_verdict_compares_with_the_larger_seed_range_at_the_boundaries():
+    """The difference of means against the larger of the two ranges: equal to it is unresolved, beyond it resolves;
+    between the smaller and the larger range stays unresolved."""
+    a, b = [0.0, 10.0], [12.0, 14.0]  # means 5 and 13: 8 apart; ranges 10 and 2
+    assert verdict(a, b) == ("unresolved", pytest.approx(-8.0), pytest.approx(10.0))
+    assert verdict([0.0, 16.0], [23.0, 25.0]) == (
+        "unresolved",
+        pytest.approx(-16.0),
+        pytest.approx(16.0),
+    )  # equal
+    assert verdict([0.0, 16.0], [23.0, 25.5])[0] == "a<b"  # 16.25 > 16
+    assert verdict(b, a)[0] == "unresolved" and verdict([23.0, 25.5], [0.0, 16.0])[0] == "a>b"

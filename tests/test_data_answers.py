@@ -32,6 +32,7 @@ def official_accuracy(pred: str, gts: list[str]) -> float:
         ("3.5", "3.5"),
         ("red, white", "red white"),
         ("t-shirt", "t shirt"),
+        ("t-shirt -", "tshirt"),  # a " -" anywhere: every "-" is removed, not turned into a space
         ("black & white", "black & white"),
     ],
 )
@@ -59,22 +60,28 @@ def test_answer_scores_merge_spellings() -> None:
     assert labels == [0, 1, 2] and scores == [0.3, 1.0, 0.9]
 
 
-def test_vqa_score_keeps_the_official_quirks() -> None:
-    """vqaEval.py: the prediction always fully normalised; the annotators' answers by punctuation only, and only when
+def test_vqa_score_keeps_the_2016_quirks() -> None:
+    """vqaEval.py at 458a8b2 (2016): the prediction always fully normalised; the annotators' answers by punctuation only, and only when
     they are not all the same string."""
     # Not all identical: punctuation only, so "Two" stays "Two" and never matches the normalised "2".
-    assert A.vqa_score("2", ["Two"] * 9 + ["three"]) == 0.0
-    assert A.vqa_score("2", ["2"] * 9 + ["three"]) == 1.0
-    assert A.vqa_score("2", ["2!"] * 3 + ["three"] * 7) == 0.0  # "!" becomes a space: "2 " is not "2"
-    assert A.vqa_score("dog", ["dog.", "dog", "cat"] + ["bird"] * 7) == pytest.approx(0.6)  # periods stripped
-    # All ten raw answers identical: compared as they are.
-    assert A.vqa_score("2", ["Two"] * 10) == 0.0
-    assert A.vqa_score("Two", ["2"] * 10) == 1.0  # the prediction is normalised: "Two" -> "2"
+    assert A.vqa_score("2", ["Two"] * 9 + ["three"], rule="vqa-2016") == 0.0
+    assert A.vqa_score("2", ["2"] * 9 + ["three"], rule="vqa-2016") == 1.0
     assert (
-        A.vqa_score("two", ["two"] * 10) == 0.0
+        A.vqa_score("2", ["2!"] * 3 + ["three"] * 7, rule="vqa-2016") == 0.0
+    )  # "!" becomes a space: "2 " is not "2"
+    assert A.vqa_score("dog", ["dog.", "dog", "cat"] + ["bird"] * 7, rule="vqa-2016") == pytest.approx(
+        0.6
+    )  # periods stripped
+    # All ten raw answers identical: compared as they are.
+    assert A.vqa_score("2", ["Two"] * 10, rule="vqa-2016") == 0.0
+    assert (
+        A.vqa_score("Two", ["2"] * 10, rule="vqa-2016") == 1.0
+    )  # the prediction is normalised: "Two" -> "2"
+    assert (
+        A.vqa_score("two", ["two"] * 10, rule="vqa-2016") == 0.0
     )  # the same raw string, but only the prediction is normalised
-    assert A.vqa_score("yes", ["Yes"] * 10) == 0.0
-    assert A.vqa_score("dog", ["dog", "dog", "cat"] + ["bird"] * 7) == pytest.approx(0.6)
+    assert A.vqa_score("yes", ["Yes"] * 10, rule="vqa-2016") == 0.0
+    assert A.vqa_score("dog", ["dog", "dog", "cat"] + ["bird"] * 7, rule="vqa-2016") == pytest.approx(0.6)
 
 
 def test_build_vocabulary_threshold_and_order() -> None:

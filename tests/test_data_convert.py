@@ -390,3 +390,40 @@ def test_image_size_stores_the_loaders_squash_and_the_trainer_refuses_a_larger_s
     capsys.readouterr()
     assert run(*vqa2_args(raw, tmp_path / "bad", "--image-size", "0")) == 2
     assert "--image-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_skip_out_of_vocab_leaves_out_questions_with_all_zero_targets(raw, tmp_path) -> None:
+    """With a vocabulary that covers only some questions: kept by default (all-zero targets, counted), left out with
+    --skip-out-of-vocab, and the manifest says which."""
+    from data_pipeline.answers import normalize_answer
+    from data_pipeline.sharding import iter_sample_json, open_folder
+
+    annotations = json.loads(raw.annotations.read_text())["annotations"]
+    vocab = sorted({normalize_answer(a["multiple_choice_answer"]) for a in annotations})[:2]
+    (tmp_path / "answers.json").write_text(json.dumps(vocab))
+    covered = {
+        a["question_id"]
+        for a in annotations
+        if any(normalize_answer(x["answer"]) in vocab for x in a["answers"])
+    }
+    usable = set(raw.question_ids) - set(raw.rejected)
+    assert covered & usable and usable - covered  # the case needs both kinds of question
+
+    def convert_to(name: str, *extra: str) -> tuple[set[int], dict]:
+        out = tmp_path / name
+        args = vqa2_args(raw, out, "--answers", str(tmp_path / "answers.json"), *extra)
+        args.remove("--min-answer-count")
+        args.remove("1")
+        assert run(*args) == 0
+        metas = list(iter_sample_json(open_folder(str(out))))
+        assert all((m["labels"] != []) == (m["question_id"] in covered) for m in metas)
+        return {m["question_id"] for m in metas}, json.loads((out / "manifest.json").read_text())
+
+    kept, manifest = convert_to("kept")
+    assert kept == usable
+    assert manifest["out_of_vocabulary"]["questions"] == len(usable - covered)
+    assert manifest["out_of_vocabulary"]["left_out"] is False
+    skipped, manifest = convert_to("skipped", "--skip-out-of-vocab")
+    assert skipped == usable & covered
+    assert manifest["out_of_vocabulary"]["left_out"] is True
+    assert manifest["totals"]["samples"] == len(usable & covered)

@@ -1,7 +1,8 @@
 """The reported VQA score (trainer/evaluation.py) against the official VQA accuracy, computed here on raw answers.
 
-The official definition is the VQA evaluation script (`vqaEval.py` of the VQA API, GT-Vision-Lab/VQA), written out
-below from its text: the predicted answer is cleaned of newlines, tabs and surrounding white space and normalised
+The official definition here is the 2016 VQA evaluation script (`vqaEval.py` of the VQA API, GT-Vision-Lab/VQA at
+commit 458a8b2; `train.vqa_rule=vqa-2016`), written out below from its text (tests/test_vqa_rules.py checks the
+current version, the default): the predicted answer is cleaned of newlines, tabs and surrounding white space and normalised
 (punctuation, then lower case, number words to digits, articles dropped); the 10 annotator answers are left as
 they are, or only have their punctuation processed where they are not all the same string; the accuracy is the mean,
 over the 10 subsets of 9 annotators, of min(1, annotators in the subset who gave the predicted answer / 3).
@@ -195,7 +196,8 @@ def reported(metas: list[dict[str, Any]], answer_of: dict[int, str], batch_size:
         pixels = torch.zeros(batch_size, 3, 4, 4)
         batches.append(assemble(pixels, rows, _tokens, len(VOCAB), evaluation=True))
     refs = {
-        int(m["question_id"]): Reference(reference_answers(m["answers"]), m["answer_type"]) for m in metas
+        int(m["question_id"]): Reference(reference_answers(m["answers"], "vqa-2016"), m["answer_type"])
+        for m in metas
     }
     return evaluate(
         PickEngine(answer_of), batches, answers=VOCAB, device=torch.device("cpu"), references=refs
@@ -266,20 +268,25 @@ def test_reported_score_is_official_where_annotations_are_not_normalised(
 
 def test_references_read_from_the_shards_are_the_raw_answers(tmp_path: Path) -> None:
     folder = write_and_convert(tmp_path / "data", KNOWN_DIFFERENT)
-    refs = read_references(str(folder))
+    refs = read_references(str(folder), "vqa-2016")
     for qid, kind, raw, _ in KNOWN_DIFFERENT:
-        assert refs[qid] == Reference(reference_answers(raw), kind)
+        assert refs[qid] == Reference(reference_answers(raw, "vqa-2016"), kind)
     assert refs[21].answers == ("two",) * 10  # identical answers stay as they are
     assert refs[27].answers == ("yes ",) * 3 + ("no",) * 7  # differing ones: punctuation only
 
 
 @pytest.mark.slow
-def test_eval_only_run_reports_the_official_score_of_its_predictions(tmp_path: Path, no_launcher) -> None:
+@pytest.mark.parametrize("rule", ["vqa-2016", "vqa-2021"])
+def test_eval_only_run_reports_the_official_score_of_its_predictions(
+    tmp_path: Path, no_launcher, rule: str
+) -> None:
     """Through the entry point: an --eval-only run on converted VQA v2-format shards; the official accuracy of the
-    predictions file it writes, computed from the raw annotations, is the score it reports."""
+    predictions file it writes, computed from the raw annotations by the transcription of that version of the script,
+    is the score it reports, and the metrics file names the version."""
+    from tests.helpers.vqa_official import OFFICIAL
     from trainer.main import main
 
-    shards = write_and_convert(tmp_path / "data", AGREEING)
+    shards = write_and_convert(tmp_path / "data", AGREEING + RULES_DIFFER)
     run_dir = tmp_path / "run"
     argv = [
         "--preset",
@@ -291,22 +298,64 @@ def test_eval_only_run_reports_the_official_score_of_its_predictions(tmp_path: P
         "--run-dir",
         str(run_dir),
     ]
-    argv += [
-        "--eval-only",
-        "--resume",
-        "none",
-        "--set",
-        "model.variant=baseline",
-        "--set",
-        "train.progress_bar=false",
-    ]
-    argv += ["--set", "train.eval_batch_size=4", "--set", "data.num_workers=1"]  # 11 questions: padding
+    argv += ["--eval-only", "--resume", "none", "--set", "model.variant=baseline"]
+    argv += ["--set", "train.progress_bar=false"]
+    argv += ["--set", "train.eval_batch_size=4", "--set", "data.num_workers=1"]  # 14 questions: padding
+    argv += ["--set", f"train.vqa_rule={rule}"]
     argv += ["--deepspeed_config", "deepspeed_configs/zero2_fp32.json"]
     assert main(argv) == 0
     metrics = json.loads((run_dir / "eval" / "initial" / "val_metrics_step00000000.json").read_text())
     predictions = json.loads((run_dir / "eval" / "initial" / "val_predictions_step00000000.json").read_text())
-    raw = {qid: answers for qid, _, answers, _ in AGREEING}
+    raw = {qid: answers for qid, _, answers, _ in AGREEING + RULES_DIFFER}
     assert sorted(p["question_id"] for p in predictions) == sorted(raw)
-    official = [official_accuracy(p["answer"], raw[p["question_id"]]) for p in predictions]
-    assert metrics["count"] == len(AGREEING)
+    official = [OFFICIAL[rule](p["answer"], raw[p["question_id"]]) for p in predictions]
+    assert metrics["count"] == len(raw)
+    assert metrics["vqa_rule"] == rule
     assert metrics["vqa_score"] == pytest.approx(sum(official) / len(official), abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["vqa-2021", "vqa-2016"])
+def test_predictions_file_scores_as_each_version_of_the_script(tmp_path: Path, rule: str) -> None:
+    """End to end on the results files: references read from converted shards with `rule`, the evaluation, the files
+    it writes; the predictions file rescored by the transcription of that version (tests/helpers/vqa_official.py)
+    gives the reported score, and the metrics file names the rule."""
+    from tests.helpers.vqa_official import OFFICIAL
+    from trainer.evaluation import write_results
+
+    cases = AGREEING + KNOWN_DIFFERENT + RULES_DIFFER
+    folder = write_and_convert(tmp_path / "data", cases)
+    metas = list(iter_sample_json(open_folder(str(folder))))
+    answer_of = {qid: pred for qid, _, _, pred in cases}
+    batches = []
+    for start in range(0, len(metas), 4):
+        rows: list[dict[str, Any] | None] = list(metas[start : start + 4])
+        rows += [None] * (4 - len(rows))
+        batches.append(assemble(torch.zeros(4, 3, 4, 4), rows, _tokens, len(VOCAB), evaluation=True))
+    result = evaluate(
+        PickEngine(answer_of),
+        batches,
+        answers=VOCAB,
+        device=torch.device("cpu"),
+        references=read_references(str(folder), rule),
+        vqa_rule=rule,
+    )
+    pred_path, metrics_path = write_results(result, tmp_path / "eval", 7)
+    predictions = json.loads(pred_path.read_text())
+    metrics = json.loads(metrics_path.read_text())
+    raw = {qid: answers for qid, _, answers, _ in cases}
+    per_question = {p["question_id"]: OFFICIAL[rule](p["answer"], raw[p["question_id"]]) for p in predictions}
+    assert sorted(per_question) == sorted(raw)
+    assert metrics["vqa_rule"] == rule
+    assert metrics["vqa_score"] == pytest.approx(sum(per_question.values()) / len(per_question), abs=1e-9)
+    other = OFFICIAL["vqa-2016" if rule == "vqa-2021" else "vqa-2021"]
+    assert metrics["vqa_score"] != pytest.approx(
+        sum(other(p["answer"], raw[p["question_id"]]) for p in predictions) / len(predictions), abs=1e-6
+    ), "the cases must tell the versions apart"
+
+
+# Questions the two versions score differently for a vocabulary answer (always normalised, as the vocabulary is).
+RULES_DIFFER = [
+    (41, "number", ["two"] * 3 + ["three"] * 7, "2"),  # 2021 turns number words into digits: 0.9 (2016: 0)
+    (42, "other", ["Red "] * 4 + ["dog"] * 6, "red"),  # 2021: lower case, stripped: 1.0 (2016: 0)
+    (43, "yes/no", ["yes"] * 5 + ["yes "] * 5, "yes"),  # one answer once stripped, both 1.0
+]

@@ -220,3 +220,44 @@ def test_duplicate_questions_setting_is_checked():
             n_answers=N_ANSWERS,
             vilt_vocab_size=VOCAB,
         )
+
+
+def test_clip_symmetric_loss_averages_both_directions():
+    """Image-to-text over rows and text-to-image over columns, on features where the two directions differ."""
+    g = torch.Generator().manual_seed(0)
+    i, t = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+    )
+    logits = (i / i.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).T / 0.3
+    image_to_text = sum(-torch.log_softmax(logits[r], 0)[r] for r in range(3)) / 3
+    text_to_image = sum(-torch.log_softmax(logits[:, c], 0)[c] for c in range(3)) / 3
+    assert float(image_to_text) != pytest.approx(float(text_to_image), rel=1e-3)
+    got = clip_symmetric_loss(i, t, temperature=0.3)
+    assert float(got) == pytest.approx(float(image_to_text + text_to_image) / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["dot", "cosine", "clip"])
+def test_two_ranks_shares_average_to_the_global_batchs_loss(monkeypatch: pytest.MonkeyPatch, kind: str):
+    """Each rank's share of the contrastive loss, with the all-gather faked for rank r of 2 in this process: the
+    mean of the shares is the single-process loss of the joined batch (rank 1's anchors sit after rank 0's)."""
+    from trainer import losses
+
+    g = torch.Generator().manual_seed(0)
+    i, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    whole = (
+        clip_symmetric_loss(i, t, temperature=0.3)
+        if kind == "clip"
+        else info_nce(i, t, temperature=0.3, similarity=kind)
+    )
+    monkeypatch.setattr(losses, "_dist_active", lambda: True)
+    monkeypatch.setattr(losses.dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(
+        losses, "gather_with_grad", lambda x: i if any(torch.equal(x, h) for h in i.split(4)) else t
+    )
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(losses.dist, "get_rank", lambda *a, _r=rank, **k: _r)
+        part = slice(4 * rank, 4 * rank + 4)
+        shares.append(float(global_contrastive_loss(i[part], t[part], temperature=0.3, kind=kind)))
+    assert sum(shares) / 2 == pytest.approx(float(whole), rel=1e-5)

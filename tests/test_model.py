@@ -230,3 +230,20 @@ def test_compact_clip_vocabulary_keeps_the_text_features_and_drops_the_rest():
         build_task(compact_cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB)
     with pytest.raises(ConfigError, match="model.clip_text_vocab: 'small' is not one of full, compact"):
         ModelConfig(clip_text_vocab="small")
+
+
+def test_param_groups_with_a_separate_clip_rate():
+    """clip_lr != lr: only CLIP's groups take it; the fusion layers keep the base rate, the head 10x the base."""
+    cfg = tiny_config("clip-infonce-dot")
+    optim = dataclasses.replace(cfg.optim, lr=1e-4, clip_lr=3e-6, head_lr_mult=10.0)
+    task = build_task(cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB)
+    groups = task.param_groups(optim)
+    rates = {g["name"]: g["lr"] for g in groups}
+    assert set(rates) == {"clip", "clip_no_decay", "fusion", "fusion_no_decay", "head", "head_no_decay"}
+    for name, lr in rates.items():
+        want = {"clip": 3e-6, "fusion": 1e-4, "head": 1e-3}[name.removesuffix("_no_decay")]
+        assert lr == pytest.approx(want), name
+    by_param = {id(p): g["name"] for g in groups for p in g["params"]}
+    for name, param in task.model.named_parameters():
+        part = "clip" if name.startswith("clip.") else "head" if name.startswith("classifier.") else "fusion"
+        assert by_param[id(param)].removesuffix("_no_decay") == part, name

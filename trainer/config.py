@@ -210,8 +210,13 @@ class TrainConfig:
     """A tqdm progress bar on rank 0 (samples/s, ETA)."""
     eval_at_start: bool = False
     """Evaluate before the first training step (after --resume: the loaded weights), as a reference point."""
+    vqa_rule: str = "vqa-2021"
+    """Version of the official VQA accuracy reported as val/vqa_score: vqa-2021 (vqaEval.py at GT-Vision-Lab/VQA
+    a013f00, 2021-03-11) or vqa-2016 (458a8b2, the older rule that many published numbers used)."""
 
     def __post_init__(self) -> None:
+        if self.vqa_rule not in ("vqa-2021", "vqa-2016"):
+            raise ConfigError(f"train.vqa_rule: '{self.vqa_rule}' is not one of vqa-2021, vqa-2016")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.on_nonfinite: '{self.on_nonfinite}' is not one of stop, skip")
         for name in ("global_batch_size", "micro_batch_size", "max_steps", "log_every", "keep_last"):

@@ -8,7 +8,8 @@ samples; one all-reduce of those sums (float64) gives the global metrics, identi
 Metrics:
 - `val/vqa_score`: the official VQA accuracy (`vqaEval.py` of the VQA API, data_pipeline/answers.py `vqa_score`):
   rank 0 scores every prediction against the annotators' raw answers that the shards keep in each sample's json
-  (`read_references`), with the official script's normalisation, quirks included. Data with one answer per question
+  (`read_references`), with the official script's normalisation, quirks included, in the version `train.vqa_rule`
+  names (vqa-2021 by default; recorded in the metrics file as `vqa_rule`). Data with one answer per question
   (easy-VQA), where the 10-annotator formula does not apply, scores the stored target of the predicted answer (1 for
   the right answer, else 0).
 - `val/loss`: ViLT's VQA loss (binary cross-entropy with logits summed over answers) averaged over real samples.
@@ -46,21 +47,29 @@ class Reference:
 
     answers: tuple[str, ...]
     answer_type: str | None = None
+    normalise_prediction: bool = True
+    """Whether the rule normalises the prediction for this question (answers.py `normalises_prediction`)."""
 
 
-def read_references(folder: str) -> dict[int, Reference]:
+def read_references(folder: str, rule: str = "vqa-2021") -> dict[int, Reference]:
     """question_id -> Reference for every question of a shard folder with several annotator answers (VQA v2); an
     answer type alone for data with one answer per question and a type; {} for easy-VQA (neither). Rank 0 reads it
-    once per run: the sample json of every question (the shards' `answers` field keeps the raw strings)."""
-    from data_pipeline.answers import reference_answers
+    once per run: the sample json of every question (the shards' `answers` field keeps the raw strings), processed
+    as version `rule` of the official script does."""
+    from data_pipeline.answers import check_rule, normalises_prediction, reference_answers
     from data_pipeline.sharding import iter_sample_json, open_folder
 
+    check_rule(rule, "train.vqa_rule")
     out: dict[int, Reference] = {}
     for meta in iter_sample_json(open_folder(folder)):
         raw = [str(a) for a in meta.get("answers") or ()]
         kind = meta.get("answer_type") or None
         if len(raw) > 1 or kind:
-            out[int(meta["question_id"])] = Reference(reference_answers(raw) if len(raw) > 1 else (), kind)
+            several = len(raw) > 1
+            refs = reference_answers(raw, rule) if several else ()
+            out[int(meta["question_id"])] = Reference(
+                refs, kind, not several or normalises_prediction(raw, rule)
+            )
     return out
 
 
@@ -75,6 +84,8 @@ class EvalResult:
     count_by_type: dict[str, int] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    vqa_rule: str = "vqa-2021"
+    """The version of the official accuracy that scored it (data_pipeline/answers.py `VQA_RULES`)."""
 
     def metrics(self) -> dict[str, float]:
         """TensorBoard scalars (`val/...`); empty for a split without answers."""
@@ -91,6 +102,7 @@ class EvalResult:
         return {
             "count": self.count,
             "vqa_score": self.vqa_score,
+            "vqa_rule": self.vqa_rule,
             "loss": self.loss,
             "vqa_score_by_type": self.by_type,
             "count_by_type": self.count_by_type,
@@ -109,11 +121,13 @@ def evaluate(
     has_answers: bool = True,
     progress: bool = False,
     total: int | None = None,
+    vqa_rule: str = "vqa-2021",
 ) -> EvalResult:
     """Run the whole evaluation loader through the engine on every rank and reduce the sufficient statistics.
 
     `references` (rank 0; `read_references`): the annotators' answers and answer type of each question, from which
     the official accuracy is computed; a question without annotator answers scores its stored target.
+    `vqa_rule`: the version of the official accuracy the references were read with (recorded in the result).
     `progress`: a progress bar of this rank's `total` batches (rank 0 passes True; every rank runs as many).
     """
     from trainer.progress import progress_bar
@@ -140,7 +154,7 @@ def evaluate(
     predictions = [{"question_id": int(q), "answer": answers[int(p)]} for q, p, _ in gathered]
 
     count = int(sums[1].item())
-    result = EvalResult(count=count, vqa_score=None, loss=None, predictions=predictions)
+    result = EvalResult(count=count, vqa_score=None, loss=None, predictions=predictions, vqa_rule=vqa_rule)
     if has_answers and count > 0:
         result.loss = float(sums[0] / count)
         scores = _official_scores(gathered, answers, references or {}) if parts is not None else None
@@ -185,13 +199,17 @@ def _official_scores(
     """Rank 0: (overall accuracy, accuracy per answer type, questions per type) of the gathered (question id,
     predicted answer index, stored soft score) rows: the official accuracy where the question has annotator answers,
     else its stored score."""
-    from data_pipeline.answers import normalize_prediction, score_against
+    from data_pipeline.answers import compared_prediction, score_against
 
-    normalised = [normalize_prediction(a) for a in answers]  # once per vocabulary answer, not per question
+    # Once per vocabulary answer, not per question: as compared where the rule normalises it, and where not.
+    forms = {n: [compared_prediction(a, n) for a in answers] for n in (True, False)}
     total, type_sums = 0.0, {}
     for q, p, stored in gathered:
         ref = references.get(int(q))
-        score = score_against(normalised[int(p)], ref.answers) if ref is not None and ref.answers else stored
+        if ref is not None and ref.answers:
+            score = score_against(forms[ref.normalise_prediction][int(p)], ref.answers)
+        else:
+            score = stored
         total += score
         if ref is not None and ref.answer_type:
             acc = type_sums.setdefault(ref.answer_type, [0.0, 0])

@@ -97,7 +97,7 @@ class Run:
             folder.record(cfg, ds_cfg, answers, dist)
         self.metrics = build_logger(self.out_dir, dist.is_main)
         val = cfg.data.val_data
-        self.references = read_references(val) if val and dist.is_main else {}
+        self.references = read_references(val, cfg.train.vqa_rule) if val and dist.is_main else {}
 
     def _choose_checkpoint(self, which: str) -> tuple[CheckpointRef, list[str]]:
         """Rank 0 finds the checkpoint `--resume which` means, checking its files against their content hashes
@@ -175,6 +175,7 @@ class Run:
             has_answers=bool(read_manifest(folder).get("has_answers", True)),
             progress=self.dist.is_main and self.cfg.train.progress_bar,
             total=len(loader),
+            vqa_rule=self.cfg.train.vqa_rule,
         )
         metrics = result.metrics()
         if self.dist.is_main:

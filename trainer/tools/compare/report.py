@@ -183,12 +183,26 @@ def _validation_setup(results: dict[str, Any]) -> str:
         when = f"every {', '.join(str(e) for e in sorted(every - {0}))} steps and at the end"
     sub = results.get("val_subset")
     if sub is None:
-        return f"Validation `{results['val_data']}` (the whole split), {when}."
+        return f"Validation `{results['val_data']}` (the whole split), {when}. {_scoring(results)}"
     return (
         f"Validation during training {when} on a fixed subset of {sub['size']:,} of the {sub['of_samples']:,} "
         f"questions of `{results['val_data']}` (drawn with seed {sub['seed']}, shard folder `{sub['folder']}`); "
-        f"each run's last checkpoint is then scored on the whole split by the trainer's `--eval-only`."
+        f"each run's last checkpoint is then scored on the whole split by the trainer's `--eval-only`. "
+        f"{_scoring(results)}"
     )
+
+
+def _scoring(results: dict[str, Any]) -> str:
+    """Which version of the official VQA accuracy scored the runs (results.py `scoring_rule`)."""
+    rules = sorted(
+        {run.get("vqa_rule") for variant in results["variants"].values() for run in variant["runs"]} - {None}
+    )
+    if not rules:
+        return "VQA scores: the official accuracy (version not recorded)."
+    mixed = (
+        " (the runs were scored by different versions: their scores do not compare)" if len(rules) > 1 else ""
+    )
+    return f"VQA scores: the official accuracy, version {', '.join(f'`{r}`' for r in rules)}{mixed}."
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:

@@ -212,6 +212,17 @@ def read_full_eval(run_dir: Path) -> dict[str, Any] | None:
     return metrics if metrics.get("step") == json.loads(config.read_text())["train"]["max_steps"] else None
 
 
+def scoring_rule(config: dict[str, Any] | None, whole: dict[str, Any] | None = None) -> str | None:
+    """The version of the official VQA accuracy that scored a run (data_pipeline/answers.py `VQA_RULES`): the one the
+    whole-split metrics file records, else the run's `train.vqa_rule`. Runs and files from before the rule was
+    configurable record none and were scored by vqa-2016; None where the run kept no config.json."""
+    if whole is not None:
+        return str(whole.get("vqa_rule", "vqa-2016"))
+    if config is None:
+        return None
+    return str(config.get("train", {}).get("vqa_rule", "vqa-2016"))
+
+
 def summarise_run(
     run_dir: Path, thresholds: list[float], window: int = SMOOTH_STEPS, *, full_eval: bool = False
 ) -> dict[str, Any]:
@@ -238,6 +249,7 @@ def summarise_run(
         final_whole = whole.get("vqa_score")
     else:
         final_whole = final
+    config = json.loads(config_file.read_text()) if config_file.is_file() else None
     return {
         "run_dir": shown(run_dir),
         "seed": done["seed"],
@@ -250,7 +262,8 @@ def summarise_run(
         "loss_noise": loss_noise(vqa),
         "wall_time_s": done["wall_time_s"],
         "samples_per_second": statistics.median(sps) if sps else None,
-        "config": json.loads(config_file.read_text()) if config_file.is_file() else None,
+        "vqa_rule": scoring_rule(config, whole if full_eval else None),
+        "config": config,
         "curves": {
             "step": steps,
             "vqa_loss": vqa,
