@@ -18,6 +18,13 @@ Metrics:
 
 The predictions file follows the official VQA results format, `[{"question_id": int, "answer": str}, ...]`, and is
 also written for splits without answers (test-dev/test), whose score is then not reported.
+
+A stop request (SIGTERM/SIGINT) abandons an evaluation at the next batch boundary, so that the trainer's checkpoint
+is written within a container's stop grace period instead of after the whole evaluation: before each batch every
+rank asks `stop()` and agrees over the control group (one integer all-reduce, the same one the training loop uses
+per step), so all ranks leave at the same batch and none waits in a collective that the others skip. An abandoned
+evaluation returns `EvalResult.abandoned` with no score: no `val/` scalars and no results files, rather than a
+score of part of the split that would read as the whole.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,10 +82,16 @@ class EvalResult:
     count_by_type: dict[str, int] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    # Batches run of this rank's `total` when a stop request abandoned the evaluation (then nothing is scored).
+    abandoned_after: int | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        return self.abandoned_after is not None
 
     def metrics(self) -> dict[str, float]:
-        """TensorBoard scalars (`val/...`); empty for a split without answers."""
-        if self.vqa_score is None:
+        """TensorBoard scalars (`val/...`); empty for a split without answers and for an abandoned evaluation."""
+        if self.vqa_score is None or self.abandoned:
             return {}
         m = {"val/vqa_score": self.vqa_score}
         if self.loss is not None:
@@ -109,12 +122,15 @@ def evaluate(
     has_answers: bool = True,
     progress: bool = False,
     total: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
     """Run the whole evaluation loader through the engine on every rank and reduce the sufficient statistics.
 
     `references` (rank 0; `read_references`): the annotators' answers and answer type of each question, from which
     the official accuracy is computed; a question without annotator answers scores its stored target.
     `progress`: a progress bar of this rank's `total` batches (rank 0 passes True; every rank runs as many).
+    `stop`: this rank's stop request; asked at every batch and agreed across ranks, true on any rank abandons the
+    evaluation on all (the module docstring). Every rank passes one or none.
     """
     from trainer.progress import progress_bar
 
@@ -124,12 +140,22 @@ def evaluate(
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     rows: list[torch.Tensor] = []
     bar = progress_bar(progress, total=total, desc="eval", unit="batch", leave=False)
+    it = iter(batches)
+    done = 0
     try:
-        for batch in batches:
+        while (batch := next(it, None)) is not None:
+            # Every rank has as many batches (padded), so every rank asks as often: the all-reduces pair up.
+            if stop is not None and D.any_rank(stop()):
+                engine.train(True)
+                return EvalResult(0, None, None, seconds=time.perf_counter() - t0, abandoned_after=done)
             _eval_batch(engine, batch, device, sums, rows)
+            done += 1
             bar.update(1)
     finally:
         bar.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # an abandoned loader's workers go now, not at garbage collection
     sums = D.all_reduce_sum(sums).cpu()
     engine.train(True)
 

@@ -287,14 +287,16 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
     if run.args.eval_only:
         if not run.args.resume:
             log.warning("--eval-only without --resume: evaluating freshly initialised weights")
+        run.stop = stop
         run.evaluate(run.current_step())
-        reason = "done"
+        reason = "interrupted" if run.eval_abandoned else "done"
     else:
         reason = run.train(stop)
     run.metrics.close()
     if reason == "interrupted":
         assert stop.signum is not None
-        log.warning("stopped by signal %d after saving a checkpoint", stop.signum)
+        saved = "evaluation abandoned" if run.args.eval_only else "after saving a checkpoint"
+        log.warning("stopped by signal %d %s", stop.signum, saved)
         return 128 + stop.signum
     return 0
 

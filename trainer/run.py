@@ -77,6 +77,9 @@ class Run:
         self.metrics = build_logger(self.run_dir, dist.is_main)
         val = cfg.data.val_data
         self.references = read_references(val) if val and dist.is_main else {}
+        # The job's stop request (trainer/preemption.py), which abandons an evaluation; set by `train` or the caller.
+        self.stop: Any = None
+        self.eval_abandoned = False
 
     def loader_spec(self, *, train: bool) -> LoaderSpec:
         """How this rank reads shards for training or evaluation (data_pipeline/spec.py), from the config's sections."""
@@ -120,7 +123,16 @@ class Run:
             has_answers=bool(read_manifest(folder).get("has_answers", True)),
             progress=self.dist.is_main and self.cfg.train.progress_bar,
             total=len(loader),
+            stop=(lambda: self.stop.requested) if self.stop is not None else None,
         )
+        if result.abandoned:
+            self.eval_abandoned = True
+            log.warning(
+                "step %d: evaluation abandoned after %d of %d batches on a stop request; "
+                "no val/ scores or eval files for this step",
+                *(step, result.abandoned_after, len(loader)),
+            )
+            return {}
         metrics = result.metrics()
         if self.dist.is_main:
             self.metrics.log(metrics, step)
@@ -137,6 +149,7 @@ class Run:
         from trainer.loop import TrainLoop
 
         assert self.cfg.data.train_data is not None
+        self.stop = stop
         train_data, val = self.cfg.data.train_data, self.cfg.data.val_data
         spec = self.loader_spec(train=True)
         loop = TrainLoop(
@@ -156,6 +169,8 @@ class Run:
         reason = loop.run()
         if reason == "done" and val:
             self.evaluate(loop.step)
+            if self.eval_abandoned:  # the final checkpoint is written; the stop is what the exit status says
+                reason = "interrupted"
         return reason
 
     def current_step(self) -> int:
