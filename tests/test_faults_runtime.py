@@ -182,3 +182,34 @@ def test_sigterm_to_one_rank_mid_evaluation_stops_both_ranks(
     assert (
         json.loads((run_dir / "checkpoints" / "global_step2" / "trainer_state.json").read_text())["step"] == 2
     )
+
+
+# -- two multi-rank jobs on one host ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_a_second_two_rank_job_on_the_host_takes_another_rendezvous_port(
+    tmp_path: Path, tiny_easyvqa_shards: Path
+) -> None:
+    """`./launch.sh train` of 2 CPU ranks through DeepSpeed's real launcher while port 29500 is listened on, as by a
+    first job's rendezvous: the job trains on a port of its own instead of dying with EADDRINUSE (rank 0) and
+    knocking at the other job's port (rank 1)."""
+    from tests.helpers.launch_checkout import busy, make_checkout, with_real_trainer
+    from trainer.checkpointing import list_complete
+
+    c, run_dir = with_real_trainer(make_checkout(tmp_path)), tmp_path / "run"
+    with busy(29500):
+        result = subprocess.run(
+            [str(c.root / "launch.sh"), "train", "--num_gpus", "2", "--", *TINY, "--max-steps", "2",
+             "--set", "train.micro_batch_size=4", "--train-data", str(tiny_easyvqa_shards / "train"),
+             "--run-dir", str(run_dir)],
+            env=c.env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+            cwd=c.tmp, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    ports = [line for line in result.stderr.splitlines() if line.startswith("launch.sh: rendezvous port")]
+    assert len(ports) == 1 and "port 29500 " not in ports[0], log[-6000:]
+    assert [(r.tag, r.world_size) for r in list_complete(run_dir / "checkpoints")] == [("global_step2", 2)]
