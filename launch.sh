@@ -440,6 +440,7 @@ cmd_fetch_weights() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
         cat <<'HELP'
 Usage: ./launch.sh fetch-weights [--preset P] [--cache DIR] [--vilt NAME] [--clip TAG] [--clip-arch ARCH]
+                                 [--timeout SECONDS]
 
 Set up .venv, then download the pretrained checkpoints that preset P names (default vqa2-base: ViLT
 dandelin/vilt-b32-mlm and open_clip's ViT-B-32 `openai` weights) into DIR, a folder every node reads at the same
@@ -449,7 +450,9 @@ training at the local copies, e.g.
   --set model.vilt_pretrained=DIR/vilt/dandelin--vilt-b32-mlm
   --set model.clip_pretrained=DIR/open_clip/models--timm--vit_base_patch32_clip_224.openai/snapshots/.../open_clip_model.safetensors
 Training never downloads (HF_HUB_OFFLINE=1): a checkpoint missing from local disk stops it at start with one line.
-Exit status: 0 done, 1 a download failed, 2 bad input.
+Every network call gives up after --timeout SECONDS (default 60) without an answer; an endpoint (HF_ENDPOINT, else
+huggingface.co) that times out twice in a row is given up on, with one line naming it.
+Exit status: 0 done, 1 a download failed (or timed out), 2 bad input.
 HELP
         "$PY" -m trainer.weights --help 2>/dev/null | sed -n '/^options:/,$p' || true
         return 0

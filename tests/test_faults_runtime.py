@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,69 @@ def test_a_second_two_rank_job_on_the_host_takes_another_rendezvous_port(
     ports = [line for line in result.stderr.splitlines() if line.startswith("launch.sh: rendezvous port")]
     assert len(ports) == 1 and "port 29500 " not in ports[0], log[-6000:]
     assert [(r.tag, r.world_size) for r in list_complete(run_dir / "checkpoints")] == [("global_step2", 2)]
+
+
+# -- a weights endpoint that accepts connections and never answers ------------------------------------------------
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """http://127.0.0.1:PORT of a server that accepts every connection and never reads nor answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.2)  # the accepting thread looks at `stop` this often
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:  # closed at teardown
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        pytest.param(["--vilt", "dandelin/vilt-b32-mlm", "--clip", "none"], id="vilt-snapshot"),
+        pytest.param(
+            ["--vilt", "none", "--clip", "hf-hub:org/name"], id="clip-open_clip", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_fetch_weights_gives_up_on_an_endpoint_that_never_answers(
+    what: list[str], silent_endpoint: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in _env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=silent_endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+    t0 = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.weights", "--cache", str(tmp_path / "weights"), "--timeout", "1", *what],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    elapsed = time.monotonic() - t0
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{silent_endpoint} did not answer within 1 s" in errors[0] and "--timeout" in errors[0], errors[0]
+    assert result.stdout == ""  # no --set line for weights that are not there
+    # Two timeouts of 1 s, a back-off of 1 s and the interpreter's start (open_clip's import takes seconds).
+    assert elapsed < 60, f"{elapsed:.0f} s"
