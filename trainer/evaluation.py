@@ -140,22 +140,13 @@ def evaluate(
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     rows: list[torch.Tensor] = []
     bar = progress_bar(progress, total=total, desc="eval", unit="batch", leave=False)
-    it = iter(batches)
-    done = 0
     try:
-        while (batch := next(it, None)) is not None:
-            # Every rank has as many batches (padded), so every rank asks as often: the all-reduces pair up.
-            if stop is not None and D.any_rank(stop()):
-                engine.train(True)
-                return EvalResult(0, None, None, seconds=time.perf_counter() - t0, abandoned_after=done)
-            _eval_batch(engine, batch, device, sums, rows)
-            done += 1
-            bar.update(1)
+        abandoned_after = _run_batches(engine, batches, device, sums, rows, bar, stop)
     finally:
         bar.close()
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()  # an abandoned loader's workers go now, not at garbage collection
+    if abandoned_after is not None:
+        engine.train(True)
+        return EvalResult(0, None, None, seconds=time.perf_counter() - t0, abandoned_after=abandoned_after)
     sums = D.all_reduce_sum(sums).cpu()
     engine.train(True)
 
@@ -174,6 +165,33 @@ def evaluate(
         result.vqa_score, result.by_type, result.count_by_type = D.broadcast_object(scores)  # type: ignore[misc]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _run_batches(
+    engine: Any,
+    batches: Iterable[Mapping[str, Any]],
+    device: torch.device,
+    sums: torch.Tensor,
+    rows: list[torch.Tensor],
+    bar: Any,
+    stop: Callable[[], bool] | None,
+) -> int | None:
+    """Every batch through `_eval_batch`; None when all ran, else the count run when a stop request came."""
+    it = iter(batches)
+    done = 0
+    try:
+        while (batch := next(it, None)) is not None:
+            # Every rank has as many batches (padded), so every rank asks as often: the all-reduces pair up.
+            if stop is not None and D.any_rank(stop()):
+                return done
+            _eval_batch(engine, batch, device, sums, rows)
+            done += 1
+            bar.update(1)
+        return None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # an abandoned loader's workers go now, not at garbage collection
 
 
 def _eval_batch(

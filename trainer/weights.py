@@ -11,13 +11,9 @@ cache layout). huggingface_hub shows a progress bar per file and resumes an inte
 a file already complete is not fetched again. The command ends by printing the `--set` options that point the
 trainer at the local copies, one per line on stdout; everything else goes to stderr.
 
-Every network call gives up after `--timeout SECONDS` (default 60) without an answer: huggingface_hub's HTTP client
-(its metadata requests and downloads) and open_clip's plain-URL downloads (the socket default). huggingface_hub
-retries a timed-out request up to 5 times with a back-off; an endpoint that times out twice in a row is given up on
-instead (`set_timeout`), so one that accepts connections and never answers ends the command after about
-2 x SECONDS + 1 s. A download that fails names the endpoint in one line, exit 1. Transfers that huggingface_hub hands
-to hf_xet (large files of Xet-backed repositories) run on hf_xet's own timeouts once the metadata requests have
-answered.
+Every network call gives up after `--timeout SECONDS` (default 60) without an answer (trainer/hub_timeouts.py): an
+endpoint that accepts connections and never answers ends the command after about 2 x SECONDS + 1 s per file, with
+one line naming the endpoint, exit 1.
 
 `check_available` is what the trainer runs before start-up (trainer/main.py): a pretrained checkpoint that is not on
 local disk (a folder, a file, or the Hugging Face cache) stops the run with one line naming `./launch.sh
@@ -28,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from trainer.config import ConfigError, ModelConfig
+from trainer.hub_timeouts import DEFAULT_TIMEOUT_S, hub_endpoint, positive_seconds, set_timeout, timed_out
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "VQA_WEIGHTS"
@@ -72,130 +66,8 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-# -- network timeouts ----------------------------------------------------------------------------------------------
-
-DEFAULT_TIMEOUT_S = 60.0
-
-
-# Timeouts in a row after which an endpoint is given up on: huggingface_hub retries a timed-out request up to 5 times
-# more with a back-off (1 to 8 s) and repeats a timed-out metadata request, which for an endpoint that accepts
-# connections and never answers multiplies the wait by about 7 per file, and open_clip asks for two files per tag.
-GIVE_UP_AFTER_TIMEOUTS = 2
-
-
-class EndpointNotAnswering(TimeoutError):
-    """Requests to an endpoint that has already timed out GIVE_UP_AFTER_TIMEOUTS times in a row. Not an httpx error,
-    so huggingface_hub neither retries it nor falls back to its cache: it ends the download."""
-
-
-def set_timeout(seconds: float) -> Callable[[], None]:
-    """Every network call of this process gives up after `seconds` without an answer (the module docstring).
-
-    huggingface_hub's metadata requests (e.g. the repository listing of `snapshot_download`) pass `timeout=None`
-    explicitly, which overrides any client default, and its retry of a timed-out file request waits 60 s: both would
-    outlast the option, the first forever. So its shared HTTP client gets a request hook that fills every timeout a
-    request leaves unset (hooks run before the transport reads them) and a transport that gives an endpoint up
-    after GIVE_UP_AFTER_TIMEOUTS timeouts in a row. Its file requests read HF_HUB_ETAG_TIMEOUT /
-    HF_HUB_DOWNLOAD_TIMEOUT once at import, so the module's values are set as well as the variables (which child
-    processes read). urllib, which open_clip uses for URL downloads, takes the socket default. Returns what puts
-    the previous settings back (main() calls it, so that an in-process caller's later network use is unchanged)."""
-    import socket
-
-    import httpx2
-    import huggingface_hub
-    from huggingface_hub import constants, file_download
-    from huggingface_hub.utils import _http
-
-    names = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
-    before = (
-        socket.getdefaulttimeout(),
-        {name: os.environ.get(name) for name in names},
-        (constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT, file_download._ETAG_RETRY_TIMEOUT),
-        _http._GLOBAL_CLIENT_FACTORY,
-    )
-
-    def restore() -> None:
-        socket.setdefaulttimeout(before[0])
-        for name, value in before[1].items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-        (
-            constants.HF_HUB_ETAG_TIMEOUT,
-            constants.HF_HUB_DOWNLOAD_TIMEOUT,
-            file_download._ETAG_RETRY_TIMEOUT,
-        ) = before[2]
-        huggingface_hub.set_client_factory(before[3])
-
-    socket.setdefaulttimeout(seconds)
-    whole = str(max(1, math.ceil(seconds)))
-    for name in names:
-        os.environ[name] = whole
-    constants.HF_HUB_ETAG_TIMEOUT = constants.HF_HUB_DOWNLOAD_TIMEOUT = int(whole)
-    file_download._ETAG_RETRY_TIMEOUT = int(whole)  # the retry of a timed-out HEAD (60 s in the library)
-
-    def fill_timeouts(request: Any) -> None:
-        given = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {
-            kind: seconds if given.get(kind) is None else given[kind]
-            for kind in ("connect", "read", "write", "pool")
-        }
-
-    class GiveUpTransport(httpx2.HTTPTransport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.timeouts: dict[tuple, int] = {}
-
-        def handle_request(self, request: Any) -> Any:
-            origin = (request.url.scheme, request.url.host, request.url.port)
-            if self.timeouts.get(origin, 0) >= GIVE_UP_AFTER_TIMEOUTS:
-                raise EndpointNotAnswering(
-                    f"{request.url.scheme}://{request.url.netloc.decode()} timed out "
-                    f"{GIVE_UP_AFTER_TIMEOUTS} times in a row (timeout {seconds:g} s): given up"
-                )
-            try:
-                response = super().handle_request(request)
-            except httpx2.TimeoutException:
-                self.timeouts[origin] = self.timeouts.get(origin, 0) + 1
-                raise
-            self.timeouts[origin] = 0
-            return response
-
-    def client_with_timeout() -> Any:
-        hooks = _http.default_client_factory().event_hooks  # the library's own client: its hooks, plus ours
-        return httpx2.Client(
-            event_hooks=dict(hooks, request=[*hooks.get("request", []), fill_timeouts]),
-            follow_redirects=True,
-            timeout=seconds,
-            transport=GiveUpTransport(),
-        )
-
-    huggingface_hub.set_client_factory(client_with_timeout)
-    return restore
-
-
-def hub_endpoint() -> str:
-    """The Hugging Face endpoint downloads go to (HF_ENDPOINT, else huggingface.co)."""
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """Whether a network timeout is among `exc`'s causes (the hub clients wrap it in their own errors)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ or "timed out" in str(e).lower():
-            return True
-        todo += [e.__cause__, e.__context__, getattr(e, "reason", None)]
-    return False
-
-
 def _download_error(what: str, endpoint: str, exc: BaseException, timeout: float) -> FetchError:
-    if _timed_out(exc):
+    if timed_out(exc):
         return FetchError(
             f"{what}: {endpoint} did not answer within {timeout:g} s (--timeout SECONDS to wait longer; "
             f"HF_ENDPOINT names the hub): {_first_line(exc)}"
@@ -438,23 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-arch", metavar="ARCH", help="open_clip architecture instead of the preset's")
     p.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"give up on a network call after SECONDS without an answer (default {DEFAULT_TIMEOUT_S:g}; "
         "huggingface_hub retries a timed-out request up to 5 times)",
     )
     return p
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got '{text}'") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got '{text}'")
-    return value
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:
