@@ -279,7 +279,9 @@ is_this_host() {
     local host="$1"
     [[ "$host" == localhost || "$host" == 127.0.0.1 || "$host" == "$(hostname 2>/dev/null)" ||
         "$host" == "$(hostname -s 2>/dev/null)" ]] && return 0
-    in_list "$host" $(hostname -I 2>/dev/null)
+    local -a addresses=()
+    read -r -a addresses <<< "$(hostname -I 2>/dev/null || true)"
+    in_list "$host" "${addresses[@]}"
 }
 
 # A temporary folder for the files handed to DeepSpeed (env file, generated hostfile), removed when launch.sh
