@@ -5,7 +5,7 @@ Tagged JPEGs are made here: an asymmetric square picture (four coloured quadrant
 give is computed without the code under test: the stored pixels as decoded with the tag ignored, turned with numpy.
 The paths: the converter without --image-size (the file kept as it is, tag included) read by both loaders (DALI on
 the CPU, PyTorch), the converter with --image-size (re-encoded upright, tag dropped) read by both loaders, and
-trainer.predict's preprocessing of the original file.
+trainer.predict's preprocessing of the original file; DALI's GPU (nvJPEG) decoder where CUDA is present.
 
 Tolerances: the loaders and predict decode the same JPEG bytes with libjpeg-turbo and the image size equals the
 stored size (no resize), so they give the expected pixels within 1 of 255 levels (the normalisation's float
@@ -100,16 +100,16 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"folders": folders, "expected": expected, "files": files, "tags": tags, "raw": raw}
 
 
-def loaded(folder: Path, kind: str) -> dict[int, np.ndarray]:
+def loaded(folder: Path, kind: str, device: str = "cpu") -> dict[int, np.ndarray]:
     """question id -> the loader's pixels, normalisation undone, HWC on the 0..255 scale."""
     spec = LoaderSpec(
         tokenizer=lambda qs: {k: torch.zeros(len(qs), 4, dtype=torch.long) for k in ("vilt_ids", "vilt_mask", "clip_ids")},
         batch_size=4, image_size=SIZE, mean=MEAN, std=STD, train=False, kind=kind, num_workers=0,
-        device=torch.device("cpu"),
+        device=torch.device(device),
     )  # fmt: skip
     out = {}
     for batch in build_loader(folder, spec):
-        pixels = (batch["pixels"].float() * 0.5 + 0.5) * 255  # mean = std = 0.5
+        pixels = (batch["pixels"].float().cpu() * 0.5 + 0.5) * 255  # mean = std = 0.5
         valid = batch.get("valid", torch.ones(len(pixels), dtype=torch.bool)).bool()
         for qid, px, ok in zip(batch["question_id"].tolist(), pixels, valid.tolist(), strict=True):
             if ok:
@@ -134,6 +134,19 @@ def test_both_loaders_show_tagged_photos_upright(photos: dict, kind: str) -> Non
         assert sorted(got) == sorted(expected), name
         for qid, pixels in got.items():
             assert_upright(pixels, expected[qid], levels, f"{kind} loader, {name} shards, question {qid}")
+
+
+@pytest.mark.gpu
+def test_dalis_gpu_decoder_shows_tagged_photos_upright(photos: dict) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the mixed (nvJPEG) decoder cannot run here")
+    expected = photos["expected"]
+    for name in ("verbatim", "resized"):
+        got = loaded(photos["folders"][name], "dali", device="cuda")
+        for qid, pixels in got.items():  # nvJPEG and libjpeg-turbo differ in IDCT rounding (4:4:4 here)
+            assert_upright(
+                pixels, expected[qid], JPEG_LEVELS, f"DALI GPU decoder, {name} shards, question {qid}"
+            )
 
 
 def test_the_loaders_agree_pixel_for_pixel_on_tagged_photos(photos: dict) -> None:
