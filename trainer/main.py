@@ -295,8 +295,8 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
     run.metrics.close()
     if reason == "interrupted":
         assert stop.signum is not None
-        saved = "evaluation abandoned" if run.args.eval_only else "after saving a checkpoint"
-        log.warning("stopped by signal %d %s", stop.signum, saved)
+        done = "abandoning the evaluation (nothing written)" if run.args.eval_only else "saving a checkpoint"
+        log.warning("stopped by signal %d after %s", stop.signum, done)
         return 128 + stop.signum
     return 0
 
