@@ -158,6 +158,23 @@ def test_sigterm_mid_evaluation_checkpoints_within_seconds(
 
 
 @pytest.mark.slow
+def test_sigterm_mid_eval_only_writes_nothing_and_exits_143(
+    tiny_easyvqa_shards: Path, long_val: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"  # freshly initialised weights: the train data only builds the tokenizer
+    args = [*TINY, "--set", "train.eval_batch_size=1", "--train-data", str(tiny_easyvqa_shards / "train")]
+    args += ["--val-data", str(long_val), "--eval-only"]
+    cmd = [sys.executable, "trainer/main.py", *args, "--run-dir", str(run_dir)]
+    rc, elapsed, log = _signalled_mid_eval(cmd, tmp_path / "eval.log")
+    assert rc == 128 + signal.SIGTERM, log[-5000:]
+    assert "step 0: evaluation abandoned after" in log and "after abandoning the evaluation" in log, log[
+        -5000:
+    ]
+    assert not list(run_dir.glob("eval/*")), log[-5000:]
+    assert elapsed < EXIT_S, f"{elapsed:.1f} s from SIGTERM to exit:\n{log[-3000:]}"
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_sigterm_to_one_rank_mid_evaluation_stops_both_ranks(
