@@ -32,8 +32,8 @@ TINY = [
 # trainer that waits for it to finish is told apart from one that abandons it.
 LONG_EVAL = ["--set", "train.eval_every=2", "--set", "train.eval_batch_size=1", "--max-steps", "1000"]
 VAL_QUESTIONS = 2048
-# From the logged SIGTERM to the logged checkpoint: one batch and the save (the log's clock has whole seconds). The
-# whole evaluation takes ~15 s on an idle machine and its share of the batches is never under half here.
+# From the logged SIGTERM to the logged checkpoint: one batch and the save (the log's clock has whole seconds). A
+# trainer that waited for the evaluation would log it ~15 s later on an idle machine, longer on a loaded one.
 SAVE_S = 5
 # From SIGTERM to the exit of every process, the interpreter's teardown included: generous, since a loaded 2-core
 # machine stretches the teardown of torch and DALI to seconds (docs/training.md has the figure measured idle).
