@@ -139,6 +139,8 @@ One node (default):
   --num_gpus N        processes on this node. Default: one per local GPU (nvidia-smi --list-gpus; with
                       CUDA_VISIBLE_DEVICES set, DeepSpeed takes exactly the GPUs listed there); on a machine
                       without a GPU, one CPU process (--num_gpus 1: DeepSpeed's CPU accelerator, gloo)
+  --master_port PORT  rendezvous port (default: the first free one from 29500 upward, so that several jobs can
+                      share the host; launch.sh says which)
 
 Several nodes over ssh, started from node 0 (DeepSpeed's pdsh launcher, passwordless ssh to every node, the
 repository and .venv at the same path on every node):
@@ -147,7 +149,8 @@ repository and .venv at the same path on every node):
   --num_gpus N        use GPUs 0..N-1 of each node instead of the hostfile's slots
   --master_addr ADDR  address of node 0 that every node can reach (default: DeepSpeed asks node 0's
                       `hostname -I` over ssh)
-  --master_port PORT  rendezvous port on node 0 (DeepSpeed's default: 29500)
+  --master_port PORT  rendezvous port on node 0 (DeepSpeed's default: 29500; every node must use the same,
+                      so launch.sh does not change it: with 29500 in use on node 0 it stops and says so)
   --ssh_port PORT     ssh port of the nodes, if not 22
 
 One node of several without ssh (Kubernetes, Slurm, one container per node): run the same command on every
@@ -253,6 +256,32 @@ has_option() {
     local option="$1" arg; shift
     for arg in "$@"; do [[ "$arg" == "$option" || "$arg" == "$option="* ]] && return 0; done
     return 1
+}
+
+DEFAULT_MASTER_PORT=29500
+
+# True when something on this host accepts connections on PORT: another job's rendezvous (torch's TCPStore
+# listens on every address, loopback included). Pure bash, so that it needs nothing installed.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The first port from START upward that nothing on this host listens on.
+first_free_port() {
+    local port="$1"
+    while port_in_use "$port"; do
+        (( port < 65535 )) || die "train: no free port from $1 to 65535 on this host; give --master_port PORT"
+        port=$((port + 1))
+    done
+    echo "$port"
+}
+
+# True when HOST names this machine: a name or address of its own.
+is_this_host() {
+    local host="$1"
+    [[ "$host" == localhost || "$host" == 127.0.0.1 || "$host" == "$(hostname 2>/dev/null)" ||
+        "$host" == "$(hostname -s 2>/dev/null)" ]] && return 0
+    local -a addresses=()
+    read -r -a addresses <<< "$(hostname -I 2>/dev/null || true)"
+    in_list "$host" "${addresses[@]}"
 }
 
 # A temporary folder for the files handed to DeepSpeed (env file, generated hostfile), removed when launch.sh
@@ -413,6 +442,7 @@ cmd_fetch_weights() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
         cat <<'HELP'
 Usage: ./launch.sh fetch-weights [--preset P] [--cache DIR] [--vilt NAME] [--clip TAG] [--clip-arch ARCH]
+                                 [--timeout SECONDS]
 
 Set up .venv, then download the pretrained checkpoints that preset P names (default vqa2-base: ViLT
 dandelin/vilt-b32-mlm and open_clip's ViT-B-32 `openai` weights) into DIR, a folder every node reads at the same
@@ -422,7 +452,9 @@ training at the local copies, e.g.
   --set model.vilt_pretrained=DIR/vilt/dandelin--vilt-b32-mlm
   --set model.clip_pretrained=DIR/open_clip/models--timm--vit_base_patch32_clip_224.openai/snapshots/.../open_clip_model.safetensors
 Training never downloads (HF_HUB_OFFLINE=1): a checkpoint missing from local disk stops it at start with one line.
-Exit status: 0 done, 1 a download failed, 2 bad input.
+Every network call gives up after --timeout SECONDS (default 60) without an answer; an endpoint (HF_ENDPOINT, else
+huggingface.co) that times out twice in a row is given up on, with one line naming it.
+Exit status: 0 done, 1 a download failed (or timed out), 2 bad input.
 HELP
         "$PY" -m trainer.weights --help 2>/dev/null | sed -n '/^options:/,$p' || true
         return 0
@@ -512,6 +544,27 @@ cmd_train() {
     fi
     if (( over_ssh )) && [[ "$DRY_RUN" != 1 ]] && ! command -v pdsh >/dev/null 2>&1; then
         die "train: several nodes over ssh need pdsh, DeepSpeed's launcher (apt-get install pdsh), or run --no_ssh on every node"
+    fi
+
+    # The rendezvous port. On one node, the first free one from DeepSpeed's default upward: a second job on the host
+    # would otherwise die on the first one's port (EADDRINUSE), and its other ranks could join the first job's
+    # rendezvous. Several nodes must agree on the port, so it is never changed there; a default in use on the node
+    # that hosts the rendezvous (node 0) is refused before anything starts, naming the way out.
+    if [[ -z "$master_port" ]]; then
+        local rendezvous_here=0
+        if (( no_ssh )); then
+            (( 10#$node_rank != 0 )) || rendezvous_here=1
+        elif (( over_ssh )) && is_this_host "${master_addr:-${HOSTFILE_HOSTS[0]}}"; then
+            rendezvous_here=1  # DeepSpeed's runner puts it on --master_addr, else on the hostfile's first host
+        fi
+        if (( no_ssh || over_ssh )); then
+            if (( rendezvous_here )) && port_in_use "$DEFAULT_MASTER_PORT"; then
+                die "train: port $DEFAULT_MASTER_PORT (DeepSpeed's default rendezvous port) is in use on this node, by another job; give every node the same free --master_port PORT"
+            fi
+        else
+            master_port="$(first_free_port "$DEFAULT_MASTER_PORT")"
+            note "rendezvous port $master_port (the first free one from $DEFAULT_MASTER_PORT; --master_port PORT to choose)"
+        fi
     fi
 
     # The processes of every node get the same environment (see train_usage).

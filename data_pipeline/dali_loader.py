@@ -1,7 +1,8 @@
 """The DALI loader: shards read by `fn.readers.webdataset`, JPEGs decoded on the GPU (nvJPEG), or on the CPU.
 
 Pipeline per rank: `fn.readers.webdataset` (index files; shard_id/num_shards = rank/world size; random_shuffle with
-`initial_fill` = shuffle_buffer when training) -> `fn.decoders.image(device="mixed", hw_decoder_load=...)` ->
+`initial_fill` = shuffle_buffer when training) -> `fn.decoders.image(device="mixed", hw_decoder_load=...)` (EXIF
+orientation applied) ->
 `fn.resize` to S x S (linear, antialiased; squash, no crop) -> `fn.crop_mirror_normalize` (float, CHW) ->
 `DALIGenericIterator`. The json component comes out padded with zeros (`fn.pad`) and is parsed on the host, where
 the caller's tokenizer turns questions into ids (so shards do not depend on a tokenizer; the bench measures it).
@@ -110,12 +111,12 @@ def _pipeline(
             pad_last_batch=False,
             name="reader",
         )
+        # EXIF orientation applied (DALI's default, pinned): the project's one rule, data_pipeline/images.py.
+        decode = {"output_type": types.RGB, "adjust_orientation": True}
         if gpu:
-            images = fn.decoders.image(
-                jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=HW_DECODER_LOAD
-            )
+            images = fn.decoders.image(jpegs, device="mixed", hw_decoder_load=HW_DECODER_LOAD, **decode)
         else:
-            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            images = fn.decoders.image(jpegs, device="cpu", **decode)
         # uint8 output, like PIL's resize in the torch loader: both round the same way before normalising.
         images = fn.resize(
             images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True

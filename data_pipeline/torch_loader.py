@@ -4,8 +4,8 @@ A rank reads the same positions as DALI gives it (sharding.py). Those positions 
 block per DataLoader worker, sized to the worker's share of the batches (batch k of worker w is the loader's batch
 k * workers + w, the DataLoader's round-robin order), so every rank yields exactly the same number of batches.
 Each worker streams its block's tar pieces with `webdataset`, shuffles them through a seeded buffer when training,
-decodes with PIL, resizes to S x S (bilinear, squash, no crop: the same pixels as DALI's resize within a few
-levels), tokenises the questions, and yields whole batches with uint8 pixels; the main process normalises them,
+decodes with PIL and applies the EXIF orientation as DALI does (data_pipeline/images.py `upright_rgb`), resizes to
+S x S (bilinear, squash, no crop: the same pixels as DALI's resize within a few levels), tokenises the questions, and yields whole batches with uint8 pixels; the main process normalises them,
 on the GPU when `device` is a CUDA device (then `pixels` arrives on the GPU, as from DALI).
 
 A corrupt sample is skipped, counted and logged instead of ending the run: in training its row is filled with
@@ -44,6 +44,7 @@ from PIL import Image
 
 from data_pipeline import batch as contract
 from data_pipeline import sharding, storage
+from data_pipeline.images import upright_rgb
 from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,10 @@ class _EpochBlocks(torch.utils.data.IterableDataset):
         where = f"{sample.get('__url__')}/{sample.get('__key__')}"
         try:
             meta = contract.parse_json(sample["json"], where)
-            with Image.open(io.BytesIO(sample["jpg"])) as im:
-                rgb = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+            with Image.open(
+                io.BytesIO(sample["jpg"])
+            ) as im:  # upright: EXIF orientation applied, as DALI does
+                rgb = upright_rgb(im).resize((self.image_size, self.image_size), Image.BILINEAR)
             pixels = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
         except Exception as exc:  # any failure to decode one sample: skip it, never end the epoch
             log.warning(

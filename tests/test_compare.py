@@ -234,6 +234,28 @@ def test_trainer_commands_carry_the_variant_and_the_validation_plan(tmp_path):
     assert no_subset[no_subset.index("--val-data") + 1] == "V"
 
 
+def test_gpu_runs_take_a_free_rendezvous_port_unless_given(tmp_path):
+    import socket
+
+    from trainer.tools.compare.runs import DEFAULT_MASTER_PORT, free_port
+
+    args = build_parser().parse_args(["--train-data", "T", "--val-data", "V", "--num-gpus", "2"])
+    spec = RunSpec(parse_variant("baseline"), 0, tmp_path / "b")
+
+    def port(cmd):
+        assert cmd[1:4] == ["--num_gpus", "2", "--master_port"], cmd
+        return int(cmd[4])
+
+    first = free_port(DEFAULT_MASTER_PORT)
+    with socket.socket() as held:  # another job's rendezvous on the port the next run would take
+        held.bind(("", first))
+        held.listen()
+        assert port(trainer_command(spec, args, False)) > first
+        assert port(full_eval_command(spec, args)) > first
+    args.master_port = 29600  # given: used as it is
+    assert port(trainer_command(spec, args, False)) == 29600
+
+
 def _run_record(seed, val_steps, val_scores, whole, loss_shift=0.0):
     steps = list(range(5, 805, 5))
     vqa = [3.0 * 0.995**s + 0.1 + loss_shift for s in steps]

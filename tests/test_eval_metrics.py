@@ -81,3 +81,30 @@ def test_split_without_answers_still_writes_predictions() -> None:
     )
     assert result.vqa_score is None and result.metrics() == {}
     assert result.predictions == [{"question_id": 1, "answer": "red"}]
+
+
+def test_a_stop_request_abandons_the_evaluation_at_the_next_batch_and_scores_nothing() -> None:
+    engine = LogitsEngine({1: [5, 0, 0, 0]})
+    closed: list[bool] = []
+
+    def batches():  # a loader that must be released when abandoned
+        try:
+            for q in range(1, 6):
+                yield batch([q], [[1.0, 0, 0, 0]], [True])
+        finally:
+            closed.append(True)
+
+    asked: list[int] = []
+
+    def stop() -> bool:  # the signal arrives while the third batch is fetched
+        asked.append(1)
+        return len(asked) >= 3
+
+    result = evaluate(engine, batches(), answers=ANSWERS, device=torch.device("cpu"), stop=stop)
+    assert result.abandoned and result.abandoned_after == 2
+    assert (result.count, result.vqa_score, result.loss, result.predictions) == (0, None, None, [])
+    assert result.metrics() == {}  # no val/ scalar of part of the split
+    assert engine.modes == [False, True] and closed == [True]
+    # Without a request the same loader runs to the end.
+    whole = evaluate(engine, batches(), answers=ANSWERS, device=torch.device("cpu"), stop=lambda: False)
+    assert not whole.abandoned and whole.count == 5 and whole.vqa_score == 1.0

@@ -11,101 +11,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# The environment running these tests (.venv here, /opt/venv in the Docker image), whose DeepSpeed the slow test uses.
-REAL_VENV = Path(sys.executable).parent.parent
-
-
-@dataclass
-class Checkout:
-    root: Path
-    venv: Path
-    bin: Path
-    tmp: Path
-    home: Path
-
-    @property
-    def deepspeed(self) -> str:
-        return f"{self.venv}/bin/deepspeed"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {
-            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(self.home),
-            "TMPDIR": str(self.tmp),
-            "VQA_VENV": str(self.venv),
-            "LC_ALL": "C",
-            **extra,
-        }
-
-    def launch(self, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.root / "launch.sh"), *args],
-            env=self.env(**extra_env),
-            cwd=self.tmp,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    def dry(self, *args: str, **extra_env: str) -> list[list[str]]:
-        """The commands `./launch.sh --dry-run ARGS` prints, each split into words as the shell would (the
-        quoting of bash's printf %q and Python's shlex differ, the words do not); fails on a non-zero exit."""
-        result = self.launch("--dry-run", *args, **extra_env)
-        assert result.returncode == 0, result.stderr
-        return [shlex.split(line) for line in result.stdout.splitlines()]
-
-    def gpus(self, count: int) -> None:
-        """Make nvidia-smi list COUNT GPUs (0: none)."""
-        lines = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})"\n' for i in range(count))
-        write_executable(self.bin / "nvidia-smi", f"#!/bin/sh\n{lines}exit 0\n")
-
-    def hostfile(self, text: str, name: str = "hostfile") -> Path:
-        path = self.tmp / name
-        path.write_text(text)
-        return path
-
-
-def write_executable(path: Path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(0o755)
-
-
-def stamp_for(launch_sh: Path) -> str:
-    """The set-up stamp launch.sh itself computes for its checkout (sourcing it does not run main)."""
-    result = subprocess.run(
-        ["bash", "-c", 'source "$1" && setup_stamp', "_", str(launch_sh)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout
+from tests.helpers.launch_checkout import (
+    REAL_VENV,
+    REPO,
+    Checkout,
+    accepts,
+    busy,
+    make_checkout,
+    with_real_trainer,
+    write_executable,
+)
 
 
 @pytest.fixture
 def checkout(tmp_path: Path) -> Checkout:
-    root, venv, bin_dir, tmp, home = (tmp_path / n for n in ("repo", "venv", "bin", "tmp", "home"))
-    for d in (root, venv / "bin", bin_dir, tmp, home):
-        d.mkdir(parents=True)
-    shutil.copy2(REPO / "launch.sh", root / "launch.sh")
-    shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
-    for name in ("python", "deepspeed", "tensorboard", "ruff"):
-        write_executable(venv / "bin" / name, "#!/bin/sh\nexit 0\n")
-    (venv / ".setup-stamp").write_text(stamp_for(root / "launch.sh"))
-    c = Checkout(root, venv, bin_dir, tmp, home)
-    c.gpus(0)
-    return c
+    return make_checkout(tmp_path)
 
 
 def node_env(**overrides: str) -> list[list[str]]:
@@ -164,11 +94,13 @@ def test_setup_and_test_still_run_what_they_ran(checkout: Checkout) -> None:
 def test_train_without_gpu_launches_one_cpu_process(checkout: Checkout) -> None:
     result = checkout.launch("--dry-run", "train", "--preset", "tiny")
     assert result.returncode == 0, result.stderr
+    port = re.search(r"rendezvous port (\d+)", result.stderr)
+    assert port, result.stderr
     assert [line.rstrip() for line in result.stdout.splitlines()] == [
         f"cd {checkout.root}",
         "export NCCL_DEBUG=WARN",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-        f"{checkout.deepspeed} --num_gpus 1 trainer/main.py --preset tiny",
+        f"{checkout.deepspeed} --num_gpus 1 --master_port {port[1]} trainer/main.py --preset tiny",
     ]
     assert "no GPU found" in result.stderr
 
@@ -365,6 +297,56 @@ def test_train_refuses_bad_input_before_running_anything(
     assert result.stdout == ""  # refused before any command, set-up included
 
 
+# --- the rendezvous port -----------------------------------------------------------------------------------------
+
+
+def test_one_node_takes_the_first_free_rendezvous_port(checkout: Checkout) -> None:
+    with busy(29500, 29501):
+        expected = next(p for p in range(29502, 65536) if not accepts(p))
+        result = checkout.launch("--dry-run", "train", "--preset", "tiny")
+        assert result.returncode == 0, result.stderr
+        lines, port = checkout.dry_and_port("train", "--num_gpus", "2", "--preset", "tiny")
+    assert port == expected
+    notes = [line for line in result.stderr.splitlines() if "rendezvous port" in line]
+    assert notes == [
+        f"launch.sh: rendezvous port {expected} (the first free one from 29500; --master_port PORT to choose)"
+    ]
+    assert lines[-1] == words(f"{checkout.deepspeed} --num_gpus 2 trainer/main.py --preset tiny")
+    # A one-host hostfile launches locally: the same choice.
+    single = checkout.hostfile("localhost slots=2\n", "single")
+    assert checkout.dry_and_port("train", "--hostfile", str(single))[1] is not None
+    # A port given is the user's: passed on as it is, busy or not, without a note.
+    with busy(29500):
+        result = checkout.launch("--dry-run", "train", "--master_port", "29500", "--preset", "tiny")
+    assert result.returncode == 0 and "rendezvous port" not in result.stderr, result.stderr
+    assert words(result.stdout.splitlines()[-1])[1:5] == ["--num_gpus", "1", "--master_port", "29500"]
+
+
+def test_several_nodes_refuse_a_busy_default_port_where_the_rendezvous_is(checkout: Checkout) -> None:
+    no_ssh = ["train", "--no_ssh", "--num_nodes", "2", "--master_addr", "10.0.0.1"]
+    over_ssh = ["train", "--hostfile", str(checkout.hostfile("localhost slots=1\nworker-1 slots=1\n"))]
+    with busy(29500):
+        for args in ([*no_ssh, "--node_rank", "0"], over_ssh):
+            result = checkout.launch("--dry-run", *args, "--preset", "tiny")
+            assert result.returncode == 2 and result.stdout == "", result.stderr
+            assert result.stderr.splitlines() == [
+                "launch.sh: error: train: port 29500 (DeepSpeed's default rendezvous port) is in use on this node, "
+                "by another job; give every node the same free --master_port PORT"
+            ]
+            # Every node told the same other port: launched as told.
+            lines, port = checkout.dry_and_port(*args, "--master_port", "29600", "--preset", "tiny")
+            assert port is None and lines[-1][-5:] == [
+                "--master_port",
+                "29600",
+                "trainer/main.py",
+                "--preset",
+                "tiny",
+            ]
+        # Node 1 only connects to node 0's port: its own 29500 does not matter, and the port is never changed.
+        lines, port = checkout.dry_and_port(*no_ssh, "--node_rank", "1", "--preset", "tiny")
+        assert port is None and "--master_port" not in lines[-1]
+
+
 RECORDING_DEEPSPEED = """#!/bin/sh
 # Stands in for DeepSpeed's runner: records its arguments and the environment file it was given.
 printf '%s\\n' "$@" > "$TEST_OUT/args"
@@ -551,16 +533,7 @@ def test_sigterm_before_the_ranks_start_stops_the_launch(real_deepspeed: Checkou
 
 @pytest.fixture
 def real_trainer(checkout: Checkout) -> Checkout:
-    """The checkout with the repository's trainer, data pipeline and DeepSpeed configs, and a venv whose `deepspeed`
-    is the real launcher (its script runs the interpreter it was installed with)."""
-    deepspeed = REAL_VENV / "bin" / "deepspeed"
-    # pyproject.toml pins deepspeed, which installs its launcher beside the interpreter: missing, the set-up is broken.
-    assert deepspeed.exists(), f"no DeepSpeed launcher in {REAL_VENV}/bin: run ./launch.sh setup"
-    (checkout.venv / "bin" / "deepspeed").unlink()
-    (checkout.venv / "bin" / "deepspeed").symlink_to(deepspeed)
-    for name in ("trainer", "data_pipeline", "deepspeed_configs"):
-        (checkout.root / name).symlink_to(REPO / name)
-    return checkout
+    return with_real_trainer(checkout)
 
 
 @pytest.mark.slow

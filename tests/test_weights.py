@@ -13,6 +13,7 @@ files on disk, the printed lines, the trainer reading them) is the project's rea
 from __future__ import annotations
 
 import fnmatch
+import os
 import shlex
 import shutil
 import subprocess
@@ -93,6 +94,40 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return rc, out.splitlines(), [line for line in err.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = W.main(["--timeout", value, "--vilt", "none", "--clip", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "argument --timeout: must be" in err.strip().splitlines()[-1] and f"'{value}'" in err
+
+
+def test_the_timeout_reaches_every_hub_request_and_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub's metadata calls pass timeout=None, which would override a client default: the request hook
+    fills it in. After main() the library's settings are its own again."""
+    import socket
+
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.delenv("HF_HUB_ETAG_TIMEOUT", raising=False)
+    factory, default_timeout = _http._GLOBAL_CLIENT_FACTORY, socket.getdefaulttimeout()
+    restore = W.set_timeout(7.5)
+    try:
+        client = huggingface_hub.get_session()
+        request = client.build_request("GET", "http://127.0.0.1:9/api/models/x", timeout=None)
+        client.event_hooks["request"][-1](request)  # ours (the library's first one refuses offline mode)
+        assert request.extensions["timeout"] == dict.fromkeys(("connect", "read", "write", "pool"), 7.5)
+        assert isinstance(client._transport, httpx2.HTTPTransport) and socket.getdefaulttimeout() == 7.5
+        assert constants.HF_HUB_ETAG_TIMEOUT == 8 and os.environ["HF_HUB_ETAG_TIMEOUT"] == "8"
+    finally:
+        restore()
+    assert _http._GLOBAL_CLIENT_FACTORY is factory and socket.getdefaulttimeout() == default_timeout
+    assert "HF_HUB_ETAG_TIMEOUT" not in os.environ
+
+
 # -- fetching ------------------------------------------------------------------------------------------------------
 
 
@@ -166,7 +201,7 @@ def test_nothing_to_fetch_and_bad_input_are_one_line(
     # A repository the hub does not have: a failed download (exit 1), one line naming the option.
     rc, _, errors = run_main(["--vilt", "test-org/absent", "--clip", "none", *cache], capsys)
     assert rc == 1 and errors == [
-        "error: --vilt test-org/absent: download failed: 404 Client Error: repository test-org/absent not found"
+        "error: --vilt test-org/absent: download from https://huggingface.co failed: 404 Client Error: repository test-org/absent not found"
     ]
     # A repository without the weights: not a ViLT checkpoint (the files it lacks named).
     hub.add("test-org/config-only", {"config.json": b"{}"})

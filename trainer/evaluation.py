@@ -19,6 +19,13 @@ Metrics:
 
 The predictions file follows the official VQA results format, `[{"question_id": int, "answer": str}, ...]`, and is
 also written for splits without answers (test-dev/test), whose score is then not reported.
+
+A stop request (SIGTERM/SIGINT) abandons an evaluation at the next batch boundary, so that the trainer's checkpoint
+is written within a container's stop grace period instead of after the whole evaluation: before each batch every
+rank asks `stop()` and agrees over the control group (one integer all-reduce, the same one the training loop uses
+per step), so all ranks leave at the same batch and none waits in a collective that the others skip. An abandoned
+evaluation returns `EvalResult.abandoned` with no score: no `val/` scalars and no results files, rather than a
+score of part of the split that would read as the whole.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +93,16 @@ class EvalResult:
     seconds: float = 0.0
     vqa_rule: str = "vqa-2021"
     """The version of the official accuracy that scored it (data_pipeline/answers.py `VQA_RULES`)."""
+    # Batches run of this rank's `total` when a stop request abandoned the evaluation (then nothing is scored).
+    abandoned_after: int | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        return self.abandoned_after is not None
 
     def metrics(self) -> dict[str, float]:
-        """TensorBoard scalars (`val/...`); empty for a split without answers."""
-        if self.vqa_score is None:
+        """TensorBoard scalars (`val/...`); empty for a split without answers and for an abandoned evaluation."""
+        if self.vqa_score is None or self.abandoned:
             return {}
         m = {"val/vqa_score": self.vqa_score}
         if self.loss is not None:
@@ -122,6 +135,7 @@ def evaluate(
     progress: bool = False,
     total: int | None = None,
     vqa_rule: str = "vqa-2021",
+    stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
     """Run the whole evaluation loader through the engine on every rank and reduce the sufficient statistics.
 
@@ -129,6 +143,8 @@ def evaluate(
     the official accuracy is computed; a question without annotator answers scores its stored target.
     `vqa_rule`: the version of the official accuracy the references were read with (recorded in the result).
     `progress`: a progress bar of this rank's `total` batches (rank 0 passes True; every rank runs as many).
+    `stop`: this rank's stop request; asked at every batch and agreed across ranks, true on any rank abandons the
+    evaluation on all (the module docstring). Every rank passes one or none.
     """
     from trainer.progress import progress_bar
 
@@ -139,11 +155,12 @@ def evaluate(
     rows: list[torch.Tensor] = []
     bar = progress_bar(progress, total=total, desc="eval", unit="batch", leave=False)
     try:
-        for batch in batches:
-            _eval_batch(engine, batch, device, sums, rows)
-            bar.update(1)
+        abandoned_after = _run_batches(engine, batches, device, sums, rows, bar, stop)
     finally:
         bar.close()
+    if abandoned_after is not None:
+        engine.train(True)
+        return EvalResult(0, None, None, seconds=time.perf_counter() - t0, abandoned_after=abandoned_after)
     sums = D.all_reduce_sum(sums).cpu()
     engine.train(True)
 
@@ -162,6 +179,33 @@ def evaluate(
         result.vqa_score, result.by_type, result.count_by_type = D.broadcast_object(scores)  # type: ignore[misc]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _run_batches(
+    engine: Any,
+    batches: Iterable[Mapping[str, Any]],
+    device: torch.device,
+    sums: torch.Tensor,
+    rows: list[torch.Tensor],
+    bar: Any,
+    stop: Callable[[], bool] | None,
+) -> int | None:
+    """Every batch through `_eval_batch`; None when all ran, else the count run when a stop request came."""
+    it = iter(batches)
+    done = 0
+    try:
+        while (batch := next(it, None)) is not None:
+            # Every rank has as many batches (padded), so every rank asks as often: the all-reduces pair up.
+            if stop is not None and D.any_rank(stop()):
+                return done
+            _eval_batch(engine, batch, device, sums, rows)
+            done += 1
+            bar.update(1)
+        return None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # an abandoned loader's workers go now, not at garbage collection
 
 
 def _eval_batch(

@@ -276,14 +276,16 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
     if run.args.eval_only:
         if run.args.initial:
             log.warning("--eval-only --resume none: evaluating freshly initialised weights")
+        run.stop = stop
         run.evaluate(run.current_step())
-        reason = "done"
+        reason = "interrupted" if run.eval_abandoned else "done"
     else:
         reason = run.train(stop)
     run.metrics.close()
     if reason == "interrupted":
         assert stop.signum is not None
-        log.warning("stopped by signal %d after saving a checkpoint", stop.signum)
+        done = "abandoning the evaluation (nothing written)" if run.args.eval_only else "saving a checkpoint"
+        log.warning("stopped by signal %d after %s", stop.signum, done)
         return 128 + stop.signum
     return 0
 

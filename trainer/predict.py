@@ -49,11 +49,13 @@ def load_from_run(
 def load_image(path: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     from PIL import Image
 
+    from data_pipeline.images import upright_rgb
+
     if not path.is_file():
         raise ConfigError(f"--image {path}: no such file")
     try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        with Image.open(path) as im:  # upright (EXIF orientation applied), as the training loaders see photos
+            rgb = upright_rgb(im).resize((size, size), Image.BILINEAR)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, or a truncated one
         raise ConfigError(f"--image {path}: not an image file that can be read ({exc})") from None
     x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)

@@ -1,7 +1,9 @@
 """Stopping cleanly on a signal: `StopRequest` records SIGTERM/SIGINT so the loop checkpoints and exits, and
 `shielded` starts a loader with those signals blocked so that its workers survive a signal meant for the trainer.
 
-A stop request may reach only some ranks; trainer/loop.py agrees on it across ranks every step.
+A stop request may reach only some ranks; trainer/loop.py agrees on it across ranks every step, and
+trainer/evaluation.py at every evaluation batch (an evaluation in progress is abandoned, so that the checkpoint is
+written within a container's stop grace period).
 """
 
 from __future__ import annotations

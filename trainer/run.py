@@ -98,6 +98,9 @@ class Run:
         self.metrics = build_logger(self.out_dir, dist.is_main)
         val = cfg.data.val_data
         self.references = read_references(val, cfg.train.vqa_rule) if val and dist.is_main else {}
+        # The job's stop request (trainer/preemption.py), which abandons an evaluation; set by `train` or the caller.
+        self.stop: Any = None
+        self.eval_abandoned = False
 
     def _choose_checkpoint(self, which: str) -> tuple[CheckpointRef, list[str]]:
         """Rank 0 finds the checkpoint `--resume which` means, checking its files against their content hashes
@@ -176,7 +179,16 @@ class Run:
             progress=self.dist.is_main and self.cfg.train.progress_bar,
             total=len(loader),
             vqa_rule=self.cfg.train.vqa_rule,
+            stop=(lambda: self.stop.requested) if self.stop is not None else None,
         )
+        if result.abandoned:
+            self.eval_abandoned = True
+            log.warning(
+                "step %d: evaluation abandoned after %d of %d batches on a stop request; "
+                "no val/ scores or eval files for this step",
+                *(step, result.abandoned_after, len(loader)),
+            )
+            return {}
         metrics = result.metrics()
         if self.dist.is_main:
             self.metrics.log(metrics, step)
@@ -194,6 +206,7 @@ class Run:
         from trainer.loop import TrainLoop
 
         assert self.cfg.data.train_data is not None
+        self.stop = stop
         train_data, val = self.cfg.data.train_data, self.cfg.data.val_data
         spec = self.loader_spec(train=True)
         loop = TrainLoop(
@@ -213,6 +226,8 @@ class Run:
         reason = loop.run()
         if reason == "done" and val:
             self.evaluate(loop.step)
+            if self.eval_abandoned:  # the final checkpoint is written; the stop is what the exit status says
+                reason = "interrupted"
         return reason
 
     def current_step(self) -> int:

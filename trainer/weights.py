@@ -11,6 +11,10 @@ cache layout). huggingface_hub shows a progress bar per file and resumes an inte
 a file already complete is not fetched again. The command ends by printing the `--set` options that point the
 trainer at the local copies, one per line on stdout; everything else goes to stderr.
 
+Every network call gives up after `--timeout SECONDS` (default 60) without an answer (trainer/hub_timeouts.py): an
+endpoint that accepts connections and never answers ends the command after about 2 x SECONDS + 1 s per file, with
+one line naming the endpoint, exit 1.
+
 `check_available` is what the trainer runs before start-up (trainer/main.py): a pretrained checkpoint that is not on
 local disk (a folder, a file, or the Hugging Face cache) stops the run with one line naming `./launch.sh
 fetch-weights`, since training runs with HF_HUB_OFFLINE=1 and never downloads.
@@ -26,6 +30,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, ModelConfig
+from trainer.hub_timeouts import DEFAULT_TIMEOUT_S, hub_endpoint, positive_seconds, set_timeout, timed_out
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "VQA_WEIGHTS"
@@ -59,6 +64,15 @@ def default_cache() -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _download_error(what: str, endpoint: str, exc: BaseException, timeout: float) -> FetchError:
+    if timed_out(exc):
+        return FetchError(
+            f"{what}: {endpoint} did not answer within {timeout:g} s (--timeout SECONDS to wait longer; "
+            f"HF_ENDPOINT names the hub): {_first_line(exc)}"
+        )
+    return FetchError(f"{what}: download from {endpoint} failed: {_first_line(exc)}")
 
 
 # -- what is on local disk -----------------------------------------------------------------------------------------
@@ -188,7 +202,7 @@ def check_available(model: ModelConfig, preset: str | None = None) -> None:
 # -- fetching ------------------------------------------------------------------------------------------------------
 
 
-def fetch_vilt(name: str, cache: Path) -> Path:
+def fetch_vilt(name: str, cache: Path, timeout: float = DEFAULT_TIMEOUT_S) -> Path:
     """A local folder as it is, else hub repository `name` downloaded into CACHE/vilt/ORG--NAME; the folder."""
     path = Path(name).expanduser()
     if not path.is_dir():
@@ -203,14 +217,14 @@ def fetch_vilt(name: str, cache: Path) -> Path:
                 f"--vilt '{name}': neither a folder nor a hub name ({_first_line(exc)})"
             ) from None
         except Exception as exc:  # network, authentication, a repository that does not exist
-            raise FetchError(f"--vilt {name}: download failed: {_first_line(exc)}") from None
+            raise _download_error(f"--vilt {name}", hub_endpoint(), exc, timeout) from None
     missing = vilt_files_missing(path)
     if missing:
         raise WeightsError(f"--vilt {name}: {path} has no {', no '.join(missing)}: not a ViLT checkpoint")
     return path.resolve()
 
 
-def fetch_clip(arch: str, pretrained: str, cache: Path) -> Path:
+def fetch_clip(arch: str, pretrained: str, cache: Path, timeout: float = DEFAULT_TIMEOUT_S) -> Path:
     """A local file as it is, else open_clip's weights (tag of `arch`, or hf-hub:ORG/NAME) in CACHE/open_clip."""
     if is_clip_file(pretrained):
         if not Path(pretrained).is_file():
@@ -220,17 +234,20 @@ def fetch_clip(arch: str, pretrained: str, cache: Path) -> Path:
 
     target = str(cache / "open_clip")
     print(f"fetch-weights: CLIP {arch} {pretrained} -> {target}", file=sys.stderr, flush=True)
+    endpoint = hub_endpoint()
     try:
         if pretrained.startswith(HF_HUB_PREFIX):
             file = oc.download_pretrained_from_hf(pretrained[len(HF_HUB_PREFIX) :], cache_dir=target)
         else:
             cfg = clip_tag_config(arch, pretrained)
             _warn_tag_differences(arch, pretrained, cfg)
+            if cfg.get("url") and not cfg.get("hf_hub"):  # open_clip fetches such a tag from its URL
+                endpoint = cfg["url"]
             file = oc.download_pretrained(cfg, cache_dir=target)
     except WeightsError:
         raise
     except Exception as exc:
-        raise FetchError(f"--clip {pretrained}: download failed: {_first_line(exc)}") from None
+        raise _download_error(f"--clip {pretrained}", endpoint, exc, timeout) from None
     if not file or not Path(file).is_file():
         raise FetchError(f"--clip {pretrained}: open_clip returned no file for {arch}")
     return Path(file).resolve()
@@ -291,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         "file ('none': skip)",
     )
     p.add_argument("--clip-arch", metavar="ARCH", help="open_clip architecture instead of the preset's")
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"give up on a network call after SECONDS without an answer (default {DEFAULT_TIMEOUT_S:g}; "
+        "huggingface_hub retries a timed-out request up to 5 times)",
+    )
     return p
 
 
@@ -323,10 +348,12 @@ def fetch(args: argparse.Namespace) -> list[str]:
     lines = []
     if args.clip_arch is not None:
         lines.append(set_line("clip_arch", model.clip_arch))
+    timeout = getattr(args, "timeout", DEFAULT_TIMEOUT_S)
     if model.vilt_pretrained:
-        lines.append(set_line("vilt_pretrained", fetch_vilt(model.vilt_pretrained, cache)))
+        lines.append(set_line("vilt_pretrained", fetch_vilt(model.vilt_pretrained, cache, timeout)))
     if model.visual == "clip" and model.clip_pretrained:
-        lines.append(set_line("clip_pretrained", fetch_clip(model.clip_arch, model.clip_pretrained, cache)))
+        clip = fetch_clip(model.clip_arch, model.clip_pretrained, cache, timeout)
+        lines.append(set_line("clip_pretrained", clip))
     return lines
 
 
@@ -336,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or argparse's own one-line message (exit 2)
         return int(exc.code or 0)
+    restore = set_timeout(args.timeout)
     try:
         lines = fetch(args)
     except ConfigError as exc:  # WeightsError included: bad input
@@ -344,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        restore()
     if not lines:
         print(
             f"fetch-weights: preset {args.preset} names no pretrained weights: nothing to fetch",

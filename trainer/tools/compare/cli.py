@@ -147,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-gpus", type=int, default=None, help="GPUs per run (default: all local GPUs; 0 = CPU)"
     )
-    p.add_argument("--master-port", type=int, default=29512, help="rendezvous port of the deepspeed launcher")
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port of the deepspeed launcher (default: the first free one from 29512 upward, per run)",
+    )
     p.add_argument("--report-only", action="store_true", help="only rebuild the outputs from finished runs")
     p.add_argument("--quiet", dest="show_progress", action="store_false", help="no live progress bars")
     return p

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,8 @@ from trainer.tools.compare.variants import Variant
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[3]  # trainer/tools/compare/runs.py -> the repository
+# Where the search for a free rendezvous port starts (`free_port`), away from DeepSpeed's default 29500.
+DEFAULT_MASTER_PORT = 29512
 SUBSET_SEED = (
     0  # the draw of --val-subset: fixed, so that every comparison of a split validates on one subset
 )
@@ -53,17 +56,29 @@ def ranks_per_run(args: argparse.Namespace) -> int:
     return max(1, gpus)
 
 
+def free_port(start: int) -> int:
+    """The first port from `start` upward that this host can listen on: another job's rendezvous (an earlier run
+    still exiting, another comparison, a training job) holds its port, and the deepspeed launcher's rank 0 would die
+    on it with EADDRINUSE while the other ranks joined that job's rendezvous."""
+    for port in range(start, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise CompareError(
+        f"no free port from {start} to 65535 on this host for the rendezvous: give --master-port"
+    )
+
+
 def _launcher(args: argparse.Namespace) -> list[str]:
     gpus = args.num_gpus if args.num_gpus is not None else local_gpu_count()
     if gpus > 0:
-        return [
-            shutil.which("deepspeed") or "deepspeed",
-            "--num_gpus",
-            str(gpus),
-            "--master_port",
-            str(args.master_port),
-        ]
-    return [sys.executable]
+        # A port given is the user's; otherwise one free now, chosen again for every run.
+        port = args.master_port if args.master_port is not None else free_port(DEFAULT_MASTER_PORT)
+        return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(gpus), "--master_port", str(port)]
+    return [sys.executable]  # one process: trainer/dist.py picks a free port itself
 
 
 def trainer_command(spec: RunSpec, args: argparse.Namespace, resume: bool) -> list[str]:
