@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.launch_env import running_in_group, wait_for_output, wait_group
+from tests.test_main_deepspeed import scalars
 from trainer.main import REPO_ROOT
 
 BIN = Path(sys.executable).parent
@@ -163,14 +164,16 @@ def test_sigterm_mid_eval_only_writes_nothing_and_exits_143(
 ) -> None:
     run_dir = tmp_path / "run"  # freshly initialised weights: the train data only builds the tokenizer
     args = [*TINY, "--set", "train.eval_batch_size=1", "--train-data", str(tiny_easyvqa_shards / "train")]
-    args += ["--val-data", str(long_val), "--eval-only"]
+    args += ["--val-data", str(long_val), "--eval-only", "--resume", "none"]
     cmd = [sys.executable, "trainer/main.py", *args, "--run-dir", str(run_dir)]
     rc, elapsed, log = _signalled_mid_eval(cmd, tmp_path / "eval.log")
     assert rc == 128 + signal.SIGTERM, log[-5000:]
     assert "step 0: evaluation abandoned after" in log and "after abandoning the evaluation" in log, log[
         -5000:
     ]
-    assert not list(run_dir.glob("eval/*")), log[-5000:]
+    # RUN/eval/initial/ holds the settings it ran with; no predictions, no metrics, no scalars
+    assert not list(run_dir.glob("eval/**/val_*")), log[-5000:]
+    assert not [tag for tag in scalars(run_dir / "eval" / "initial") if tag.startswith("val/")], log[-5000:]
     assert elapsed < EXIT_S, f"{elapsed:.1f} s from SIGTERM to exit:\n{log[-3000:]}"
 
 
