@@ -37,7 +37,7 @@ class Checkout:
 
     @property
     def deepspeed(self) -> str:
-        return f"{self.venv}/bin/deepspeed"
+        return f"{self.venv}/bin/deepspeed --log_level warning"
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -201,24 +201,24 @@ def test_trainer_args_pass_through_unchanged(checkout: Checkout) -> None:
         "--help",
     ]
     line = checkout.dry("train", "--num_gpus", "1", "--", *trainer_args)[-1]
-    assert line == [checkout.deepspeed, "--num_gpus", "1", "trainer/main.py", *trainer_args]
+    assert line == [*words(checkout.deepspeed), "--num_gpus", "1", "trainer/main.py", *trainer_args]
     # Without `--`, trainer arguments start at the first argument that is not a launch option.
     line = checkout.dry("train", "--num_gpus", "1", "--preset", "tiny", "--num_gpus", "5")[-1]
-    assert line[3:] == ["trainer/main.py", "--preset", "tiny", "--num_gpus", "5"]
+    assert line[5:] == ["trainer/main.py", "--preset", "tiny", "--num_gpus", "5"]
 
 
 def test_data_and_run_paths_from_the_environment(checkout: Checkout) -> None:
     paths = {"VQA_TRAIN_DATA": "/data/train", "VQA_VAL_DATA": "/data/val", "VQA_RUN_DIR": "/runs/a b"}
     lines = checkout.dry("train", "--preset", "tiny", **paths)
     assert lines[1:-1] == node_env(**paths)
-    assert lines[-1][3:] == [
+    assert lines[-1][5:] == [
         "trainer/main.py",
         *["--train-data", "/data/train", "--val-data", "/data/val", "--run-dir", "/runs/a b"],
         *["--preset", "tiny"],
     ]
     # Given on the command line, in either form, the argument wins and the variable adds nothing.
     line = checkout.dry("train", "--run-dir=/elsewhere", "--val-data", "/v", **paths)[-1]
-    assert line[3:] == [
+    assert line[5:] == [
         "trainer/main.py",
         "--train-data",
         "/data/train",
@@ -524,6 +524,55 @@ def test_sigterm_reaches_every_rank_of_a_no_ssh_node(real_deepspeed: Checkout) -
     assert not list(c.tmp.glob("vqa-align.*")), "the temporary hostfile is removed at exit"
 
 
+CTRL_C_TRAINER = """\
+import os, pathlib, signal, sys, time
+out, run_dir = pathlib.Path(os.environ["TEST_OUT"]), pathlib.Path(sys.argv[sys.argv.index("--run-dir") + 1])
+
+def on_sigint(signum, frame):
+    time.sleep(0.5)  # a checkpoint being written
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("global_step7")
+    sys.exit(130)
+
+signal.signal(signal.SIGINT, on_sigint)
+(out / "started").write_text("")
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_command_that_continues(
+    real_deepspeed: Checkout,
+) -> None:
+    """Ctrl-C at a terminal signals the whole foreground process group: launch.sh alone receives it (the launcher
+    runs in a session of its own), passes it to the rank, and ends with the saved tag and the resume command, with
+    no KeyboardInterrupt traceback from DeepSpeed's runner."""
+    c, out, run_dir = real_deepspeed, real_deepspeed.tmp / "out", real_deepspeed.tmp / "run"
+    (c.root / "trainer" / "main.py").write_text(CTRL_C_TRAINER)
+    proc = subprocess.Popen(
+        [str(c.root / "launch.sh"), "train", "--num_gpus", "1", "--", "--preset", "tiny", "--run-dir", str(run_dir)],
+        env=c.env(TEST_OUT=str(out)), cwd=c.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job is
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: (out / "started").exists() or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, proc.stdout.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.splitlines()[-1] == (
+        f"launch.sh: stopped by SIGINT: checkpoint global_step7 saved in {run_dir}/checkpoints; continue with: "
+        f"./launch.sh train --num_gpus 1 -- --preset tiny --run-dir {run_dir} --resume auto"
+    ), output
+    assert "cmd = " not in output, (
+        output
+    )  # DeepSpeed's launcher INFO lines stay below VQA_LOG_LEVEL's warning
+
+
 def test_sigterm_before_the_ranks_start_stops_the_launch(real_deepspeed: Checkout) -> None:
     c = real_deepspeed
     proc = subprocess.Popen(
@@ -582,14 +631,15 @@ def test_train_trains_with_the_real_trainer_through_deepspeeds_launcher(
          *("--set", "train.progress_bar=false", "--set", "data.num_workers=1")],
         env=c.env(
             VQA_TRAIN_DATA=str(tiny_easyvqa_shards / "train"), VQA_RUN_DIR=str(run_dir), HF_HUB_OFFLINE="1",
-            OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", VQA_LOG_LEVEL="info",  # DeepSpeed's launcher logs its commands
         ),
         cwd=c.tmp, capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     assert "no GPU found" in result.stderr  # launch.sh chose one CPU process
-    # DeepSpeed's per-node launcher started the rank, handing it --local_rank as it does every trainer.
+    # DeepSpeed's per-node launcher started the rank, handing it --local_rank as it does every trainer (its INFO
+    # lines show with VQA_LOG_LEVEL=info).
     assert "deepspeed.launcher.launch" in log and "--local_rank=0" in log, log[-6000:]
     assert "step 3/3" in log, log[-6000:]
     ea = EventAccumulator(str(run_dir / "tensorboard"))
