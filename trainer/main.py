@@ -75,6 +75,7 @@ from typing import Any  # noqa: E402
 from data_pipeline.errors import is_bad_input  # noqa: E402
 from trainer import dist as D  # noqa: E402
 from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
+from trainer.config_file import add_config_options, config_text, read_config_file  # noqa: E402
 from trainer.presets import PRESETS, get_preset  # noqa: E402
 from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
 from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint when there is one, else start a fresh run from --preset and the other options; one command "
         "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod)",
     )
+    add_config_options(p)
     _add_engine_options(p)
     return p
 
@@ -160,22 +162,25 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
-    """Preset (or the run's saved config on --resume), then --train-data/--val-data/--max-steps, then --set."""
+    """Preset, with --config FILE on top (or the run's saved config on --resume), then --train-data/--val-data/
+    --max-steps, then --set."""
     if args.resume:
         if not folder.config_file.is_file():
             raise ConfigError(f"--resume: {folder.path} has no {CONFIG_FILE} (not a run folder?)")
-        if args.preset:
+        for given in (
+            f"--preset {args.preset}" if args.preset else "",
+            f"--config {args.config}" if args.config else "",
+        ):
+            if not given:
+                continue
             # Expected with --resume auto (one command for the first start and the restarts): no warning then.
             level = logging.INFO if getattr(args, "auto_resume", False) else logging.WARNING
-            log.log(
-                level,
-                "--preset %s ignored: a resumed run continues with its saved %s",
-                args.preset,
-                CONFIG_FILE,
-            )
+            log.log(level, "%s ignored: a resumed run continues with its saved %s", given, CONFIG_FILE)
         cfg = folder.read_config()
     else:
         cfg = get_preset(args.preset or "tiny")
+        if args.config:
+            cfg = read_config_file(args.config, cfg)
     overrides = [f"data.train_data={args.train_data}"] if args.train_data else []
     if args.val_data:
         overrides.append(f"data.val_data={args.val_data}")
@@ -300,6 +305,22 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
 
 
 # -- main --------------------------------------------------------------------------------------------------------
+def print_config(args: argparse.Namespace) -> int:
+    """--print-config: the configuration this command would run with, as config.json holds it; nothing is checked
+    or started (the data folders need not exist yet)."""
+    folder = RunFolder(args.run_dir)
+    try:
+        resolve_auto_resume(args, folder)
+        cfg = resolve_config(args, folder)
+    except Exception as exc:
+        if not is_bad_input(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(config_text(cfg))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check (before any process group exists), build the run, train or evaluate, close. An error that means
     "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback) subclasses
@@ -310,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's own message for an unknown option
         return int(exc.code or 0)
     setup_logging()
+    if args.print_config:
+        return print_config(args)
     from trainer.checkpointing import CheckpointSpaceError
     from trainer.loop import NonFiniteLossError
     from trainer.preemption import StopRequest
