@@ -390,3 +390,20 @@ def test_image_size_stores_the_loaders_squash_and_the_trainer_refuses_a_larger_s
     capsys.readouterr()
     assert run(*vqa2_args(raw, tmp_path / "bad", "--image-size", "0")) == 2
     assert "--image-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_synthetic_command_writes_the_official_layout_once(tmp_path, capsys) -> None:
+    from data_pipeline import synthetic
+
+    raw = tmp_path / "raw"
+    assert synthetic.main(["--out", str(raw), "--images", "3"]) == 0
+    for split in ("train2014", "val2014"):
+        questions, annotations, images = synthetic.official_names(split)
+        assert json.loads((raw / questions).read_text())["data_subtype"] == split
+        assert len(json.loads((raw / annotations).read_text())["annotations"]) == 9
+        assert len(list((raw / images).glob(f"COCO_{split}_*.jpg"))) == 3
+    assert not list(raw.glob(".synthetic-*"))
+    capsys.readouterr()
+    assert synthetic.main(["--out", str(raw), "--images", "3"]) == 2  # never over an existing download
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds" in err[0], err
