@@ -602,6 +602,8 @@ cmd_train() {
         else
             slots=1
             note "no GPU found (nvidia-smi): launching one CPU process (--num_gpus 1)"
+            # Told, DeepSpeed does not warn in every process that it could not detect an accelerator.
+            export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
         fi
         if (( no_ssh )); then
             # DeepSpeed needs the list of nodes even when it launches only this one: K alike nodes.

@@ -369,7 +369,10 @@ def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
         assert (subset_eval["count"], whole_eval["count"]) == (16, 32)
         assert entry["full_val_vqa_score"]["values"] == [whole_eval["vqa_score"]]
         assert entry["final_val_vqa_score"]["values"] == [pytest.approx(subset_eval["vqa_score"])]
-        assert (run_dir / "tensorboard").is_dir() and (run_dir / "full_eval" / "tensorboard").is_dir()
+        # TensorBoard events in each run folder itself: the runs show under their folders' names
+        assert list(run_dir.glob("events.out.tfevents.*")) and list(
+            (run_dir / "full_eval").glob("events.out.tfevents.*")
+        )
 
     with Image.open(out / "loss_curves.png") as png:
         png.verify()

@@ -180,6 +180,7 @@ def test_host_reads_only_on_logging_steps(monkeypatch: pytest.MonkeyPatch) -> No
         "train/grad_norm",
         "train/samples_per_second",
         "train/data_wait_fraction",
+        "train/samples_seen",
     }
     assert set(loop.metrics.rows[0][1]) == expected
 
@@ -357,3 +358,25 @@ def test_a_bar_into_a_log_file_also_logs_a_line_per_logged_step(
 
     assert not logs_lines(progress_bar(True, file=Terminal(), total=3))  # a terminal keeps its bar alone
     assert logs_lines(progress_bar(False, file=Terminal(), total=3))  # no bar: the lines are the progress
+
+
+def test_samples_seen_is_logged_beside_the_step_and_events_go_in_the_run_folder(tmp_path: Path) -> None:
+    """train/samples_seen: step x global batch; TensorBoard events in the run folder itself, so that
+    `tensorboard --logdir runs` names each run after its folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.metrics import TRAIN_TAGS, build_logger
+
+    loop = loop_for(FakeEngine(), "train.max_steps=4", "train.log_every=2")
+    assert loop.run() == "done"
+    assert [(step, m["train/samples_seen"]) for step, m in loop.metrics.rows] == [(2, 4.0), (4, 8.0)]
+    assert "train/samples_seen" in TRAIN_TAGS
+
+    run_dir = tmp_path / "my-run"
+    logger = build_logger(run_dir, is_main=True)
+    logger.log({"train/samples_seen": 8.0}, 4)
+    logger.close()
+    assert [p.parent for p in tmp_path.rglob("events.out.tfevents.*")] == [run_dir]
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/samples_seen")] == [(4, 8.0)]

@@ -642,7 +642,7 @@ def test_train_trains_with_the_real_trainer_through_deepspeeds_launcher(
     # lines show with VQA_LOG_LEVEL=info).
     assert "deepspeed.launcher.launch" in log and "--local_rank=0" in log, log[-6000:]
     assert "step 3/3" in log, log[-6000:]
-    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea = EventAccumulator(str(run_dir))
     ea.Reload()
     losses = {e.step: e.value for e in ea.Scalars("train/loss")}
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), losses

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,57 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_field(
     assert main(["--config", str(path), "--print-config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and message in err[0], err
+
+
+LOGGING_PROBE = """
+import logging, warnings
+from trainer.logs import setup_logging
+setup_logging(0, None)
+logging.getLogger().info("a library's info line on the root logger")
+logging.getLogger("open_clip").info("a library's own logger")
+logging.getLogger("DeepSpeed").info("a DeepSpeed configuration dump")
+logging.getLogger("trainer.loop").info("the trainer's own line")
+logging.getLogger().warning("a library's warning")
+warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+"""
+
+
+@pytest.mark.parametrize("level", [None, "info"])
+def test_other_libraries_info_lines_stay_below_warning_unless_asked(level: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VQA_LOG_LEVEL"}
+    if level:
+        env["VQA_LOG_LEVEL"] = level
+    out = subprocess.run(
+        [sys.executable, "-c", LOGGING_PROBE],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    err = out.stderr
+    assert "the trainer's own line" in err and "a library's warning" in err
+    for line in (
+        "a library's info line",
+        "a library's own logger",
+        "DeepSpeed configuration dump",
+        "deprecated",
+    ):
+        assert (line in err) == (level == "info"), err
+
+
+def test_log_level_option_and_a_cpu_only_machine_quiets_deepspeeds_accelerator_warning(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from trainer import logs
+
+    assert main(["--log-level", "loud", "--print-config"]) == 2
+    assert "--log-level: invalid choice: 'loud'" in capsys.readouterr().err
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(logs, "Path", lambda p: tmp_path / "no-driver")  # no /proc/driver/nvidia/gpus
+    logs.quiet_cpu_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    logs.quiet_cpu_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "cuda"  # what the user set stays

@@ -264,6 +264,7 @@ class TrainLoop:
             "train/lr": self.engine.lr(),
             "train/samples_per_second": self._interval_samples / elapsed,
             "train/data_wait_fraction": min(1.0, self._wait / elapsed),
+            "train/samples_seen": float(self.samples),  # beside the step: runs of other batch sizes line up
         }
         norm = self.engine.grad_norm()
         if norm is not None:

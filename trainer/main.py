@@ -72,6 +72,10 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
 
+from trainer.logs import add_log_option, quiet_cpu_accelerator  # noqa: E402
+
+quiet_cpu_accelerator()  # before DeepSpeed is imported (trainer.run below imports it)
+
 from data_pipeline.errors import is_bad_input  # noqa: E402
 from trainer import dist as D  # noqa: E402
 from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod)",
     )
     add_config_options(p)
+    add_log_option(p)
     _add_engine_options(p)
     return p
 
@@ -276,15 +281,12 @@ def check_data(
 
 
 # -- running (the run itself is built by trainer/run.py) ---------------------------------------------------------
-def setup_logging() -> None:
-    rank = D.env_rank()  # whichever launcher started the process (trainer/dist.py), before any process group
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # DeepSpeed's own INFO lines (config dumps, per-step timers) would drown the trainer's.
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+def setup_logging(level: str | None = None) -> None:
+    from trainer.logs import setup_logging as setup
+
+    setup(
+        D.env_rank(), level
+    )  # whichever launcher started the process (trainer/dist.py), before any process group
 
 
 def train_or_evaluate(run: Run, stop: Any) -> int:
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or argparse's own message for an unknown option
         return int(exc.code or 0)
-    setup_logging()
+    setup_logging(args.log_level)
     if args.print_config:
         return print_config(args)
     from trainer.checkpointing import CheckpointSpaceError

@@ -8,7 +8,7 @@ from it to a model.
       tokenizer/              the question tokenizer (data_pipeline/text.py)    this module, rank 0, once per run
       checkpoints/            DeepSpeed checkpoints and the trainer's state     trainer/checkpointing.py
       eval/                   predictions and metrics of each evaluation        trainer/evaluation.py
-      tensorboard/            TensorBoard events                                trainer/metrics.py
+      events.out.tfevents.*   TensorBoard events (the run is named after RUN)   trainer/metrics.py
       .lock                   the job that holds the folder                     trainer/runlock.py
 
 trainer/main.py starts a run through `RunFolder.start` (writes the three JSON files, provisions the tokenizer) and
