@@ -57,10 +57,17 @@ write_lines() {
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
+# Every package of the dependency tree, pinned with its hashes: generated from pyproject.toml by pip-compile (the
+# command is in its header). pyproject.toml holds the direct pins, written once; this file follows from them.
+LOCK_FILE="$ROOT/requirements.lock"
+
 # Cheap fingerprint of everything that decides what is installed: re-install only when it changes.
 # Bump SETUP_VERSION when cmd_setup's install steps change.
-SETUP_VERSION=1
-setup_stamp() { { cat "$ROOT/pyproject.toml"; echo "setup-version $SETUP_VERSION"; } | sha256sum | cut -d' ' -f1; }
+SETUP_VERSION=2
+setup_stamp() {
+    { cat "$ROOT/pyproject.toml"; [[ ! -f "$LOCK_FILE" ]] || cat "$LOCK_FILE"; echo "setup-version $SETUP_VERSION"; } |
+        sha256sum | cut -d' ' -f1
+}
 
 # pip install, without the one warning line per package that local extra indexes without that package cause.
 pip_install() {
@@ -70,7 +77,8 @@ pip_install() {
 cmd_setup() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
         echo "Usage: ./launch.sh setup"
-        echo "Create .venv (Python 3.11) and install the project with its pinned dependencies from pyproject.toml."
+        echo "Create .venv (Python 3.11; \$VQA_VENV to put it elsewhere) and install every dependency from"
+        echo "requirements.lock (the whole tree, pinned, each file's hash checked), then the project from pyproject.toml."
         echo "Quick when nothing changed: a stamp file records what was installed."
         return 0
     fi
@@ -85,13 +93,15 @@ cmd_setup() {
         echo "launch.sh: creating virtual environment $VENV" >&2
         run "$python" -m venv "$VENV"
     fi
-    echo "launch.sh: installing pinned dependencies into $VENV (first time: several minutes)" >&2
-    # torch first: DeepSpeed's setup.py looks for it, and pip must take the pinned build, not a newer CUDA one.
-    pip_install --upgrade "pip>=24" setuptools wheel
-    pip_install "torch==2.14.1" "torchvision==0.29.1"
+    [[ -f "$LOCK_FILE" ]] || die "setup: $LOCK_FILE is missing (it pins every dependency; restore it from git)"
+    echo "launch.sh: installing the locked dependencies into $VENV (first time: several minutes)" >&2
+    pip_install --upgrade "pip>=24"
+    # Every package at its locked version, each file checked against its hashes; --no-deps: nothing outside the lock.
     # DS_BUILD_OPS=0: no DeepSpeed op is compiled at install time (the trainer steps torch's fused AdamW; an op that
     # is needed, such as cpu_adam for optimizer offload, is compiled on first use).
-    DS_BUILD_OPS=0 pip_install -e "${ROOT}[dev]"
+    DS_BUILD_OPS=0 pip_install --require-hashes --no-deps -r "$LOCK_FILE"
+    # The project itself, editable; its dependencies are all in place already.
+    pip_install --no-deps -e "${ROOT}[dev]"
     [[ "$DRY_RUN" == 1 ]] || echo "$stamp" > "$VENV/.setup-stamp"
 }
 

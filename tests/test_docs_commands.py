@@ -286,7 +286,7 @@ def site(tmp_path: Path) -> Site:
         *(mnt / n for n in ("shards", "runs", "weights")),
     ):
         d.mkdir(parents=True)
-    for name in ("launch.sh", "pyproject.toml"):
+    for name in ("launch.sh", "pyproject.toml", "requirements.lock"):
         shutil.copy2(REPO / name, root / name)
     for name in ("Dockerfile", "compose.yaml", "compose.rdma.yaml"):
         shutil.copy2(REPO / "docker" / name, root / "docker" / name)

@@ -100,6 +100,7 @@ def checkout(tmp_path: Path) -> Checkout:
         d.mkdir(parents=True)
     shutil.copy2(REPO / "launch.sh", root / "launch.sh")
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy2(REPO / "requirements.lock", root / "requirements.lock")
     for name in ("python", "deepspeed", "tensorboard", "ruff"):
         write_executable(venv / "bin" / name, "#!/bin/sh\nexit 0\n")
     (venv / ".setup-stamp").write_text(stamp_for(root / "launch.sh"))
@@ -156,6 +157,49 @@ def test_setup_and_test_still_run_what_they_ran(checkout: Checkout) -> None:
         words(f"{checkout.venv}/bin/ruff check ."),
         words(f"{checkout.venv}/bin/python -m pytest -k launch"),
     ]
+
+
+def test_setup_installs_the_whole_tree_from_the_lock_file(checkout: Checkout) -> None:
+    """A stale stamp: setup installs requirements.lock with every hash checked and nothing outside it, then the
+    project alone; torch's pin is written once (pyproject.toml), never in launch.sh."""
+    (checkout.venv / ".setup-stamp").write_text("stale\n")
+    py, lock = f"{checkout.venv}/bin/python", f"{checkout.root}/requirements.lock"
+    assert checkout.dry("setup") == [
+        [py, "-m", "pip", "install", "--quiet", "--upgrade", "pip>=24"],
+        [py, "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps", "-r", lock],
+        [py, "-m", "pip", "install", "--quiet", "--no-deps", "-e", f"{checkout.root}[dev]"],
+    ]
+    assert "torch==" not in (REPO / "launch.sh").read_text()
+    (checkout.root / "requirements.lock").unlink()
+    result = checkout.launch("--dry-run", "setup")
+    assert result.returncode == 2 and "requirements.lock is missing" in result.stderr
+
+
+def test_the_lock_pins_every_direct_dependency_with_hashes() -> None:
+    """requirements.lock holds each pyproject.toml pin at the same version, every package with a hash, and torch's
+    hash includes the wheel pip installs here (the local index's)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    direct = project["dependencies"] + project["optional-dependencies"]["dev"]
+    text = (REPO / "requirements.lock").read_text()
+    entries = re.findall(
+        r"^([A-Za-z0-9_.\-]+)==(\S+) \\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", text, re.M
+    )
+    pinned = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version, _ in entries}
+    lines = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    assert len(lines) == len(entries) > 90, [line for line in lines if "==" not in line][
+        :5
+    ]  # every one hashed
+    for requirement in direct:
+        name, version = re.sub(r"\[.*\]", "", requirement).split("==")
+        assert pinned.get(re.sub(r"[-_.]+", "-", name).lower()) == version, requirement
+    local = Path("/opt/pypi-more/simple/torch/index.html")
+    if local.is_file():  # the machine's pip serves torch from local disk: that wheel's hash must be listed
+        wheel_hash = re.search(r"sha256=([0-9a-f]{64})", local.read_text()).group(1)
+        torch_hashes = next(h for n, _, h in entries if n == "torch")
+        assert wheel_hash in torch_hashes
 
 
 # --- train on one node --------------------------------------------------------------------------------------------
