@@ -18,9 +18,7 @@ import argparse
 import io
 import json
 import math
-import os
 import random
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,6 +136,7 @@ def write_vqa2(
     photo_like: bool = False,
     chroma_subsampling: bool = True,
     on_image: Callable[[int], None] | None = None,
+    names: tuple[str, str, str] = ("questions.json", "annotations.json", "images"),
 ) -> Vqa2Files:
     """Write images/, questions.json and annotations.json under `root` (see the module docstring).
 
@@ -147,13 +146,14 @@ def write_vqa2(
     colour edges), so comparisons of two decoders' pixels use 4:4:4. A fractional `questions_per_image` (VQA v2 has
     ~5.4) spreads the questions evenly: image n gets floor((n+1)q) - floor(nq) of them, so a whole number gives
     every image exactly that many (the random draws, and so the files, stay as they were). `on_image(n)` is called
-    after each image is written (progress for large sets).
+    after each image is written (progress for large sets). `names`: the questions file, annotations file and image
+    folder under `root` (`official_names(split)` gives the downloads' names).
     """
     rng = random.Random(seed)
     root = Path(root)
-    images = root / "images"
+    images = root / names[2]
     images.mkdir(parents=True, exist_ok=True)
-    files = Vqa2Files(root, root / "questions.json", root / "annotations.json", images, split)
+    files = Vqa2Files(root, root / names[0], root / names[1], images, split)
     questions, annotations = [], []
     image_ids = [first_image_id + i for i in range(n_images)]
     truncated = image_ids[1] if bad else None
@@ -204,24 +204,15 @@ def write_official_layout(
         )
     written: dict[str, Vqa2Files] = {}
     for i, split in enumerate(("train2014", "val2014")):
-        stage = out / f".synthetic-{split}"
-        shutil.rmtree(stage, ignore_errors=True)  # what an interrupted earlier call left
-        files = write_vqa2(
-            stage,
+        written[split] = write_vqa2(
+            out,
             n_images=n_images,
             questions_per_image=questions_per_image,
             split=split,
             seed=seed + i,
             bad=bad,
             first_image_id=100 + i * (n_images + 1000),
-        )
-        questions, annotations, images = official_names(split)
-        os.replace(files.images, out / images)
-        os.replace(files.questions, out / questions)
-        os.replace(files.annotations, out / annotations)
-        stage.rmdir()
-        written[split] = Vqa2Files(
-            out, out / questions, out / annotations, out / images, split, files.question_ids, files.rejected
+            names=official_names(split),
         )
     return written
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,29 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved configuration (JSON, the form of a run's config.json) and exit without training",
     )
+
+
+def base_config(preset: str | None, config: str | None) -> RunConfig:
+    """What a fresh run starts from: the preset (tiny by default), with the file of --config over it."""
+    from trainer.presets import get_preset
+
+    cfg = get_preset(preset or "tiny")
+    return read_config_file(config, cfg) if config else cfg
+
+
+def print_config(resolve: Callable[[], RunConfig]) -> int:
+    """--print-config: the configuration `resolve` gives, as config.json holds it; a bad input is one line, exit 2."""
+    from data_pipeline.errors import is_bad_input
+
+    try:
+        cfg = resolve()
+    except Exception as exc:
+        if not is_bad_input(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(config_text(cfg))
+    return 0
 
 
 def read_config_file(path: str | Path, base: RunConfig) -> RunConfig:

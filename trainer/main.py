@@ -72,15 +72,15 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
 
-from trainer.logs import add_log_option, quiet_cpu_accelerator  # noqa: E402
+from trainer.logs import add_log_option, quiet_cpu_accelerator, setup_logging  # noqa: E402
 
 quiet_cpu_accelerator()  # before DeepSpeed is imported (trainer.run below imports it)
 
 from data_pipeline.errors import is_bad_input  # noqa: E402
 from trainer import dist as D  # noqa: E402
 from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
-from trainer.config_file import add_config_options, config_text, read_config_file  # noqa: E402
-from trainer.presets import PRESETS, get_preset  # noqa: E402
+from trainer.config_file import add_config_options, base_config, print_config  # noqa: E402
+from trainer.presets import PRESETS  # noqa: E402
 from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
 from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
 
@@ -173,20 +173,16 @@ def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
     if args.resume:
         if not folder.config_file.is_file():
             raise ConfigError(f"--resume: {folder.path} has no {CONFIG_FILE} (not a run folder?)")
-        for given in (
-            f"--preset {args.preset}" if args.preset else "",
-            f"--config {args.config}" if args.config else "",
-        ):
-            if not given:
-                continue
+        ignored = " and ".join(
+            f"--{k} {v}" for k, v in (("preset", args.preset), ("config", args.config)) if v
+        )
+        if ignored:
             # Expected with --resume auto (one command for the first start and the restarts): no warning then.
             level = logging.INFO if getattr(args, "auto_resume", False) else logging.WARNING
-            log.log(level, "%s ignored: a resumed run continues with its saved %s", given, CONFIG_FILE)
+            log.log(level, "%s ignored: a resumed run continues with its saved %s", ignored, CONFIG_FILE)
         cfg = folder.read_config()
     else:
-        cfg = get_preset(args.preset or "tiny")
-        if args.config:
-            cfg = read_config_file(args.config, cfg)
+        cfg = base_config(args.preset, args.config)
     overrides = [f"data.train_data={args.train_data}"] if args.train_data else []
     if args.val_data:
         overrides.append(f"data.val_data={args.val_data}")
@@ -281,14 +277,6 @@ def check_data(
 
 
 # -- running (the run itself is built by trainer/run.py) ---------------------------------------------------------
-def setup_logging(level: str | None = None) -> None:
-    from trainer.logs import setup_logging as setup
-
-    setup(
-        D.env_rank(), level
-    )  # whichever launcher started the process (trainer/dist.py), before any process group
-
-
 def train_or_evaluate(run: Run, stop: Any) -> int:
     """Train (or, with --eval-only, evaluate), then close the metrics; the exit status."""
     run.log_hparams()
@@ -308,22 +296,6 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
 
 
 # -- main --------------------------------------------------------------------------------------------------------
-def print_config(args: argparse.Namespace) -> int:
-    """--print-config: the configuration this command would run with, as config.json holds it; nothing is checked
-    or started (the data folders need not exist yet)."""
-    folder = RunFolder(args.run_dir)
-    try:
-        resolve_auto_resume(args, folder)
-        cfg = resolve_config(args, folder)
-    except Exception as exc:
-        if not is_bad_input(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(config_text(cfg))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse, check (before any process group exists), build the run, train or evaluate, close. An error that means
     "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback) subclasses
@@ -333,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or argparse's own message for an unknown option
         return int(exc.code or 0)
-    setup_logging(args.log_level)
-    if args.print_config:
-        return print_config(args)
+    setup_logging(
+        D.env_rank(), args.log_level
+    )  # the rank whichever launcher started it gave (trainer/dist.py)
+    if (
+        args.print_config
+    ):  # what this command would run with, as config.json holds it; nothing checked or started
+        folder = RunFolder(args.run_dir)
+        return print_config(lambda: resolve_auto_resume(args, folder) or resolve_config(args, folder))
     from trainer.checkpointing import CheckpointSpaceError
     from trainer.loop import NonFiniteLossError
     from trainer.preemption import StopRequest

@@ -157,7 +157,7 @@ def pair_up(images: list[Any], questions: list[str]) -> list[tuple[Any, str]]:
     return list(zip(images, questions, strict=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m trainer.predict",
         description="Answer questions about images with a trained checkpoint (a run folder or an export).",
@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--batch-size", type=positive_int, default=32, help="pairs answered per forward pass (default 32)"
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     try:
         args = p.parse_args(argv)
         if (args.pairs is None) == (args.image is None or args.question is None) or (
