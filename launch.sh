@@ -173,15 +173,18 @@ Environment:
   --env NAME=VALUE    one more variable for the processes of every node (repeatable)
   Every node's processes get: every NCCL_* variable set here, with NCCL_DEBUG=WARN unless set;
   TORCH_NCCL_ASYNC_ERROR_HANDLING (default 1: a failed or hung collective aborts the job instead of hanging it);
-  VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR, HF_HOME, HF_HUB_OFFLINE, TORCH_HOME, OMP_NUM_THREADS when set.
+  VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR, HF_HOME, HF_HUB_OFFLINE, TORCH_HOME, OMP_NUM_THREADS,
+  VQA_LOG_LEVEL when set. VQA_LOG_LEVEL (debug, info, warning, error; default warning) is the threshold for other
+  libraries' lines in the trainer and for DeepSpeed's launcher (its --log_level).
   Over ssh DeepSpeed exports them on the other nodes from a file named by DS_ENV_FILE (launch.sh writes it,
   after the lines of your own ~/.deepspeed_env and ./.deepspeed_env); without ssh each node exports its own.
   VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR also become --train-data, --val-data, --run-dir for
   trainer/main.py unless TRAINER ARGS give them.
 
-SIGTERM (docker stop, Kubernetes, Slurm, cloud preemption) goes to every rank of this node at once, and
-launch.sh waits for them to exit (the trainer checkpoints on SIGTERM); over ssh, to DeepSpeed's runner, which
-stops every node. Ctrl-C acts as with plain deepspeed.
+SIGTERM (docker stop, Kubernetes, Slurm, cloud preemption) and Ctrl-C (SIGINT) go to every rank of this node at
+once, and launch.sh waits for them to exit (the trainer checkpoints on either); over ssh, to DeepSpeed's runner,
+which stops every node. A run stopped so ends with one line naming the saved checkpoint and the command that
+continues it (exit status 130 for SIGINT, 143 for SIGTERM).
 
 Examples:
   ./launch.sh train --preset tiny --train-data data/easy-vqa/train --val-data data/easy-vqa/test --run-dir runs/tiny
@@ -194,7 +197,7 @@ USAGE
 # Variables that every node's processes get besides DeepSpeed's own (RANK, MASTER_ADDR, ...), when set here;
 # every NCCL_* variable too. train_usage and docs/cluster.md say what each one is for.
 NODE_ENV_NAMES=(TORCH_NCCL_ASYNC_ERROR_HANDLING VQA_TRAIN_DATA VQA_VAL_DATA VQA_RUN_DIR HF_HOME HF_HUB_OFFLINE
-    TORCH_HOME OMP_NUM_THREADS)
+    TORCH_HOME OMP_NUM_THREADS VQA_LOG_LEVEL)
 
 in_list() { local x="$1" y; shift; for y in "$@"; do [[ "$x" == "$y" ]] && return 0; done; return 1; }
 

@@ -175,6 +175,13 @@ def test_setup_installs_the_whole_tree_from_the_lock_file(checkout: Checkout) ->
     assert result.returncode == 2 and "requirements.lock is missing" in result.stderr
 
 
+def test_deepspeeds_launcher_logs_at_the_asked_level(checkout: Checkout) -> None:
+    line = checkout.dry("train", "--num_gpus", "1", VQA_LOG_LEVEL="INFO")[-1]
+    assert line[:3] == [f"{checkout.venv}/bin/deepspeed", "--log_level", "info"]
+    result = checkout.launch("--dry-run", "train", VQA_LOG_LEVEL="loud")
+    assert result.returncode == 2 and "VQA_LOG_LEVEL must be one of" in result.stderr, result.stderr
+
+
 def test_the_lock_pins_every_direct_dependency_with_hashes() -> None:
     """requirements.lock holds each pyproject.toml pin at the same version, every package with a hash, and torch's
     hash includes the wheel pip installs here (the local index's)."""
@@ -280,6 +287,7 @@ def test_nccl_and_cache_settings_are_exported_and_nothing_else(checkout: Checkou
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
         "HF_HOME": "/checkpoints/huggingface",
         "OMP_NUM_THREADS": "4",
+        "VQA_LOG_LEVEL": "info",
     }
     lines = checkout.dry("train", "--env", "CUDA_DEVICE_MAX_CONNECTIONS=1", **settings, UNRELATED="x")
     assert lines[1:-1] == node_env(**settings, CUDA_DEVICE_MAX_CONNECTIONS="1")
