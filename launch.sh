@@ -57,10 +57,17 @@ write_lines() {
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
+# Every package of the dependency tree, pinned with its hashes: generated from pyproject.toml by pip-compile (the
+# command is in its header). pyproject.toml holds the direct pins, written once; this file follows from them.
+LOCK_FILE="$ROOT/requirements.lock"
+
 # Cheap fingerprint of everything that decides what is installed: re-install only when it changes.
 # Bump SETUP_VERSION when cmd_setup's install steps change.
-SETUP_VERSION=1
-setup_stamp() { { cat "$ROOT/pyproject.toml"; echo "setup-version $SETUP_VERSION"; } | sha256sum | cut -d' ' -f1; }
+SETUP_VERSION=2
+setup_stamp() {
+    { cat "$ROOT/pyproject.toml"; [[ ! -f "$LOCK_FILE" ]] || cat "$LOCK_FILE"; echo "setup-version $SETUP_VERSION"; } |
+        sha256sum | cut -d' ' -f1
+}
 
 # pip install, without the one warning line per package that local extra indexes without that package cause.
 pip_install() {
@@ -70,7 +77,8 @@ pip_install() {
 cmd_setup() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
         echo "Usage: ./launch.sh setup"
-        echo "Create .venv (Python 3.11) and install the project with its pinned dependencies from pyproject.toml."
+        echo "Create .venv (Python 3.11; \$VQA_VENV to put it elsewhere) and install every dependency from"
+        echo "requirements.lock (the whole tree, pinned, each file's hash checked), then the project from pyproject.toml."
         echo "Quick when nothing changed: a stamp file records what was installed."
         return 0
     fi
@@ -85,13 +93,15 @@ cmd_setup() {
         echo "launch.sh: creating virtual environment $VENV" >&2
         run "$python" -m venv "$VENV"
     fi
-    echo "launch.sh: installing pinned dependencies into $VENV (first time: several minutes)" >&2
-    # torch first: DeepSpeed's setup.py looks for it, and pip must take the pinned build, not a newer CUDA one.
-    pip_install --upgrade "pip>=24" setuptools wheel
-    pip_install "torch==2.14.1" "torchvision==0.29.1"
+    [[ -f "$LOCK_FILE" ]] || die "setup: $LOCK_FILE is missing (it pins every dependency; restore it from git)"
+    echo "launch.sh: installing the locked dependencies into $VENV (first time: several minutes)" >&2
+    pip_install --upgrade "pip>=24"
+    # Every package at its locked version, each file checked against its hashes; --no-deps: nothing outside the lock.
     # DS_BUILD_OPS=0: no DeepSpeed op is compiled at install time (the trainer steps torch's fused AdamW; an op that
     # is needed, such as cpu_adam for optimizer offload, is compiled on first use).
-    DS_BUILD_OPS=0 pip_install -e "${ROOT}[dev]"
+    DS_BUILD_OPS=0 pip_install --require-hashes --no-deps -r "$LOCK_FILE"
+    # The project itself, editable; its dependencies are all in place already.
+    pip_install --no-deps -e "${ROOT}[dev]"
     [[ "$DRY_RUN" == 1 ]] || echo "$stamp" > "$VENV/.setup-stamp"
 }
 
@@ -166,15 +176,18 @@ Environment:
   --env NAME=VALUE    one more variable for the processes of every node (repeatable)
   Every node's processes get: every NCCL_* variable set here, with NCCL_DEBUG=WARN unless set;
   TORCH_NCCL_ASYNC_ERROR_HANDLING (default 1: a failed or hung collective aborts the job instead of hanging it);
-  VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR, HF_HOME, HF_HUB_OFFLINE, TORCH_HOME, OMP_NUM_THREADS when set.
+  VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR, HF_HOME, HF_HUB_OFFLINE, TORCH_HOME, OMP_NUM_THREADS,
+  VQA_LOG_LEVEL when set. VQA_LOG_LEVEL (debug, info, warning, error; default warning) is the threshold for other
+  libraries' lines in the trainer and for DeepSpeed's launcher (its --log_level).
   Over ssh DeepSpeed exports them on the other nodes from a file named by DS_ENV_FILE (launch.sh writes it,
   after the lines of your own ~/.deepspeed_env and ./.deepspeed_env); without ssh each node exports its own.
   VQA_TRAIN_DATA, VQA_VAL_DATA, VQA_RUN_DIR also become --train-data, --val-data, --run-dir for
   trainer/main.py unless TRAINER ARGS give them.
 
-SIGTERM (docker stop, Kubernetes, Slurm, cloud preemption) goes to every rank of this node at once, and
-launch.sh waits for them to exit (the trainer checkpoints on SIGTERM); over ssh, to DeepSpeed's runner, which
-stops every node. Ctrl-C acts as with plain deepspeed.
+SIGTERM (docker stop, Kubernetes, Slurm, cloud preemption) and Ctrl-C (SIGINT) go to every rank of this node at
+once, and launch.sh waits for them to exit (the trainer checkpoints on either); over ssh, to DeepSpeed's runner,
+which stops every node. A run stopped so ends with one line naming the saved checkpoint and the command that
+continues it (exit status 130 for SIGINT, 143 for SIGTERM).
 
 Examples:
   ./launch.sh train --preset tiny --train-data data/easy-vqa/train --val-data data/easy-vqa/test --run-dir runs/tiny
@@ -187,7 +200,7 @@ USAGE
 # Variables that every node's processes get besides DeepSpeed's own (RANK, MASTER_ADDR, ...), when set here;
 # every NCCL_* variable too. train_usage and docs/cluster.md say what each one is for.
 NODE_ENV_NAMES=(TORCH_NCCL_ASYNC_ERROR_HANDLING VQA_TRAIN_DATA VQA_VAL_DATA VQA_RUN_DIR HF_HOME HF_HUB_OFFLINE
-    TORCH_HOME OMP_NUM_THREADS)
+    TORCH_HOME OMP_NUM_THREADS VQA_LOG_LEVEL)
 
 in_list() { local x="$1" y; shift; for y in "$@"; do [[ "$x" == "$y" ]] && return 0; done; return 1; }
 
@@ -297,21 +310,24 @@ make_launch_dir() {
     fi
 }
 
-# Runs the launcher and waits for it, passing SIGTERM on. DeepSpeed's runner has no SIGTERM handler when it starts
-# this node's processes itself (one node, or --no_ssh): it would die and leave the ranks running, untold. And its
-# per-node launcher (deepspeed.launcher.launch) passes a SIGTERM on to the ranks one at a time, waiting for each to
-# exit (30 s, then SIGKILL) before telling the next, which deadlocks a checkpoint that needs every rank. So
-# launch.sh sends SIGTERM to every rank of this node at once and waits for them; the launcher sees them exit with
+# Runs the launcher and waits for it, passing SIGTERM and SIGINT on. DeepSpeed's runner has no SIGTERM handler when
+# it starts this node's processes itself (one node, or --no_ssh): it would die and leave the ranks running, untold.
+# And its per-node launcher (deepspeed.launcher.launch) passes a SIGTERM on to the ranks one at a time, waiting for
+# each to exit (30 s, then SIGKILL) before telling the next, which deadlocks a checkpoint that needs every rank. So
+# launch.sh sends the signal to every rank of this node at once and waits for them; the launcher sees them exit with
 # their own status. Over ssh (TARGET=runner) the runner's own handler stops pdsh and the remote launchers.
-# The launcher starts in the background so that the trap can run while it works; the subshell undoes what bash
-# does to background jobs (SIGINT ignored, stdin from /dev/null) so that Ctrl-C acts as with plain deepspeed.
+# The launcher runs in a session of its own (setsid), so that Ctrl-C at a terminal reaches launch.sh alone, which
+# passes it on as it does SIGTERM: DeepSpeed's runner would otherwise print a KeyboardInterrupt traceback and its
+# launcher start killing the ranks' process trees while they save. The launcher starts in the background so that
+# the traps can run while it works; the subshell undoes what bash does to background jobs (SIGINT ignored, stdin
+# from /dev/null).
 run_passing_sigterm() {
     local target="$1"; shift
     if [[ "$DRY_RUN" == 1 ]]; then run "$@"; return 0; fi
-    TRAIN_PID="" TRAIN_SIGNAL_TARGET="$target"
-    trap pass_sigterm TERM
-    trap ':' INT  # Ctrl-C reaches the launcher's processes directly; keep waiting for them to finish
-    ( trap - INT QUIT TERM; exec "$@" ) <&0 &
+    TRAIN_PID="" TRAIN_SIGNAL_TARGET="$target" TRAIN_STOP_SIGNAL=""
+    trap 'pass_signal TERM' TERM
+    trap 'pass_signal INT' INT
+    ( trap - INT QUIT TERM; exec setsid "$@" ) <&0 &
     TRAIN_PID=$!
     local rc again
     while true; do
@@ -327,17 +343,19 @@ run_passing_sigterm() {
     return "$rc"
 }
 
-# The trap for SIGTERM: every rank (the per-node launcher's children) at once; before the ranks exist, the
-# launcher; before that, the runner.
-pass_sigterm() {
+# The trap for SIGTERM and SIGINT (SIG): every rank (the per-node launcher's children) at once; before the ranks
+# exist, the launcher; before that, the runner. A second Ctrl-C is passed on too: the ranks then stop at once.
+pass_signal() {
+    local sig="$1"
     local -a launchers=() ranks=()
     if [[ -z "$TRAIN_PID" ]]; then
-        note "SIGTERM before the launch: not launching"
-        exit 143
+        note "SIG$sig before the launch: not launching"
+        if [[ "$sig" == INT ]]; then exit 130; else exit 143; fi
     fi
+    TRAIN_STOP_SIGNAL="SIG$sig"
     if [[ "$TRAIN_SIGNAL_TARGET" == runner ]]; then
-        note "SIGTERM: passing it to DeepSpeed's runner, which stops the processes of every node"
-        kill -TERM "$TRAIN_PID" 2>/dev/null || true
+        note "SIG$sig: passing it to DeepSpeed's runner, which stops the processes of every node"
+        kill "-$sig" "$TRAIN_PID" 2>/dev/null || true
         return 0
     fi
     mapfile -t launchers < <(pgrep -P "$TRAIN_PID" || true)
@@ -345,14 +363,61 @@ pass_sigterm() {
         mapfile -t ranks < <(pgrep -P "$(IFS=,; echo "${launchers[*]}")" || true)
     fi
     if (( ${#ranks[@]} > 0 )); then
-        note "SIGTERM: passing it to every rank on this node (pids ${ranks[*]}) and waiting for them"
-        kill -TERM "${ranks[@]}" 2>/dev/null || true
+        note "SIG$sig: passing it to every rank on this node (pids ${ranks[*]}) and waiting for them to save a checkpoint"
+        kill "-$sig" "${ranks[@]}" 2>/dev/null || true
     elif (( ${#launchers[@]} > 0 )); then
-        note "SIGTERM before the ranks started: stopping DeepSpeed's launcher"
+        note "SIG$sig before the ranks started: stopping DeepSpeed's launcher"
         kill -TERM "${launchers[@]}" 2>/dev/null || true
     else
         kill -TERM "$TRAIN_PID" 2>/dev/null || true
     fi
+}
+
+# The last line of a training run that a signal stopped: the checkpoint the ranks saved (the run folder's `latest`
+# pointer, rewritten once a checkpoint is complete) and the command that continues the run.
+# Args: the signal's name, the run folder, then launch.sh's train arguments as given.
+stopped_note() {
+    local sig="$1" run_dir="$2"; shift 2
+    local -a again=()
+    local skip=0 arg tag=""
+    for arg in "$@"; do  # the same command, its --resume (if any) replaced by --resume auto
+        if (( skip )); then skip=0; [[ "$arg" != -* ]] && continue; fi
+        case "$arg" in
+            --resume) skip=1; continue ;;
+            --resume=*) continue ;;
+        esac
+        again+=("$arg")
+    done
+    again+=(--resume auto)
+    [[ "$run_dir" == /* ]] || run_dir="$ROOT/$run_dir"
+    [[ ! -f "$run_dir/checkpoints/latest" ]] || tag="$(cat "$run_dir/checkpoints/latest")"
+    if [[ -n "$tag" ]]; then
+        note "stopped by $sig: checkpoint $tag saved in $run_dir/checkpoints; continue with: ./launch.sh train$(printf ' %q' "${again[@]}")"
+    else
+        note "stopped by $sig with no complete checkpoint in $run_dir/checkpoints; start again with: ./launch.sh train$(printf ' %q' "${again[@]}")"
+    fi
+}
+
+# The trainer's run folder for TRAINER ARGS: --run-dir, else $VQA_RUN_DIR, else the trainer's default.
+trainer_run_dir() {
+    local prev="" arg
+    for arg in "$@"; do
+        if [[ "$prev" == --run-dir ]]; then echo "$arg"; return 0; fi
+        [[ "$arg" != --run-dir=* ]] || { echo "${arg#--run-dir=}"; return 0; }
+        prev="$arg"
+    done
+    echo "${VQA_RUN_DIR:-runs/latest}"
+}
+
+# DeepSpeed's runner and per-node launcher log at INFO by default (the command lines, the world info as base64, the
+# environment): WARNING unless VQA_LOG_LEVEL asks for more.
+ds_log_level() {
+    local level="${VQA_LOG_LEVEL:-warning}"
+    level="${level,,}"
+    case "$level" in
+        debug|info|warning|error|critical) echo "$level" ;;
+        *) die "VQA_LOG_LEVEL must be one of debug, info, warning, error, critical; got '${VQA_LOG_LEVEL}'" ;;
+    esac
 }
 
 DEMO_DATA="${VQA_DEMO_DATA:-$ROOT/data/easy-vqa}"
@@ -464,6 +529,7 @@ HELP
 }
 
 cmd_train() {
+    local -a given_args=("$@")  # for the command that continues a run stopped by a signal
     local num_gpus="" hostfile="" num_nodes="" master_addr="" master_port="" node_rank="" ssh_port="" no_ssh=0
     local preflight=0
     local -a env_names=()
@@ -585,7 +651,9 @@ cmd_train() {
     run cd "$ROOT"
     for line in "${env_lines[@]}"; do run export "$line"; done
 
-    local -a launch=("$VENV/bin/deepspeed")
+    local ds_level
+    ds_level="$(ds_log_level)"
+    local -a launch=("$VENV/bin/deepspeed" --log_level "$ds_level")
     if [[ -n "$hostfile" ]]; then
         launch+=(--hostfile "$hostfile")
         [[ -z "$num_nodes" ]] || launch+=(--num_nodes "$num_nodes")
@@ -600,6 +668,8 @@ cmd_train() {
         else
             slots=1
             note "no GPU found (nvidia-smi): launching one CPU process (--num_gpus 1)"
+            # Told, DeepSpeed does not warn in every process that it could not detect an accelerator.
+            export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
         fi
         if (( no_ssh )); then
             # DeepSpeed needs the list of nodes even when it launches only this one: K alike nodes.
@@ -646,7 +716,12 @@ cmd_train() {
     # The preflight runs as a module (as `python -m`), from the repository root like the trainer.
     local -a program=(trainer/main.py)
     if (( preflight )); then program=(--module trainer.preflight); fi
-    run_passing_sigterm "$target" "${launch[@]}" "${program[@]}" "${defaults[@]}" "${trainer_args[@]}"
+    local rc=0
+    run_passing_sigterm "$target" "${launch[@]}" "${program[@]}" "${defaults[@]}" "${trainer_args[@]}" || rc=$?
+    if [[ -n "${TRAIN_STOP_SIGNAL:-}" ]] && (( ! preflight )); then
+        stopped_note "$TRAIN_STOP_SIGNAL" "$(trainer_run_dir "${defaults[@]}" "${trainer_args[@]}")" "${given_args[@]}"
+    fi
+    return "$rc"
 }
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,14 +5,21 @@ grayscale), the official question and annotation JSON layouts with 10 annotator 
 variants such as "Two"/"2"/"yes." that the official normalisation merges), and, unless `bad=False`, one truncated
 JPEG and one question whose image file does not exist. The returned `Vqa2Files` says where everything is and which
 questions must be rejected.
+
+`python -m data_pipeline.synthetic --out RAW --images N` writes a train2014 and a val2014 split in the official
+download's layout (RAW/v2_OpenEnded_mscoco_train2014_questions.json, RAW/v2_mscoco_train2014_annotations.json,
+RAW/train2014/COCO_train2014_*.jpg, and the same for val2014), so that the README's VQA v2 commands run end to end
+without the downloads. The data only checks the plumbing: its answers are random, nothing in it can be learned.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -129,6 +136,7 @@ def write_vqa2(
     photo_like: bool = False,
     chroma_subsampling: bool = True,
     on_image: Callable[[int], None] | None = None,
+    names: tuple[str, str, str] = ("questions.json", "annotations.json", "images"),
 ) -> Vqa2Files:
     """Write images/, questions.json and annotations.json under `root` (see the module docstring).
 
@@ -138,13 +146,14 @@ def write_vqa2(
     colour edges), so comparisons of two decoders' pixels use 4:4:4. A fractional `questions_per_image` (VQA v2 has
     ~5.4) spreads the questions evenly: image n gets floor((n+1)q) - floor(nq) of them, so a whole number gives
     every image exactly that many (the random draws, and so the files, stay as they were). `on_image(n)` is called
-    after each image is written (progress for large sets).
+    after each image is written (progress for large sets). `names`: the questions file, annotations file and image
+    folder under `root` (`official_names(split)` gives the downloads' names).
     """
     rng = random.Random(seed)
     root = Path(root)
-    images = root / "images"
+    images = root / names[2]
     images.mkdir(parents=True, exist_ok=True)
-    files = Vqa2Files(root, root / "questions.json", root / "annotations.json", images, split)
+    files = Vqa2Files(root, root / names[0], root / names[1], images, split)
     questions, annotations = [], []
     image_ids = [first_image_id + i for i in range(n_images)]
     truncated = image_ids[1] if bad else None
@@ -173,3 +182,88 @@ def write_vqa2(
             files.rejected[qid] = "image missing"
     _write_json(files, questions, annotations)
     return files
+
+
+# The official file names of one split (visualqa.org's downloads, cocodataset.org's image folders).
+def official_names(split: str) -> tuple[str, str, str]:
+    """(questions file, annotations file, image folder) of `split` (train2014, val2014) as the downloads name them."""
+    return f"v2_OpenEnded_mscoco_{split}_questions.json", f"v2_mscoco_{split}_annotations.json", split
+
+
+def write_official_layout(
+    out: str | Path, *, n_images: int, questions_per_image: float = 3, seed: int = 0, bad: bool = False
+) -> dict[str, Vqa2Files]:
+    """train2014 and val2014 splits (each of `n_images` images, ids disjoint) under `out` in the official layout."""
+    out = Path(out)
+    existing = [
+        name for split in ("train2014", "val2014") for name in official_names(split) if (out / name).exists()
+    ]
+    if existing:
+        raise FileExistsError(
+            f"--out {out}: already holds {', '.join(existing)}; give an empty or new folder"
+        )
+    written: dict[str, Vqa2Files] = {}
+    for i, split in enumerate(("train2014", "val2014")):
+        written[split] = write_vqa2(
+            out,
+            n_images=n_images,
+            questions_per_image=questions_per_image,
+            split=split,
+            seed=seed + i,
+            bad=bad,
+            first_image_id=100 + i * (n_images + 1000),
+            names=official_names(split),
+        )
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipeline.synthetic",
+        description="Write a small synthetic VQA v2-format data set (train2014 and val2014) in the official "
+        "download's layout, for trying the VQA v2 conversion and training commands without COCO. Its answers are "
+        "random: it checks the plumbing, a model learns nothing from it.",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="RAW", help="folder to write into (created; must not hold the files)"
+    )
+    p.add_argument("--images", type=int, default=16, metavar="N", help="images per split (default 16)")
+    p.add_argument(
+        "--questions-per-image", type=float, default=3, metavar="Q", help="questions per image (default 3)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--bad",
+        action="store_true",
+        help="also write one truncated JPEG and one question without its image per split, which the converter "
+        "must reject",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.images < 1 or args.questions_per_image <= 0:
+        print("error: --images must be >= 1 and --questions-per-image > 0", file=sys.stderr)
+        return 2
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        written = write_official_layout(
+            args.out,
+            n_images=args.images,
+            questions_per_image=args.questions_per_image,
+            seed=args.seed,
+            bad=args.bad,
+        )
+    except (FileExistsError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for split, files in written.items():
+        print(
+            f"{split}: {args.images} images, {len(files.question_ids)} questions -> {files.questions.parent}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

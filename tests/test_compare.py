@@ -9,7 +9,7 @@ from PIL import Image
 
 from trainer.tools.compare.claims import claims
 from trainer.tools.compare.cli import DEFAULT_VARIANTS, build_parser, main
-from trainer.tools.compare.report import plot, write_report
+from trainer.tools.compare.report import plot, plot_results, write_report
 from trainer.tools.compare.results import (
     RESULTS_SCHEMA_VERSION,
     aggregate,
@@ -105,8 +105,9 @@ def test_claims_say_not_resolved_with_one_seed():
         "clip-infonce-dot+dup-mask": _entry([200], [0.01], 0.99, model="clip-infonce-dot"),
     }
     found = claims(summary, [1.0])
-    # 2 paper variants x 2 references + the steadiness claim + the modifier against its plain variant (steps, score)
-    assert len(found) == 4 + 1 + 2
+    # CLIP's embedding against ViLT's (score) + 2 paper variants x 2 references + the steadiness claim + the
+    # modifier against its plain variant (steps, score)
+    assert len(found) == 1 + 4 + 1 + 2
     assert all(c.outcome == "not resolved" and c.diff is None for c in found)
     assert _by(found, "clip-infonce-dot+dup-mask", "clip-infonce-dot") == {
         "steps to VQA loss < 1": "not resolved",
@@ -390,11 +391,11 @@ def test_comparison_end_to_end(tiny_easyvqa_shards, tmp_path):
         assert (subset_eval["count"], whole_eval["count"]) == (16, 32)
         assert entry["full_val_vqa_score"]["values"] == [whole_eval["vqa_score"]]
         assert entry["final_val_vqa_score"]["values"] == [pytest.approx(subset_eval["vqa_score"])]
-        assert (run_dir / "tensorboard").is_dir()
-        assert (run_dir / "full_eval" / "eval" / "global_step4" / "tensorboard").is_dir()
-        assert not (
-            run_dir / "full_eval" / "tensorboard"
-        ).exists()  # the evaluation writes under eval/<tag>/ only
+        # TensorBoard events in each run folder itself (the runs show under their folders' names); the whole-split
+        # evaluation writes under full_eval/eval/<tag>/ only
+        assert list(run_dir.glob("events.out.tfevents.*"))
+        assert list((run_dir / "full_eval" / "eval" / "global_step4").glob("events.out.tfevents.*"))
+        assert not list((run_dir / "full_eval").glob("events.out.tfevents.*"))
 
     with Image.open(out / "loss_curves.png") as png:
         png.verify()
@@ -436,3 +437,60 @@ def test_verdict_compares_with_the_larger_seed_range_at_the_boundaries():
     )  # equal
     assert verdict([0.0, 16.0], [23.0, 25.5])[0] == "a<b"  # 16.25 > 16
     assert verdict(b, a)[0] == "unresolved" and verdict([23.0, 25.5], [0.0, 16.0])[0] == "a>b"
+
+
+def test_report_opens_with_a_verdict_per_claim_and_the_figure_draws_one_band_per_variant(tmp_path):
+    """Three seeds per variant: CLIP's embedding clearly above ViLT's (resolved), the InfoNCE variant within the
+    seed range of the ablation (not resolved); the figure from results.json alone, one legend entry per variant."""
+    val_steps = [200, 400, 600, 800]
+    runs = {
+        "baseline": [
+            _run_record(s, val_steps, [0.5, 0.6, 0.7, 0.80 + 0.01 * s], 0.85 + 0.01 * s, 0.3)
+            for s in range(3)
+        ],
+        "clip-no-infonce": [
+            _run_record(s, val_steps, [0.6, 0.7, 0.8, 0.93 + 0.01 * s], 0.95 + 0.01 * s) for s in range(3)
+        ],
+        "clip-infonce-dot": [
+            _run_record(s, val_steps, [0.6, 0.7, 0.8, 0.92 + 0.02 * s], 0.94 + 0.02 * s, 0.01 * s)
+            for s in range(3)
+        ],
+    }
+    variants = {v: parse_variant(v) for v in runs}
+    results = {
+        "schema_version": RESULTS_SCHEMA_VERSION, "preset": "demo", "steps": None, "seeds": [0, 1, 2],
+        "variants_order": list(runs), "train_data": "data/train", "val_data": "data/test", "val_subset": None,
+        "loss_thresholds": [1.0], "smooth_steps": 100, "machine": "CPU only, 2 cores (x86_64)", "date": "2026-12-07",
+        "wall_time_s": 900.0, "variants": aggregate(runs, [1.0], variants, 100),
+    }  # fmt: skip
+    results = json.loads(json.dumps(results))  # as written to and read from results.json
+    validate_results(results)
+    band = results["variants"]["clip-infonce-dot"]["loss_curve"]
+    i = band["step"].index(400)
+    smoothed = [smooth(r["curves"]["step"], r["curves"]["vqa_loss"])[79] for r in runs["clip-infonce-dot"]]
+    assert (band["min"][i], band["max"][i]) == pytest.approx((min(smoothed), max(smoothed)), abs=1e-5)
+    assert band["mean"][i] == pytest.approx(sum(smoothed) / 3, abs=1e-5)
+
+    write_report(results, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    opening = report.split("## Question")[0]
+    assert opening.startswith("# Comparison report: demo preset\n\n## Verdicts in brief")
+    assert (
+        "**CLIP's visual embedding scores higher than ViLT's (ablation)**: `clip-no-infonce` against `baseline`: "
+        "**supported**." in opening
+    )
+    assert "VQA score, whole split, end: 0.9600 (0.9500-0.9700) vs 0.8600 (0.8500-0.8700)." in opening
+    assert "`clip-infonce-dot` against `clip-no-infonce`: **not resolved**." in opening
+    # resolved claims come first; three lines each
+    first = opening.split("\n\n")[2].splitlines()
+    assert len(first) == 3 and "supported" in first[0]
+
+    labels = plot_results(results, tmp_path / "loss_curves.png")
+    assert labels == [f"{v} (3 seeds)" for v in runs]
+    with Image.open(tmp_path / "loss_curves.png") as png:
+        png.verify()
+    old = json.loads(json.dumps(results))
+    del old["variants"]["baseline"]["loss_curve"]  # a results.json written before the curves were kept
+    validate_results(old)
+    with pytest.raises(ValueError, match="draw it from the run folders"):
+        plot_results(old, tmp_path / "old.png")

@@ -427,3 +427,19 @@ def test_skip_out_of_vocab_leaves_out_questions_with_all_zero_targets(raw, tmp_p
     assert skipped == usable & covered
     assert manifest["out_of_vocabulary"]["left_out"] is True
     assert manifest["totals"]["samples"] == len(usable & covered)
+
+
+def test_synthetic_command_writes_the_official_layout_once(tmp_path, capsys) -> None:
+    from data_pipeline import synthetic
+
+    raw = tmp_path / "raw"
+    assert synthetic.main(["--out", str(raw), "--images", "3"]) == 0
+    for split in ("train2014", "val2014"):
+        questions, annotations, images = synthetic.official_names(split)
+        assert json.loads((raw / questions).read_text())["data_subtype"] == split
+        assert len(json.loads((raw / annotations).read_text())["annotations"]) == 9
+        assert len(list((raw / images).glob(f"COCO_{split}_*.jpg"))) == 3
+    capsys.readouterr()
+    assert synthetic.main(["--out", str(raw), "--images", "3"]) == 2  # never over an existing download
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds" in err[0], err

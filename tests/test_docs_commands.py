@@ -154,6 +154,7 @@ EXERCISED = [
     (README, "mkdir -p docs/demo_5seeds", f"{HERE}::test_readme_five_seed_study"),
     (README, "./launch.sh setup; PY=.venv/bin/python", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
     (README, "$PY -m data_pipeline.convert", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
+    (README, ".venv/bin/python -m data_pipeline.synthetic", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
     (README, "./launch.sh fetch-weights", f"{HERE}::test_readme_fetch_weights_prints_the_documented_lines"),
     (README, "./launch.sh train", f"{HERE}::test_readme_one_node_many_nodes"),
     (README, ".venv/bin/python -m pytest", f"{HERE}::test_readme_development_commands"),
@@ -250,7 +251,7 @@ class Site:
 
     def localize(self, text: str) -> str:
         """The doc's host folders as this site's: /mnt/... and the README's RAW/ (the raw downloads)."""
-        return text.replace("/mnt/", f"{self.mnt}/").replace("RAW/", f"{self.mnt}/raw/")
+        return re.sub(r"\bRAW(?=/|\s|$)", f"{self.mnt}/raw", text.replace("/mnt/", f"{self.mnt}/"))
 
     def sh(
         self, script: str, exits: dict[str, int] | None = None, **env: str
@@ -285,7 +286,7 @@ def site(tmp_path: Path) -> Site:
         *(mnt / n for n in ("shards", "runs", "weights")),
     ):
         d.mkdir(parents=True)
-    for name in ("launch.sh", "pyproject.toml"):
+    for name in ("launch.sh", "pyproject.toml", "requirements.lock"):
         shutil.copy2(REPO / name, root / name)
     for name in ("Dockerfile", "compose.yaml", "compose.rdma.yaml"):
         shutil.copy2(REPO / "docker" / name, root / "docker" / name)
@@ -408,10 +409,15 @@ def test_readme_five_seed_study(site: Site) -> None:
 
 
 def test_readme_vqa2_conversion_on_a_local_stand_in(site: Site) -> None:
-    write_raw_vqa2(site.mnt / "raw")
-    result = site.sh(block(README, "./launch.sh setup; PY=").text)
+    """The README's synthetic stand-in for the downloads, then its conversion commands, as written."""
+    synthetic = block(README, ".venv/bin/python -m data_pipeline.synthetic").text
+    result = site.sh(
+        synthetic + block(README, "./launch.sh setup; PY=").text,
+        STANDIN_RUN="data_pipeline.convert,data_pipeline.synthetic",
+    )
     assert_ok(result)
     assert [c["argv"][:3] for c in site.calls("python")] == [
+        ["-m", "data_pipeline.synthetic", "--out"],
         ["-m", "data_pipeline.convert", "vqa2-answers"],
         ["-m", "data_pipeline.convert", "vqa2"],
         ["-m", "data_pipeline.convert", "vqa2"],

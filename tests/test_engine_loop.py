@@ -180,6 +180,7 @@ def test_host_reads_only_on_logging_steps(monkeypatch: pytest.MonkeyPatch) -> No
         "train/grad_norm",
         "train/samples_per_second",
         "train/data_wait_fraction",
+        "train/samples_seen",
     }
     assert set(loop.metrics.rows[0][1]) == expected
 
@@ -326,3 +327,56 @@ def test_loader_workers_survive_a_signal_meant_for_the_trainer_and_end_with_the_
         # any that a failure above kept (SIGKILL would make its SIGCHLD handler fail a later test instead).
         raised = None
         gc.collect()
+
+
+def test_a_bar_into_a_log_file_also_logs_a_line_per_logged_step(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """A batch job's stderr is a file: every train.log_every steps a log line, beside a labelled bar."""
+    import logging
+
+    from trainer.progress import logs_lines, progress_bar
+
+    loop = loop_for(FakeEngine(), "train.max_steps=4", "train.log_every=2", "train.progress_bar=true")
+    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+        assert loop.run() == "done"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" loss")[0] for line in lines] == ["step 2/4", "step 4/4"], lines
+    assert all("samples/s" in line for line in lines)
+    err = capsys.readouterr().err  # pytest's capture is not a terminal: the bar is drawn there rarely
+    assert "train:" in err and "samples/s=" in err and "sps=" not in err, err
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, s: str) -> None:
+            pass
+
+        def flush(self) -> None:
+            pass
+
+    assert not logs_lines(progress_bar(True, file=Terminal(), total=3))  # a terminal keeps its bar alone
+    assert logs_lines(progress_bar(False, file=Terminal(), total=3))  # no bar: the lines are the progress
+
+
+def test_samples_seen_is_logged_beside_the_step_and_events_go_in_the_run_folder(tmp_path: Path) -> None:
+    """train/samples_seen: step x global batch; TensorBoard events in the run folder itself, so that
+    `tensorboard --logdir runs` names each run after its folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.metrics import TRAIN_TAGS, build_logger
+
+    loop = loop_for(FakeEngine(), "train.max_steps=4", "train.log_every=2")
+    assert loop.run() == "done"
+    assert [(step, m["train/samples_seen"]) for step, m in loop.metrics.rows] == [(2, 4.0), (4, 8.0)]
+    assert "train/samples_seen" in TRAIN_TAGS
+
+    run_dir = tmp_path / "my-run"
+    logger = build_logger(run_dir, is_main=True)
+    logger.log({"train/samples_seen": 8.0}, 4)
+    logger.close()
+    assert [p.parent for p in tmp_path.rglob("events.out.tfevents.*")] == [run_dir]
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/samples_seen")] == [(4, 8.0)]

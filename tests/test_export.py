@@ -216,3 +216,81 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --out {other}: holds files that are not an export's (notes.txt)"), err
     assert len(err.splitlines()) == 1 and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_predictor_answers_a_list_of_pairs_as_the_command_does(
+    exported: Path, images: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Predictor.predict on paths and PIL images, batched, equals `python -m trainer.predict --pairs FILE`."""
+    from PIL import Image
+
+    from trainer.predictor import Predictor
+
+    pairs = [(im, q) for im in images for q in QUESTIONS]  # 6 pairs, answered 4 at a time below
+    lines = [json.dumps({"image": Path(im).name, "question": q}) for im, q in pairs]  # relative to the file
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for im in images:
+        shutil.copy(im, folder / Path(im).name)
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    from_command = _answers(
+        capsys, ["--weights", str(exported), "--pairs", str(folder / "pairs.jsonl"), "--top-k", "2"]
+    )
+
+    predictor = Predictor.from_pretrained(exported)
+    assert predictor.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    paths = [str(folder / Path(im).name) for im, _ in pairs]
+    got = predictor.predict(paths, [q for _, q in pairs], top_k=2, batch_size=4)
+    assert got == from_command and len(got) == 6 and all(len(r["top"]) == 2 for r in got)
+    # A PIL image answers as its file does; one image is asked every question.
+    with Image.open(paths[0]) as im:
+        pil = predictor.predict(im.copy(), QUESTIONS, top_k=2)
+    assert [(r["image"], r["answer"], r["p"]) for r in pil] == [(None, r["answer"], r["p"]) for r in got[:2]]
+
+
+def test_the_exported_module_answers_without_targets(exported: Path) -> None:
+    from trainer.export import from_pretrained
+    from trainer.predict import to_pixels
+
+    task, tokenizer, answers, cfg = from_pretrained(exported)
+    batch = dict(tokenizer(QUESTIONS))
+    batch["pixels"] = torch.zeros(2, 3, cfg.model.image_size, cfg.model.image_size)
+    out = task(batch)  # no "targets": inference
+    assert set(out) == {"logits"} and out["logits"].shape == (2, len(answers))
+    from PIL import Image
+
+    red = Image.new("RGB", (10, 7), (200, 30, 30))
+    assert (
+        to_pixels(red, cfg.model.image_size, task.image_mean, task.image_std).shape
+        == batch["pixels"].shape[1:]
+    )
+
+
+def test_export_files_are_readable_as_the_umask_says(tiny_run: Path, tmp_path: Path) -> None:
+    import os
+
+    from trainer import export
+
+    previous = os.umask(0o027)
+    try:
+        out = tmp_path / "model"
+        assert export.main(["--run-dir", str(tiny_run), "--out", str(out)]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert modes == dict.fromkeys(["answers.json", "config.json", "model.safetensors"], 0o640), modes
+
+
+def test_predict_pairs_file_errors_name_the_line(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from trainer import predict
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"image": "a.png", "question": "what?"}\n["not", "a", "pair"]\n')
+    capsys.readouterr()
+    assert predict.main(["--weights", str(exported), "--pairs", str(pairs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--pairs {pairs}, line 2: expected" in err[0], err
+    assert predict.main(["--weights", str(exported), "--pairs", str(pairs), "--image", "a.png"]) == 2
+    assert "give --image and --question, or --pairs FILE" in capsys.readouterr().err

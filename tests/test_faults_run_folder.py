@@ -117,7 +117,7 @@ def test_eval_only_without_resume_scores_the_newest_checkpoint_in_its_own_folder
     out = run / "eval" / "global_step2"
     metrics = json.loads((out / "val_metrics_step00000002.json").read_text())
     assert metrics["step"] == 2 and metrics["count"] == 32
-    assert (out / "tensorboard").is_dir() and (out / "config.json").is_file()
+    assert list(out.glob("events.out.tfevents.*")) and (out / "config.json").is_file()
 
 
 def test_eval_only_of_a_folder_without_checkpoints_is_refused_unless_asked_for_initial_weights(

@@ -177,7 +177,7 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     import shutil
 
     dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("tensorboard", ".lock"))
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("events.out.tfevents.*", ".lock"))
     return dst
 
 

@@ -88,6 +88,56 @@ def test_setup_and_test_still_run_what_they_ran(checkout: Checkout) -> None:
     ]
 
 
+def test_setup_installs_the_whole_tree_from_the_lock_file(checkout: Checkout) -> None:
+    """A stale stamp: setup installs requirements.lock with every hash checked and nothing outside it, then the
+    project alone; torch's pin is written once (pyproject.toml), never in launch.sh."""
+    (checkout.venv / ".setup-stamp").write_text("stale\n")
+    py, lock = f"{checkout.venv}/bin/python", f"{checkout.root}/requirements.lock"
+    assert checkout.dry("setup") == [
+        [py, "-m", "pip", "install", "--quiet", "--upgrade", "pip>=24"],
+        [py, "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps", "-r", lock],
+        [py, "-m", "pip", "install", "--quiet", "--no-deps", "-e", f"{checkout.root}[dev]"],
+    ]
+    assert "torch==" not in (REPO / "launch.sh").read_text()
+    (checkout.root / "requirements.lock").unlink()
+    result = checkout.launch("--dry-run", "setup")
+    assert result.returncode == 2 and "requirements.lock is missing" in result.stderr
+
+
+def test_deepspeeds_launcher_logs_at_the_asked_level(checkout: Checkout) -> None:
+    line = checkout.dry("train", "--num_gpus", "1", VQA_LOG_LEVEL="INFO")[-1]
+    assert line[:3] == [f"{checkout.venv}/bin/deepspeed", "--log_level", "info"]
+    result = checkout.launch("--dry-run", "train", VQA_LOG_LEVEL="loud")
+    assert result.returncode == 2 and "VQA_LOG_LEVEL must be one of" in result.stderr, result.stderr
+
+
+def test_the_lock_pins_every_direct_dependency_with_hashes() -> None:
+    """requirements.lock holds each pyproject.toml pin at the same version, every package with a hash, and torch's
+    hash includes the wheel pip installs here (the local index's)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    direct = project["dependencies"] + project["optional-dependencies"]["dev"]
+    text = (REPO / "requirements.lock").read_text()
+    entries = re.findall(
+        r"^([A-Za-z0-9_.\-]+)==(\S+) \\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", text, re.M
+    )
+    pinned = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version, _ in entries}
+    lines = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    assert len(lines) == len(entries) > 90, [line for line in lines if "==" not in line][
+        :5
+    ]  # every one hashed
+    for requirement in direct:
+        name, version = re.sub(r"\[.*\]", "", requirement).split("==")
+        assert pinned.get(re.sub(r"[-_.]+", "-", name).lower()) == version, requirement
+    local = Path("/opt/pypi-more/simple/torch/index.html")
+    if local.is_file():  # the machine's pip serves torch from local disk: that wheel's hash must be listed
+        wheel_hash = re.search(r"sha256=([0-9a-f]{64})", local.read_text()).group(1)
+        torch_hashes = next(h for n, _, h in entries if n == "torch")
+        assert wheel_hash in torch_hashes
+
+
 # --- train on one node --------------------------------------------------------------------------------------------
 
 
@@ -133,24 +183,24 @@ def test_trainer_args_pass_through_unchanged(checkout: Checkout) -> None:
         "--help",
     ]
     line = checkout.dry("train", "--num_gpus", "1", "--", *trainer_args)[-1]
-    assert line == [checkout.deepspeed, "--num_gpus", "1", "trainer/main.py", *trainer_args]
+    assert line == [*words(checkout.deepspeed), "--num_gpus", "1", "trainer/main.py", *trainer_args]
     # Without `--`, trainer arguments start at the first argument that is not a launch option.
     line = checkout.dry("train", "--num_gpus", "1", "--preset", "tiny", "--num_gpus", "5")[-1]
-    assert line[3:] == ["trainer/main.py", "--preset", "tiny", "--num_gpus", "5"]
+    assert line[5:] == ["trainer/main.py", "--preset", "tiny", "--num_gpus", "5"]
 
 
 def test_data_and_run_paths_from_the_environment(checkout: Checkout) -> None:
     paths = {"VQA_TRAIN_DATA": "/data/train", "VQA_VAL_DATA": "/data/val", "VQA_RUN_DIR": "/runs/a b"}
     lines = checkout.dry("train", "--preset", "tiny", **paths)
     assert lines[1:-1] == node_env(**paths)
-    assert lines[-1][3:] == [
+    assert lines[-1][5:] == [
         "trainer/main.py",
         *["--train-data", "/data/train", "--val-data", "/data/val", "--run-dir", "/runs/a b"],
         *["--preset", "tiny"],
     ]
     # Given on the command line, in either form, the argument wins and the variable adds nothing.
     line = checkout.dry("train", "--run-dir=/elsewhere", "--val-data", "/v", **paths)[-1]
-    assert line[3:] == [
+    assert line[5:] == [
         "trainer/main.py",
         "--train-data",
         "/data/train",
@@ -168,6 +218,7 @@ def test_nccl_and_cache_settings_are_exported_and_nothing_else(checkout: Checkou
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
         "HF_HOME": "/checkpoints/huggingface",
         "OMP_NUM_THREADS": "4",
+        "VQA_LOG_LEVEL": "info",
     }
     lines = checkout.dry("train", "--env", "CUDA_DEVICE_MAX_CONNECTIONS=1", **settings, UNRELATED="x")
     assert lines[1:-1] == node_env(**settings, CUDA_DEVICE_MAX_CONNECTIONS="1")
@@ -319,7 +370,7 @@ def test_one_node_takes_the_first_free_rendezvous_port(checkout: Checkout) -> No
     with busy(29500):
         result = checkout.launch("--dry-run", "train", "--master_port", "29500", "--preset", "tiny")
     assert result.returncode == 0 and "rendezvous port" not in result.stderr, result.stderr
-    assert words(result.stdout.splitlines()[-1])[1:5] == ["--num_gpus", "1", "--master_port", "29500"]
+    assert words(result.stdout.splitlines()[-1])[3:7] == ["--num_gpus", "1", "--master_port", "29500"]
 
 
 def test_several_nodes_refuse_a_busy_default_port_where_the_rendezvous_is(checkout: Checkout) -> None:
@@ -506,6 +557,55 @@ def test_sigterm_reaches_every_rank_of_a_no_ssh_node(real_deepspeed: Checkout) -
     assert not list(c.tmp.glob("vqa-align.*")), "the temporary hostfile is removed at exit"
 
 
+CTRL_C_TRAINER = """\
+import os, pathlib, signal, sys, time
+out, run_dir = pathlib.Path(os.environ["TEST_OUT"]), pathlib.Path(sys.argv[sys.argv.index("--run-dir") + 1])
+
+def on_sigint(signum, frame):
+    time.sleep(0.5)  # a checkpoint being written
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("global_step7")
+    sys.exit(130)
+
+signal.signal(signal.SIGINT, on_sigint)
+(out / "started").write_text("")
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_command_that_continues(
+    real_deepspeed: Checkout,
+) -> None:
+    """Ctrl-C at a terminal signals the whole foreground process group: launch.sh alone receives it (the launcher
+    runs in a session of its own), passes it to the rank, and ends with the saved tag and the resume command, with
+    no KeyboardInterrupt traceback from DeepSpeed's runner."""
+    c, out, run_dir = real_deepspeed, real_deepspeed.tmp / "out", real_deepspeed.tmp / "run"
+    (c.root / "trainer" / "main.py").write_text(CTRL_C_TRAINER)
+    proc = subprocess.Popen(
+        [str(c.root / "launch.sh"), "train", "--num_gpus", "1", "--", "--preset", "tiny", "--run-dir", str(run_dir)],
+        env=c.env(TEST_OUT=str(out)), cwd=c.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job is
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: (out / "started").exists() or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, proc.stdout.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.splitlines()[-1] == (
+        f"launch.sh: stopped by SIGINT: checkpoint global_step7 saved in {run_dir}/checkpoints; continue with: "
+        f"./launch.sh train --num_gpus 1 -- --preset tiny --run-dir {run_dir} --resume auto"
+    ), output
+    assert "cmd = " not in output, (
+        output
+    )  # DeepSpeed's launcher INFO lines stay below VQA_LOG_LEVEL's warning
+
+
 def test_sigterm_before_the_ranks_start_stops_the_launch(real_deepspeed: Checkout) -> None:
     c = real_deepspeed
     proc = subprocess.Popen(
@@ -555,17 +655,18 @@ def test_train_trains_with_the_real_trainer_through_deepspeeds_launcher(
          *("--set", "train.progress_bar=false", "--set", "data.num_workers=1")],
         env=c.env(
             VQA_TRAIN_DATA=str(tiny_easyvqa_shards / "train"), VQA_RUN_DIR=str(run_dir), HF_HUB_OFFLINE="1",
-            OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", VQA_LOG_LEVEL="info",  # DeepSpeed's launcher logs its commands
         ),
         cwd=c.tmp, capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     assert "no GPU found" in result.stderr  # launch.sh chose one CPU process
-    # DeepSpeed's per-node launcher started the rank, handing it --local_rank as it does every trainer.
+    # DeepSpeed's per-node launcher started the rank, handing it --local_rank as it does every trainer (its INFO
+    # lines show with VQA_LOG_LEVEL=info).
     assert "deepspeed.launcher.launch" in log and "--local_rank=0" in log, log[-6000:]
     assert "step 3/3" in log, log[-6000:]
-    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea = EventAccumulator(str(run_dir))
     ea.Reload()
     losses = {e.step: e.value for e in ea.Scalars("train/loss")}
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), losses

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,129 @@ def test_evaluation_shows_a_progress_bar_where_asked(capsys: pytest.CaptureFixtu
         assert result.count == 3 and result.vqa_score == 1.0
         err = capsys.readouterr().err
         assert ("eval:" in err and "/3 [" in err) == progress, err
+
+
+def test_print_config_shows_the_resolved_configuration(capsys: pytest.CaptureFixture) -> None:
+    from trainer.config import apply_overrides
+    from trainer.presets import get_preset
+
+    argv = [
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "9",
+        "--set",
+        "optim.lr=3e-4",
+        "--train-data",
+        "/no/such/folder",
+    ]
+    assert main([*argv, "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # nothing checked: the data folder need not exist yet
+    want = apply_overrides(
+        get_preset("tiny"), ["train.max_steps=9", "optim.lr=3e-4", "data.train_data=/no/such/folder"]
+    )
+    assert printed == json.loads(json.dumps(want.to_dict()))
+
+
+def test_a_run_started_from_another_runs_config_resolves_to_the_same_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--config takes a run folder's config.json (written by RunFolder.save) and gives back the same configuration;
+    --set still applies on top; a YAML file of the same schema, in part, fills in the rest from --preset."""
+    from trainer.config import apply_overrides
+    from trainer.presets import get_preset
+    from trainer.run_folder import RunFolder
+
+    cfg = apply_overrides(
+        get_preset("tiny"), ["train.max_steps=11", "model.image_size=64", "loss.temperature=0.1"]
+    )
+    RunFolder(tmp_path / "first").save(cfg, answers=["yes", "no"])
+    config_json = tmp_path / "first" / "config.json"
+    assert main(["--config", str(config_json), "--preset", "demo", "--print-config"]) == 0
+    assert capsys.readouterr().out == config_json.read_text()  # the saved file, byte for byte
+    assert main(["--config", str(config_json), "--set", "train.max_steps=12", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["max_steps"] == 12
+
+    (tmp_path / "part.yaml").write_text(
+        "train:\n  max_steps: 5\n  progress_bar: false\noptim:\n  lr: 1.0e-3\n"
+    )
+    assert main(["--config", str(tmp_path / "part.yaml"), "--print-config"]) == 0
+    want = apply_overrides(
+        get_preset("tiny"), ["train.max_steps=5", "train.progress_bar=false", "optim.lr=1e-3"]
+    )
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(want.to_dict()))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"trian": {}}', "unknown section 'trian'"),
+        ('{"train": {"max_step": 3}}', "unknown field 'train.max_step'"),
+        ('{"train": {"max_steps": "many"}}', "train.max_steps: 'many' is not a valid int"),
+        ('{"train": {"max_steps": 2.5}}', "train.max_steps: '2.5' is not a valid int"),
+        ('{"train": {"max_steps": 0}}', "train.max_steps must be >= 1"),
+        ('{"train": ', "not valid JSON"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_the_file_and_field(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    assert main(["--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and message in err[0], err
+
+
+LOGGING_PROBE = """
+import logging, warnings
+from trainer.logs import setup_logging
+setup_logging(0, None)
+logging.getLogger().info("a library's info line on the root logger")
+logging.getLogger("open_clip").info("a library's own logger")
+logging.getLogger("DeepSpeed").info("a DeepSpeed configuration dump")
+logging.getLogger("trainer.loop").info("the trainer's own line")
+logging.getLogger().warning("a library's warning")
+warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+"""
+
+
+@pytest.mark.parametrize("level", [None, "info"])
+def test_other_libraries_info_lines_stay_below_warning_unless_asked(level: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VQA_LOG_LEVEL"}
+    if level:
+        env["VQA_LOG_LEVEL"] = level
+    out = subprocess.run(
+        [sys.executable, "-c", LOGGING_PROBE],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    err = out.stderr
+    assert "the trainer's own line" in err and "a library's warning" in err
+    for line in (
+        "a library's info line",
+        "a library's own logger",
+        "DeepSpeed configuration dump",
+        "deprecated",
+    ):
+        assert (line in err) == (level == "info"), err
+
+
+def test_log_level_option_and_a_cpu_only_machine_quiets_deepspeeds_accelerator_warning(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from trainer import logs
+
+    assert main(["--log-level", "loud", "--print-config"]) == 2
+    assert "--log-level: invalid choice: 'loud'" in capsys.readouterr().err
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(logs, "Path", lambda p: tmp_path / "no-driver")  # no /proc/driver/nvidia/gpus
+    logs.quiet_cpu_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    logs.quiet_cpu_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "cuda"  # what the user set stays

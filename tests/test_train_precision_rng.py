@@ -78,7 +78,7 @@ def train(run_dir: Path, data: Path, ds_json: Path, *extra: str, steps: int = ST
 
 def resume(run_dir: Path, dst: Path, ds_json: Path, tag: str = "global_step2") -> Path:
     """A copy of the run as it was when `tag` was its newest checkpoint, resumed there and run to the end."""
-    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("tensorboard", "eval"))
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("events.out.tfevents.*", "eval"))
     step = int(tag.removeprefix("global_step"))
     for ckpt in (dst / "checkpoints").glob("global_step*"):
         if int(ckpt.name.removeprefix("global_step").split("_")[0]) > step:

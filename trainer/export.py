@@ -227,6 +227,12 @@ def check_out_folder(out: Path) -> None:
         )
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
 def write_safetensors(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """`state_dict` as a safetensors file, atomically. safetensors stores each tensor on its own: a tensor that
     shares memory with another (tied weights; zero_to_fp32's views into one flat buffer) is written as a copy, and
@@ -243,6 +249,9 @@ def write_safetensors(path: Path, state_dict: dict[str, torch.Tensor], metadata:
         tensors[name] = t.contiguous().clone() if shared or not t.is_contiguous() else t
     with atomic.replacing(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(
+            tmp, 0o666 & ~current_umask()
+        )  # safetensors creates it 0600; readable as the umask says, as the rest
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # on disk before the rename, as every other atomic write

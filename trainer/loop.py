@@ -31,7 +31,7 @@ from trainer import dist as D
 from trainer.config import TrainConfig
 from trainer.metrics import MetricsLogger
 from trainer.preemption import StopRequest, shielded
-from trainer.progress import bar_refreshes, progress_bar
+from trainer.progress import bar_refreshes, logs_lines, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ class TrainLoop:
             "train/lr": self.engine.lr(),
             "train/samples_per_second": self._interval_samples / elapsed,
             "train/data_wait_fraction": min(1.0, self._wait / elapsed),
+            "train/samples_seen": float(self.samples),  # beside the step: runs of other batch sizes line up
         }
         norm = self.engine.grad_norm()
         if norm is not None:
@@ -285,7 +286,11 @@ class TrainLoop:
         """Train to max_steps. Returns "done", or "interrupted" after a SIGTERM/SIGINT checkpoint."""
         t = self.t
         bar = progress_bar(
-            self.dist.is_main and t.progress_bar, total=t.max_steps, initial=self.step, unit="step"
+            self.dist.is_main and t.progress_bar,
+            total=t.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
         )
         self.engine.train(True)
         it = self._micro_batches()
@@ -316,12 +321,13 @@ class TrainLoop:
             bar.close()
 
     def _report(self, m: dict[str, float], bar: Any) -> None:
-        """A logged step on the console: the bar's postfix, or a log line where the bar is off."""
+        """A logged step on the console: the bar's postfix, and a log line where the bar is off or not on a terminal
+        (a batch job's log file shows every logged step, not one bar redrawn a minute)."""
         bar.set_postfix(
-            {"loss": f"{m['train/loss']:.4f}", "sps": f"{m['train/samples_per_second']:.0f}"},
+            {"loss": f"{m['train/loss']:.4f}", "samples/s": f"{m['train/samples_per_second']:.0f}"},
             refresh=bar_refreshes(bar),
         )
-        if not self.t.progress_bar and self.dist.is_main:
+        if self.dist.is_main and logs_lines(bar):
             log.info(
                 "step %d/%d loss %.4f (vqa %.4f, infonce %.4f) lr %.2e %.0f samples/s",
                 *(self.step, self.t.max_steps, m["train/loss"], m["train/vqa_loss"], m["train/infonce_loss"]),

@@ -73,10 +73,15 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
 
+from trainer.logs import add_log_option, quiet_cpu_accelerator, setup_logging  # noqa: E402
+
+quiet_cpu_accelerator()  # before DeepSpeed is imported (trainer.run below imports it)
+
 from data_pipeline.errors import is_bad_input  # noqa: E402
 from trainer import dist as D  # noqa: E402
 from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
-from trainer.presets import PRESETS, get_preset  # noqa: E402
+from trainer.config_file import add_config_options, base_config, print_config  # noqa: E402
+from trainer.presets import PRESETS  # noqa: E402
 from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
 from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
 from trainer.start import (  # noqa: E402
@@ -102,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=None,
         help=f"named configuration to start from: {', '.join(sorted(PRESETS))} (default: tiny; on --resume the "
-        f"run's saved config.json is used instead)",
+        f"run's saved config.json is used instead). tiny checks the plumbing only: in its few steps it learns "
+        f"nothing (on easy-VQA it answers 'yes' to everything); demo learns easy-VQA in minutes on a CPU",
     )
     p.add_argument(
         "--train-data", metavar="DIR", help="training shard folder written by data_pipeline.convert"
@@ -127,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod). none: with "
         "--eval-only, score freshly initialised weights",
     )
+    add_config_options(p)
+    add_log_option(p)
     _add_engine_options(p)
     return p
 
@@ -170,22 +178,21 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
-    """Preset (or the run's saved config on --resume), then --train-data/--val-data/--max-steps, then --set."""
+    """Preset, with --config FILE on top (or the run's saved config on --resume), then --train-data/--val-data/
+    --max-steps, then --set."""
     if args.resume:
         if not folder.config_file.is_file():
             raise ConfigError(f"--resume: {folder.path} has no {CONFIG_FILE} (not a run folder?)")
-        if args.preset:
+        ignored = " and ".join(
+            f"--{k} {v}" for k, v in (("preset", args.preset), ("config", args.config)) if v
+        )
+        if ignored:
             # Expected with --resume auto (one command for the first start and the restarts): no warning then.
             level = logging.INFO if getattr(args, "auto_resume", False) else logging.WARNING
-            log.log(
-                level,
-                "--preset %s ignored: a resumed run continues with its saved %s",
-                args.preset,
-                CONFIG_FILE,
-            )
+            log.log(level, "%s ignored: a resumed run continues with its saved %s", ignored, CONFIG_FILE)
         cfg = folder.read_config()
     else:
-        cfg = get_preset(args.preset or "tiny")
+        cfg = base_config(args.preset, args.config)
     overrides = [f"data.train_data={args.train_data}"] if args.train_data else []
     if args.val_data:
         overrides.append(f"data.val_data={args.val_data}")
@@ -259,17 +266,6 @@ def check_data(
 
 
 # -- running (the run itself is built by trainer/run.py) ---------------------------------------------------------
-def setup_logging() -> None:
-    rank = D.env_rank()  # whichever launcher started the process (trainer/dist.py), before any process group
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # DeepSpeed's own INFO lines (config dumps, per-step timers) would drown the trainer's.
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
 def train_or_evaluate(run: Run, stop: Any) -> int:
     """Train (or, with --eval-only, evaluate), then close the metrics; the exit status."""
     run.log_hparams()
@@ -300,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or argparse's own message for an unknown option
         return int(exc.code or 0)
-    setup_logging()
+    setup_logging(
+        D.env_rank(), args.log_level
+    )  # the rank whichever launcher started it gave (trainer/dist.py)
+    if (
+        args.print_config
+    ):  # what this command would run with, as config.json holds it; nothing checked or started
+        folder = RunFolder(args.run_dir)
+        return print_config(lambda: resolve_auto_resume(args, folder) or resolve_config(args, folder))
     from trainer.checkpointing import CheckpointSpaceError
     from trainer.loop import NonFiniteLossError
     from trainer.preemption import StopRequest

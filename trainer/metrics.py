@@ -23,6 +23,7 @@ TRAIN_TAGS = (
     "train/grad_norm",
     "train/samples_per_second",
     "train/data_wait_fraction",
+    "train/samples_seen",
 )
 GPU_TAGS = ("train/gpu_memory_gb",)  # logged only where there is a GPU
 VAL_TAGS = ("val/vqa_score", "val/loss")
@@ -63,8 +64,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files (in the run folder itself)
+
+
 class TensorBoardLogger:
-    """One event file per run directory (`<run_dir>/tensorboard`), written by rank 0."""
+    """Event files in the run folder itself, written by rank 0: TensorBoard names a run after the folder holding its
+    events, so `tensorboard --logdir runs` lists each run under its run folder's name (not `<run>/tensorboard`)."""
 
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -100,4 +105,4 @@ class TensorBoardLogger:
 def build_logger(run_dir: Path, is_main: bool) -> MetricsLogger:
     if not is_main:
         return NullLogger()
-    return TensorBoardLogger(run_dir / "tensorboard")
+    return TensorBoardLogger(run_dir)

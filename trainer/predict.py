@@ -2,18 +2,24 @@
 
     python -m trainer.predict --run-dir RUN [--tag T] --image a.jpg --question "what shape is this?"
     python -m trainer.predict --weights model/ --image a.jpg --image b.jpg --question "what color is it?"
+    python -m trainer.predict --weights model/ --pairs pairs.jsonl    # {"image": "a.jpg", "question": "..."} a line
 
 `--weights` takes an export folder (`python -m trainer.export`, loaded by `trainer.export.from_pretrained`, without
 pickle) or the single `.pt` file of the older export form.
 
 With one image, every question is about it; with one question, it is asked of every image; otherwise images and
-questions pair up in order. Prints one JSON object per pair: image, question, answer, its probability, and the top-k
-answers. Images are preprocessed as the loaders do (RGB, bilinear squash to the model's size, the model's mean/std).
+questions pair up in order. `--pairs FILE` reads the pairs from a JSONL file instead (an image path, relative to the
+file's folder, and a question a line; `-` for standard input, paths then relative to the current folder), so that
+the model loads once for any number of them. Prints one JSON object per pair: image, question, answer, its
+probability, and the top-k answers. Images are preprocessed as the loaders do (RGB, bilinear squash to the model's
+size, the model's mean/std), `--batch-size` pairs at a time, on the GPU when there is one. From Python,
+`trainer.predictor.Predictor` does the same (the command is that class).
 
 Bad input (exit 2, one line, nothing answered): a missing or unreadable image, an empty question, an export folder
 with a missing or damaged file or weights that do not fit its configuration (the message names the file), a weights
 file that is not an export (it is never unpickled beyond tensors and plain containers: trainer/export.py), `--top-k`
-below 1. Images and questions are checked before the model is loaded.
+below 1, a `--pairs` line that is not a JSON object with an image and a question (named by its line number). Images
+and questions are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -46,21 +52,36 @@ def load_from_run(
     return task.to(device), tokenizer, answers, cfg
 
 
-def load_image(path: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def open_image(image: Any) -> Any:
+    """An image file (a path) or a PIL image as an RGB PIL image: the one place images are opened."""
     from PIL import Image
 
     from data_pipeline.images import upright_rgb
 
+    if isinstance(image, Image.Image):
+        return upright_rgb(image)
+    path = Path(image)
     if not path.is_file():
         raise ConfigError(f"--image {path}: no such file")
     try:
         with Image.open(path) as im:  # upright (EXIF orientation applied), as the training loaders see photos
-            rgb = upright_rgb(im).resize((size, size), Image.BILINEAR)
+            return upright_rgb(im)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, or a truncated one
         raise ConfigError(f"--image {path}: not an image file that can be read ({exc})") from None
+
+
+def to_pixels(image: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The model's input for an image (a path or a PIL image): the loaders' bilinear squash and normalisation."""
+    from PIL import Image
+
+    rgb = open_image(image).resize((size, size), Image.BILINEAR)
     x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
     x = x.permute(2, 0, 1).float() / 255.0
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def load_image(path: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    return to_pixels(path, size, mean, std)
 
 
 def check_images(paths: list[Path]) -> None:
@@ -94,7 +115,39 @@ def positive_int(text: str) -> int:
     return value
 
 
-def pair_up(images: list[Path], questions: list[str]) -> list[tuple[Path, str]]:
+def read_pairs(source: str) -> list[tuple[Path, str]]:
+    """The (image, question) pairs of a JSONL file (`-`: standard input), one {"image": ..., "question": ...} a line;
+    image paths relative to the file's folder. One-line errors name the file and line."""
+    if source == "-":
+        lines, base, name = sys.stdin.read().splitlines(), Path.cwd(), "<stdin>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"--pairs {path}: no such file")
+        lines, base, name = path.read_text(encoding="utf-8").splitlines(), path.parent, str(path)
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--pairs {name}, line {number}: not valid JSON ({exc.msg})") from None
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("image"), str)
+            and isinstance(row.get("question"), str)
+        ):
+            raise ConfigError(
+                f'--pairs {name}, line {number}: expected {{"image": "PATH", "question": "TEXT"}}, got {line[:80]}'
+            )
+        pairs.append((base / row["image"], row["question"]))
+    if not pairs:
+        raise ConfigError(f"--pairs {name}: no pairs in it")
+    return pairs
+
+
+def pair_up(images: list[Any], questions: list[str]) -> list[tuple[Any, str]]:
     if len(images) == 1:
         return [(images[0], q) for q in questions]
     if len(questions) == 1:
@@ -106,45 +159,7 @@ def pair_up(images: list[Path], questions: list[str]) -> list[tuple[Path, str]]:
     return list(zip(images, questions, strict=True))
 
 
-@torch.no_grad()
-def predict(
-    task: torch.nn.Module,
-    tokenizer: Any,
-    answers: list[str],
-    pairs: list[tuple[Path, str]],
-    *,
-    image_size: int,
-    top_k: int = 3,
-    device: torch.device | None = None,
-) -> list[dict[str, Any]]:
-    pixels = torch.stack([load_image(p, image_size, task.image_mean, task.image_std) for p, _ in pairs])
-    questions = [q for _, q in pairs]
-    batch = dict(tokenizer(questions))
-    batch["pixels"] = pixels
-    batch["targets"] = torch.zeros(len(pairs), len(answers))
-    device = device or torch.device("cpu")
-    batch = {k: v.to(device) for k, v in batch.items()}
-    probs = torch.sigmoid(task(batch)["logits"].float()).cpu()  # VQA heads are trained with per-answer BCE
-    top = probs.topk(min(top_k, len(answers)), dim=1)
-    out = []
-    for i, (image, question) in enumerate(pairs):
-        ranked = [
-            {"answer": answers[int(j)], "p": round(float(v), 4)}
-            for v, j in zip(top.values[i], top.indices[i], strict=True)
-        ]
-        out.append(
-            {
-                "image": str(image),
-                "question": question,
-                "answer": ranked[0]["answer"],
-                "p": ranked[0]["p"],
-                "top": ranked,
-            }
-        )
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m trainer.predict",
         description="Answer questions about images with a trained checkpoint (a run folder or an export).",
@@ -159,29 +174,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tag", default=None, help="with --run-dir: checkpoint tag (default: the newest complete)"
     )
-    p.add_argument("--image", action="append", type=Path, required=True, help="image file (repeatable)")
-    p.add_argument("--question", action="append", required=True, help="question text (repeatable)")
+    p.add_argument("--image", action="append", type=Path, help="image file (repeatable)")
+    p.add_argument("--question", action="append", help="question text (repeatable)")
+    p.add_argument(
+        "--pairs",
+        metavar="FILE",
+        help='JSONL of {"image": PATH, "question": TEXT} a line (PATH relative to FILE\'s folder; - for standard '
+        "input), instead of --image/--question: the model loads once for them all",
+    )
     p.add_argument("--top-k", type=positive_int, default=3, help="answers listed per question (default 3)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="pairs answered per forward pass (default 32)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     try:
         args = p.parse_args(argv)
+        if (args.pairs is None) == (args.image is None or args.question is None) or (
+            args.pairs is not None and (args.image or args.question)
+        ):
+            p.error("give --image and --question, or --pairs FILE")
     except SystemExit as exc:  # --help, or argparse's own message (exit 2) for a bad option
         return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        check_questions(args.question)
-        check_images(args.image)
-        pairs = pair_up(args.image, args.question)
-        if args.weights is not None:
-            from trainer.export import from_pretrained, load_exported
+    from trainer.predictor import Predictor
 
-            load = from_pretrained if args.weights.is_dir() else load_exported
-            task, tokenizer, answers, cfg = load(args.weights, device)
+    try:
+        if args.pairs is not None:
+            pairs = read_pairs(args.pairs)
+            images, questions = [image for image, _ in pairs], [q for _, q in pairs]
         else:
-            task, tokenizer, answers, cfg = load_from_run(args.run_dir, args.tag, device)
-        results = predict(
-            task, tokenizer, answers, pairs, image_size=cfg.model.image_size, top_k=args.top_k, device=device
+            images, questions = args.image, args.question
+            pairs = pair_up(images, questions)
+        check_questions(questions)
+        check_images(sorted(set(images)))
+        if args.weights is not None:
+            predictor = Predictor.from_pretrained(args.weights)
+        else:
+            predictor = Predictor.from_run(args.run_dir, args.tag)
+        results = predictor.predict(
+            [image for image, _ in pairs], [q for _, q in pairs], top_k=args.top_k, batch_size=args.batch_size
         )
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,12 @@ def progress_bar(enabled: bool, *, file: Any = None, **kwargs: Any) -> Any:
     )
 
 
+def logs_lines(bar: Any) -> bool:
+    """Whether logged steps should also go out as log lines: the bar is off, or it draws into a file or pipe (a
+    batch job's log), where a bar redrawn once a minute would be all that shows. A terminal keeps its bar alone."""
+    return bool(bar.disable) or not bar_refreshes(bar)
+
+
 def bar_refreshes(bar: Any) -> bool:
     """Whether a postfix change should redraw `bar` now: on a terminal only (elsewhere the interval decides)."""
     fp = getattr(bar, "fp", None)

@@ -9,7 +9,7 @@ from it to a model.
       checkpoints/            DeepSpeed checkpoints and the trainer's state     trainer/checkpointing.py
       eval/                   predictions and metrics of each evaluation        trainer/evaluation.py
       eval/<tag>/             an --eval-only of checkpoint <tag> (or initial)   trainer/run.py, as a folder of its own
-      tensorboard/            TensorBoard events                                trainer/metrics.py
+      events.out.tfevents.*   TensorBoard events (the run is named after RUN)   trainer/metrics.py
       .lock                   the job that holds the folder                     trainer/runlock.py
 
 Only the training run that holds the folder's lock writes its files: a fresh run through `RunFolder.start` (writes the

@@ -1,4 +1,5 @@
-"""Model and losses as one module handed to the engine: forward(batch) returns the losses.
+"""Model and losses as one module handed to the engine: forward(batch) returns the losses (only the logits for a
+batch without targets: inference).
 
 The training loop and DeepSpeed see only this module; they never know about ViLT or CLIP. The contrastive loss
 all-gathers features across ranks inside forward, so every rank must run forward the same number of times.
@@ -48,6 +49,10 @@ class VQATask(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.model(batch["pixels"], batch["vilt_ids"], batch["vilt_mask"], batch.get("clip_ids"))
         logits = out["logits"]
+        if (
+            "targets" not in batch
+        ):  # inference (trainer/predictor.py): the answers' scores, no loss to compute
+            return {"logits": logits}
         v_loss = vqa_loss(logits, batch["targets"])
         kind = self.model_cfg.contrastive
         if kind == "none":

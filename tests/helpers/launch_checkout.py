@@ -33,7 +33,7 @@ class Checkout:
 
     @property
     def deepspeed(self) -> str:
-        return f"{self.venv}/bin/deepspeed"
+        return f"{self.venv}/bin/deepspeed --log_level warning"
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -108,6 +108,7 @@ def make_checkout(tmp_path: Path) -> Checkout:
         d.mkdir(parents=True)
     shutil.copy2(REPO / "launch.sh", root / "launch.sh")
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy2(REPO / "requirements.lock", root / "requirements.lock")
     for name in ("python", "deepspeed", "tensorboard", "ruff"):
         write_executable(venv / "bin" / name, "#!/bin/sh\nexit 0\n")
     (venv / ".setup-stamp").write_text(stamp_for(root / "launch.sh"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import atomic, storage
-from trainer.tools.compare.report import plot, write_report
+from trainer.tools.compare.report import plot_results, write_report
 from trainer.tools.compare.results import (
     DONE_FILE,
     RESULTS_SCHEMA_VERSION,
@@ -238,11 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         "wall_time_s": sum(r["wall_time_s"] for rs in runs.values() for r in rs)
         if args.report_only
         else time.time() - start,
-        "variants": aggregate(runs, thresholds, variants),
+        "variants": aggregate(runs, thresholds, variants, args.smooth_steps),
     }
     validate_results(results)
     atomic.write_text(root / "results.json", json.dumps(results, indent=2) + "\n")
-    plot(runs, root / "loss_curves.png", args.smooth_steps, results["val_subset"])
+    plot_results(results, root / "loss_curves.png")
     write_report(results, root / "report.md")
     print(f"[compare] report: {root / 'report.md'}")
     print(f"[compare] watch:  tensorboard --logdir {root}")

@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import atomic
-from trainer.tools.compare.claims import claims, verdict_table
-from trainer.tools.compare.results import SMOOTH_STEPS, smooth
+from trainer.tools.compare.claims import claims, summary_lines, verdict_table
+from trainer.tools.compare.results import LOSS_CURVE, SMOOTH_STEPS, _val_curve, loss_band
 
 
 def validation_title(subset: dict[str, Any] | None) -> str:
     if subset is None:
-        return "Validation VQA score"
+        return "Validation VQA score (mean, min-max band)"
     # Two lines: one would run past the axes of the figure's right panel.
     return (
         f"Validation VQA score: fixed subset of {subset['size']:,} of {subset['of_samples']:,} questions\n"
-        "(lines), whole split at the end (stars)"
+        "(lines: mean, min-max band), whole split at the end (stars: mean, bars: min-max)"
     )
 
 
@@ -28,64 +28,116 @@ def plot(
     window: int = SMOOTH_STEPS,
     subset: dict[str, Any] | None = None,
 ) -> None:
-    """Left: training VQA loss, raw and smoothed, per variant and seed. Right: the validation score during training
-    (on the subset where there is one) and, with a subset, each run's whole-split score at its last step."""
+    """loss_curves.png from the runs' records (results.summarise_run, with their curves)."""
+    summary = {
+        v: {
+            LOSS_CURVE: loss_band(rs, window),
+            "val_curve": _val_curve(rs),
+            "full_val_vqa_score": {"values": [r["full_val_vqa_score"] for r in rs]},
+            "last_step": max((r["curves"]["step"][-1] for r in rs if r["curves"]["step"]), default=None),
+        }
+        for v, rs in runs.items()
+    }
+    draw(summary, out, window, subset)
+
+
+def plot_results(results: dict[str, Any], out: Path) -> list[str]:
+    """loss_curves.png from results.json alone; its variants must carry their loss curves (results.LOSS_CURVE)."""
+    lacking = [v for v, e in results["variants"].items() if LOSS_CURVE not in e]
+    if lacking:
+        raise ValueError(
+            f"results.json: variants {', '.join(lacking)} carry no {LOSS_CURVE} (written before the figure could be "
+            "drawn from results.json): draw it from the run folders with the comparison's --report-only"
+        )
+    summary = {
+        v: dict(e, last_step=e[LOSS_CURVE]["step"][-1] if e[LOSS_CURVE]["step"] else None)
+        for v, e in results["variants"].items()
+    }
+    return draw(summary, out, results["smooth_steps"], results.get("val_subset"))
+
+
+def draw(
+    summary: dict[str, dict[str, Any]], out: Path, window: int, subset: dict[str, Any] | None = None
+) -> list[str]:
+    """Left: the smoothed training VQA loss per variant, mean over seeds with the min-max band. Right: the validation
+    score during training (on the subset where there is one), mean with the min-max band, and with a subset the
+    whole-split score at the end (star: mean; bar: min-max). One legend entry per variant, below both panels;
+    returns the legend's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(13, 5.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (variant, rs) in enumerate(runs.items()):
+    handles = []
+    for i, (variant, entry) in enumerate(summary.items()):
         c = colours[i % len(colours)]
-        for j, r in enumerate(rs):
-            cur = r["curves"]
-            label = f"{variant}" + (f" (seed {r['seed']})" if len(rs) > 1 else "")
-            ax_loss.plot(cur["step"], cur["vqa_loss"], color=c, alpha=0.2, linewidth=0.8)
-            style = ["-", "--", ":", "-."][j % 4]  # seeds of one variant share a colour
-            ax_loss.plot(
-                cur["step"],
-                smooth(cur["step"], cur["vqa_loss"], window),
-                color=c,
-                linewidth=1.6,
-                label=label,
-                linestyle=style,
+        band = entry[LOSS_CURVE]
+        seeds = len(entry["full_val_vqa_score"]["values"])
+        (line,) = ax_loss.plot(
+            band["step"],
+            band["mean"],
+            color=c,
+            linewidth=1.8,
+            label=f"{variant} ({seeds} seed{'s' * (seeds > 1)})",
+        )
+        handles.append(line)
+        if seeds > 1:
+            ax_loss.fill_between(band["step"], band["min"], band["max"], color=c, alpha=0.18, linewidth=0)
+        curve = entry["val_curve"]
+        if curve["step"]:
+            points = [[v for v in p["values"] if v is not None] for p in curve["vqa_score"]]
+            steps = [s for s, p in zip(curve["step"], points, strict=True) if p]
+            points = [p for p in points if p]
+            ax_val.plot(
+                steps, [sum(p) / len(p) for p in points], color=c, marker="o", markersize=3, linewidth=1.6
             )
-            if cur["val_step"]:
-                ax_val.plot(
-                    cur["val_step"],
-                    cur["val_vqa_score"],
+            if seeds > 1:
+                ax_val.fill_between(
+                    steps,
+                    [min(p) for p in points],
+                    [max(p) for p in points],
                     color=c,
-                    marker="o",
-                    markersize=3,
-                    linestyle=style,
-                    label=label,
+                    alpha=0.18,
+                    linewidth=0,
                 )
-            if subset is not None and r["full_val_vqa_score"] is not None and cur["step"]:
-                ax_val.plot(
-                    [cur["step"][-1]],
-                    [r["full_val_vqa_score"]],
-                    color=c,
-                    marker="*",
-                    markersize=11,
-                    linestyle="",
-                )
+        whole = [v for v in entry["full_val_vqa_score"]["values"] if v is not None]
+        if subset is not None and whole and entry["last_step"] is not None:
+            mean = sum(whole) / len(whole)
+            dodge = (i - (len(summary) - 1) / 2) * 0.012 * entry["last_step"]  # side by side, not on top
+            ax_val.errorbar(
+                [entry["last_step"] + dodge],
+                [mean],
+                yerr=[[mean - min(whole)], [max(whole) - mean]],
+                color=c,
+                marker="*",
+                markersize=11,
+                capsize=3,
+                linestyle="",
+            )
+    spread = (
+        "mean over seeds, min-max band"
+        if any(len(e["full_val_vqa_score"]["values"]) > 1 for e in summary.values())
+        else "one seed"
+    )
     ax_loss.set(
-        title=f"Training VQA loss (raw, faint; local linear fit over {window} steps, solid)",
+        title=f"Training VQA loss, local linear fit over {window} steps ({spread})",
         xlabel="step",
         ylabel="VQA loss (BCE x classes)",
     )
     ax_loss.set_yscale("log")
     ax_val.set(title=validation_title(subset), xlabel="step", ylabel="VQA score")
-    ax_val.title.set_fontsize(9 if subset else 12)
     for ax in (ax_loss, ax_val):
+        ax.title.set_fontsize(10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=9, frameon=False)
+    rows = (len(handles) + 2) // 3
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))  # room below the panels for the legend's rows
     with atomic.open_atomic(out) as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
+    return [h.get_label() for h in handles]
 
 
 def _fmt(spread: dict[str, Any], digits: int = 3, integer: bool = False) -> str:
@@ -240,8 +292,18 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         + ["| " + " | ".join(r) + " |" for r in rows]
     )
     found = claims(s, th)
+    verdicts = "\n".join(
+        (line + "  " if (i % 3) != 2 else line + "\n") for i, line in enumerate(summary_lines(found))
+    ).rstrip()
+    seeds = len(results["seeds"])
     text = (
         f"""# Comparison report: {results["preset"]} preset
+
+## Verdicts in brief
+{seeds} seed{"s" * (seeds > 1)} per variant; a claim is supported or contradicted only where the means differ by more than the
+seed-to-seed range (max - min), else it is not resolved. The tables below give every measure.
+
+{verdicts if found else "No claim can be checked with these variants."}
 
 ## Question
 Does replacing ViLT's visual embedding with CLIP and aligning CLIP's image and question features with InfoNCE before
@@ -271,7 +333,7 @@ is also checked against the plain variant it modifies.
 ## Validation during training ({"fixed subset" if subset else "whole split"}, VQA score)
 {validation_table(s)}
 
-## Verdicts
+## Verdicts, measure by measure
 {verdict_table(found) if found else "No claim can be checked with these variants."}
 
 "Difference" is the mean of the variant minus the mean of the one it is checked against (steps, noise or score),
@@ -286,3 +348,38 @@ These are measurements of this run on this data, not a verdict on the method in 
 """
     )
     atomic.write_text(out, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuild report.md (and loss_curves.png, where results.json carries the loss curves) beside a results.json."""
+    import argparse
+    import json
+    import sys
+
+    from trainer.tools.compare.results import validate_results
+
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.tools.compare.report",
+        description="Write report.md and loss_curves.png next to a comparison's results.json, from it alone.",
+    )
+    p.add_argument("results", type=Path, help="a comparison's results.json")
+    args = p.parse_args(argv)
+    try:
+        results = json.loads(args.results.read_text())
+        validate_results(results)
+    except (OSError, ValueError) as exc:
+        print(f"error: {args.results}: {exc}", file=sys.stderr)
+        return 2
+    write_report(results, args.results.parent / "report.md")
+    print(f"wrote {args.results.parent / 'report.md'}")
+    try:
+        plot_results(results, args.results.parent / "loss_curves.png")
+    except ValueError as exc:
+        print(f"loss_curves.png left as it is: {exc}", file=sys.stderr)
+        return 0
+    print(f"wrote {args.results.parent / 'loss_curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

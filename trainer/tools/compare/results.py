@@ -75,6 +75,33 @@ VARIANT_SCHEMA: dict[str, str] = {
 }
 
 
+# Optional in a variant entry (results.json written before it lacks it; its figure then needs the run folders):
+# the smoothed VQA loss over the variant's runs at the steps they all logged, for loss_curves.png's bands.
+LOSS_CURVE = "loss_curve"  # {step: [...], mean: [...], min: [...], max: [...]}
+
+
+def loss_band(rs: list[dict[str, Any]], window: int = SMOOTH_STEPS) -> dict[str, list[float]]:
+    """The smoothed VQA loss of a variant's runs: its mean, minimum and maximum over the runs at every step they all
+    logged (the figure draws the mean as a line and min-max as a band: one legend entry per variant)."""
+    per_run = [
+        dict(
+            zip(
+                r["curves"]["step"], smooth(r["curves"]["step"], r["curves"]["vqa_loss"], window), strict=True
+            )
+        )
+        for r in rs
+        if r["curves"]["step"]
+    ]
+    steps = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
+    band: dict[str, list[float]] = {"step": steps, "mean": [], "min": [], "max": []}
+    for s in steps:
+        values = [c[s] for c in per_run]
+        band["mean"].append(round(statistics.fmean(values), 6))
+        band["min"].append(round(min(values), 6))
+        band["max"].append(round(max(values), 6))
+    return band
+
+
 def validate_results(results: dict[str, Any]) -> None:
     """Raise ValueError naming the first field of results.json that does not follow the documented schema."""
 
@@ -98,6 +125,15 @@ def validate_results(results: dict[str, Any]) -> None:
         if not isinstance(entry["model_variant"], str) or not isinstance(entry["settings"], dict):
             raise ValueError(
                 f"results.json: variants.{variant}: model_variant must be a str, settings a dict"
+            )
+        band = entry.get(LOSS_CURVE)
+        if band is not None and not (
+            isinstance(band, dict)
+            and set(band) == {"step", "mean", "min", "max"}
+            and len({len(v) if isinstance(v, list) else -1 for v in band.values()}) == 1
+        ):
+            raise ValueError(
+                f"results.json: variants.{variant}.{LOSS_CURVE} is not {{step, mean, min, max}} of one length"
             )
         curve = entry["val_curve"]
         if not isinstance(curve, dict) or len(curve.get("step", ())) != len(curve.get("vqa_score", [None])):
@@ -294,7 +330,10 @@ def _val_curve(rs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def aggregate(
-    runs: dict[str, list[dict[str, Any]]], thresholds: list[float], variants: dict[str, Variant]
+    runs: dict[str, list[dict[str, Any]]],
+    thresholds: list[float],
+    variants: dict[str, Variant],
+    window: int = SMOOTH_STEPS,
 ) -> dict[str, Any]:
     out = {}
     for name, rs in runs.items():
@@ -313,6 +352,7 @@ def aggregate(
             "wall_time_s": _spread([r["wall_time_s"] for r in rs]),
             "samples_per_second": _spread([r["samples_per_second"] for r in rs]),
             "val_curve": _val_curve(rs),
+            LOSS_CURVE: loss_band(rs, window),
             "runs": [{k: v for k, v in r.items() if k != "curves"} for r in rs],
         }
     return out
