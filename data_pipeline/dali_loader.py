@@ -3,10 +3,12 @@
 Pipeline per rank: `fn.readers.webdataset` (index files; shard_id/num_shards = rank/world size; random_shuffle with
 `initial_fill` = shuffle_buffer when training) -> `fn.decoders.image(device="mixed", hw_decoder_load=...)` ->
 `fn.resize` to S x S (linear, antialiased; squash, no crop) -> `fn.crop_mirror_normalize` (float, CHW) ->
-`DALIGenericIterator`. The json component comes out padded with zeros (`fn.pad`) and is parsed on the host, where
-the caller's tokenizer turns questions into ids (so shards do not depend on a tokenizer; the bench measures it).
-That host work runs in a background thread, PREFETCH batches ahead of the training loop, or, with
-`host_workers` > 0, in spawned processes (host_pool.py) that the thread only feeds, out of the trainer's GIL.
+`DALIGenericIterator`. The json component comes out padded with zeros (`fn.pad`). With the folder's question table
+(`LoaderSpec.questions`, data_pipeline/questions.py; the trainer builds it at start-up) the host reads the question
+ids out of those bytes and gathers ids, masks and targets from the table: array operations, no Python per sample.
+Without one, the json is parsed on the host and the caller's tokenizer turns questions into ids (so shards do not
+depend on a tokenizer); that work runs in a background thread, PREFETCH batches ahead of the training loop, or,
+with `host_workers` > 0, in spawned processes (host_pool.py) that the thread only feeds, out of the trainer's GIL.
 
 Mode: "dali-gpu" when the mixed decoder builds; when it raises (no GPU, no driver) the same pipeline is built in
 DALI's CPU mode (`device_id=None`, decoder on "cpu") and one log line says so.
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from data_pipeline import batch as contract
-from data_pipeline import host_pool, integrity, loader_state, sharding, storage
+from data_pipeline import host_pool, integrity, loader_state, questions, sharding, storage
 from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,12 @@ class DaliBatches:
         }
         self._restore = self._restore_point(spec)
         self._states: dict[int, bytes] = {}  # batches consumed -> DALI's checkpoint there (the last few only)
-        self._pool = host_pool.shared(spec.tokenizer, spec.host_workers) if spec.host_workers > 0 else None
+        self.table = spec.questions
+        if self.table is not None:
+            self.table.check_folder(folder)
+        # With the question table a batch's host work is a few array operations: no process pool to feed.
+        use_pool = spec.host_workers > 0 and self.table is None
+        self._pool = host_pool.shared(spec.tokenizer, spec.host_workers) if use_pool else None
         self._pipe = self._build_first(spec.device)
 
     def _restore_point(self, spec: LoaderSpec) -> bytes | None:
@@ -325,8 +332,15 @@ class DaliBatches:
         return rows, real, f"{self.folder.folder}: batch {index}", self.n_answers
 
     def _assemble(self, index: int, pixels: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        rows, real, where, n_answers = self._host_job(index, rows)
-        fields = host_pool.fields_from_rows(rows, real, where, self.tokenizer, n_answers)
+        if self.table is not None:  # array operations only (data_pipeline/questions.py)
+            where = f"{self.folder.folder}: batch {index}"
+            real = np.arange(index * self.batch_size, (index + 1) * self.batch_size) < self.n_real
+            real |= self.train
+            qids = questions.question_ids(rows, where)
+            fields = self.table.fields(qids, real[: rows.shape[0]], self.n_answers)
+        else:
+            rows, real_rows, where, n_answers = self._host_job(index, rows)
+            fields = host_pool.fields_from_rows(rows, real_rows, where, self.tokenizer, n_answers)
         return contract.attach(pixels, fields, evaluation=not self.train)
 
     def _finish(self, pixels: torch.Tensor, job: Future) -> dict[str, torch.Tensor]:

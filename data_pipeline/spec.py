@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from data_pipeline import batch as contract
+
+if TYPE_CHECKING:
+    from data_pipeline.questions import QuestionTable
 
 KINDS = ("auto", "dali", "torch")
 ON_SHORT_SHARD = ("error", "warn")
@@ -53,7 +57,11 @@ class LoaderSpec:
     on_short_shard: str = "error"
     """torch loader, a tar shorter than its index: error (a DataError naming the tar) or warn (log it, read on)."""
     host_workers: int = 0
-    """DALI loader: processes that parse and tokenise batches (data_pipeline/host_pool.py); 0 = a thread of this one."""
+    """DALI loader: processes that parse and tokenise batches (data_pipeline/host_pool.py); 0 = a thread of this one.
+    Not used with `questions`, whose batches take array operations only."""
+    questions: QuestionTable | None = None
+    """The folder's tokens and targets computed once (data_pipeline/questions.py): both loaders gather each batch's
+    fields from it instead of tokenising; None = tokenise every batch with `tokenizer`. Built for the folder read."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.image_size < 1:
