@@ -41,7 +41,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
         import torch
 
-        from trainer import run_folder
+        from trainer import run_folder, text_lengths
         from trainer.checkpointing import Checkpointer, resolve_resume
         from trainer.engine import Engine, load_ds_config, resolve_ds_config
         from trainer.evaluation import read_references
@@ -67,6 +67,8 @@ class Run:
         # The same seed on every rank: identical initial weights.
         _, self.tokenizer, self.answers, self.task = run_folder.load(folder, config=cfg, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
+        # Every question tokenised once; the model's text cut to the data's longest question (trainer/text_lengths.py).
+        self.questions = text_lengths.prepare(cfg, self.tokenizer, self.task.model, is_main=dist.is_main)
         self.engine = Engine(
             self.task, ds_cfg, dist, optim=cfg.optim, max_steps=cfg.train.max_steps, compile=cfg.model.compile
         )
@@ -99,6 +101,7 @@ class Run:
             device=d.device,
             on_short_shard=data.on_short_shard,
             host_workers=data.host_workers,
+            questions=self.questions.get(train),
         )
 
     def evaluate(self, step: int) -> dict[str, float]:
