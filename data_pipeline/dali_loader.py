@@ -31,19 +31,17 @@ reused by later runs and invalid after an error, while the host thread works two
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future
-from typing import TypeVar
 
 import numpy as np
 import torch
 
 from data_pipeline import batch as contract
 from data_pipeline import host_pool, integrity, loader_state, questions, sharding, storage
+from data_pipeline.background import in_background
 from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -55,8 +53,6 @@ PREFETCH = 2  # host-assembled batches kept ready ahead of the training loop
 POOL_AHEAD = 2  # batches in the host workers while the oldest is waited for (host_workers > 0)
 # Saved positions kept per epoch: the training loop is at most PREFETCH (+ DALI's own queue) behind the producer.
 KEPT_STATES = 16
-
-T = TypeVar("T")
 
 
 def available() -> bool:
@@ -267,7 +263,7 @@ class DaliBatches:
                 raise self._failure(exc, 0) from None
         # JSON parsing and tokenisation run on the host; a thread keeps them PREFETCH batches ahead, so they
         # overlap the training step (which releases the GIL while it waits on the GPU or a collective).
-        return _in_background(self._produce(iterator, pipe, first, skip), PREFETCH)
+        return in_background(self._produce(iterator, pipe, first, skip), PREFETCH)
 
     def _produce(
         self, iterator, pipe, first: int, skip: int
@@ -345,54 +341,6 @@ class DaliBatches:
 
     def _finish(self, pixels: torch.Tensor, job: Future) -> dict[str, torch.Tensor]:
         return contract.attach(pixels, job.result(), evaluation=not self.train)
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_END = object()
-
-
-def _in_background(items: Generator[T, None, None], depth: int) -> Iterator[T]:
-    """Yield `items`, produced by a thread up to `depth` ahead; an error in the thread is raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(x: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(_Failure(exc))
-        finally:
-            items.close()  # releases the DALI iterator and pipeline when the consumer stops early
-
-    thread = threading.Thread(target=work, name="dali-host-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _first(exc: BaseException) -> str:
