@@ -31,6 +31,7 @@ reused by later runs and invalid after an error, while the host thread works two
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterator
@@ -46,9 +47,6 @@ from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 
-# Share of JPEGs sent to the hardware JPEG decoder (A100/H100) rather than nvJPEG's CUDA path; 0.65 is the value
-# of NVIDIA's ResNet-50 DALI example (tuned there for A100). Not measured in this project yet.
-HW_DECODER_LOAD = 0.65
 PREFETCH = 2  # host-assembled batches kept ready ahead of the training loop
 POOL_AHEAD = 2  # batches in the host workers while the oldest is waited for (host_workers > 0)
 # Saved positions kept per epoch: the training loop is at most PREFETCH (+ DALI's own queue) behind the producer.
@@ -78,6 +76,8 @@ def _pipeline(
     image_size: int,
     mean: list[float],
     std: list[float],
+    hw_decoder_load: float,
+    prefetch_depth: int,
     checkpoint: bytes | None = None,
 ):
     from nvidia.dali import fn, pipeline_def, types
@@ -91,6 +91,7 @@ def _pipeline(
         device_id=device_id,
         seed=reader_seed,
         enable_checkpointing=True,
+        prefetch_queue_depth=prefetch_depth,
     )
     def vqa_pipeline():
         jpegs, metas = fn.readers.webdataset(
@@ -110,7 +111,7 @@ def _pipeline(
         )
         if gpu:
             images = fn.decoders.image(
-                jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=HW_DECODER_LOAD
+                jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load
             )
         else:
             images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
@@ -153,6 +154,8 @@ class DaliBatches:
             image_size=spec.image_size,
             mean=mean,
             std=std,
+            hw_decoder_load=spec.hw_decoder_load,
+            prefetch_depth=spec.prefetch_depth,
         )
         self._key = {
             "folder": loader_state.folder_fingerprint(folder.manifest),
@@ -162,6 +165,8 @@ class DaliBatches:
             "dali": _dali_version(),
         }
         self._restore = self._restore_point(spec)
+        # CPU time of the host work per batch in this process (copies out of DALI, ids, masks, targets), for the bench.
+        self.host_seconds, self.host_batches = 0.0, 0
         self._states: dict[int, bytes] = {}  # batches consumed -> DALI's checkpoint there (the last few only)
         self.table = spec.questions
         if self.table is not None:
@@ -276,6 +281,7 @@ class DaliBatches:
                     break
                 if i < skip:
                     continue  # decoded and dropped: the exact resume without a saved state
+                t0 = time.thread_time()
                 if self.train:
                     self._keep_state(i + 1, iterator.checkpoints()[0])
                 # Copies, now: the tensors are views of DALI's buffers, which the next run reuses (and an error
@@ -283,9 +289,12 @@ class DaliBatches:
                 pixels, raw = out[0]["pixels"].clone(), out[0]["json"].numpy().copy()
                 del out
                 if self._pool is None:
-                    yield self._assemble(i, pixels, raw)
+                    batch = self._assemble(i, pixels, raw)
+                    self._count_host(t0, batches=1)
+                    yield batch
                     continue
                 pending.append((pixels, self._pool.submit(*self._host_job(i, raw))))
+                self._count_host(t0, batches=0)
                 if len(pending) > POOL_AHEAD:
                     yield self._finish(*pending.popleft())
             while pending:
@@ -294,6 +303,11 @@ class DaliBatches:
             for _, job in pending:
                 job.cancel()
             del iterator, pipe  # the pipeline's threads and buffers go with the epoch
+
+    def _count_host(self, t0: float, batches: int) -> None:
+        """The host thread's CPU time since `t0` (DALI's own threads decode; waiting is not counted)."""
+        self.host_seconds += time.thread_time() - t0
+        self.host_batches += batches
 
     def _keep_state(self, consumed: int, checkpoint: bytes) -> None:
         self._states[consumed] = checkpoint
@@ -340,7 +354,11 @@ class DaliBatches:
         return contract.attach(pixels, fields, evaluation=not self.train)
 
     def _finish(self, pixels: torch.Tensor, job: Future) -> dict[str, torch.Tensor]:
-        return contract.attach(pixels, job.result(), evaluation=not self.train)
+        fields = job.result()
+        t0 = time.thread_time()
+        batch = contract.attach(pixels, fields, evaluation=not self.train)
+        self._count_host(t0, batches=1)
+        return batch
 
 
 def _first(exc: BaseException) -> str:

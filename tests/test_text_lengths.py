@@ -7,6 +7,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import torch
+
 from data_pipeline.questions import round_up
 from data_pipeline.sharding import iter_sample_json, open_folder
 from data_pipeline.text import QuestionTokenizer
@@ -103,3 +105,23 @@ def test_a_run_trains_and_evaluates_from_the_tables(
         assert main(args) == 0
     assert any("question text runs at 8 WordPiece tokens" in r.getMessage() for r in caplog.records)
     assert list((tmp_path / "run" / "eval").glob("*"))
+
+
+def test_the_bench_counts_flops_at_the_lengths_of_the_data(tiny_easyvqa_shards: Path, tmp_path: Path) -> None:
+    from trainer.task import build_task
+    from trainer.tools.bench.cells import synthetic_batch
+    from trainer.tools.bench.measure import count_step_flops
+
+    cfg, tok, _ = _setup(tiny_easyvqa_shards, tmp_path)
+    fixed = text_lengths.fixed_from_data(cfg, tok, str(tiny_easyvqa_shards / "train"))
+    assert 0 < fixed.model.text_len <= cfg.model.max_text_len
+    assert 0 < fixed.model.clip_text_len < cfg.model.clip_context_length
+    counts = []
+    for c in (cfg, fixed):
+        torch.manual_seed(0)
+        task = build_task(c, n_answers=13, vilt_vocab_size=tok.vilt_vocab_size)
+        batch = synthetic_batch(
+            c, n_answers=13, vilt_vocab=tok.vilt_vocab_size, batch_size=4, device=torch.device("cpu")
+        )
+        counts.append(count_step_flops(task, batch))
+    assert counts[1] < counts[0]

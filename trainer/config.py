@@ -163,7 +163,19 @@ class DataConfig:
     """DALI loader: processes that parse and tokenise its batches, out of the training process's interpreter lock
     (data_pipeline/host_pool.py); 0 = a thread of the training process."""
 
+    dali_hw_decoder_load: float = 0.65
+    """dali-gpu: share of JPEGs sent to the hardware JPEG decoder (A100/H100/H200) rather than nvJPEG's CUDA path;
+    0.65 is NVIDIA's ResNet-50 example value (python -m data_pipeline.bench --hw-decoder-load sweeps it)."""
+    dali_prefetch_depth: int = 2
+    """DALI's prefetch queue depth: batches its pipeline decodes ahead of the training loop (1..8)."""
+
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dali_hw_decoder_load <= 1.0:
+            raise ConfigError(
+                f"data.dali_hw_decoder_load: must be in [0, 1], got {self.dali_hw_decoder_load}"
+            )
+        if not 1 <= self.dali_prefetch_depth <= 8:
+            raise ConfigError(f"data.dali_prefetch_depth: must be in 1..8, got {self.dali_prefetch_depth}")
         if self.host_workers < 0:
             raise ConfigError(f"data.host_workers: must be >= 0, got {self.host_workers}")
         if self.loader not in ("auto", "dali", "torch"):

@@ -101,6 +101,8 @@ class Run:
             device=d.device,
             on_short_shard=data.on_short_shard,
             host_workers=data.host_workers,
+            hw_decoder_load=data.dali_hw_decoder_load,
+            prefetch_depth=data.dali_prefetch_depth,
             questions=self.questions.get(train),
         )
 

@@ -9,6 +9,7 @@ length are counted in one warning, never cut silently.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -46,3 +47,18 @@ def prepare(cfg: RunConfig, tokenizer: Any, model: Any, *, is_main: bool) -> dic
             *(vilt, m.max_text_len, clip, m.clip_context_length),
         )
     return {train: table.trimmed(vilt, clip) for train, table in tables.items()}
+
+
+def fixed_from_data(cfg: RunConfig, tokenizer: Any, folder: str) -> RunConfig:
+    """`cfg` with model.text_len / model.clip_text_len, where 0, fixed at what `folder`'s questions need (the
+    benchmark's cells then run, and count FLOPs, at the lengths a training run on that folder would)."""
+    m = cfg.model
+    table = QuestionTable.build(folder, tokenizer)
+    vilt, clip, _ = text_lengths(
+        [table],
+        vilt_fixed=m.text_len,
+        clip_fixed=m.clip_text_len,
+        vilt_max=m.max_text_len,
+        clip_max=m.clip_context_length,
+    )
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, text_len=vilt, clip_text_len=clip))
