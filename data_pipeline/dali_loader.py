@@ -276,12 +276,12 @@ class DaliBatches:
         pending: deque[tuple[torch.Tensor, Future]] = deque()  # batches in the host workers, oldest first
         try:
             for i in range(first, self.n_batches):
+                t0 = time.thread_time()  # the iterator's own host work counts too; waiting for DALI does not
                 out = self._next(iterator, i)
                 if out is None:
                     break
                 if i < skip:
                     continue  # decoded and dropped: the exact resume without a saved state
-                t0 = time.thread_time()
                 if self.train:
                     self._keep_state(i + 1, iterator.checkpoints()[0])
                 # Copies, now: the tensors are views of DALI's buffers, which the next run reuses (and an error
@@ -305,7 +305,7 @@ class DaliBatches:
             del iterator, pipe  # the pipeline's threads and buffers go with the epoch
 
     def _count_host(self, t0: float, batches: int) -> None:
-        """The host thread's CPU time since `t0` (DALI's own threads decode; waiting is not counted)."""
+        """The host thread's CPU time since `t0` (DALI's own threads decode: not counted, nor is waiting)."""
         self.host_seconds += time.thread_time() - t0
         self.host_batches += batches
 

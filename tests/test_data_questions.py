@@ -95,3 +95,19 @@ def test_a_table_serves_only_its_own_folder(folder: Path, tmp_path: Path):
     table = QuestionTable.build(str(folder), FakeTokenizer())
     with pytest.raises(ValueError, match="does not belong to"):
         load(other, "torch", questions=table)
+
+
+def test_dali_counts_its_host_work_per_batch(folder: Path):
+    from data_pipeline.loader import LoaderSpec, build_loader
+    from tests.test_data_loader import MEAN, STD
+
+    table = QuestionTable.build(str(folder), FakeTokenizer())
+    spec = LoaderSpec(
+        tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, train=True,
+        num_workers=1, kind="dali", questions=table, prefetch_depth=1,
+    )  # fmt: skip
+    loader = build_loader(folder, spec)
+    assert loader.host_work == (0.0, 0)
+    n = sum(1 for _ in loader)
+    seconds, batches = loader.host_work
+    assert batches == n == len(loader) and seconds > 0
