@@ -109,12 +109,8 @@ def _pipeline(
             pad_last_batch=False,
             name="reader",
         )
-        if gpu:
-            images = fn.decoders.image(
-                jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load
-            )
-        else:
-            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        decoder = {"device": "mixed", "hw_decoder_load": hw_decoder_load} if gpu else {"device": "cpu"}
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
         # uint8 output, like PIL's resize in the torch loader: both round the same way before normalising.
         images = fn.resize(
             images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True

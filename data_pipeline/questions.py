@@ -47,11 +47,13 @@ class QuestionTable:
     """loader_state.folder_fingerprint of the folder's manifest: a table serves only the folder it was built from."""
     qids: np.ndarray
     """int64 [N], sorted."""
+    question_row: torch.Tensor
+    """int64 [N + 1]: each sample's row in the token tensors (its distinct question); the last: the empty question."""
     vilt_ids: torch.Tensor
-    """int64 [N + 1, L]"""
+    """int64 [D + 1, L]: one row per distinct question (VQA v2 repeats many), the empty question last."""
     vilt_mask: torch.Tensor
     clip_ids: torch.Tensor
-    """int64 [N + 1, C]"""
+    """int64 [D + 1, C]"""
     labels: torch.Tensor
     """int64 [N, K]: answer indices, padded with 0 (score 0)."""
     scores: torch.Tensor
@@ -90,18 +92,19 @@ class QuestionTable:
                     )
                 labels[i, : len(ls)] = torch.tensor(ls, dtype=torch.long)
                 scores[i, : len(ls)] = torch.tensor(m["scores"], dtype=torch.float32)
-        vilt_ids, vilt_mask, clip_ids = (tokens[key].index_select(0, index) for key in contract.TOKEN_KEYS)
+        samples = index[:-1]
         return cls(
             folder=str(folder.folder),
             fingerprint=loader_state.folder_fingerprint(folder.manifest),
             qids=qids,
-            vilt_ids=vilt_ids,
-            vilt_mask=vilt_mask,
-            clip_ids=clip_ids,
+            question_row=index,
+            vilt_ids=tokens["vilt_ids"],
+            vilt_mask=tokens["vilt_mask"],
+            clip_ids=tokens["clip_ids"],
             labels=labels,
             scores=scores,
-            vilt_lengths=vilt_mask[:-1].sum(1).numpy().astype(np.int64),
-            clip_lengths=_clip_lengths(clip_ids[:-1]),
+            vilt_lengths=tokens["vilt_mask"].sum(1).index_select(0, samples).numpy().astype(np.int64),
+            clip_lengths=_clip_lengths(tokens["clip_ids"]).index_select(0, samples).numpy().astype(np.int64),
         )
 
     def __len__(self) -> int:
@@ -139,10 +142,11 @@ class QuestionTable:
         targets = torch.zeros(len(rows), n_answers, dtype=torch.float32)
         # Labels are distinct within a question (padding: score 0), so the sum is the assignment of batch.host_fields.
         targets.scatter_add_(1, self.labels.index_select(0, sample), scores)
+        question = self.question_row.index_select(0, rows)
         return {
-            "vilt_ids": self.vilt_ids.index_select(0, rows),
-            "vilt_mask": self.vilt_mask.index_select(0, rows),
-            "clip_ids": self.clip_ids.index_select(0, rows),
+            "vilt_ids": self.vilt_ids.index_select(0, question),
+            "vilt_mask": self.vilt_mask.index_select(0, question),
+            "clip_ids": self.clip_ids.index_select(0, question),
             "targets": targets,
             "question_id": torch.from_numpy(np.where(real, qids, -1).astype(np.int64)),
             "valid": valid,
@@ -154,9 +158,9 @@ def _tokenise(questions: list[str], tokenizer: contract.Tokenizer) -> dict[str, 
     return {key: torch.cat([p[key].long() for p in parts]) for key in contract.TOKEN_KEYS}
 
 
-def _clip_lengths(clip_ids: torch.Tensor) -> np.ndarray:
+def _clip_lengths(clip_ids: torch.Tensor) -> torch.Tensor:
     """Up to and including the end-of-text token, the largest id of a row (where open_clip's CLIP pools)."""
-    return (clip_ids.argmax(dim=1) + 1).numpy().astype(np.int64)
+    return clip_ids.argmax(dim=1) + 1
 
 
 def question_ids(rows: np.ndarray, where: str) -> np.ndarray:

@@ -198,12 +198,20 @@ def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str,
         batch["pixels"] = batch["pixels"].to(dtype)
         return DeviceBatch(batch)
     from data_pipeline.loader import LoaderSpec, build_loader
+    from data_pipeline.questions import QuestionTable
 
+    # As the trainer reads: tokens from the folder's question table, at the text lengths the model runs at.
+    m, model = cfg.model, getattr(task, "model", None)
+    table = QuestionTable.build(setup.args.train_data, setup.tokenizer).trimmed(
+        getattr(model, "vilt_text_len", None) or m.max_text_len,
+        getattr(model, "clip_text_len", None) or m.clip_context_length,
+    )
     spec = LoaderSpec(
         tokenizer=setup.tokenizer, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.image_size,
         mean=task.image_mean, std=task.image_std, train=True, seed=cfg.train.seed, kind=cfg.data.loader,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=device,
-        host_workers=cfg.data.host_workers,
+        host_workers=cfg.data.host_workers, questions=table, hw_decoder_load=cfg.data.dali_hw_decoder_load,
+        prefetch_depth=cfg.data.dali_prefetch_depth,
     )  # fmt: skip
     return EpochBatches(lambda epoch: build_loader(setup.args.train_data, spec.at(epoch)))
 
