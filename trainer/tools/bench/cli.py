@@ -194,7 +194,7 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
         tokenizer = build_tokenizer(plan.base, args.train_data, work)
         # The text lengths a training run on this data would use (trainer/text_lengths.py): FLOPs at those shapes.
         plan = dataclasses.replace(
-            plan, base=text_lengths.fixed_from_data(plan.base, args.train_data, tokenizer)
+            plan, base=text_lengths.fixed_from_data(plan.base, tokenizer, args.train_data)
         )
         vilt_vocab = tokenizer.vilt_vocab_size
         clip_vocab = tokenizer.clip_vocab
