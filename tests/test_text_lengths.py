@@ -7,6 +7,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 
 from data_pipeline.questions import round_up
@@ -89,6 +90,7 @@ def test_variants_without_a_text_tower_keep_clip_ids_whole(tiny_easyvqa_shards: 
     assert tables[True].clip_ids.shape[1] == cfg.model.clip_context_length
 
 
+@pytest.mark.slow
 def test_a_run_trains_and_evaluates_from_the_tables(
     tiny_easyvqa_shards: Path, tmp_path: Path, caplog
 ) -> None:
@@ -107,6 +109,7 @@ def test_a_run_trains_and_evaluates_from_the_tables(
     assert list((tmp_path / "run" / "eval").glob("*"))
 
 
+@pytest.mark.slow
 def test_the_bench_counts_flops_at_the_lengths_of_the_data(tiny_easyvqa_shards: Path, tmp_path: Path) -> None:
     from trainer.task import build_task
     from trainer.tools.bench.cells import synthetic_batch
