@@ -3,9 +3,12 @@
 By default it builds a temporary shard folder of photo-like 640x480 JPEGs (VQA v2's COCO images are ~640x480;
 easy-VQA's 64x64 images would measure almost nothing but overhead) with the real converter, then times every
 loader that can run here (dali-gpu where a GPU is present, dali-cpu, torch) in training mode: steady-state images/s
-after the first batch, the median of several runs. Each loader tokenises questions on the host with the real
-QuestionTokenizer (data_pipeline.text), and the tokeniser's own cost per batch is measured separately, because the
-DALI path does it in the training process.
+after the first batch, the median of several runs. Each loader takes its tokens from the folder's question table
+(data_pipeline/questions.py, as the trainer does), or, with `--questions tokenize`, tokenises every batch with the
+real QuestionTokenizer (data_pipeline.text); the tokeniser's own cost per batch is measured separately. For DALI the
+table also gives the loader's host work per batch in this process (CPU time of its host thread: copies out of
+DALI's buffers, ids, masks, targets) and the CPU time of the whole process per batch (DALI's CPU decoding
+included). DALI's settings can be swept: `--workers` (its CPU threads), `--hw-decoder-load`, `--prefetch`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from data_pipeline import build, dali_loader, synthetic, vqa2
 from data_pipeline.loader import LoaderSpec, build_loader, read_sample_info
 from data_pipeline.machine import cpu_model
+from data_pipeline.questions import QuestionTable
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,12 @@ def time_loader(
     workers: int,
     epoch: int,
     max_batches: int,
-) -> tuple[str, float]:
+    table: QuestionTable | None = None,
+    hw_decoder_load: float = 0.65,
+    prefetch: int = 2,
+    host_workers: int = 0,
+) -> tuple[str, float, float | None, float]:
+    """(loader kind, images/s, host seconds per batch (DALI) or None, process CPU seconds per batch), steady state."""
     spec = LoaderSpec(
         tokenizer=tokenizer,
         batch_size=batch_size,
@@ -100,9 +109,13 @@ def time_loader(
         epoch=epoch,
         kind=kind,
         num_workers=workers,
+        questions=table,
+        hw_decoder_load=hw_decoder_load,
+        prefetch_depth=prefetch,
+        host_workers=host_workers,
     )
     loader = build_loader(folder, spec)
-    t0, n = None, 0
+    t0, n, batches, cpu0, host0 = None, 0, 0, 0.0, (0.0, 0)
     for i, batch in enumerate(loader):
         if i > max_batches:
             break
@@ -111,14 +124,19 @@ def time_loader(
         ):  # the first batch carries the start-up (pipeline build, worker start): not steady state
             if batch["pixels"].is_cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            host0 = loader.host_work
             continue
         n += batch["pixels"].shape[0]
+        batches += 1
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     if t0 is None or n == 0:
         raise SystemExit(f"error: {folder} gives fewer than 2 batches of {batch_size}; use more --samples")
-    return loader.kind, n / (time.perf_counter() - t0)
+    rate, cpu = n / (time.perf_counter() - t0), (time.process_time() - cpu0) / batches
+    host_s, host_batches = (now - before for now, before in zip(loader.host_work, host0, strict=True))
+    host = host_s / host_batches if host_batches else None
+    return loader.kind, rate, host, cpu
 
 
 def time_tokenizer(tokenizer, folder: Path, batch_size: int, repeats: int = 20) -> float:
@@ -148,11 +166,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
-        "--workers", type=int, default=build.default_workers(), help="DataLoader workers / DALI threads"
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[build.default_workers()],
+        help="DataLoader workers / DALI CPU threads (several: a sweep)",
+    )
+    p.add_argument(
+        "--questions",
+        nargs="+",
+        default=["table"],
+        choices=["table", "tokenize"],
+        help="tokens from the folder's question table (the trainer's way) or tokenised per batch",
+    )
+    p.add_argument("--hw-decoder-load", type=float, nargs="+", default=[0.65], help="dali-gpu (a sweep)")
+    p.add_argument(
+        "--prefetch", type=int, nargs="+", default=[2], help="DALI's prefetch queue depth (a sweep)"
+    )
+    p.add_argument(
+        "--host-workers", type=int, default=0, help="DALI: host worker processes (--questions tokenize)"
     )
     p.add_argument("--runs", type=int, default=3, help="runs per cell; the table shows the median")
     p.add_argument("--max-batches", type=int, default=30, help="batches timed per run (after the first)")
     return p
+
+
+def _settings(args: argparse.Namespace, kind: str) -> list[dict]:
+    """The cells of one loader kind: the sweep's settings (DALI's only for DALI)."""
+    cells = []
+    for questions in args.questions:
+        for workers in args.workers:
+            if kind != "dali":
+                cells.append({"questions": questions, "workers": workers})
+                continue
+            for load in args.hw_decoder_load:
+                for prefetch in args.prefetch:
+                    cells.append(
+                        {
+                            "questions": questions,
+                            "workers": workers,
+                            "hw_decoder_load": load,
+                            "prefetch": prefetch,
+                        }
+                    )
+    return cells
+
+
+def _label(name: str, cell: dict, args: argparse.Namespace) -> str:
+    shown = {k: v for k, v in cell.items() if k == "questions" or len(getattr(args, k)) > 1}
+    if name == "dali-cpu":
+        shown.pop("hw_decoder_load", None)  # the CPU decoder has no hardware share
+    return name + "".join(f", {k} {v}" for k, v in shown.items())
+
+
+def _run_cells(args, folder: Path, kinds: list[str], tokenizer, table: QuestionTable) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for kind in kinds:
+        for cell in _settings(args, kind):
+            for size in args.sizes:
+                runs = []
+                for r in range(args.runs):
+                    name, rate, host, cpu = time_loader(
+                        folder, kind, size, tokenizer=tokenizer, batch_size=args.batch_size,
+                        workers=cell["workers"], epoch=r, max_batches=args.max_batches,
+                        table=table if cell["questions"] == "table" else None,
+                        hw_decoder_load=cell.get("hw_decoder_load", 0.65), prefetch=cell.get("prefetch", 2),
+                        host_workers=args.host_workers,
+                    )  # fmt: skip
+                    runs.append((rate, host, cpu))
+                    print(
+                        f"  {_label(name, cell, args)} {size}px run {r + 1}: {rate:.0f} images/s",
+                        file=sys.stderr,
+                    )
+                row = rows.setdefault(_label(name, cell, args), {})
+                hosts = [h for _, h, _ in runs if h is not None]
+                row[size] = (
+                    statistics.median(r for r, _, _ in runs),
+                    statistics.median(hosts) if hosts else None,
+                    statistics.median(c for _, _, c in runs),
+                )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,42 +259,35 @@ def main(argv: list[str] | None = None) -> int:
             source = str(folder)
         else:
             print(f"building {args.samples} photo-like 640x480 samples ...", file=sys.stderr)
-            folder = make_photo_shards(work, args.samples, args.workers)
+            folder = make_photo_shards(work, args.samples, max(args.workers))
             source = f"{args.samples} generated photo-like 640x480 JPEG samples (quality 90)"
         tokenizer, tok_name = make_tokenizer(folder, work)
-        rows: dict[str, dict[int, float]] = {}
-        for kind in kinds:
-            for size in args.sizes:
-                runs = []
-                for r in range(args.runs):
-                    name, rate = time_loader(
-                        folder,
-                        kind,
-                        size,
-                        tokenizer=tokenizer,
-                        batch_size=args.batch_size,
-                        workers=args.workers,
-                        epoch=r,
-                        max_batches=args.max_batches,
-                    )
-                    runs.append(rate)
-                    print(f"  {name} {size}px run {r + 1}: {rate:.0f} images/s", file=sys.stderr)
-                rows.setdefault(name, {})[size] = statistics.median(runs)
+        t = time.perf_counter()
+        table = QuestionTable.build(str(folder), tokenizer)
+        table_s = time.perf_counter() - t
+        rows = _run_cells(args, folder, kinds, tokenizer, table)
         tok_s = time_tokenizer(tokenizer, folder, args.batch_size)
     print(f"machine: {machine()}")
     print(
-        f"data: {source}; batch {args.batch_size}; {args.workers} workers/threads; median of {args.runs} runs"
+        f"data: {source}; batch {args.batch_size}; median of {args.runs} runs of {args.max_batches} batches"
     )
-    header = "| loader | " + " | ".join(f"{s} px images/s" for s in args.sizes) + " |"
-    print(header)
-    print("|" + "---|" * (len(args.sizes) + 1))
+    cols = [
+        f"{s} px {what}" for s in args.sizes for what in ("images/s", "host ms/batch", "process CPU ms/batch")
+    ]
+    print("| loader | " + " | ".join(cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
     for name, cells in rows.items():
-        print(f"| {name} | " + " | ".join(f"{cells[s]:.0f}" for s in args.sizes) + " |")
+        out = []
+        for s in args.sizes:
+            rate, host, cpu = cells[s]
+            out += [f"{rate:.0f}", "-" if host is None else f"{host * 1e3:.2f}", f"{cpu * 1e3:.1f}"]
+        print(f"| {name} | " + " | ".join(out) + " |")
     per_q = tok_s / args.batch_size
     print(
         f"host tokenisation ({tok_name}): {tok_s * 1e3:.1f} ms per batch of {args.batch_size} "
         f"= {per_q * 1e6:.0f} us per question ({1 / per_q:.0f} questions/s on one core)"
     )
+    print(f"question table: {len(table)} questions tokenised once in {table_s:.2f} s")
     return 0
 
 

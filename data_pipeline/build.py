@@ -33,7 +33,14 @@ from typing import Any
 from tqdm import tqdm
 
 from data_pipeline import atomic, shards
-from data_pipeline.buildspec import DEFAULT_SHARD_SIZE, BuildSpec, Candidate, ConversionError, Summary
+from data_pipeline.buildspec import (
+    CHROMA_SUBSAMPLING,
+    DEFAULT_SHARD_SIZE,
+    BuildSpec,
+    Candidate,
+    ConversionError,
+    Summary,
+)
 from data_pipeline.images import CheckResult, check_image, convert_to_jpeg
 
 __all__ = [
@@ -87,6 +94,7 @@ def _fingerprint(spec: BuildSpec) -> str:
         "image_mode": spec.image_mode,
         "image_size": spec.image_size,
         "jpeg_quality": spec.jpeg_quality,
+        "chroma_subsampling": spec.chroma_subsampling,
         "shard_size": spec.shard_size,
         "seed": spec.seed,
         "inputs": spec.inputs,
@@ -165,8 +173,12 @@ def _check_images(spec: BuildSpec, work: Path) -> dict[str, CheckResult]:
         log.info("%s: %d images already checked, %d to go", spec.out, len(results), len(todo))
     if spec.image_mode == "jpeg":
         fn: Callable = convert_to_jpeg
-        size, quality = spec.image_size, spec.jpeg_quality
-        tasks: list = [(p, str(work / "images" / _converted_name(p)), size, quality) for p in todo]
+        size, quality, chroma = (
+            spec.image_size,
+            spec.jpeg_quality,
+            CHROMA_SUBSAMPLING[spec.chroma_subsampling],
+        )
+        tasks: list = [(p, str(work / "images" / _converted_name(p)), size, quality, chroma) for p in todo]
     else:
         fn, tasks = check_image, todo
     chunk = max(1, min(64, len(tasks) // (spec.workers * 8) if spec.workers else 1))
@@ -337,6 +349,7 @@ def _manifest(
             "image_mode": spec.image_mode,
             "image_size": spec.image_size,
             "jpeg_quality": spec.jpeg_quality if spec.image_mode == "jpeg" else None,
+            "chroma_subsampling": spec.chroma_subsampling if spec.image_mode == "jpeg" else None,
         },  # fmt: skip
         "answers": {"count": len(spec.answers), "source": spec.answers_source, "file": shards.ANSWERS},
         "has_answers": spec.has_answers,

@@ -73,6 +73,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         "resize when training at N; training at a larger size is refused (default: images as they are)",
     )
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of re-encoded images (1-100)")
+    p.add_argument(
+        "--chroma-subsampling",
+        choices=["4:2:0", "4:4:4"],
+        default=None,
+        help="chroma of re-encoded images (default: 4:4:4 for easy-VQA's flat colour shapes, 4:2:0 for photos)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +167,7 @@ def _settings(args: argparse.Namespace, argv: list[str]) -> dict:
         "progress": not args.no_progress,
         "image_size": args.image_size,
         "jpeg_quality": args.jpeg_quality,
+        "chroma_subsampling": args.chroma_subsampling,
         "command": "python -m data_pipeline.convert " + shlex.join(argv),
     }
 

@@ -4,10 +4,12 @@ Pipeline per rank: `fn.readers.webdataset` (index files; shard_id/num_shards = r
 `initial_fill` = shuffle_buffer when training) -> `fn.decoders.image(device="mixed", hw_decoder_load=...)` (EXIF
 orientation applied) ->
 `fn.resize` to S x S (linear, antialiased; squash, no crop) -> `fn.crop_mirror_normalize` (float, CHW) ->
-`DALIGenericIterator`. The json component comes out padded with zeros (`fn.pad`) and is parsed on the host, where
-the caller's tokenizer turns questions into ids (so shards do not depend on a tokenizer; the bench measures it).
-That host work runs in a background thread, PREFETCH batches ahead of the training loop, or, with
-`host_workers` > 0, in spawned processes (host_pool.py) that the thread only feeds, out of the trainer's GIL.
+`DALIGenericIterator`. The json component comes out padded with zeros (`fn.pad`). With the folder's question table
+(`LoaderSpec.questions`, data_pipeline/questions.py; the trainer builds it at start-up) the host reads the question
+ids out of those bytes and gathers ids, masks and targets from the table: array operations, no Python per sample.
+Without one, the json is parsed on the host and the caller's tokenizer turns questions into ids (so shards do not
+depend on a tokenizer); that work runs in a background thread, PREFETCH batches ahead of the training loop, or,
+with `host_workers` > 0, in spawned processes (host_pool.py) that the thread only feeds, out of the trainer's GIL.
 
 Mode: "dali-gpu" when the mixed decoder builds; when it raises (no GPU, no driver) the same pipeline is built in
 DALI's CPU mode (`device_id=None`, decoder on "cpu") and one log line says so.
@@ -30,32 +32,26 @@ reused by later runs and invalid after an error, while the host thread works two
 from __future__ import annotations
 
 import logging
-import queue
-import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future
-from typing import TypeVar
 
 import numpy as np
 import torch
 
 from data_pipeline import batch as contract
-from data_pipeline import host_pool, integrity, loader_state, sharding, storage
+from data_pipeline import host_pool, integrity, loader_state, questions, sharding, storage
+from data_pipeline.background import in_background
 from data_pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 
-# Share of JPEGs sent to the hardware JPEG decoder (A100/H100) rather than nvJPEG's CUDA path; 0.65 is the value
-# of NVIDIA's ResNet-50 DALI example (tuned there for A100). Not measured in this project yet.
-HW_DECODER_LOAD = 0.65
 PREFETCH = 2  # host-assembled batches kept ready ahead of the training loop
 POOL_AHEAD = 2  # batches in the host workers while the oldest is waited for (host_workers > 0)
 # Saved positions kept per epoch: the training loop is at most PREFETCH (+ DALI's own queue) behind the producer.
 KEPT_STATES = 16
-
-T = TypeVar("T")
 
 
 def available() -> bool:
@@ -81,6 +77,8 @@ def _pipeline(
     image_size: int,
     mean: list[float],
     std: list[float],
+    hw_decoder_load: float,
+    prefetch_depth: int,
     checkpoint: bytes | None = None,
 ):
     from nvidia.dali import fn, pipeline_def, types
@@ -94,6 +92,7 @@ def _pipeline(
         device_id=device_id,
         seed=reader_seed,
         enable_checkpointing=True,
+        prefetch_queue_depth=prefetch_depth,
     )
     def vqa_pipeline():
         jpegs, metas = fn.readers.webdataset(
@@ -112,11 +111,8 @@ def _pipeline(
             name="reader",
         )
         # EXIF orientation applied (DALI's default, pinned): the project's one rule, data_pipeline/images.py.
-        decode = {"output_type": types.RGB, "adjust_orientation": True}
-        if gpu:
-            images = fn.decoders.image(jpegs, device="mixed", hw_decoder_load=HW_DECODER_LOAD, **decode)
-        else:
-            images = fn.decoders.image(jpegs, device="cpu", **decode)
+        device = {"device": "mixed", "hw_decoder_load": hw_decoder_load} if gpu else {"device": "cpu"}
+        images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=True, **device)
         # uint8 output, like PIL's resize in the torch loader: both round the same way before normalising.
         images = fn.resize(
             images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True
@@ -156,6 +152,8 @@ class DaliBatches:
             image_size=spec.image_size,
             mean=mean,
             std=std,
+            hw_decoder_load=spec.hw_decoder_load,
+            prefetch_depth=spec.prefetch_depth,
         )
         self._key = {
             "folder": loader_state.folder_fingerprint(folder.manifest),
@@ -165,8 +163,15 @@ class DaliBatches:
             "dali": _dali_version(),
         }
         self._restore = self._restore_point(spec)
+        # CPU time of the host work per batch in this process (copies out of DALI, ids, masks, targets), for the bench.
+        self.host_seconds, self.host_batches = 0.0, 0
         self._states: dict[int, bytes] = {}  # batches consumed -> DALI's checkpoint there (the last few only)
-        self._pool = host_pool.shared(spec.tokenizer, spec.host_workers) if spec.host_workers > 0 else None
+        self.table = spec.questions
+        if self.table is not None:
+            self.table.check_folder(folder)
+        # With the question table a batch's host work is a few array operations: no process pool to feed.
+        use_pool = spec.host_workers > 0 and self.table is None
+        self._pool = host_pool.shared(spec.tokenizer, spec.host_workers) if use_pool else None
         self._pipe = self._build_first(spec.device)
 
     def _restore_point(self, spec: LoaderSpec) -> bytes | None:
@@ -261,7 +266,7 @@ class DaliBatches:
                 raise self._failure(exc, 0) from None
         # JSON parsing and tokenisation run on the host; a thread keeps them PREFETCH batches ahead, so they
         # overlap the training step (which releases the GIL while it waits on the GPU or a collective).
-        return _in_background(self._produce(iterator, pipe, first, skip), PREFETCH)
+        return in_background(self._produce(iterator, pipe, first, skip), PREFETCH)
 
     def _produce(
         self, iterator, pipe, first: int, skip: int
@@ -269,6 +274,7 @@ class DaliBatches:
         pending: deque[tuple[torch.Tensor, Future]] = deque()  # batches in the host workers, oldest first
         try:
             for i in range(first, self.n_batches):
+                t0 = time.thread_time()  # the iterator's own host work counts too; waiting for DALI does not
                 out = self._next(iterator, i)
                 if out is None:
                     break
@@ -281,9 +287,12 @@ class DaliBatches:
                 pixels, raw = out[0]["pixels"].clone(), out[0]["json"].numpy().copy()
                 del out
                 if self._pool is None:
-                    yield self._assemble(i, pixels, raw)
+                    batch = self._assemble(i, pixels, raw)
+                    self._count_host(t0, batches=1)
+                    yield batch
                     continue
                 pending.append((pixels, self._pool.submit(*self._host_job(i, raw))))
+                self._count_host(t0, batches=0)
                 if len(pending) > POOL_AHEAD:
                     yield self._finish(*pending.popleft())
             while pending:
@@ -292,6 +301,11 @@ class DaliBatches:
             for _, job in pending:
                 job.cancel()
             del iterator, pipe  # the pipeline's threads and buffers go with the epoch
+
+    def _count_host(self, t0: float, batches: int) -> None:
+        """The host thread's CPU time since `t0` (DALI's own threads decode: not counted, nor is waiting)."""
+        self.host_seconds += time.thread_time() - t0
+        self.host_batches += batches
 
     def _keep_state(self, consumed: int, checkpoint: bytes) -> None:
         self._states[consumed] = checkpoint
@@ -326,60 +340,23 @@ class DaliBatches:
         return rows, real, f"{self.folder.folder}: batch {index}", self.n_answers
 
     def _assemble(self, index: int, pixels: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        rows, real, where, n_answers = self._host_job(index, rows)
-        fields = host_pool.fields_from_rows(rows, real, where, self.tokenizer, n_answers)
+        if self.table is not None:  # array operations only (data_pipeline/questions.py)
+            where = f"{self.folder.folder}: batch {index}"
+            real = np.arange(index * self.batch_size, (index + 1) * self.batch_size) < self.n_real
+            real |= self.train
+            qids = questions.question_ids(rows, where)
+            fields = self.table.fields(qids, real[: rows.shape[0]], self.n_answers)
+        else:
+            rows, real_rows, where, n_answers = self._host_job(index, rows)
+            fields = host_pool.fields_from_rows(rows, real_rows, where, self.tokenizer, n_answers)
         return contract.attach(pixels, fields, evaluation=not self.train)
 
     def _finish(self, pixels: torch.Tensor, job: Future) -> dict[str, torch.Tensor]:
-        return contract.attach(pixels, job.result(), evaluation=not self.train)
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_END = object()
-
-
-def _in_background(items: Generator[T, None, None], depth: int) -> Iterator[T]:
-    """Yield `items`, produced by a thread up to `depth` ahead; an error in the thread is raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(x: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(_Failure(exc))
-        finally:
-            items.close()  # releases the DALI iterator and pipeline when the consumer stops early
-
-    thread = threading.Thread(target=work, name="dali-host-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+        fields = job.result()
+        t0 = time.thread_time()
+        batch = contract.attach(pixels, fields, evaluation=not self.train)
+        self._count_host(t0, batches=1)
+        return batch
 
 
 def _first(exc: BaseException) -> str:

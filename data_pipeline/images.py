@@ -92,17 +92,19 @@ def check_image(path: str) -> CheckResult:
     return CheckResult(path, True, output=path, width=w, height=h)
 
 
-def convert_to_jpeg(task: tuple[str, str, int | None, int]) -> CheckResult:
-    """(source, destination, size, quality): decode `source` (any format PIL reads), squash it to size x size when a
-    size is given, write it as an RGB JPEG of that quality to `destination`.
+def convert_to_jpeg(task: tuple[str, str, int | None, int, int]) -> CheckResult:
+    """(source, destination, size, quality, subsampling): decode `source` (any format PIL reads), squash it to
+    size x size when a size is given, write it as an RGB JPEG of that quality and chroma subsampling (PIL's: 0 = 4:4:4,
+    2 = 4:2:0; BuildSpec.chroma_subsampling) to `destination`.
 
     The squash is the loaders' (data_pipeline/torch_loader.py, trainer/predict.py: upright RGB, bilinear to a
     square), done once here so that training at that size decodes small files and resizes nothing. The EXIF
-    orientation is applied before it and no EXIF is written: the loaders must not turn the result again. 4:4:4 chroma (no subsampling):
-    easy-VQA's 64x64 images are flat colour shapes whose colour is half the task; 4:2:0 would blur the colour edges.
+    orientation is applied before it and no EXIF is written: the loaders must not turn the result again. easy-VQA's
+    64x64 images keep 4:4:4 chroma: they are flat colour shapes whose colour is half the task, and 4:2:0 would blur
+    the colour edges.
     The JPEG is decoded again before it is accepted. Written atomically.
     """
-    source, destination, size, quality = task
+    source, destination, size, quality, subsampling = task
     try:
         with open(source, "rb") as f:
             im, _ = _decode(f.read())
@@ -110,7 +112,7 @@ def convert_to_jpeg(task: tuple[str, str, int | None, int]) -> CheckResult:
         rgb = upright_rgb(im)
         if size is not None:
             rgb = rgb.resize((size, size), Image.BILINEAR)
-        rgb.save(buf, format="JPEG", quality=quality, subsampling=0)
+        rgb.save(buf, format="JPEG", quality=quality, subsampling=subsampling)
         data = buf.getvalue()
         _decode(data)
     except FileNotFoundError:

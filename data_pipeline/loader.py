@@ -90,6 +90,12 @@ class VQALoader:
         return get(consumed) if get is not None else None
 
     @property
+    def host_work(self) -> tuple[float, int]:
+        """DALI: (CPU seconds, batches) of the loader's host work in this process so far (copies out of DALI's
+        buffers, ids, masks, targets); (0.0, 0) for the torch loader, whose host work runs in its workers."""
+        return getattr(self._backend, "host_seconds", 0.0), getattr(self._backend, "host_batches", 0)
+
+    @property
     def corrupt_skipped(self) -> int:
         """Corrupt samples the torch loader skipped in its last complete pass (DALI never skips: it would fail)."""
         return int(getattr(self._backend, "skipped", 0))

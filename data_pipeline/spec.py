@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from data_pipeline import batch as contract
+
+if TYPE_CHECKING:
+    from data_pipeline.questions import QuestionTable
 
 KINDS = ("auto", "dali", "torch")
 ON_SHORT_SHARD = ("error", "warn")
@@ -53,7 +57,15 @@ class LoaderSpec:
     on_short_shard: str = "error"
     """torch loader, a tar shorter than its index: error (a DataError naming the tar) or warn (log it, read on)."""
     host_workers: int = 0
-    """DALI loader: processes that parse and tokenise batches (data_pipeline/host_pool.py); 0 = a thread of this one."""
+    """DALI loader: processes that parse and tokenise batches (data_pipeline/host_pool.py); 0 = a thread of this one.
+    Not used with `questions`, whose batches take array operations only."""
+    hw_decoder_load: float = 0.65
+    """dali-gpu: share of JPEGs sent to the hardware JPEG decoder (A100/H100/H200) rather than nvJPEG's CUDA path."""
+    prefetch_depth: int = 2
+    """DALI's prefetch queue depth (batches its pipeline runs ahead), 1..8."""
+    questions: QuestionTable | None = None
+    """The folder's tokens and targets computed once (data_pipeline/questions.py): both loaders gather each batch's
+    fields from it instead of tokenising; None = tokenise every batch with `tokenizer`. Built for the folder read."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.image_size < 1:
@@ -64,6 +76,10 @@ class LoaderSpec:
             raise ValueError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        if not 1 <= self.prefetch_depth <= 8:
+            raise ValueError(f"prefetch_depth must be in 1..8, got {self.prefetch_depth}")
         if self.host_workers < 0:
             raise ValueError(f"host_workers must be >= 0, got {self.host_workers}")
         if self.skip_batches < 0 or self.num_workers < 0:

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import batch as contract
-from data_pipeline import sharding, storage
+from data_pipeline import questions, sharding, storage
 from data_pipeline.images import upright_rgb
 from data_pipeline.spec import LoaderSpec
 
@@ -129,6 +129,7 @@ class _EpochBlocks(torch.utils.data.IterableDataset):
         plans: list[dict[str, Any]],
         *,
         tokenizer: contract.Tokenizer,
+        table: questions.QuestionTable | None,
         n_answers: int,
         image_size: int,
         train: bool,
@@ -139,6 +140,7 @@ class _EpochBlocks(torch.utils.data.IterableDataset):
         self.plans = plans
         self.on_short_shard = on_short_shard
         self.tokenizer = tokenizer
+        self.table = table
         self.n_answers = n_answers
         self.image_size = image_size
         self.train = train
@@ -201,7 +203,11 @@ class _EpochBlocks(torch.utils.data.IterableDataset):
         )
         # uint8 crosses the process boundary (4x less than float32); the loader normalises in the main process.
         metas = [d[1] if d is not None else None for d in decoded]
-        out = contract.assemble(pixels, metas, self.tokenizer, self.n_answers, evaluation=not self.train)
+        if self.table is not None:
+            fields = questions.fields_from_metas(metas, self.table, self.n_answers)
+        else:
+            fields = contract.host_fields(metas, self.tokenizer, self.n_answers)
+        out = contract.attach(pixels, fields, evaluation=not self.train)
         out[SKIPPED] = skipped
         return out
 
@@ -244,6 +250,8 @@ class TorchBatches:
 
     def __init__(self, folder: sharding.ShardFolder, spec: LoaderSpec, n_batches: int) -> None:
         self.folder = folder
+        if spec.questions is not None:
+            spec.questions.check_folder(folder)
         self.num_workers = spec.num_workers
         self.n_batches = n_batches
         # Normalising on the GPU when training there: uint8 crosses PCIe (4x less) and the host does no float work.
@@ -264,6 +272,7 @@ class TorchBatches:
         )
         self._dataset_args = dict(
             tokenizer=spec.tokenizer,
+            table=spec.questions,
             n_answers=len(folder.answers),
             image_size=spec.image_size,
             train=spec.train,

@@ -63,6 +63,12 @@ class ModelConfig:
     """ViLT question length in WordPiece tokens (ViLT: 40)."""
     clip_context_length: int = 77
     """CLIP text tower context length in BPE tokens."""
+    text_len: int = 0
+    """WordPiece tokens ViLT's text runs at (<= max_text_len; its position table is read up to it). 0 = the
+    longest question of the training and validation data, rounded up to a multiple of 8, found at start-up."""
+    clip_text_len: int = 0
+    """BPE tokens CLIP's text tower runs at (<= clip_context_length), as text_len. A question longer than either is
+    cut there, and counted in one warning at start-up."""
     wordpiece_vocab_size: int = 1000
     """Target vocabulary size when a WordPiece vocabulary is built from the training questions."""
     clip_text_vocab: str = "full"
@@ -86,6 +92,15 @@ class ModelConfig:
             raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
         if self.attention not in ("sdpa", "eager"):
             raise ConfigError(f"model.attention: '{self.attention}' is not one of sdpa, eager")
+        if not 0 <= self.text_len <= self.max_text_len:
+            raise ConfigError(
+                f"model.text_len must be in 0..model.max_text_len ({self.max_text_len}), got {self.text_len}"
+            )
+        if not 0 <= self.clip_text_len <= self.clip_context_length:
+            raise ConfigError(
+                f"model.clip_text_len must be in 0..model.clip_context_length ({self.clip_context_length}), "
+                f"got {self.clip_text_len}"
+            )
         if self.clip_text_vocab not in ("full", "compact"):
             raise ConfigError(f"model.clip_text_vocab: '{self.clip_text_vocab}' is not one of full, compact")
         if self.hidden_size % self.num_heads:
@@ -148,7 +163,19 @@ class DataConfig:
     """DALI loader: processes that parse and tokenise its batches, out of the training process's interpreter lock
     (data_pipeline/host_pool.py); 0 = a thread of the training process."""
 
+    dali_hw_decoder_load: float = 0.65
+    """dali-gpu: share of JPEGs sent to the hardware JPEG decoder (A100/H100/H200) rather than nvJPEG's CUDA path;
+    0.65 is NVIDIA's ResNet-50 example value (python -m data_pipeline.bench --hw-decoder-load sweeps it)."""
+    dali_prefetch_depth: int = 2
+    """DALI's prefetch queue depth: batches its pipeline decodes ahead of the training loop (1..8)."""
+
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dali_hw_decoder_load <= 1.0:
+            raise ConfigError(
+                f"data.dali_hw_decoder_load: must be in [0, 1], got {self.dali_hw_decoder_load}"
+            )
+        if not 1 <= self.dali_prefetch_depth <= 8:
+            raise ConfigError(f"data.dali_prefetch_depth: must be in 1..8, got {self.dali_prefetch_depth}")
         if self.host_workers < 0:
             raise ConfigError(f"data.host_workers: must be >= 0, got {self.host_workers}")
         if self.loader not in ("auto", "dali", "torch"):

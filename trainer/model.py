@@ -10,6 +10,14 @@ pretrained checkpoints of either load unchanged. Two things are replaced: the fu
 through `F.scaled_dot_product_attention` (the stock module materialises the attention matrix), and the baseline's
 visual embedding is vectorised (the stock one loops over the samples in Python to sample patches; with full-size
 images and no patch limit its output is the same up to token order, which attention does not see).
+
+Two things make a sample cheaper without changing its outputs (tests/test_model_trim.py, float64):
+- both patch stems (CLIP's `visual.conv1`, the baseline's patch projection) run as one matrix product
+  (trainer/patch_stem.py), same parameters;
+- the text runs at the length the questions need (`set_text_lengths`, from the data at start-up or
+  model.text_len / model.clip_text_len): ids and masks are cut to it and the position tables are read up to it,
+  never interpolated (checkpoints keep the full tables). A question that fits gives the same outputs, because
+  ViLT masks its padding keys and pools at [CLS], and CLIP's text attention is causal and pools at end-of-text.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from transformers.models.vilt.modeling_vilt import ViltSelfAttention
 from data_pipeline.clip_configs import register_project_configs
 from data_pipeline.errors import BadInputError
 from trainer.config import ModelConfig
+from trainer.patch_stem import as_matmul
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +190,38 @@ class CompactTokenEmbedding(nn.Module):
         return F.embedding(self.index[ids], self.weight)
 
 
+def clip_text_trimmable(clip: nn.Module) -> bool:
+    """Whether CLIP's text tower gives the same feature for a question cut after its end-of-text token: a causal
+    tower with its own token table and position table that pools at end-of-text (open_clip's CLIP class)."""
+    return (
+        getattr(clip, "token_embedding", None) is not None
+        and isinstance(getattr(clip, "positional_embedding", None), Tensor)
+        and getattr(clip, "attn_mask", None) is not None
+        and getattr(clip, "text_pool_type", None) in ("argmax", "eos")
+    )
+
+
+def encode_clip_text(clip: nn.Module, ids: Tensor) -> Tensor:
+    """open_clip's CLIP.encode_text for ids of any length up to the context length: the position table and the
+    causal mask are read up to the ids' length (open_clip adds the whole table, so it needs full-length ids)."""
+    from open_clip.transformer import text_global_pool
+
+    n = ids.shape[1]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(ids).to(cast_dtype)
+    x = x + clip.positional_embedding[:n].to(cast_dtype)
+    x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
+    x = clip.ln_final(x)
+    x = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    if clip.text_projection is not None:
+        x = (
+            clip.text_projection(x)
+            if isinstance(clip.text_projection, nn.Linear)
+            else x @ clip.text_projection
+        )
+    return x
+
+
 class FusedViltClip(nn.Module):
     """ViLT fusion over either ViLT's own patch embedding (baseline) or CLIP's image tokens (clip-* variants).
 
@@ -210,6 +251,8 @@ class FusedViltClip(nn.Module):
         self.clip: nn.Module | None = None
         if cfg.visual == "clip":
             self.clip = load_clip(cfg)
+            if isinstance(getattr(self.clip.visual, "conv1", None), nn.Conv2d):
+                self.clip.visual.conv1 = as_matmul(self.clip.visual.conv1)
             if cfg.contrastive == "none":
                 _drop_text_tower(self.clip)
                 self.clip.visual.proj = None  # I is only used by the contrastive loss
@@ -233,12 +276,35 @@ class FusedViltClip(nn.Module):
             self.image_mean = tuple(self.clip.visual.image_mean)
             self.image_std = tuple(self.clip.visual.image_std)
         else:
+            patches = self.vilt.embeddings.patch_embeddings
+            patches.projection = as_matmul(patches.projection)
             self.image_mean, self.image_std = VILT_MEAN_STD
         # Same layout and names as transformers' ViltForQuestionAnswering.classifier, so its weights load.
         self.classifier = nn.Sequential(
             nn.Linear(h, 2 * h), nn.LayerNorm(2 * h), nn.GELU(), nn.Linear(2 * h, n_answers)
         )
         self.classifier.apply(self.vilt._init_weights)
+        # Lengths the text runs at (None: the ids' own length); configured, or set from the data at start-up.
+        self.vilt_text_len: int | None = None
+        self.clip_text_len: int | None = None
+        self.set_text_lengths(cfg.text_len or None, cfg.clip_text_len or None)
+
+    def set_text_lengths(self, vilt: int | None, clip: int | None) -> None:
+        """Run ViLT's text at `vilt` tokens and CLIP's at `clip` (None: as long as the ids come). Longer ids are cut
+        (the caller reports questions that do not fit); shorter ones are used as they are."""
+        for name, value, limit in (
+            ("model.text_len", vilt, self.vilt.embeddings.text_embeddings.position_ids.shape[1]),
+            ("model.clip_text_len", clip, self._clip_context()),
+        ):
+            if value is not None and not 1 <= value <= (limit or value):
+                raise ModelBuildError(f"{name}: {value} is not in 1..{limit} (the model's position table)")
+        self.vilt_text_len = vilt
+        # CLIP's text is cut only where the feature stays the same (a causal tower pooling at end-of-text).
+        self.clip_text_len = clip if self.clip is not None and clip_text_trimmable(self.clip) else None
+
+    def _clip_context(self) -> int | None:
+        table = getattr(self.clip, "positional_embedding", None) if self.clip is not None else None
+        return table.shape[0] if isinstance(table, Tensor) else None
 
     def _clip_token_width(self) -> int:
         visual = self.clip.visual
@@ -279,6 +345,8 @@ class FusedViltClip(nn.Module):
         self, pixels: Tensor, vilt_ids: Tensor, vilt_mask: Tensor, clip_ids: Tensor | None = None
     ) -> dict[str, Tensor]:
         emb = self.vilt.embeddings
+        if self.vilt_text_len is not None and vilt_ids.shape[1] > self.vilt_text_len:
+            vilt_ids, vilt_mask = vilt_ids[:, : self.vilt_text_len], vilt_mask[:, : self.vilt_text_len]
         text = emb.text_embeddings(input_ids=vilt_ids)
         out: dict[str, Tensor] = {}
         if self.clip is None:
@@ -287,7 +355,10 @@ class FusedViltClip(nn.Module):
             tokens, out["image_features"] = self._clip_image_tokens(pixels)
             image = self.visual_proj(tokens)
             if self.cfg.contrastive != "none":
-                out["text_features"] = self.clip.encode_text(clip_ids)
+                if self.clip_text_len is None:
+                    out["text_features"] = self.clip.encode_text(clip_ids)
+                else:
+                    out["text_features"] = encode_clip_text(self.clip, clip_ids[:, : self.clip_text_len])
         text = text + emb.token_type_embeddings(torch.zeros_like(vilt_ids))
         image = image + emb.token_type_embeddings.weight[1]
         x = torch.cat([text, image], dim=1)
@@ -308,6 +379,8 @@ __all__ = [
     "FusedViltClip",
     "ModelBuildError",
     "SdpaViltSelfAttention",
+    "clip_text_trimmable",
+    "encode_clip_text",
     "load_clip",
     "load_vilt",
 ]

@@ -45,7 +45,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
         import torch
 
-        from trainer import run_folder
+        from trainer import run_folder, text_lengths
         from trainer.checkpointing import Checkpointer, set_aside_incomplete
         from trainer.engine import Engine, load_ds_config, resolve_ds_config
         from trainer.evaluation import read_references
@@ -66,25 +66,15 @@ class Run:
         answers = run_folder.data_answers(cfg)
         if ref:
             folder.check_answers(answers, cfg.data.train_data or cfg.data.val_data or "")
-        if args.eval_only:
-            # An evaluation writes only under its own folder, named by the weights it scores; the run's config,
-            # answers, tokenizer, checkpoints and TensorBoard curves are only read.
-            own = RunFolder(self.run_dir / "eval" / (ref.tag if ref else INITIAL_EVAL))
-            own.start_evaluation(cfg, ds_cfg, answers, folder, dist)
-            what = f"checkpoint {ref.tag} (step {ref.step})" if ref else "freshly initialised weights"
-            log.info("--eval-only: evaluating %s; results in %s", what, own.path)
-        elif ref is None:
-            own = folder
-            folder.start(cfg, ds_cfg, answers, dist)
-        else:
-            own = folder
-            folder.prepare_resume(cfg, dist)
+        own = self._own_folder(folder, ref, cfg, ds_cfg, answers)
         self.out_dir = own.path
         """Where this run's evaluations (eval/) and TensorBoard events go: the run folder, or for --eval-only its
         evaluation folder RUN/eval/<tag>."""
         # The same seed on every rank: identical initial weights.
         _, self.tokenizer, self.answers, self.task = run_folder.load(own, config=cfg, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # per-rank stream for dropout and the like
+        # Every question tokenised once; the model's text cut to the data's longest question (trainer/text_lengths.py).
+        self.questions = text_lengths.prepare(cfg, self.tokenizer, self.task.model, is_main=dist.is_main)
         self.engine = Engine(
             self.task, ds_cfg, dist, optim=cfg.optim, max_steps=cfg.train.max_steps, compile=cfg.model.compile
         )
@@ -101,6 +91,25 @@ class Run:
         # The job's stop request (trainer/preemption.py), which abandons an evaluation; set by `train` or the caller.
         self.stop: Any = None
         self.eval_abandoned = False
+
+    def _own_folder(
+        self, folder: RunFolder, ref: CheckpointRef | None, cfg: RunConfig, ds_cfg: dict, answers: list[str]
+    ) -> RunFolder:
+        """The folder this start writes: the run folder (started afresh, or prepared for a resume), or for
+        --eval-only its own evaluation folder."""
+        if self.args.eval_only:
+            # An evaluation writes only under its own folder, named by the weights it scores; the run's config,
+            # answers, tokenizer, checkpoints and TensorBoard curves are only read.
+            own = RunFolder(self.run_dir / "eval" / (ref.tag if ref else INITIAL_EVAL))
+            own.start_evaluation(cfg, ds_cfg, answers, folder, self.dist)
+            what = f"checkpoint {ref.tag} (step {ref.step})" if ref else "freshly initialised weights"
+            log.info("--eval-only: evaluating %s; results in %s", what, own.path)
+            return own
+        if ref is None:
+            folder.start(cfg, ds_cfg, answers, self.dist)
+        else:
+            folder.prepare_resume(cfg, self.dist)
+        return folder
 
     def _choose_checkpoint(self, which: str) -> tuple[CheckpointRef, list[str]]:
         """Rank 0 finds the checkpoint `--resume which` means, checking its files against their content hashes
@@ -157,6 +166,9 @@ class Run:
             device=d.device,
             on_short_shard=data.on_short_shard,
             host_workers=data.host_workers,
+            hw_decoder_load=data.dali_hw_decoder_load,
+            prefetch_depth=data.dali_prefetch_depth,
+            questions=self.questions.get(train),
         )
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -27,16 +27,18 @@ CLIP_VOCAB = 49408  # open_clip's BPE; its last id, end-of-text, marks where CLI
 def synthetic_batch(
     cfg: RunConfig, *, n_answers: int, vilt_vocab: int, batch_size: int, device: torch.device, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """A batch of the loader's contract (data_pipeline/batch.py) with random content, on `device`."""
+    """A batch of the loader's contract (data_pipeline/batch.py) with random content, on `device`. Its questions fit
+    the text lengths the model runs at (model.text_len / model.clip_text_len where set), as the data's all do."""
     m = cfg.model
     g = torch.Generator().manual_seed(seed)
+    vilt_len, clip_len = m.text_len or m.max_text_len, m.clip_text_len or m.clip_context_length
     vilt_ids = torch.randint(5, vilt_vocab, (batch_size, m.max_text_len), generator=g)
     vilt_ids[:, 0] = 2  # [CLS]
-    lengths = torch.randint(4, m.max_text_len + 1, (batch_size,), generator=g)
+    lengths = torch.randint(4, vilt_len + 1, (batch_size,), generator=g)
     vilt_mask = (torch.arange(m.max_text_len)[None] < lengths[:, None]).long()
     rows = torch.arange(batch_size)
     clip_ids = torch.randint(1, CLIP_VOCAB - 1, (batch_size, m.clip_context_length), generator=g)
-    clip_ids[rows, torch.randint(2, m.clip_context_length, (batch_size,), generator=g)] = CLIP_VOCAB - 1
+    clip_ids[rows, torch.randint(2, clip_len, (batch_size,), generator=g)] = CLIP_VOCAB - 1
     targets = torch.zeros(batch_size, n_answers)
     targets[rows, torch.randint(0, n_answers, (batch_size,), generator=g)] = 1.0
     targets[rows, torch.randint(0, n_answers, (batch_size,), generator=g)] = 0.3
@@ -196,12 +198,20 @@ def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str,
         batch["pixels"] = batch["pixels"].to(dtype)
         return DeviceBatch(batch)
     from data_pipeline.loader import LoaderSpec, build_loader
+    from data_pipeline.questions import QuestionTable
 
+    # As the trainer reads: tokens from the folder's question table, at the text lengths the model runs at.
+    m, model = cfg.model, getattr(task, "model", None)
+    table = QuestionTable.build(setup.args.train_data, setup.tokenizer).trimmed(
+        getattr(model, "vilt_text_len", None) or m.max_text_len,
+        getattr(model, "clip_text_len", None) or m.clip_context_length,
+    )
     spec = LoaderSpec(
         tokenizer=setup.tokenizer, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.image_size,
         mean=task.image_mean, std=task.image_std, train=True, seed=cfg.train.seed, kind=cfg.data.loader,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=device,
-        host_workers=cfg.data.host_workers,
+        host_workers=cfg.data.host_workers, questions=table, hw_decoder_load=cfg.data.dali_hw_decoder_load,
+        prefetch_depth=cfg.data.dali_prefetch_depth,
     )  # fmt: skip
     return EpochBatches(lambda epoch: build_loader(setup.args.train_data, spec.at(epoch)))
 

@@ -17,6 +17,7 @@ import torch
 
 from data_pipeline.errors import is_bad_input
 from trainer import dist as D
+from trainer import text_lengths
 from trainer.config import VARIANTS, ConfigError, RunConfig, apply_overrides
 from trainer.engine import default_ds_config_path, load_ds_config
 from trainer.presets import PRESETS, get_preset
@@ -191,6 +192,10 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
         read_manifest(args.train_data)  # fails plainly on a folder that is not a finished shard folder
         n_answers = len(read_answers(args.train_data))
         tokenizer = build_tokenizer(plan.base, args.train_data, work)
+        # The text lengths a training run on this data would use (trainer/text_lengths.py): FLOPs at those shapes.
+        plan = dataclasses.replace(
+            plan, base=text_lengths.fixed_from_data(plan.base, tokenizer, args.train_data)
+        )
         vilt_vocab = tokenizer.vilt_vocab_size
         clip_vocab = tokenizer.clip_vocab
     elif plan.base.model.compact_clip_vocab:
