@@ -22,6 +22,8 @@ everything that reads them are unchanged. The engine (trainer/engine.py) turns D
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
@@ -45,7 +47,6 @@ class BucketedAllReduce:
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=bucket_elements * 4 / 2**20,
-            broadcast_buffers=False,
             # The buckets hold the gradients themselves: no copy back after the all-reduce.
             gradient_as_bucket_view=True,
         )
@@ -62,3 +63,9 @@ class BucketedAllReduce:
         self._reducer.prepare_for_forward()
         self._reducer._rebuild_buckets()
         self._reducer.prepare_for_backward([])
+
+    def forward_context(self) -> AbstractContextManager[None]:
+        """Around the engine's forward: marks this DDP object as the active one, as DDP's own forward does, so that
+        a compiled model (model.compile) is split by dynamo's DDPOptimizer at the buckets' boundaries. Without it the
+        compiled model's backward is one graph that hands out all its gradients at its end, and nothing would overlap."""
+        return self._ddp._inside_ddp_forward()

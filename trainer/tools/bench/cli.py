@@ -258,6 +258,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):
+        # Several ranks: the engine's data-parallel modes against torch DDP, in spawned processes (ranks.py).
+        from trainer.tools.bench.ranks import main as ranks_main
+
+        return ranks_main(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
