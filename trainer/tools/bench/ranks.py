@@ -17,7 +17,8 @@ default), so that every cell trains the same model on the same global batch in t
 
 `*_fp32.json` on the CPU, `*_bf16.json` on GPUs. After `--warmup` steps of each, the cells take turns, one window of
 `--steps` steps each, `--repeats` times (ABAB...: on a shared machine a slow spell hits every cell alike); the table
-shows the median window and the spread. The step time of a window is the slowest rank's. Then each cell runs
+shows the median window and the spread, and "vs DDP" is the median over the rounds of each round's ratio to DDP's
+window (adjacent windows share the machine's load). The step time of a window is the slowest rank's. Then each cell runs
 `--profile-steps` steps under torch.profiler (communication, its overlap with backward, host work per step:
 trainer/tools/bench/hostwork.py) and one step counting the Python calls of the autograd engine. Logging steps (the
 engine's gradient norm) are not part of it: every step here is a non-logging step. Rank 0 writes the JSON report.
