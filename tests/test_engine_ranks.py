@@ -59,9 +59,9 @@ def ranks(tmp_path_factory) -> dict:
     return torch.load(folder / "ranks.pt")
 
 
-def _one_process() -> dict:
-    """The same 3 steps in one process on the whole global batch (float64), through the engine at one rank."""
-    cfg = config()
+def _one_process(variant: str = "clip-infonce-dot", steps: int = 3) -> dict:
+    """The same steps in one process on the whole global batch (float64), through the engine at one rank."""
+    cfg = config(variant)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2 * PER_RANK))
     dist = D.init_distributed()
     try:
@@ -72,7 +72,7 @@ def _one_process() -> dict:
         _ = engine.engine  # built now; the pixels follow the float64 weights
         engine._dtype = torch.float64
         losses, grads = [], {}
-        for step in range(3):
+        for step in range(steps):
             out = engine.forward(to_double(synthetic_batch(2 * PER_RANK, seed=10 + step)))
             engine.backward(out["loss"])
             if not grads:
@@ -100,6 +100,24 @@ def test_two_ranks_equal_one_process_in_loss_gradients_and_steps(ranks: dict) ->
     for name, w in want["weights"].items():
         diff = (got["weights"][name] - w).abs().max().item()
         assert diff <= 1e-9 * max(1.0, w.abs().max().item()), (name, diff)
+
+
+def test_gradient_accumulation_all_reduces_the_accumulated_gradients_once(ranks: dict) -> None:
+    """2 ranks x 2 micro-batches of 2 (the all-reduce armed on the second) step as 1 process on the batch of 8."""
+    got = ranks["accumulated"]["weights"]
+    want = _one_process("baseline", steps=2)["weights"]
+    moved = max((got[n] - _initial("baseline")[n]).abs().max().item() for n in got)
+    assert moved > 1e-6  # the steps moved the weights: the comparison is not of two initial states
+    for name, w in want.items():
+        diff = (got[name] - w).abs().max().item()
+        assert diff <= 1e-9 * max(1.0, w.abs().max().item()), (name, diff)
+
+
+def _initial(variant: str) -> dict:
+    cfg = config(variant)
+    torch.manual_seed(0)
+    task = build_task(cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB).double()
+    return {n: p.detach().clone() for n, p in task.named_parameters()}
 
 
 def test_bf16_communication_is_within_bf16_rounding_of_fp32(ranks: dict) -> None:

@@ -5,6 +5,7 @@ it, trains on its half of each global batch, and rank 0 saves what the test comp
 - `parity`: float64, the stage-0 default (all-reduce overlapped with backward, small buckets so that there are
   several): the losses of 3 steps, the gradients of the first step (read after backward, before the optimizer step)
   and the weights after 3 steps;
+- `accumulated`: float64, `baseline`, 2 micro-batches per step: the weights after 2 steps;
 - `comm`: fp32, the default with `communication_data_type` fp32 and bf16, and DeepSpeed's own stage-0 all-reduce after
   backward: the first step's gradients;
 - `resume`: fp32, a run checkpointed at step 2 under one JSON and resumed under another (ZeRO-2 -> the stage-0 default,
@@ -31,8 +32,8 @@ PER_RANK = 4
 SMALL_BUCKET = 4000  # elements: the tiny task's ~100 gradients fall into several buckets
 
 
-def config(**train):
-    cfg = tiny_config("clip-infonce-dot", infonce_weight=1.0, temperature=0.5)
+def config(variant: str = "clip-infonce-dot", **train):
+    cfg = tiny_config(variant, infonce_weight=1.0, temperature=0.5)
     train = {"global_batch_size": 2 * PER_RANK, "micro_batch_size": PER_RANK, "max_steps": 10, **train}
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
 
@@ -105,6 +106,21 @@ def parity(dist: D.DistInfo) -> dict:
     return results
 
 
+def accumulated(dist: D.DistInfo) -> dict:
+    """`baseline` (a per-sample loss: micro-batch means average to the batch mean), micro-batches of PER_RANK / 2:
+    2 accumulation steps per optimizer step, the all-reduce armed on the second only; the weights after 2 steps."""
+    cfg = config("baseline", micro_batch_size=PER_RANK // 2)
+    e = engine(cfg, dist, "stage0_fp32.json", double=True, reduce_bucket_size=SMALL_BUCKET)
+    assert e.grad_accum == 2
+    for step in range(2):
+        half = my_half(step, dist, True)
+        for part in range(2):
+            micro = {k: v[part * PER_RANK // 2 : (part + 1) * PER_RANK // 2] for k, v in half.items()}
+            e.backward(e.forward(micro)["loss"])
+            e.step()
+    return {"weights": {n: p.detach().clone() for n, p in e.task.named_parameters()}}
+
+
 def comm(dist: D.DistInfo) -> dict:
     results = {}
     for name, changes in (
@@ -151,7 +167,8 @@ def main(out: str, folder: str) -> None:
     torch.set_num_threads(1)
     dist = D.init_distributed()
     try:
-        results = {"parity": parity(dist), "comm": comm(dist), "resume": resume(dist, Path(folder))}
+        results = {"parity": parity(dist), "accumulated": accumulated(dist), "comm": comm(dist)}
+        results["resume"] = resume(dist, Path(folder))
         if dist.rank == 0:
             torch.save(results, out)
     finally:

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--deepspeed-config", "--deepspeed_config", metavar="FILE",
-        help="DeepSpeed JSON (default: deepspeed_configs/zero2_bf16.json on a GPU, zero2_fp32.json on the CPU)",
+        help="DeepSpeed JSON (default: deepspeed_configs/stage0_bf16.json on a GPU, stage0_fp32.json on the CPU)",
     )  # fmt: skip
     p.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import time
 import warnings
 from typing import Any
 
@@ -111,17 +112,21 @@ def one_step(engine: Any, batch: dict[str, Any]) -> None:
     engine.step()
 
 
-def timed_window(engine: Any, batch: dict[str, Any], steps: int, device: torch.device) -> float:
-    """Seconds per step of `steps` steps, the slowest rank's."""
+def timed_window(engine: Any, batch: dict[str, Any], steps: int, device: torch.device) -> tuple[float, float]:
+    """Seconds per step of `steps` steps, the slowest rank's, and the CPU seconds per step of this process (all its
+    threads: the training loop and the communication's), averaged over the ranks. On a shared machine the CPU time
+    hardly depends on what else runs, the wall time does."""
     synchronize(device)
     tdist.barrier()
-    t0 = now()
+    t0, c0 = now(), time.process_time()
     for _ in range(steps):
         one_step(engine, batch)
     synchronize(device)
     elapsed = torch.tensor([(now() - t0) / steps], dtype=torch.float64)
+    cpu = torch.tensor([(time.process_time() - c0) / steps / tdist.get_world_size()], dtype=torch.float64)
     tdist.all_reduce(elapsed, op=tdist.ReduceOp.MAX)
-    return float(elapsed)
+    tdist.all_reduce(cpu)
+    return float(elapsed), float(cpu)
 
 
 def profiled(engine: Any, batch: dict[str, Any], steps: int, device: torch.device) -> dict[str, Any]:
@@ -162,9 +167,12 @@ def run_rank(args: argparse.Namespace, cells: list[str], dist: D.DistInfo) -> di
         synchronize(dist.device)
         engines[cell] = (engine, label, now() - t0)
     windows: dict[str, list[float]] = {cell: [] for cell in cells}
+    cpu: dict[str, list[float]] = {cell: [] for cell in cells}
     for _ in range(args.repeats):
         for cell in cells:  # interleaved: each cell's windows spread over the whole run
-            windows[cell].append(timed_window(engines[cell][0], batch, args.steps, dist.device))
+            wall, cpu_s = timed_window(engines[cell][0], batch, args.steps, dist.device)
+            windows[cell].append(wall)
+            cpu[cell].append(cpu_s)
     rows = []
     global_batch = cfg.train.global_batch_size
     for cell in cells:
@@ -174,6 +182,8 @@ def run_rank(args: argparse.Namespace, cells: list[str], dist: D.DistInfo) -> di
             "engine": label,
             "warmup_s": warm,
             **summarise_windows(windows[cell], global_batch),
+            "cpu_s_per_step_windows": cpu[cell],
+            "cpu_s_per_step": statistics.median(cpu[cell]),
         }
         row["profile"] = profiled(engine, batch, args.profile_steps, dist.device)
         rows.append(row)
@@ -188,6 +198,7 @@ def run_rank(args: argparse.Namespace, cells: list[str], dist: D.DistInfo) -> di
         )
         row["vs_ddp_rounds"] = rounds
         row["vs_ddp"] = statistics.median(rounds) if ddp else None
+        row["cpu_vs_ddp"] = row["cpu_s_per_step"] / ddp["cpu_s_per_step"] if ddp else None
     return {
         "command": "python -m trainer.bench " + " ".join(args.argv),
         "ranks": dist.world_size,

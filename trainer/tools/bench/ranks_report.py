@@ -21,7 +21,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"windows of {report['steps']} steps, {report['order']}; vs DDP: the median of the rounds' ratios"
     )
     cols = (
-        "cell", "samples/s", "spread", "vs DDP", "grad reduce ms", "overlapped", "per-tensor norms", "copies",
+        "cell", "samples/s", "spread", "vs DDP", "CPU ms/step", "CPU vs DDP", "grad reduce ms", "overlapped", "per-tensor norms", "copies",
         "host syncs", "autograd Python calls", "engine",
     )  # fmt: skip
     lines = [head, " | ".join(cols)]
@@ -35,6 +35,8 @@ def format_table(report: dict[str, Any]) -> str:
                     f"{r['samples_per_s']:.1f}",
                     f"{r['spread'] * 100:.0f}%",
                     "-" if r["vs_ddp"] is None else f"{r['vs_ddp']:.3f}",
+                    f"{r['cpu_s_per_step'] * 1e3:.0f}",
+                    "-" if r["cpu_vs_ddp"] is None else f"{r['cpu_vs_ddp']:.3f}",
                     f"{p['reduction_ms_per_step']:.1f}",
                     f"{p['reduction_overlap_fraction'] * 100:.0f}%",
                     f"{p['per_tensor_norms_per_step']:g}",
