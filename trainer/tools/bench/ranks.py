@@ -15,10 +15,11 @@ default), so that every cell trains the same model on the same global batch in t
 - `ddp`: no DeepSpeed: torch's DistributedDataParallel (the default's bucket size, gradients as bucket views), the
   same fused AdamW and schedule (trainer/plain.py), autocast bf16 where the engine computes in bf16.
 
-`*_fp32.json` on the CPU, `*_bf16.json` on GPUs. After `--warmup` steps of each, the cells take turns, one window of
-`--steps` steps each, `--repeats` times (ABAB...: on a shared machine a slow spell hits every cell alike); the table
-shows the median window and the spread, and "vs DDP" is the median over the rounds of each round's ratio to DDP's
-window (adjacent windows share the machine's load). The step time of a window is the slowest rank's. Then each cell runs
+`*_fp32.json` on the CPU, `*_bf16.json` on GPUs. After `--warmup` steps of each, `--repeats` rounds of `--steps`
+steps per cell are timed, the cells taking turns step by step (A B C A B C ...: on a shared machine a slow spell hits
+every cell alike); each step is timed from a barrier to its end, the slowest rank's. The table shows the median round
+and the spread; "vs DDP" is the median over the rounds of each round's ratio to DDP's, and the CPU time per step (all
+threads of a rank) is reported beside the wall time: it hardly depends on the machine's other load. Then each cell runs
 `--profile-steps` steps under torch.profiler (communication, its overlap with backward, host work per step:
 trainer/tools/bench/hostwork.py) and one step counting the Python calls of the autograd engine. Logging steps (the
 engine's gradient norm) are not part of it: every step here is a non-logging step. Rank 0 writes the JSON report.

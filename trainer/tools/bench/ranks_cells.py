@@ -112,21 +112,30 @@ def one_step(engine: Any, batch: dict[str, Any]) -> None:
     engine.step()
 
 
-def timed_window(engine: Any, batch: dict[str, Any], steps: int, device: torch.device) -> tuple[float, float]:
-    """Seconds per step of `steps` steps, the slowest rank's, and the CPU seconds per step of this process (all its
-    threads: the training loop and the communication's), averaged over the ranks. On a shared machine the CPU time
-    hardly depends on what else runs, the wall time does."""
-    synchronize(device)
-    tdist.barrier()
-    t0, c0 = now(), time.process_time()
+def timed_round(engines: dict[str, Any], batch: dict[str, Any], steps: int, device: torch.device) -> dict:
+    """One round: `steps` steps of every cell, the cells taking turns step by step (A B C A B C ...), so that a shared
+    machine's slow and quiet spells, which last seconds, fall on every cell alike. Per cell: wall seconds per step
+    (each step timed between a barrier and its end, the slowest rank's) and CPU seconds per step of the process (all
+    its threads, the training loop's and the communication's), averaged over the ranks: on a shared machine the CPU
+    time hardly depends on what else runs, the wall time does."""
+    cells = list(engines)
+    wall = torch.zeros(len(cells), dtype=torch.float64)
+    cpu = torch.zeros(len(cells), dtype=torch.float64)
     for _ in range(steps):
-        one_step(engine, batch)
-    synchronize(device)
-    elapsed = torch.tensor([(now() - t0) / steps], dtype=torch.float64)
-    cpu = torch.tensor([(time.process_time() - c0) / steps / tdist.get_world_size()], dtype=torch.float64)
-    tdist.all_reduce(elapsed, op=tdist.ReduceOp.MAX)
+        step = torch.zeros(len(cells), dtype=torch.float64)
+        for i, cell in enumerate(cells):
+            synchronize(device)
+            tdist.barrier()
+            t0, c0 = now(), time.process_time()
+            one_step(engines[cell], batch)
+            synchronize(device)
+            step[i] = now() - t0
+            cpu[i] += time.process_time() - c0
+        tdist.all_reduce(step, op=tdist.ReduceOp.MAX)  # outside the timing
+        wall += step
     tdist.all_reduce(cpu)
-    return float(elapsed), float(cpu)
+    n = tdist.get_world_size()
+    return {cell: (float(wall[i]) / steps, float(cpu[i]) / steps / n) for i, cell in enumerate(cells)}
 
 
 def profiled(engine: Any, batch: dict[str, Any], steps: int, device: torch.device) -> dict[str, Any]:
@@ -169,8 +178,8 @@ def run_rank(args: argparse.Namespace, cells: list[str], dist: D.DistInfo) -> di
     windows: dict[str, list[float]] = {cell: [] for cell in cells}
     cpu: dict[str, list[float]] = {cell: [] for cell in cells}
     for _ in range(args.repeats):
-        for cell in cells:  # interleaved: each cell's windows spread over the whole run
-            wall, cpu_s = timed_window(engines[cell][0], batch, args.steps, dist.device)
+        timed = timed_round({cell: engines[cell][0] for cell in cells}, batch, args.steps, dist.device)
+        for cell, (wall, cpu_s) in timed.items():
             windows[cell].append(wall)
             cpu[cell].append(cpu_s)
     rows = []
@@ -219,6 +228,8 @@ def run_rank(args: argparse.Namespace, cells: list[str], dist: D.DistInfo) -> di
         "parameters": sum(p.numel() for p in engines[cells[0]][0].task.parameters() if p.requires_grad),
         "steps": args.steps,
         "repeats": args.repeats,
-        "order": "interleaved: " + ", ".join(cells) + f", x{args.repeats}",
+        "order": "interleaved step by step: "
+        + ", ".join(cells)
+        + f"; {args.repeats} rounds of {args.steps} steps each",
         "results": rows,
     }

@@ -17,8 +17,8 @@ def format_table(report: dict[str, Any]) -> str:
     head = (
         f"{report['ranks']} ranks ({report['backend']}, {report['device']}, {report['threads_per_rank']} threads per "
         f"rank), {report['preset']} {report['variant']} {report['image_size']} px, {report['batch_per_rank']} per rank "
-        f"(global {report['global_batch']}), {report['parameters']:,} parameters; median of {report['repeats']} "
-        f"windows of {report['steps']} steps, {report['order']}; vs DDP: the median of the rounds' ratios"
+        f"(global {report['global_batch']}), {report['parameters']:,} parameters; median round, {report['order']}; "
+        f"vs DDP: the median of the rounds' ratios"
     )
     cols = (
         "cell", "samples/s", "spread", "vs DDP", "CPU ms/step", "CPU vs DDP", "grad reduce ms", "overlapped", "per-tensor norms", "copies",
