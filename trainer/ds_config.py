@@ -118,7 +118,8 @@ def _optimizer_section(ds: Mapping[str, Any], optim: OptimConfig) -> dict[str, A
 
 
 def _make_single_rank(ds: dict[str, Any]) -> None:
-    """One rank: nothing to shard. Stage 0 hands the module's own fp32 weights and gradients to torch's fused AdamW,
+    """One rank (and a bf16 file at stage 0 on any number of ranks): nothing to shard. Stage 0 hands the module's own
+    fp32 weights and gradients to torch's fused AdamW,
     as plain PyTorch does; ZeRO-1/2 would copy every gradient into a bucket and a flat partition, step a separate fp32
     copy of the weights and copy it back, and take an fp64 norm, every step. The JSON's other zero_optimization keys
     stay (DeepSpeed ignores them at stage 0; Engine.load restores its stage for a checkpoint written under ZeRO)."""
@@ -161,7 +162,9 @@ def plain_single_rank(ds: Mapping[str, Any], world_size: int, *, load_universal:
     says: ZeRO stage 0, DeepSpeed stepping torch's fused AdamW on the module's own fp32 weights, and a bf16 JSON's bf16
     turned into DeepSpeed's `torch_autocast` bf16 (`resolve_ds_config` makes the change).
 
-    One rank without offload, in fp32 or bf16. Several ranks keep ZeRO (it shards optimizer state and gradients).
+    One rank without offload, in fp32 or bf16. Several ranks keep the JSON's stage: a ZeRO file's sharding, and the
+    stage-0 default's all-reduce overlapped with backward (a bf16 file at stage 0 computes by autocast on any number of
+    ranks: `_bf16_weights_at_stage_0`).
     Offload needs ZeRO, and a universal checkpoint loads only into a ZeRO optimizer (`load_universal`). fp16 keeps the
     JSON (autocast fp16 would need a gradient scaler; not measured). A JSON, bf16 or fp32, that has a `torch_autocast`
     section of its own (`"enabled": false` included) states its precision itself and is kept as written: the way to

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.config import ConfigError
+
 # DDP's default bucket (25 MiB of fp32 gradients), used when the JSON does not set `zero_optimization.reduce_bucket_size`.
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4
 
@@ -39,7 +41,10 @@ class BucketedAllReduce:
         self, module: torch.nn.Module, *, bucket_elements: int, comm_dtype: torch.dtype, device: torch.device
     ) -> None:
         if comm_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"communication_data_type {comm_dtype} is not supported here: fp32 or bf16")
+            raise ConfigError(
+                f"DeepSpeed config: communication_data_type {str(comm_dtype).removeprefix('torch.')} is not supported "
+                f"by the overlapped all-reduce (stage 0, overlap_comm true): fp32 or bf16"
+            )
         self.bucket_elements = bucket_elements
         self.comm_dtype = comm_dtype
         # bucket_cap_mb counts the gradients' bytes (fp32 here: the weights stay fp32 under autocast).
