@@ -120,6 +120,15 @@ def _initial(variant: str) -> dict:
     return {n: p.detach().clone() for n, p in task.named_parameters()}
 
 
+def test_a_compiled_model_is_split_at_the_buckets_and_trains_as_eager(ranks: dict) -> None:
+    """With model.compile the engine marks its DDP object active around the forward, as DDP's forward does: dynamo's
+    DDPOptimizer splits the compiled model at the buckets' boundaries, so that gradients leave backward bucket by
+    bucket and their all-reduce can overlap the rest (one graph would hand out every gradient at its end)."""
+    eager, compiled = ranks["compiled"]["eager"], ranks["compiled"]["compiled"]
+    assert eager["graphs"] == 0 and compiled["graphs"] > 1
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+
+
 def test_bf16_communication_is_within_bf16_rounding_of_fp32(ranks: dict) -> None:
     comm = ranks["comm"]
     assert comm["bf16"]["allreduce"].endswith("bf16") and comm["fp32"]["allreduce"].endswith("fp32")

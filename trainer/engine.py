@@ -77,6 +77,15 @@ def checkpoint_zero(path: Path) -> tuple[int, dict[str, Any] | None]:
     )
 
 
+def universal_zero_stage(path: Path) -> int:
+    """The ZeRO stage of the checkpoint a universal one was converted from (ds_to_universal keeps the optimizer's
+    `zero_stage` in zero/optimizer_state.pt; 0 if it is not there)."""
+    state = path / "zero" / "optimizer_state.pt"
+    if not state.is_file():
+        return 0
+    return int(torch.load(state, map_location="cpu", mmap=True, weights_only=False).get("zero_stage", 0))
+
+
 def move_batch(batch: Mapping[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
     """Put a loader batch on the engine's device; pixels take the engine's compute dtype (bf16 under bf16 weights,
     fp32 under autocast, which casts at each operation)."""
@@ -300,7 +309,7 @@ class Engine:
         self.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
 
     def load(self, load_dir: Path, tag: str) -> None:
-        if self._engine is None and not self.ds_config.get("checkpoint", {}).get("load_universal", False):
+        if self._engine is None:
             self._follow_checkpoint_stage(Path(load_dir) / tag, tag)
         path, _ = self.engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -322,6 +331,12 @@ class Engine:
         default before the stage-0 one). A new stage starts with a new run (or, from ZeRO, a universal checkpoint)."""
         configured = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         written, written_cfg = checkpoint_zero(folder)
+        if self.ds_config.get("checkpoint", {}).get("load_universal", False):
+            # A universal checkpoint (ZeRO shards converted by ds_to_universal) loads into a ZeRO optimizer only: any
+            # ZeRO stage does, and a run configured at stage 0 (the default) takes the stage its source was written at.
+            if configured > 0:
+                return
+            written = universal_zero_stage(folder) or 2
         if written == configured or (written == 0 and not (folder / "mp_rank_00_model_states.pt").is_file()):
             return  # the same stage, or no checkpoint there: DeepSpeed's load says so
         if written == 3 and self.compile:

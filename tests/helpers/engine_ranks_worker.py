@@ -6,6 +6,7 @@ it, trains on its half of each global batch, and rank 0 saves what the test comp
   several): the losses of 3 steps, the gradients of the first step (read after backward, before the optimizer step)
   and the weights after 3 steps;
 - `accumulated`: float64, `baseline`, 2 micro-batches per step: the weights after 2 steps;
+- `compiled`: fp32, the model compiled (aot_eager) against eager: losses, and the graphs the compiler was handed;
 - `comm`: fp32, the default with `communication_data_type` fp32 and bf16, and DeepSpeed's own stage-0 all-reduce after
   backward: the first step's gradients;
 - `resume`: fp32, a run checkpointed at step 2 under one JSON and resumed under another (ZeRO-2 -> the stage-0 default,
@@ -121,6 +122,43 @@ def accumulated(dist: D.DistInfo) -> dict:
     return {"weights": {n: p.detach().clone() for n, p in e.task.named_parameters()}}
 
 
+def _counting_aot_eager(graphs: list):
+    """The aot_eager backend, recording each graph dynamo hands it."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+def compiled(dist: D.DistInfo) -> dict:
+    """fp32, buckets of 1 MiB (dynamo's DDPOptimizer wants none below its 1 MiB first bucket): the model compiled
+    (`aot_eager`: graph capture and AOTAutograd without inductor's minutes on the CPU) against eager, 3 steps each;
+    the graphs dynamo handed the backend (one per bucket's share of the model when the engine's forward marks its DDP
+    object active, one without)."""
+    from trainer.compiling import compile_model
+
+    results = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        cfg = config()
+        torch.manual_seed(0)
+        task = build_task(cfg, n_answers=N_ANSWERS, vilt_vocab_size=VOCAB)
+        graphs: list = []
+        if mode == "compiled":
+            compile_model(task.model, backend=_counting_aot_eager(graphs))
+        ds = resolve_ds_config(
+            load_ds_config(CONFIG_DIR / "stage0_fp32.json"), cfg.train, cfg.optim, dist.world_size
+        )
+        ds["zero_optimization"]["reduce_bucket_size"] = 2**18
+        e = Engine(task, ds, dist, optim=cfg.optim, max_steps=cfg.train.max_steps)
+        results[mode] = {"losses": train(e, dist, range(3)), "graphs": len(graphs)}
+    torch._dynamo.reset()
+    return results
+
+
 def comm(dist: D.DistInfo) -> dict:
     results = {}
     for name, changes in (
@@ -168,6 +206,7 @@ def main(out: str, folder: str) -> None:
     dist = D.init_distributed()
     try:
         results = {"parity": parity(dist), "accumulated": accumulated(dist), "comm": comm(dist)}
+        results["compiled"] = compiled(dist)
         results["resume"] = resume(dist, Path(folder))
         if dist.rank == 0:
             torch.save(results, out)
