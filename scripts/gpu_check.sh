@@ -363,7 +363,7 @@ if wants ranks; then
     GPU_COUNT=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
     if (( GPU_COUNT >= 2 )); then
         # --batch-size per rank as the bench's: the graphs compiled for it serve every rank's cells.
-        run_stage ranks 60 240 "$PY" -m trainer.bench --ranks "$GPU_COUNT" --preset "$PRESET" --batch-size "$BATCH" \
+        run_stage ranks 60 300 "$PY" -m trainer.bench --ranks "$GPU_COUNT" --preset "$PRESET" --batch-size "$BATCH" \
             --image-size "$FIRST" --set "model.compile=$COMPILE" --warmup 3 --steps 5 --repeats 3 --profile-steps 2 \
             --out "$OUT/ranks/bench_ranks.json"
     else
