@@ -11,7 +11,11 @@
 #      then the shards mode at the first size with data.host_workers=2 (the loader's host work out of the trainer);
 #   4. zero: ZeRO-2 and ZeRO-1 with bf16 weights on one GPU, as several GPUs run them (compiled, batches already on
 #      the GPU), to compare with the one-rank default that the bench's cells run (stage 0, fp32 weights, autocast bf16);
-#   5. loaders: images/s of DALI's GPU decoding and of the PyTorch loader alone (python -m data_pipeline.bench).
+#   5. ranks: with 2 or more GPUs, `python -m trainer.bench --ranks N` over all of them: the engine's data-parallel
+#      modes (the stage-0 default with its all-reduce overlapped with backward, bf16 communication, DeepSpeed's own
+#      stage-0 all-reduce, ZeRO-1, ZeRO-2) against torch DDP, interleaved, with the all-reduce's overlap and the host
+#      work per step; on one GPU it says it skipped;
+#   6. loaders: images/s of DALI's GPU decoding and of the PyTorch loader alone (python -m data_pipeline.bench).
 # Compiling the model's graphs takes most of the time: before the timed stages they are compiled once each, in
 # parallel processes where the GPU has the memory for it (>= 120 GiB), into inductor's on-disk cache, which the
 # timed runs then read. A stage that cannot finish within the budget left is skipped, and says so.
@@ -27,7 +31,7 @@ BATCH=256
 SAMPLES=4608
 SMOKE_STEPS=60
 WORKERS=8
-STAGES="tests,smoke,bench,zero,loaders"
+STAGES="tests,smoke,bench,zero,ranks,loaders"
 ALLOW_CPU=0
 COMPILE=true
 COMMAND_LINE="scripts/gpu_check.sh $*"
@@ -42,7 +46,7 @@ benchmark with profiles, the ZeRO stage on one GPU, the loaders) within a time b
 Options:
   --out DIR          results folder (default: runs/gpu_check/<UTC date and time>)
   --budget S         seconds for the whole check; stages that no longer fit are skipped (default: 480)
-  --stages LIST      comma-separated, of tests, smoke, bench, zero, loaders (default: all, in that order)
+  --stages LIST      comma-separated, of tests, smoke, bench, zero, ranks, loaders (default: all, in that order)
   --preset NAME      model shapes (default: vqa2-base, random weights)
   --sizes "A B"      image sizes for the benchmark; the first is also the smoke's (default: "384 224")
   --batch N          samples per step in the smoke and the benchmark (default: 256)
@@ -87,7 +91,7 @@ read -r -a SIZE_LIST <<< "$SIZES"
 for size in "${SIZE_LIST[@]}"; do is_uint "$size" || die "--sizes: '$size' is not a positive integer"; done
 IFS=',' read -r -a STAGE_LIST <<< "$STAGES"
 for s in "${STAGE_LIST[@]}"; do
-    [[ "$s" =~ ^(tests|smoke|bench|zero|loaders)$ ]] || die "--stages: unknown stage '$s'"
+    [[ "$s" =~ ^(tests|smoke|bench|zero|ranks|loaders)$ ]] || die "--stages: unknown stage '$s'"
 done
 wants() { [[ ",$STAGES," == *",$1,"* ]]; }
 
@@ -354,7 +358,21 @@ if wants zero; then
     done
 fi
 
-# -- 5. the loaders alone ----------------------------------------------------------------------------------------------
+# -- 5. several GPUs: the data-parallel modes against torch DDP -------------------------------------------------------
+if wants ranks; then
+    GPU_COUNT=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+    if (( GPU_COUNT >= 2 )); then
+        # --batch-size per rank as the bench's: the graphs compiled for it serve every rank's cells.
+        run_stage ranks 60 300 "$PY" -m trainer.bench --ranks "$GPU_COUNT" --preset "$PRESET" --batch-size "$BATCH" \
+            --image-size "$FIRST" --set "model.compile=$COMPILE" --warmup 3 --steps 5 --repeats 3 --profile-steps 2 \
+            --out "$OUT/ranks/bench_ranks.json"
+    else
+        note "ranks: skipped, ${GPU_COUNT} GPU(s) here (it needs 2 or more)"
+        record ranks skipped 0 "${GPU_COUNT} GPU(s): needs 2 or more"
+    fi
+fi
+
+# -- 6. the loaders alone ----------------------------------------------------------------------------------------------
 if wants loaders; then
     run_stage loaders 30 90 "$PY" -m data_pipeline.bench --data "$DATA" --sizes "${SIZE_LIST[@]}" \
         --batch-size "$BATCH" --workers "$WORKERS" --runs 3 --max-batches 10
@@ -381,6 +399,10 @@ for f in sorted(out.glob("bench_*px*.json")) + sorted((out / "zero").glob("bench
     report = json.loads(f.read_text())
     for r in report["results"]:
         rows.append((f.name, r))
+ranks = out / "ranks" / "bench_ranks.json"
+if ranks.is_file():
+    from trainer.tools.bench.ranks_report import format_table
+    print(format_table(json.loads(ranks.read_text())) + "\n")
 print(f"\n{'file':28} {'variant':18} {'px':>4} {'mode':9} {'engine':32} {'samples/s':>9} {'MFU':>6} {'wait':>6} {'1st s':>6}")
 for name, r in rows:
     print(f"{name:28} {r['variant']:18} {r['image_size']:>4} {r['mode']:9} {r['engine'][:32]:32} "

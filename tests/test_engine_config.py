@@ -226,3 +226,27 @@ def test_config_round_trips_and_validates(tmp_path: Path) -> None:
         TrainConfig(log_every=0)
     with pytest.raises(ConfigError, match="on_nonfinite"):
         apply_overrides(RunConfig(), ["train.on_nonfinite=ignore"])
+
+
+def test_the_default_is_stage_0_with_the_overlapped_all_reduce_on_every_number_of_ranks() -> None:
+    """deepspeed_configs/stage0_*.json (README, deepspeed_configs/README.md "Several ranks"): ZeRO stage 0 for one rank
+    and for several; bf16 as autocast over fp32 weights on any number of ranks; the engine's own all-reduce,
+    overlapped with backward, on several ranks only (one rank needs none); fp32 on the wire unless the file says bf16."""
+    from trainer.engine import default_ds_config_path, overlapped_allreduce
+
+    assert default_ds_config_path(torch.device("cuda", 0)).name == "stage0_bf16.json"
+    assert default_ds_config_path(torch.device("cpu")).name == "stage0_fp32.json"
+    cfg = get_preset("vqa2-base")
+    for name, autocast in (("stage0_bf16.json", True), ("stage0_fp32.json", False)):
+        base = load_ds_config(CONFIG_DIR / name)
+        for world_size in (1, 2, 8):
+            ds = resolve_ds_config(base, cfg.train, cfg.optim, world_size)
+            assert ds["zero_optimization"]["stage"] == 0 and not ds["bf16"]["enabled"], (name, world_size)
+            assert (ds.get("torch_autocast") == AUTOCAST_BF16) is autocast, (name, world_size)
+            assert ds["communication_data_type"] == "fp32"
+            assert overlapped_allreduce(ds, world_size) is (world_size > 1)
+        # DeepSpeed's own stage-0 all-reduce after backward, and ZeRO, where the file says so.
+        after = {**base, "zero_optimization": {**base["zero_optimization"], "overlap_comm": False}}
+        assert not overlapped_allreduce(resolve_ds_config(after, cfg.train, cfg.optim, 8), 8)
+    zero2 = resolve_ds_config(load_ds_config(CONFIG_DIR / "zero2_bf16.json"), cfg.train, cfg.optim, 8)
+    assert zero2["zero_optimization"]["stage"] == 2 and not overlapped_allreduce(zero2, 8)

@@ -70,3 +70,16 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
     assert not verdict["dali_gpu"] and verdict["dali_state_restored"]
     assert not (out_dir / "data").exists()  # the shards (gigabytes at the real size) are removed at the end
     assert "smoke:" in (out_dir / "summary.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ranks_stage_says_it_skipped_without_several_gpus(tmp_path: Path) -> None:
+    """The multi-rank bench (`python -m trainer.bench --ranks N`) runs only where there are 2 or more GPUs."""
+    out_dir = tmp_path / "check"
+    out = run("--allow-cpu", "--stages", "ranks", "--budget", "120", "--out", str(out_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("\t") for line in (out_dir / "stages.tsv").read_text().splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("ranks", "skipped")], rows
+    assert "needs 2 or more" in rows[0][3]
+    assert "ranks: skipped, 0 GPU(s) here" in out.stderr

@@ -17,14 +17,21 @@ rank ZeRO has nothing to shard. Its flat fp32 copies, gradient buckets and fp64 
 engine ran at 1,392 samples/s at 384 px and 2,048 at 224 px against plain PyTorch's 1,635 and 3,257 (fp32 weights,
 autocast bf16, fused AdamW): its step was host-bound (per-tensor norms, per-parameter gradient hooks and bucket
 copies, 12 stream synchronisations a step); this engine's own GPU figure at stage 0 in autocast is still to be
-measured. Several ranks, fp16 and optimizer offload keep the JSON's stage and precision; a checkpoint written under
-ZeRO is resumed under the stage and precision it was written with (`Engine.load`).
+measured. Optimizer offload and fp16 keep the JSON's stage and precision.
+
+Several ranks run the default file (deepspeed_configs/stage0_*.json) at ZeRO stage 0 too, as DDP does: fp32 weights
+(autocast bf16 on GPUs), torch's fused AdamW on the module's own parameters, and the gradient all-reduce overlapped
+with backward in buckets by torch DDP's C++ Reducer (trainer/grad_sync.py; `overlapped_allreduce`), instead of
+DeepSpeed's stage-0 all-reduce after backward. The 267M parameters of vqa2-base (4.3 GB of fp32 training state) fit
+every GPU, so ZeRO's sharding buys no memory that is needed, and its step costs host work (a Python hook per
+parameter, a norm per gradient tensor, bucket copies): measured against torch DDP, ZeRO-1/2 and DeepSpeed's own
+stage-0 all-reduce in docs/performance.md. ZeRO files stay available by --deepspeed_config. A checkpoint is resumed at
+the stage and in the precision it was written with (`Engine.load`), on one rank and on several.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,158 +40,50 @@ from typing import Any
 import torch
 
 from trainer.compiling import compile_model
-from trainer.config import ConfigError, OptimConfig, TrainConfig
+from trainer.config import ConfigError, OptimConfig
 from trainer.dist import DistInfo
-from trainer.optim import WarmupLinearDecay, adamw_settings
+
+# The config's functions live in trainer/ds_config.py; callers import them from here, the DeepSpeed boundary.
+from trainer.ds_config import (  # noqa: F401
+    _PRECISION_KEYS,
+    CONFIG_DIR,
+    default_ds_config_path,
+    load_ds_config,
+    overlapped_allreduce,
+    plain_single_rank,
+    resolve_ds_config,
+)
+from trainer.optim import WarmupLinearDecay
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "deepspeed_configs"
-# Keys the trainer config owns; the trainer writes them into the DeepSpeed config.
-_TRAINER_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-def default_ds_config_path(device: torch.device) -> Path:
-    """bf16 ZeRO-2 on GPUs, fp32 ZeRO-2 on CPU (DeepSpeed's CPU path has no fast bf16 kernels to gain from)."""
-    return CONFIG_DIR / ("zero2_bf16.json" if device.type == "cuda" else "zero2_fp32.json")
-
-
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Read a DeepSpeed JSON file, failing with the file name and the parse error's position."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--deepspeed_config: no such file '{p}' (configs ship in {CONFIG_DIR})")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"--deepspeed_config: '{p}' is not valid JSON: {exc.msg} at line {exc.lineno}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--deepspeed_config: '{p}' must hold a JSON object, not {type(data).__name__}")
-    for key in ("optimizer", "scheduler"):
-        if key in data:
-            raise ConfigError(
-                f"--deepspeed_config: '{p}' sets '{key}', which the trainer config owns "
-                f"(optim.* fields; see deepspeed_configs/README.md): remove it from the JSON"
-            )
-    return data
-
-
-def resolve_ds_config(
-    base: Mapping[str, Any],
-    train: TrainConfig,
-    optim: OptimConfig,
-    world_size: int,
-    *,
-    load_universal: bool = False,
-) -> dict[str, Any]:
-    """The DeepSpeed config this run hands to `deepspeed.initialize`: the JSON plus the trainer-owned settings (batch
-    sizes from `train`, AdamW from `optim`), and stage 0 on one rank (`plain_single_rank`)."""
-    ds = copy.deepcopy(dict(base))
-    wanted = {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum(world_size),
-    }
-    for key in _TRAINER_OWNED:
-        if key in ds and ds[key] != wanted[key]:
-            raise ConfigError(
-                f"DeepSpeed config sets {key}={ds[key]} but the trainer config gives {wanted[key]} "
-                f"(train.global_batch_size {train.global_batch_size}, train.micro_batch_size "
-                f"{train.micro_batch_size}, world size {world_size}): remove it from the JSON"
-            )
-    ds.update(wanted)
-    if "gradient_clipping" not in ds:
-        # DeepSpeed >= 0.19.3 clips at 1.0 by default; ViLT does not clip. Never inherit an unstated default.
-        raise ConfigError("DeepSpeed config must set gradient_clipping explicitly (0.0 = off, as ViLT)")
-    ds["optimizer"] = _optimizer_section(ds, optim)
-    if plain_single_rank(ds, world_size, load_universal=load_universal):
-        _make_single_rank(ds)
-    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints would interleave
-    ds.setdefault("wall_clock_breakdown", False)
-    if load_universal:
-        ds.setdefault("checkpoint", {})["load_universal"] = True
-    return ds
-
-
-def _optimizer_section(ds: Mapping[str, Any], optim: OptimConfig) -> dict[str, Any]:
-    """DeepSpeed's optimizer section: AdamW's settings from trainer/optim.py, as the plain step builds it."""
-    params: dict[str, Any] = {**adamw_settings(optim), "betas": list(optim.betas)}  # a list, as JSON holds it
-    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    if offload in (None, "none"):
-        # torch's AdamW: DeepSpeed's own FusedAdam would first JIT-compile a C++/CUDA op (a minute, and a CUDA
-        # toolkit on the node). On GPUs torch's fused kernel gives the fused step without any build.
-        params["torch_adam"] = True
-        # torch's fused AdamW (CUDA, and CPU since torch 2.4): one pass over each flat partition instead of ~10
-        # element-wise ops each, which counts on the CPU for the CLIP text tower's 49,408-row embedding.
-        params["fused"] = True
-    # With optimizer offload DeepSpeed runs its CPU Adam (built on first use), the only optimizer it offloads.
-    return {"type": "AdamW", "params": params}
-
-
-def _make_single_rank(ds: dict[str, Any]) -> None:
-    """One rank: nothing to shard. Stage 0 hands the module's own fp32 weights and gradients to torch's fused AdamW,
-    as plain PyTorch does; ZeRO-1/2 would copy every gradient into a bucket and a flat partition, step a separate fp32
-    copy of the weights and copy it back, and take an fp64 norm, every step. The JSON's other zero_optimization keys
-    stay (DeepSpeed ignores them at stage 0; Engine.load restores its stage for a checkpoint written under ZeRO)."""
-    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
-    bf16_key = _bf16_key(ds)
-    if ds.get(bf16_key, {}).get("enabled", False):
-        # bf16 by torch.autocast over fp32 weights, not bf16 weights: at stage 0 DeepSpeed 0.19.8 steps bf16 weights
-        # through its unfused fp16-style optimizer (runtime/fp16/unfused_optimizer.py: fp32 copies made tensor by
-        # tensor in Python, an overflow check that synchronises the device every step), measured at 983 samples/s
-        # against ZeRO-2 bf16's 1,392 and plain PyTorch's 1,635 (one H200, 2026-11-27, vqa2-base clip-infonce-dot,
-        # 384 px, batch 256, compiled). With fp32 weights DeepSpeed wraps nothing: the step is torch's fused AdamW on
-        # the module's parameters, as plain PyTorch's with autocast.
-        ds[bf16_key] = {**ds[bf16_key], "enabled": False}
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-
-
-def _bf16_key(ds: Mapping[str, Any]) -> str:
-    """The key DeepSpeed reads its bf16 section from: `bf16`, else the older `bfloat16` (runtime/precision_config.py)."""
-    return "bf16" if "bf16" in ds or "bfloat16" not in ds else "bfloat16"
-
-
-# The sections of a DeepSpeed config that set the precision of the weights and of the computation.
-_PRECISION_KEYS = ("bf16", "bfloat16", "fp16", "torch_autocast")
-
-
-def plain_single_rank(ds: Mapping[str, Any], world_size: int, *, load_universal: bool = False) -> bool:
-    """Whether a run with DeepSpeed config `ds` on `world_size` ranks runs as plain PyTorch does instead of as the JSON
-    says: ZeRO stage 0, DeepSpeed stepping torch's fused AdamW on the module's own fp32 weights, and a bf16 JSON's bf16
-    turned into DeepSpeed's `torch_autocast` bf16 (`resolve_ds_config` makes the change).
-
-    One rank without offload, in fp32 or bf16. Several ranks keep ZeRO (it shards optimizer state and gradients).
-    Offload needs ZeRO, and a universal checkpoint loads only into a ZeRO optimizer (`load_universal`). fp16 keeps the
-    JSON (autocast fp16 would need a gradient scaler; not measured). A JSON, bf16 or fp32, that has a `torch_autocast`
-    section of its own (`"enabled": false` included) states its precision itself and is kept as written: the way to
-    run the one-rank ZeRO engine, e.g. to compare it (scripts/gpu_check.sh's zero stage, on a GPU and on the CPU).
-    """
-    zero = ds.get("zero_optimization", {})
-    offload = any(
-        (zero.get(key) or {}).get("device", "none") not in (None, "none")
-        for key in ("offload_optimizer", "offload_param")
-    )
-    if world_size != 1 or load_universal or offload or ds.get("fp16", {}).get("enabled", False):
-        return False
-    if "torch_autocast" in ds:
-        return False
-    return bool(ds.get(_bf16_key(ds), {}).get("enabled", False)) or int(zero.get("stage", 0)) > 0
 
 
 def checkpoint_zero(path: Path) -> tuple[int, dict[str, Any] | None]:
     """The ZeRO stage a DeepSpeed checkpoint folder was written with (0 without ZeRO optimizer shards, else the stage
-    recorded in them, read as `deepspeed.checkpoint.ds_to_universal` does) and the DeepSpeed config recorded with the
-    shards (None at stage 0 or if none was recorded). Memory-mapped: no tensor is read."""
+    recorded in them, read as `deepspeed.checkpoint.ds_to_universal` does) and the DeepSpeed config recorded with it
+    (with the shards under ZeRO, in `mp_rank_00_model_states.pt` at stage 0; None if none was recorded).
+    Memory-mapped: no tensor is read."""
     shards = sorted(path.glob("*zero_pp_rank_*_optim_states.pt"))
     if not shards:
-        return 0, None
+        states = path / "mp_rank_00_model_states.pt"
+        if not states.is_file():
+            return 0, None
+        written = torch.load(states, map_location="cpu", mmap=True, weights_only=False).get("ds_config")
+        return 0, dict(written) if isinstance(written, Mapping) else None
     state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=False)
     written = state.get("ds_config")
     return int(state["optimizer_state_dict"].get("zero_stage", 1)), (
         dict(written) if isinstance(written, Mapping) else None
     )
+
+
+def universal_zero_stage(path: Path) -> int:
+    """The ZeRO stage of the checkpoint a universal one was converted from (ds_to_universal keeps the optimizer's
+    `zero_stage` in zero/optimizer_state.pt; 0 if it is not there)."""
+    state = path / "zero" / "optimizer_state.pt"
+    if not state.is_file():
+        return 0
+    return int(torch.load(state, map_location="cpu", mmap=True, weights_only=False).get("zero_stage", 0))
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
@@ -239,6 +138,8 @@ class Engine:
                 compile_model(task.model)
         self._engine: Any = None
         self._grad_norm: torch.Tensor | None = None
+        self._grad_sync: Any = None  # trainer/grad_sync.py's BucketedAllReduce, under `overlapped_allreduce`
+        self._armed = False
 
     def _build(self) -> None:
         import deepspeed
@@ -266,12 +167,26 @@ class Engine:
         if self.zero_stage == 0 and self.dist.world_size == 1:
             # Stage 0 all-reduces every gradient after backward (runtime/engine.py: allreduce_gradients ->
             # buffered_allreduce_fallback: flatten, all-reduce, divide by the world size, copy back). Over one rank that
-            # is the identity at the cost of two copies of all gradients per step; several ranks keep it.
+            # is the identity at the cost of two copies of all gradients per step.
+            self._engine.enable_backward_allreduce = False
+        elif overlapped_allreduce(self.ds_config, self.dist.world_size):
+            # Several ranks at stage 0: the all-reduce runs in buckets during backward (trainer/grad_sync.py), so
+            # DeepSpeed must not all-reduce the averaged gradients a second time after it.
+            from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS, BucketedAllReduce
+
+            zero = self.ds_config.get("zero_optimization", {})
+            self._grad_sync = BucketedAllReduce(
+                self._engine.module,
+                bucket_elements=int(zero.get("reduce_bucket_size", DEFAULT_BUCKET_ELEMENTS)),
+                comm_dtype=self._engine.communication_data_type,
+                device=self.dist.device,
+            )
             self._engine.enable_backward_allreduce = False
         log.info(
-            "DeepSpeed ZeRO stage %d, %s, gradient accumulation %d, %d param groups",
+            "DeepSpeed ZeRO stage %d, %s, gradient all-reduce: %s, gradient accumulation %d, %d param groups",
             self.zero_stage,
             self.precision,
+            self.allreduce,
             self.grad_accum,
             len(groups),
         )
@@ -307,6 +222,23 @@ class Engine:
         short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         return f"{short[self.dtype]} weights, autocast {short[self.autocast_dtype]}"
 
+    @property
+    def allreduce(self) -> str:
+        """How the gradients are averaged over the ranks, for labels and logs."""
+        engine = self.engine
+        if self.dist.world_size == 1:
+            return "none (one rank)"
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            engine.communication_data_type, str(engine.communication_data_type)
+        )
+        if self._grad_sync is not None:
+            return (
+                f"overlapped with backward, buckets of {self._grad_sync.bucket_elements:,} elements, {dtype}"
+            )
+        if self.zero_stage == 0:
+            return f"after backward (DeepSpeed, one flat buffer), {dtype}"
+        return f"ZeRO-{self.zero_stage} reduction, {dtype}"
+
     # -- training ------------------------------------------------------------------------------------------------
     @property
     def grad_accum(self) -> int:
@@ -320,10 +252,25 @@ class Engine:
         self.engine.train(mode)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return self.engine(move_batch(batch, self.dist.device, self.dtype))
+        engine = self.engine
+        if (
+            self._grad_sync is not None
+            and not self._armed
+            and torch.is_grad_enabled()
+            and engine.is_gradient_accumulation_boundary()
+        ):
+            # This micro-batch's backward ends the accumulation: its gradients are all-reduced as they are produced.
+            # Armed once: a forward whose backward never ran (a skipped non-finite batch) leaves it armed for the next.
+            self._grad_sync.arm()
+            self._armed = True
+        if self._grad_sync is not None:
+            with self._grad_sync.forward_context():
+                return engine(move_batch(batch, self.dist.device, self.dtype))
+        return engine(move_batch(batch, self.dist.device, self.dtype))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+        self._armed = False
 
     def step(self, *, measure_grad_norm: bool = False) -> None:
         """One micro-step; DeepSpeed applies the optimizer (and the schedule) at the accumulation boundary.
@@ -362,33 +309,59 @@ class Engine:
         self.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
 
     def load(self, load_dir: Path, tag: str) -> None:
-        stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        if self._engine is None and stage == 0 and self.dist.world_size == 1:
-            # A single-rank checkpoint written under ZeRO (before stage 0 was the single-rank choice, e.g. by the
-            # ZeRO-2 bf16 one-GPU run, or after a universal resume) holds its optimizer state in ZeRO's flat shards,
-            # which only a ZeRO optimizer loads: this run continues at the checkpoint's stage and with the precision
-            # recorded with its shards (bf16 weights for a bf16 one, not autocast), and so do its own checkpoints.
-            written, written_cfg = checkpoint_zero(Path(load_dir) / tag)
-            if written == 3 and self.compile:
-                raise ConfigError(
-                    f"checkpoint {tag} was written under ZeRO stage 3, which runs eagerly: resume it with "
-                    f"model.compile=false"
-                )
-            if written:
-                ds = dict(self.ds_config)
-                if written_cfg is not None:
-                    ds = {k: v for k, v in ds.items() if k not in _PRECISION_KEYS}
-                    ds.update({k: copy.deepcopy(written_cfg[k]) for k in _PRECISION_KEYS if k in written_cfg})
-                ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": written}
-                self.ds_config = ds
-                log.warning(
-                    "checkpoint %s was written under ZeRO stage %d: this single-rank run keeps that stage and its "
-                    "precision (the stage-0 speed returns with a run started afresh)",
-                    tag,
-                    written,
-                )
+        if self._engine is None:
+            self._follow_checkpoint_stage(Path(load_dir) / tag, tag)
         path, _ = self.engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint '{tag}' from {load_dir}")
+
+    def _follow_checkpoint_stage(self, folder: Path, tag: str) -> None:
+        """Build the engine at the ZeRO stage, and in the precision, that checkpoint `tag` was written with, where it
+        differs from this run's.
+
+        The optimizer state of a ZeRO checkpoint is in ZeRO's flat shards, which only a ZeRO optimizer loads; that of a
+        stage-0 checkpoint is torch's AdamW state dict, which a ZeRO optimizer cannot load (DeepSpeed would warn and
+        restart AdamW's moments from zero). So a run resumes at the checkpoint's stage and with the precision recorded
+        with it (bf16 weights for a ZeRO bf16 one, autocast for a stage-0 one), and so do its own checkpoints: a ZeRO-2
+        run continued under the stage-0 default stays at ZeRO-2, and a stage-0 run continued with a ZeRO file stays at
+        stage 0 (with the overlapped all-reduce on several ranks). This covers one rank (a run written under ZeRO before
+        stage 0 was the single-rank choice, e.g. by the ZeRO-2 bf16 one-GPU run) and several (ZeRO-2 was the multi-rank
+        default before the stage-0 one). A new stage starts with a new run (or, from ZeRO, a universal checkpoint)."""
+        configured = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        written, written_cfg = checkpoint_zero(folder)
+        if self.ds_config.get("checkpoint", {}).get("load_universal", False):
+            # A universal checkpoint (ZeRO shards converted by ds_to_universal) loads into a ZeRO optimizer only: any
+            # ZeRO stage does, and a run configured at stage 0 (the default) takes the stage its source was written at.
+            if configured > 0:
+                return
+            written = universal_zero_stage(folder) or 2
+        if written == configured or (written == 0 and not (folder / "mp_rank_00_model_states.pt").is_file()):
+            return  # the same stage, or no checkpoint there: DeepSpeed's load says so
+        if written == 3 and self.compile:
+            raise ConfigError(
+                f"checkpoint {tag} was written under ZeRO stage 3, which runs eagerly: resume it with "
+                f"model.compile=false"
+            )
+        ds = dict(self.ds_config)
+        if written_cfg is not None:
+            ds = {k: v for k, v in ds.items() if k not in _PRECISION_KEYS}
+            ds.update({k: copy.deepcopy(written_cfg[k]) for k in _PRECISION_KEYS if k in written_cfg})
+        zero = {**ds.get("zero_optimization", {}), "stage": written}
+        if written == 0:
+            # The stage-0 default's all-reduce on several ranks (overlapped with backward), unless the checkpoint's own
+            # config said otherwise.
+            written_zero = (written_cfg or {}).get("zero_optimization", {})
+            zero["overlap_comm"] = bool(written_zero.get("overlap_comm", True))
+            if "reduce_bucket_size" in written_zero:
+                zero["reduce_bucket_size"] = written_zero["reduce_bucket_size"]
+        ds["zero_optimization"] = zero
+        self.ds_config = ds
+        log.warning(
+            "checkpoint %s was written at ZeRO stage %d: this run keeps that stage and its precision instead of "
+            "stage %d (the configured stage runs in a run started afresh)",
+            tag,
+            written,
+            configured,
+        )

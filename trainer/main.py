@@ -146,7 +146,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         "--deepspeed-config",
         metavar="FILE",
         help="DeepSpeed JSON (ZeRO stage, precision, communication, offload, gradient clipping); default "
-        "deepspeed_configs/zero2_bf16.json on GPUs, zero2_fp32.json on CPU",
+        "deepspeed_configs/stage0_bf16.json on GPUs, stage0_fp32.json on CPU (deepspeed_configs/README.md)",
     )
     p.add_argument(
         "--deepspeed",

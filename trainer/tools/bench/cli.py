@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--deepspeed-config", "--deepspeed_config", metavar="FILE",
-        help="DeepSpeed JSON (default: deepspeed_configs/zero2_bf16.json on a GPU, zero2_fp32.json on the CPU)",
+        help="DeepSpeed JSON (default: deepspeed_configs/stage0_bf16.json on a GPU, stage0_fp32.json on the CPU)",
     )  # fmt: skip
     p.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -263,6 +263,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):
+        # Several ranks: the engine's data-parallel modes against torch DDP, in spawned processes (ranks.py).
+        from trainer.tools.bench.ranks import main as ranks_main
+
+        return ranks_main(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
