@@ -89,22 +89,21 @@ class Stage0FilesEngine(FilesEngine):
     zero_stage = 0
 
 
-def test_a_stage0_checkpoint_is_refused_by_to_universal_and_by_another_world_size(
+def test_a_stage0_checkpoint_resumes_on_any_world_size_and_to_universal_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from trainer.checkpointing import main, to_universal
 
     ck = Checkpointer(tmp_path, Stage0FilesEngine(), DIST, every=1, keep_last=3)
     ck.save(3, {"step": 3, "epoch": 0, "batch_in_epoch": 3, "samples": 3})
-    assert resolve_resume(ck.ckpt_dir, "latest", 1).tag == "global_step3"  # one rank resumes it as it is
-    with pytest.raises(ConfigError, match=r"ZeRO stage 0 .*no conversion: resume it on 1 rank with --resume"):
-        resolve_resume(ck.ckpt_dir, "latest", 2)
+    # Nothing sharded: one rank, or any other number, resumes it as it is (a ZeRO one needs to-universal first).
+    assert [resolve_resume(ck.ckpt_dir, "latest", n).tag for n in (1, 2, 8)] == ["global_step3"] * 3
     with pytest.raises(ConfigError, match="needs no conversion"):
         to_universal(tmp_path, "global_step3")
     assert main(["to-universal", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith(
-        "error: checkpoint global_step3 was written at"
+        "error: checkpoint global_step3 (written by 1 rank) was written at"
     )
     assert [p.name for p in ck.ckpt_dir.iterdir() if p.is_dir()] == ["global_step3"]  # nothing converted
 

@@ -33,10 +33,11 @@ Deleting a checkpoint (keep-last pruning, replacing a universal copy) first rena
 atomic step after which it no longer counts, and only then removes its files: a kill -9 in the middle leaves a
 `.deleting` folder that is never listed and that the next save removes.
 
-A checkpoint of a single-rank run is written at ZeRO stage 0 (trainer/engine.py `resolve_ds_config`): no ZeRO
-shards, the full weights and torch's AdamW state in `mp_rank_00_model_states.pt`. It resumes on one rank as it is.
-ds_to_universal reads ZeRO shards only, and a run on more ranks runs under ZeRO, whose optimizer cannot load that
-state: `to-universal` and a resume on another number of ranks refuse it, saying so.
+A checkpoint of the default configuration is written at ZeRO stage 0 (trainer/ds_config.py): no ZeRO shards, the
+full weights and torch's AdamW state in `mp_rank_00_model_states.pt`, the same for every rank. It resumes as it is on
+any number of ranks (the engine follows the checkpoint's stage: trainer/engine.py `_follow_checkpoint_stage`), the
+epoch continuing at the same fraction as after a universal resume; `to-universal`, which reads ZeRO shards only, says
+that it needs no conversion.
 
 How the files inside are loaded safely: trainer/checkpoint_safety.py.
 """
@@ -44,6 +45,7 @@ How the files inside are loaded safely: trainer/checkpoint_safety.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -54,6 +56,8 @@ from typing import Any
 from data_pipeline import atomic
 from trainer.checkpoint_integrity import HASH, check_files, digests
 from trainer.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -265,7 +269,14 @@ def resolve_resume(
             )
     if not ref.universal and ref.world_size != world_size:
         if written_zero_stage(ref.path) == 0:
-            raise ConfigError(stage0_reshard_message(ref.tag, ref.world_size))
+            # Nothing sharded: every rank loads the one complete state; only the data order and the per-rank RNG and
+            # loader positions are functions of the world size (trainer/loop.py, trainer/checkpointing.py `load`).
+            log.info(
+                "checkpoint %s (ZeRO stage 0) was written by %d ranks and resumes on %d as it is; the epoch "
+                "continues at the same fraction in the order of %d ranks",
+                *(ref.tag, ref.world_size, world_size, world_size),
+            )
+            return ref
         raise ConfigError(
             f"checkpoint {ref.tag} was written by {ref.world_size} ranks and this run has {world_size}: "
             f"DeepSpeed cannot reshard it directly. Convert it once with\n"
@@ -356,11 +367,9 @@ def written_zero_stage(path: Path) -> int:
 
 
 def stage0_reshard_message(tag: str, world_size: int) -> str:
-    """Why a stage-0 checkpoint continues only on the number of ranks that wrote it, and what to do instead."""
+    """Why a stage-0 checkpoint is not converted: it resumes as it is on any number of ranks."""
     ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
     return (
-        f"checkpoint {tag} was written at ZeRO stage 0 (deepspeed_configs/README.md) and needs no conversion: "
-        f"resume it on {ranks} with --resume {tag}. It cannot continue on another number of ranks: those run "
-        f"under ZeRO, whose optimizer cannot load its AdamW state (mp_rank_00_model_states.pt), and "
-        f"ds_to_universal converts ZeRO shards only; start such a run afresh"
+        f"checkpoint {tag} (written by {ranks}) was written at ZeRO stage 0 (deepspeed_configs/README.md) and needs "
+        f"no conversion: it holds the whole state, and resumes on any number of ranks with --resume {tag}"
     )
