@@ -9,47 +9,24 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers.logged_loss import QidLossEngine, Recorder, loader_of, train_config
 from trainer import dist as D
 from trainer.config import TrainConfig
 from trainer.dist import DistInfo
 from trainer.loop import TrainLoop
 
 
-class _Engine:
+class _Engine(QidLossEngine):
     """Losses 1, 2, 3, ... per micro-batch; nothing to train."""
 
-    grad_accum = 2
-
     def __init__(self) -> None:
+        super().__init__(accum=2)
         self.n = 0
-
-    def train(self, mode: bool = True) -> None:
-        pass
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         self.n += 1
         loss = torch.tensor(float(self.n))
         return {"loss": loss, "vqa_loss": loss / 2, "infonce_loss": loss / 4}
-
-    def backward(self, loss: torch.Tensor) -> None:
-        pass
-
-    def step(self, *, measure_grad_norm: bool = False) -> None:
-        pass
-
-    def lr(self) -> float:
-        return 1e-4
-
-    def grad_norm(self) -> float | None:
-        return None
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 def _loader(epoch: int, skip: int, state: bytes | None = None) -> list[dict[str, Any]]:
@@ -67,7 +44,7 @@ def test_logged_training_losses_are_per_sample_means_whatever_the_world_size(
         global_batch_size=2 * world, micro_batch_size=1, max_steps=2, log_every=1, progress_bar=False
     )
     dist = DistInfo(rank=0, local_rank=0, world_size=world, device=torch.device("cpu"))
-    recorder = _Recorder()
+    recorder = Recorder()
     loop = TrainLoop(train, _Engine(), dist, make_loader=_loader, metrics=recorder)  # type: ignore[arg-type]
     assert loop.run() == "done"
     logged = {step: m for step, m in recorder.rows if "train/loss" in m}
@@ -116,8 +93,6 @@ def test_two_ranks_log_what_one_process_logs_for_the_same_global_batch(tmp_path)
     import subprocess
     import sys
     from pathlib import Path
-
-    from tests.helpers.logged_loss import QidLossEngine, Recorder, loader_of, train_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
