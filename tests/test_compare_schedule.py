@@ -47,6 +47,8 @@ def test_gpu_plan_gives_each_run_its_devices_and_port():
     two = plan(None, 20, gpus_per_run=2, local_gpus=8, cpus=16, base_port=30000)
     assert [s.env({})["CUDA_VISIBLE_DEVICES"] for s in two] == ["0,1", "2,3", "4,5", "6,7"]
     assert [s.port for s in two] == [30000, 30001, 30002, 30003]
+    # Under a CUDA_VISIBLE_DEVICES already set (Slurm's GPUs of the job), the slot's GPUs are among those listed.
+    assert two[1].env({"CUDA_VISIBLE_DEVICES": "8,9,10,11,12,13,14,15"})["CUDA_VISIBLE_DEVICES"] == "10,11"
     assert len(plan(None, 3, gpus_per_run=2, local_gpus=8, cpus=16)) == 3  # no idle slot
     assert len(plan(2, 20, gpus_per_run=2, local_gpus=8, cpus=16)) == 2
 

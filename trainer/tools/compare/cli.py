@@ -24,7 +24,14 @@ from trainer.tools.compare.results import (
     summarise_run,
     validate_results,
 )
-from trainer.tools.compare.runs import RunSpec, gpus_per_run, local_gpu_count, prepare_val_subset, run_all
+from trainer.tools.compare.runs import (
+    RunSpec,
+    Stopped,
+    gpus_per_run,
+    local_gpu_count,
+    prepare_val_subset,
+    run_all,
+)
 from trainer.tools.compare.schedule import oversubscribed, parse_jobs, plan, usable_cpus
 from trainer.tools.compare.variants import (
     DUPLICATES_FIELD,
@@ -306,13 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     except CompareError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except Stopped as exc:
         print(
-            f"compare: interrupted; the same command continues (finished runs are kept, the others resume from "
-            f"their last checkpoint in {root})",
+            f"compare: stopped by {exc}; the same command continues (finished runs are kept, the others resume "
+            f"from their last checkpoint in {root})",
             file=sys.stderr,
         )
-        return 130
+        return 128 + exc.signum
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "preset": args.preset,

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -159,7 +160,14 @@ def _run_logged(
         # their bars would overwrite each other, so it goes to the log with the rest (the comparison shows its own).
         live = args.show_progress and getattr(args, "jobs_running", 1) == 1
         env = None if slot is None else slot.env()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=None if live else fh, env=env, check=False)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=None if live else fh, env=env)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            proc.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     if proc.returncode != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
         raise CompareError(f"{what} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
@@ -200,6 +208,20 @@ def run_one(spec: RunSpec, args: argparse.Namespace, slot: Slot | None = None) -
     return True
 
 
+# The trainers running now (run_all forwards a SIGTERM to them: each saves a checkpoint and stops).
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C stopped the comparison: its running trainers saved a checkpoint and stopped; the same command
+    continues them. `signum` is the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
@@ -228,9 +250,11 @@ class Progress:
 
 def run_all(specs: list[RunSpec], args: argparse.Namespace, slots: list[Slot]) -> list[str]:
     """Run every spec, as many at a time as there are slots, each run in one slot at a time; returns the failures
-    (one message each, naming the run and its log) after every other run has finished. Ctrl-C reaches every
-    trainer (they save a checkpoint and stop); no further run starts, and KeyboardInterrupt goes on to the caller:
-    the same command continues them (`--resume auto`)."""
+    (one message each, naming the run and its log) after every other run has finished.
+
+    Ctrl-C reaches every trainer itself (one process group); a SIGTERM to this process alone (a batch system's
+    notice before its time limit) is passed on to them. Either way each trainer saves a checkpoint and stops, no
+    further run starts, and Stopped is raised once they have: the same command continues them (`--resume auto`)."""
     todo = [s for s in specs if not _finished(s, args)]
     for spec in specs:
         if spec not in todo:
@@ -242,11 +266,11 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, slots: list[Slot]) -
         free.put(slot)
     args.jobs_running = len(slots)
     progress = Progress(len(specs), len(specs) - len(todo))
-    stop = threading.Event()
+    stop: list[int] = []
     failures: list[str] = []
 
     def work(spec: RunSpec) -> None:
-        if stop.is_set():
+        if stop:
             return
         slot = free.get()
         name = f"{spec.variant.name} seed {spec.seed}"
@@ -255,21 +279,34 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, slots: list[Slot]) -
             run_one(spec, args, slot)
             print(progress.line(name, f"done in {_clock(time.time() - start)}"), flush=True)
         except CompareError as exc:
-            failures.append(str(exc))
-            print(progress.line(name, f"FAILED: {str(exc).splitlines()[0]}"), flush=True)
+            if stop:  # stopped by the signal, not failed
+                print(f"[compare] {name}: stopped; the same command continues it", flush=True)
+            else:
+                failures.append(str(exc))
+                print(progress.line(name, f"FAILED: {str(exc).splitlines()[0]}"), flush=True)
         finally:
             free.put(slot)
 
+    def on_term(signum: int, frame: object) -> None:
+        stop.append(signum)
+        with _RUNNING_LOCK:
+            for proc in _RUNNING:
+                proc.send_signal(signal.SIGTERM)  # a trainer ignores the repeat of one it already got
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="compare-run")
-    futures = [pool.submit(work, spec) for spec in todo]
     try:
+        futures = [pool.submit(work, spec) for spec in todo]
         for fut in futures:
             fut.result()
     except KeyboardInterrupt:
-        stop.set()  # the trainers got the same Ctrl-C (one process group): let them save and stop
+        stop.append(signal.SIGINT)
         pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    finally:
+        pool.shutdown(wait=True)
+        signal.signal(signal.SIGTERM, previous)
+    if stop:
+        raise Stopped(stop[0])
     return failures
 
 

@@ -50,7 +50,10 @@ class Slot:
         env = dict(os.environ if base is None else base)
         env.update(dict.fromkeys(THREAD_VARS, str(self.threads)))
         if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpus))
+            # The slot's GPUs are numbered among those this process sees: under a CUDA_VISIBLE_DEVICES already set
+            # (e.g. by Slurm for the job's GPUs), GPU k of the slot is the k-th listed there.
+            seen = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(seen[g] if g < len(seen) else str(g) for g in self.gpus)
             env["MASTER_PORT"] = str(self.port)
         return env
 
