@@ -4,6 +4,9 @@ and GPUs, the environment each run gets, failures and progress, and (slow) that 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import threading
 import time
 
@@ -12,7 +15,7 @@ import pytest
 from trainer.tools.compare import runs as runs_mod
 from trainer.tools.compare.cli import build_parser, main
 from trainer.tools.compare.results import CompareError, summarise_run
-from trainer.tools.compare.runs import RunSpec, full_eval_command, run_all, trainer_command
+from trainer.tools.compare.runs import RunSpec, Stopped, full_eval_command, run_all, trainer_command
 from trainer.tools.compare.schedule import THREAD_VARS, ScheduleError, oversubscribed, parse_jobs, plan
 from trainer.tools.compare.variants import parse_variant
 
@@ -168,3 +171,40 @@ def test_jobs_change_no_number(tiny_easyvqa_shards, tmp_path):
             assert a[key] == b[key], (variant, key)
         done = json.loads((tmp_path / "j2" / f"{variant}-seed0" / "run_complete.json").read_text())
         assert (done["threads"], done["gpus"]) == (1, 0)
+
+
+def test_sigterm_stops_the_running_trainers_and_starts_no_other(tmp_path, monkeypatch, capsys):
+    """A SIGTERM to the comparison alone (a batch system's notice) reaches its running trainers, which save and exit
+    143; no further run starts, and Stopped says which signal (the CLI exits 128 + it)."""
+    trainer = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setattr(
+        runs_mod, "trainer_command", lambda spec, args, resume, slot: [sys.executable, "-c", trainer]
+    )
+    args = build_parser().parse_args(["--train-data", "T", "--val-data", "V", "--quiet"])
+    args.subset_dir = None
+    specs = _specs(tmp_path, 3)
+    slots = plan(2, 3, gpus_per_run=0, local_gpus=0, cpus=2)
+
+    def term_once_both_started():
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            logs = [s.run_dir / "train.log" for s in specs[:2]]
+            if all(p.is_file() and "started" in p.read_text() for p in logs):
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=term_once_both_started, daemon=True).start()
+    with pytest.raises(Stopped) as stopped:
+        run_all(specs, args, slots)
+    assert stopped.value.signum == signal.SIGTERM
+    assert not specs[2].run_dir.exists()  # the third run never started
+    assert not any((s.run_dir / "run_complete.json").exists() for s in specs)
+    out = capsys.readouterr().out
+    assert out.count("stopped; the same command continues it") == 2 and "FAILED" not in out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
