@@ -15,7 +15,7 @@ import pytest
 from trainer.tools.compare import runs as runs_mod
 from trainer.tools.compare.cli import build_parser, main
 from trainer.tools.compare.results import CompareError, summarise_run
-from trainer.tools.compare.runs import RunSpec, Stopped, full_eval_command, run_all, trainer_command
+from trainer.tools.compare.runs import Progress, RunSpec, Stopped, full_eval_command, run_all, trainer_command
 from trainer.tools.compare.schedule import THREAD_VARS, ScheduleError, oversubscribed, parse_jobs, plan
 from trainer.tools.compare.variants import parse_variant
 
@@ -208,3 +208,15 @@ def test_sigterm_stops_the_running_trainers_and_starts_no_other(tmp_path, monkey
     out = capsys.readouterr().out
     assert out.count("stopped; the same command continues it") == 2 and "FAILED" not in out
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
+
+
+def test_eta_shares_the_work_left_among_the_slots():
+    """Two slots, four runs: the first run done after 100 s while the second has run as long leaves two waiting runs
+    and nothing of the second, at 100 s each over two slots: 100 s, not the 300 s of runs-left x time-per-run."""
+    progress = Progress(total=4, kept=0, slots=2)
+    now = time.time()
+    progress.start = now - 100
+    progress.running = {"a": now - 100, "b": now - 100}
+    line = progress.line("a", "done in 1m40s")
+    assert line.endswith("[#####---------------] 1/4 runs, 1m40s, ETA 1m40s"), line
+    assert Progress(total=3, kept=2, slots=1).line("c", "done").endswith("3/3 runs, 0m00s, all done")

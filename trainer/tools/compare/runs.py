@@ -228,24 +228,34 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """One line per finished run, each with the comparison's bar: runs done of all, time so far, time left (the
-    pace of the runs that ran here so far, over the runs still to go; runs kept from before count as done)."""
+    """One line per finished run, each with the comparison's bar: runs done of all, time so far, time left. Runs
+    kept from before count as done; the time left is the work left (the runs waiting, and what remains of those
+    running, at the mean time of the runs finished so far) shared among the slots."""
 
-    def __init__(self, total: int, kept: int, width: int = 20) -> None:
-        self.total, self.done, self.ran, self.width = total, kept, 0, width
+    def __init__(self, total: int, kept: int, slots: int, width: int = 20) -> None:
+        self.total, self.done, self.slots, self.width = total, kept, slots, width
         self.start = time.time()
+        self.durations: list[float] = []
+        self.running: dict[str, float] = {}
         self.lock = threading.Lock()
+
+    def started(self, name: str) -> None:
+        with self.lock:
+            self.running[name] = time.time()
 
     def line(self, name: str, outcome: str) -> str:
         with self.lock:
+            now = time.time()
+            self.durations.append(now - self.running.pop(name, now))
             self.done += 1
-            self.ran += 1
-            elapsed = time.time() - self.start
+            mean = sum(self.durations) / len(self.durations)
+            waiting = self.total - self.done - len(self.running)
+            work = waiting * mean + sum(max(0.0, mean - (now - t)) for t in self.running.values())
             left = self.total - self.done
-            eta = f"ETA {_clock(elapsed / self.ran * left)}" if left else "all done"
+            eta = f"ETA {_clock(work / self.slots)}" if left else "all done"
             fill = self.width * self.done // max(1, self.total)
             bar = "#" * fill + "-" * (self.width - fill)
-            return f"[compare] {name}: {outcome}  [{bar}] {self.done}/{self.total} runs, {_clock(elapsed)}, {eta}"
+            return f"[compare] {name}: {outcome}  [{bar}] {self.done}/{self.total} runs, {_clock(now - self.start)}, {eta}"
 
 
 def run_all(specs: list[RunSpec], args: argparse.Namespace, slots: list[Slot]) -> list[str]:
@@ -265,7 +275,7 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, slots: list[Slot]) -
     for slot in slots:
         free.put(slot)
     args.jobs_running = len(slots)
-    progress = Progress(len(specs), len(specs) - len(todo))
+    progress = Progress(len(specs), len(specs) - len(todo), len(slots))
     stop: list[int] = []
     failures: list[str] = []
 
@@ -275,6 +285,7 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, slots: list[Slot]) -
         slot = free.get()
         name = f"{spec.variant.name} seed {spec.seed}"
         start = time.time()
+        progress.started(name)
         try:
             run_one(spec, args, slot)
             print(progress.line(name, f"done in {_clock(time.time() - start)}"), flush=True)
