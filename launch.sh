@@ -441,11 +441,12 @@ Usage: ./launch.sh demo [COMPARE_ARGS...]
 The project's main job on a fresh machine: set up .venv, convert the easy-VQA data set that the easy-vqa package
 ships into WebDataset shards (once, in data/easy-vqa; VQA_DEMO_DATA overrides), then run the paper's comparison
 (baseline, clip-no-infonce, clip-infonce-cos, clip-infonce-dot) with the `demo` preset through the real stack, on
-the GPUs when there are any, on the CPU otherwise. Every run validates every 100 steps on a fixed subset of 500
-test questions (a shard folder written once in the output folder) and its last checkpoint is scored on the whole
-test split. Output in runs/demo (VQA_DEMO_RUN_DIR overrides): report.md, results.json, loss_curves.png and one
-TensorBoard run per variant. Extra arguments go to `python -m trainer.compare` and win over the demo's
-(e.g. --seeds 0,1,2 or --variants clip-infonce-dot,clip-infonce-dot+dup-mask).
+the GPUs when there are any, on the CPU otherwise. The runs go side by side (--jobs auto): one per CPU core, each
+with one thread, or one per GPU; a run's numbers are the same whatever --jobs. Every run validates every 100 steps
+on a fixed subset of 500 test questions (a shard folder written once in the output folder) and its last checkpoint
+is scored on the whole test split. Output in runs/demo (VQA_DEMO_RUN_DIR overrides): report.md, results.json,
+loss_curves.png and one TensorBoard run per variant. Extra arguments go to `python -m trainer.compare` and win over
+the demo's (e.g. --seeds 0,1,2 or --variants clip-infonce-dot,clip-infonce-dot+dup-mask).
 HELP
         return 0
     fi
@@ -468,6 +469,8 @@ Run the paper's comparison with any preset: every variant with the same seeds, d
 --data D is a folder holding train/ and test/ (or val/) shard folders as `python -m data_pipeline.convert`
 writes them (default: the demo's easy-VQA shards, converted on first use); --train-data/--val-data name them
 separately instead. Output (default runs/compare-PRESET): report.md, results.json, loss_curves.png.
+Runs go side by side (--jobs, default auto: one per --gpus-per-run GPUs, else one per --threads-per-run cores);
+--only V --seeds S runs one cell of a study (one node of a cluster), --report-only gathers the report afterwards.
 HELP
         "$PY" -m trainer.compare --help 2>/dev/null | sed -n '/^options:/,$p' || true
         return 0

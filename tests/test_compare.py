@@ -235,26 +235,30 @@ def test_trainer_commands_carry_the_variant_and_the_validation_plan(tmp_path):
     assert no_subset[no_subset.index("--val-data") + 1] == "V"
 
 
-def test_gpu_runs_take_a_free_rendezvous_port_unless_given(tmp_path):
+def test_gpu_runs_take_a_free_rendezvous_port_of_their_slot(tmp_path):
+    """A slot's port taken by another job's rendezvous: the run takes the next free one of its own (slot k searches
+    k, k + PORT_STRIDE, ..., so that slots side by side never pick the same one)."""
     import socket
 
-    from trainer.tools.compare.runs import DEFAULT_MASTER_PORT, free_port
+    from trainer.tools.compare.runs import PORT_STRIDE, free_port
+    from trainer.tools.compare.schedule import Slot
 
-    args = build_parser().parse_args(["--train-data", "T", "--val-data", "V", "--num-gpus", "2"])
+    args = build_parser().parse_args(["--train-data", "T", "--val-data", "V"])
     spec = RunSpec(parse_variant("baseline"), 0, tmp_path / "b")
+    base = free_port(29612, step=PORT_STRIDE)
+    slot = Slot(0, 1, (0, 1), base)
 
     def port(cmd):
-        assert cmd[1:4] == ["--num_gpus", "2", "--master_port"], cmd
-        return int(cmd[4])
+        assert cmd[1] == "--master_port" and "--num_gpus" not in cmd, cmd
+        return int(cmd[2])
 
-    first = free_port(DEFAULT_MASTER_PORT)
-    with socket.socket() as held:  # another job's rendezvous on the port the next run would take
-        held.bind(("", first))
+    assert port(trainer_command(spec, args, False, slot)) == base
+    with socket.socket() as held:  # another job's rendezvous on the slot's own port
+        held.bind(("", base))
         held.listen()
-        assert port(trainer_command(spec, args, False)) > first
-        assert port(full_eval_command(spec, args)) > first
-    args.master_port = 29600  # given: used as it is
-    assert port(trainer_command(spec, args, False)) == 29600
+        taken = port(trainer_command(spec, args, False, slot))
+        assert taken > base and (taken - base) % PORT_STRIDE == 0
+        assert port(full_eval_command(spec, args, slot)) == taken
 
 
 def _run_record(seed, val_steps, val_scores, whole, loss_shift=0.0):

@@ -185,6 +185,9 @@ EXERCISED = [
     (CLUSTER, "sbatch train.sbatch", f"{HERE}::test_cluster_slurm_one_task_per_node"),
     (CLUSTER, "cat > train-tasks.sbatch", f"{HERE}::test_cluster_slurm_one_task_per_gpu"),
     (CLUSTER, "sbatch train-tasks.sbatch", f"{HERE}::test_cluster_slurm_one_task_per_gpu"),
+    (CLUSTER, "cat > study.sbatch", f"{HERE}::test_cluster_study_as_a_slurm_job_array"),
+    (CLUSTER, "sbatch study.sbatch", f"{HERE}::test_cluster_study_as_a_slurm_job_array"),
+    (CLUSTER, "./launch.sh compare --preset demo", f"{HERE}::test_cluster_study_as_a_slurm_job_array"),
     (CLUSTER, "cat > hostfile", f"{HERE}::test_cluster_hostfile_over_ssh"),
     (CLUSTER, "./launch.sh train --hostfile hostfile", f"{HERE}::test_cluster_hostfile_over_ssh"),
     (CLUSTER, "docker compose -f docker/compose.yaml run --rm trainer train -- --preset vqa2-base --resume auto", f"{HERE}::test_cluster_resume"),
@@ -831,6 +834,44 @@ def test_cluster_slurm_one_task_per_gpu(site: Site) -> None:
         assert (launch.local_rank, launch.local_world_size) == (rank % per_node, per_node)
         assert dist.rendezvous(launch, task["env"]) == (HOSTS[0], "29500")
         assert task["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+
+@pytest.mark.parametrize("cell_exit", [0, 143])
+def test_cluster_study_as_a_slurm_job_array(site: Site, cell_exit: int) -> None:
+    """The array runs every (variant, seed) cell of the study once, each through launch.sh with --only and its seed,
+    all in one run folder; a cell stopped before the time limit (143) requeues its own task; the report command
+    gathers the same study."""
+    from trainer.tools.compare.cli import build_parser
+    from trainer.tools.compare.variants import parse_variants
+
+    for split in ("train", "test"):
+        (site.mnt / "shards" / "easyvqa" / split).mkdir(parents=True)
+        (site.mnt / "shards" / "easyvqa" / split / "manifest.json").write_text("{}")
+    result = site.sh(block(CLUSTER, "cat > study.sbatch").text, exits={"python": cell_exit})
+    assert_ok(result)
+    (job,) = site.calls("sbatch")
+    assert job["job_status"] == cell_exit and job["options"]["--signal"] == "TERM@120"
+    cells = [build_parser().parse_args(c["argv"][2:]) for c in site.calls("python")]
+    assert all(c["argv"][:2] == ["-m", "trainer.compare"] for c in site.calls("python"))
+    variants = [v.name for v in parse_variants(cells[0].variants)]
+    assert len(variants) == 5 and len(cells) == int(job["options"]["--array"].split("-")[1]) + 1
+    assert sorted((a.only, a.seeds) for a in cells) == sorted((v, str(s)) for v in variants for s in range(5))
+    assert {(a.variants, a.run_dir, a.preset, a.val_subset, a.report_only) for a in cells} == {
+        (cells[0].variants, f"{site.mnt}/runs/demo-5seeds", "demo", 500, False)
+    }
+    requeued = [c["argv"] for c in site.calls("scontrol") if c["argv"][0] == "requeue"]
+    assert requeued == ([["requeue", f"4242_{i}"] for i in range(25)] if cell_exit == 143 else [])
+
+    assert_ok(site.sh(block(CLUSTER, "./launch.sh compare --preset demo").text))
+    (report,) = site.calls("python")
+    args = build_parser().parse_args(report["argv"][2:])
+    assert args.report_only and args.only is None and args.seeds == "0,1,2,3,4"
+    assert (args.variants, args.run_dir, args.val_subset, args.val_every) == (
+        cells[0].variants,
+        cells[0].run_dir,
+        cells[0].val_subset,
+        cells[0].val_every,
+    )
 
 
 def test_cluster_hostfile_over_ssh(site: Site, deepspeed_parse) -> None:

@@ -15,8 +15,9 @@ real program would run, on this host:
   Named compose volumes are folders under $STANDIN_VOLUMES. Options docker does not know are refused (exit 125).
   docker build checks its Dockerfile and context; docker push needs the tag that docker tag made.
 - sbatch FILE: checks the script with `bash -n`, then runs it at once as the job's batch step on the first node
-  (SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE from its #SBATCH lines), and records its
-  exit status; prints "Submitted batch job N" as sbatch does.
+  (SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE from its #SBATCH lines; a job array's
+  tasks one after another, each with SLURM_ARRAY_JOB_ID and SLURM_ARRAY_TASK_ID), and records its exit status
+  (an array's highest); prints "Submitted batch job N" as sbatch does.
 - srun [OPTIONS] COMMAND: runs COMMAND once per task (nodes x tasks per node), one after another, each with the
   SLURM_NODEID, SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS Slurm gives it; exits with the highest status.
 - scontrol show hostnames: the hosts of $STANDIN_SLURM_HOSTS, one a line; scontrol requeue: recorded.
@@ -360,10 +361,27 @@ def sbatch(argv: list[str]) -> int:
         "SLURM_NODEID": "0",
         "SLURMD_NODENAME": hosts[0],
     }
-    status = subprocess.run(["bash", str(script)], env=env).returncode
+    # A job array (--array=A-B or A,B,...): the script once per task, each with its SLURM_ARRAY_TASK_ID; the job's
+    # status is the highest of its tasks'.
+    status = 0
+    for task in _array_tasks(options.get("--array")):
+        task_env = (
+            env if task is None else {**env, "SLURM_ARRAY_JOB_ID": job_id, "SLURM_ARRAY_TASK_ID": str(task)}
+        )
+        status = max(status, subprocess.run(["bash", str(script)], env=task_env).returncode)
     record("sbatch", argv, options=options, job_status=status)
     print(f"Submitted batch job {job_id}")
     return 0
+
+
+def _array_tasks(spec: str | None) -> list[int | None]:
+    if spec is None:
+        return [None]
+    tasks: list[int | None] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        tasks += range(int(first), int(last or first) + 1)
+    return tasks
 
 
 def srun(argv: list[str]) -> int:

@@ -10,12 +10,19 @@ A variant is `NAME[+MODIFIER]` (variants.py): NAME a model variant of the traine
 with identical questions of a batch masked out of InfoNCE, and is also checked against `clip-infonce-dot`.
 
 Each run goes through the real stack (shards -> loader -> DeepSpeed engine -> TensorBoard) as its own process:
-`deepspeed --num_gpus N trainer/main.py` where there are GPUs, `python trainer/main.py` (one CPU rank) otherwise.
-A comparison is resumable: finished runs are kept, interrupted ones continue from their last checkpoint.
+`deepspeed trainer/main.py` on `--gpus-per-run` GPUs (default 1) where there are GPUs, `python trainer/main.py` (one
+CPU rank) otherwise. `--jobs` runs side by side (default auto: one run per GPU or group of --gpus-per-run GPUs, each
+with its own CUDA_VISIBLE_DEVICES and rendezvous port; on the CPU one run per --threads-per-run cores, default 1), and
+a run's numbers do not depend on it: its thread count is the comparison's setting, recorded in results.json
+(schedule.py). A comparison is resumable: finished runs are kept, interrupted ones continue from their last
+checkpoint; a failed run is named with its log while the others finish. `--only V --seeds S` runs one cell of a
+study (e.g. one node of a Slurm job array, docs/cluster.md) and `--report-only` gathers the report from the run
+folders once every cell is done.
 
 Validation: every `--val-every` steps on --val-data; with `--val-subset N`, on a fixed subset of N of its questions
 instead (a shard folder written once in --run-dir by data_pipeline/subset.py, seed 0, the same for every run), and
-each run's last checkpoint is then scored on the whole --val-data by the trainer's own `--eval-only`, in a run folder
+each run's last checkpoint is then scored on the whole --val-data by the trainer's own `--eval-only` (in the run's
+slot, right after its training, so that scoring too runs beside the other runs), in a run folder
 RUN/full_eval that reads RUN/checkpoints through a link (results in RUN/full_eval/eval/<tag>/). The report shows the
 subset curve per variant and the whole-split score. A run interrupted at any point (kill -9 included) continues with
 the same command: its trainer restarts with `--resume auto`.
@@ -41,6 +48,7 @@ How, so that the numbers can carry a verdict:
 The modules: `variants.py` (the --variants syntax), `results.py` (reading a finished run's TensorBoard events and
 whole-split evaluation; smoothing, noise and the verdict rule; results.json and its schema), `claims.py` (which
 claims the variants allow, each with its verdict), `runs.py` (the validation subset; one trainer process per variant
-and seed, resumable; the whole-split evaluation), `report.py` (loss_curves.png and report.md), `cli.py` (the command
+and seed, resumable, side by side; the whole-split evaluation), `schedule.py` (the slots of runs side by side: threads,
+GPUs, ports), `report.py` (loss_curves.png and report.md), `cli.py` (the command
 line).
 """

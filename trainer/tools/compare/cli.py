@@ -24,7 +24,16 @@ from trainer.tools.compare.results import (
     summarise_run,
     validate_results,
 )
-from trainer.tools.compare.runs import RunSpec, prepare_val_subset, run_one
+from trainer.tools.compare.runs import (
+    DEFAULT_MASTER_PORT,
+    RunSpec,
+    Stopped,
+    gpus_per_run,
+    local_gpu_count,
+    prepare_val_subset,
+    run_all,
+)
+from trainer.tools.compare.schedule import oversubscribed, parse_jobs, plan, usable_cpus
 from trainer.tools.compare.variants import (
     DUPLICATES_FIELD,
     MODIFIERS,
@@ -145,17 +154,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration override for every run (repeatable)",
     )
     p.add_argument(
-        "--num-gpus", type=int, default=None, help="GPUs per run (default: all local GPUs; 0 = CPU)"
+        "--jobs",
+        default="auto",
+        metavar="N",
+        help="runs side by side (default auto: one per --gpus-per-run GPUs where there are GPUs, else one per "
+        "--threads-per-run cores); the numbers of a run do not depend on it",
+    )
+    p.add_argument(
+        "--gpus-per-run",
+        "--num-gpus",
+        dest="num_gpus",
+        type=int,
+        default=None,
+        metavar="G",
+        help="GPUs of each run, under the deepspeed launcher with its own CUDA_VISIBLE_DEVICES "
+        "(default: 1 where there are GPUs; 0 = CPU runs)",
+    )
+    p.add_argument(
+        "--threads-per-run",
+        type=int,
+        default=1,
+        metavar="T",
+        help="intra-op threads of each run's processes (OMP_NUM_THREADS etc.; default 1); part of what a run's "
+        "numbers depend on, recorded in results.json",
     )
     p.add_argument(
         "--master-port",
         type=int,
-        default=None,
-        help="rendezvous port of the deepspeed launcher (default: the first free one from 29512 upward, per run)",
+        default=DEFAULT_MASTER_PORT,
+        help="rendezvous port of the deepspeed launcher of the first GPU run; run k of those side by side uses "
+        f"this + k, or where that is taken the next free one of its own (default {DEFAULT_MASTER_PORT})",
     )
-    p.add_argument("--report-only", action="store_true", help="only rebuild the outputs from finished runs")
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="V1,V2,...",
+        help="run only these of --variants (with --seeds), e.g. one cell of a study on one node of a cluster "
+        "(docs/cluster.md); no report: gather it with --report-only once every cell is done",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="only rebuild the outputs from finished runs (run folders)"
+    )
     p.add_argument("--quiet", dest="show_progress", action="store_false", help="no live progress bars")
     return p
+
+
+log = logging.getLogger("trainer.compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,14 +244,62 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    only = None
+    if args.only is not None:
+        only = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in only if name not in variants]
+        if unknown or not only:
+            print(
+                f"compare: error: --only {args.only}: not among --variants ({', '.join(variants)})",
+                file=sys.stderr,
+            )
+            return 2
+        if args.report_only:
+            print("compare: error: --only runs cells; --report-only gathers them: give one", file=sys.stderr)
+            return 2
     root = Path(args.run_dir)
     specs = [RunSpec(v, s, root / f"{v.name}-seed{s}") for s in seeds for v in parsed]
+    todo = [spec for spec in specs if only is None or spec.variant.name in only]
+    try:
+        slots = plan(
+            parse_jobs(args.jobs),
+            len(todo),
+            gpus_per_run=gpus_per_run(args),
+            local_gpus=local_gpu_count(),
+            cpus=usable_cpus(),
+            threads_per_run=args.threads_per_run,
+            base_port=args.master_port,
+        )
+    except ValueError as exc:
+        print(f"compare: error: {exc}", file=sys.stderr)
+        return 2
     start = time.time()
     try:
         args.subset_dir = None if args.val_subset is None else str(prepare_val_subset(args, root))
         if not args.report_only:
-            for spec in specs:
-                run_one(spec, args)
+            print(
+                f"[compare] {len(todo)} run(s), {len(slots)} at a time: "
+                + "; ".join(slot.describe() for slot in slots),
+                flush=True,
+            )
+            if oversubscribed(slots, usable_cpus()):
+                log.warning(
+                    "--jobs %d x --threads-per-run %d threads on %d cores: the runs slow each other down (their "
+                    "numbers stay the same)",
+                    len(slots),
+                    args.threads_per_run,
+                    usable_cpus(),
+                )
+            failures = run_all(todo, args, slots)
+            if failures:
+                raise CompareError(
+                    f"{len(failures)} of {len(todo)} run(s) failed (the others finished and are kept; the same "
+                    f"command retries the failed ones):\n" + "\n".join(failures)
+                )
+        if only is not None:
+            print(f"[compare] done: {', '.join(only)}; the report: the same command with --report-only and without "
+                  f"--only once every cell is done", flush=True)  # fmt: skip
+            return 0
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for spec in specs:
             if not (spec.run_dir / DONE_FILE).is_file():
@@ -222,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     except CompareError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 1
+    except Stopped as exc:
+        print(
+            f"compare: stopped by {exc}; the same command continues (finished runs are kept, the others resume "
+            f"from their last checkpoint in {root})",
+            file=sys.stderr,
+        )
+        return 128 + exc.signum
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "preset": args.preset,
@@ -233,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         "val_subset": None if args.subset_dir is None else subset_summary(args.subset_dir),
         "loss_thresholds": thresholds,
         "smooth_steps": args.smooth_steps,
+        # What a run's numbers depend on besides the configuration (schedule.py): threads and GPUs of each run.
+        "threads_per_run": args.threads_per_run,
+        "gpus_per_run": gpus_per_run(args),
+        "jobs": None if args.report_only else len(slots),
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
         "wall_time_s": sum(r["wall_time_s"] for rs in runs.values() for r in rs)

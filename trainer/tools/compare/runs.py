@@ -6,16 +6,21 @@ each finished run's last checkpoint is then scored on the whole --val-data by th
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 
 from data_pipeline import atomic
 from data_pipeline.build import ConversionError
@@ -23,12 +28,13 @@ from data_pipeline.sharding import read_manifest
 from data_pipeline.shards import MANIFEST, file_sha256
 from data_pipeline.subset import subset_record, write_subset
 from trainer.tools.compare.results import DONE_FILE, FULL_EVAL_DIR, CompareError, read_full_eval
+from trainer.tools.compare.schedule import Slot
 from trainer.tools.compare.variants import Variant
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[3]  # trainer/tools/compare/runs.py -> the repository
-# Where the search for a free rendezvous port starts (`free_port`), away from DeepSpeed's default 29500.
+# The first GPU run's rendezvous port (--master-port), away from DeepSpeed's default 29500.
 DEFAULT_MASTER_PORT = 29512
 SUBSET_SEED = (
     0  # the draw of --val-subset: fixed, so that every comparison of a split validates on one subset
@@ -51,16 +57,27 @@ def local_gpu_count() -> int:
         return 0
 
 
+def gpus_per_run(args: argparse.Namespace) -> int:
+    """--gpus-per-run, resolved: 1 where there are GPUs, 0 (a CPU run) otherwise."""
+    if args.num_gpus is not None:
+        return int(args.num_gpus)
+    return 1 if local_gpu_count() > 0 else 0
+
+
 def ranks_per_run(args: argparse.Namespace) -> int:
-    gpus = args.num_gpus if args.num_gpus is not None else local_gpu_count()
-    return max(1, gpus)
+    return max(1, gpus_per_run(args))
 
 
-def free_port(start: int) -> int:
-    """The first port from `start` upward that this host can listen on: another job's rendezvous (an earlier run
-    still exiting, another comparison, a training job) holds its port, and the deepspeed launcher's rank 0 would die
-    on it with EADDRINUSE while the other ranks joined that job's rendezvous."""
-    for port in range(start, 65536):
+# Slots side by side search disjoint ports: slot k tries its own port, then that + PORT_STRIDE, ... (fewer slots than
+# this on any node).
+PORT_STRIDE = 64
+
+
+def free_port(start: int, step: int = 1) -> int:
+    """The first port from `start` upward (by `step`) that this host can listen on: another job's rendezvous (an
+    earlier run still exiting, another comparison, a training job) holds its port, and the deepspeed launcher's rank 0
+    would die on it with EADDRINUSE while the other ranks joined that job's rendezvous."""
+    for port in range(start, 65536, step):
         with socket.socket() as s:
             try:
                 s.bind(("", port))
@@ -72,19 +89,23 @@ def free_port(start: int) -> int:
     )
 
 
-def _launcher(args: argparse.Namespace) -> list[str]:
-    gpus = args.num_gpus if args.num_gpus is not None else local_gpu_count()
-    if gpus > 0:
-        # A port given is the user's; otherwise one free now, chosen again for every run.
-        port = args.master_port if args.master_port is not None else free_port(DEFAULT_MASTER_PORT)
-        return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(gpus), "--master_port", str(port)]
-    return [sys.executable]  # one process: trainer/dist.py picks a free port itself
+def _launcher(slot: Slot | None) -> list[str]:
+    if slot is not None and slot.gpus:
+        # No --num_gpus: the launcher then takes its GPUs from the slot's CUDA_VISIBLE_DEVICES (with --num_gpus it
+        # would ignore them and start on GPU 0 beside every other run). The slot's port, or the next free one of its
+        # own, chosen again for every run.
+        port = free_port(slot.port, step=PORT_STRIDE)
+        return [shutil.which("deepspeed") or "deepspeed", "--master_port", str(port)]
+    return [sys.executable]
 
 
-def trainer_command(spec: RunSpec, args: argparse.Namespace, resume: bool) -> list[str]:
-    """The training run of one variant and seed; it validates on the subset folder when there is one."""
+def trainer_command(
+    spec: RunSpec, args: argparse.Namespace, resume: bool, slot: Slot | None = None
+) -> list[str]:
+    """The training run of one variant and seed in SLOT (None: a CPU process); it validates on the subset folder when
+    there is one."""
     cmd = [
-        *_launcher(args),
+        *_launcher(slot),
         str(REPO / "trainer" / "main.py"),
         "--preset",
         args.preset,
@@ -104,11 +125,11 @@ def trainer_command(spec: RunSpec, args: argparse.Namespace, resume: bool) -> li
     return cmd
 
 
-def full_eval_command(spec: RunSpec, args: argparse.Namespace) -> list[str]:
-    """The trainer's own evaluation (`--eval-only`) of a finished run's last checkpoint on the whole --val-data; it
-    writes under RUN/full_eval/eval/<tag>/ only."""
+def full_eval_command(spec: RunSpec, args: argparse.Namespace, slot: Slot | None = None) -> list[str]:
+    """The trainer's own evaluation (`--eval-only`) of a finished run's last checkpoint on the whole --val-data, in
+    the run's slot; it writes under RUN/full_eval/eval/<tag>/ only."""
     return [
-        *_launcher(args),
+        *_launcher(slot),
         str(REPO / "trainer" / "main.py"),
         "--run-dir",
         str(spec.run_dir / FULL_EVAL_DIR),
@@ -125,8 +146,16 @@ def prepare_val_subset(args: argparse.Namespace, root: Path) -> Path:
 
     Kept when it holds the same draw (source manifest, count, seed); rewritten when only its shard count differs
     (the same questions, for another number of ranks); a different draw is refused: earlier runs of this
-    comparison were validated on it."""
+    comparison were validated on it. Cells of one study started at once on several nodes (`--only`, docs/cluster.md)
+    take turns through a lock file beside it, so that one writes it and the others find it written."""
     out = root / f"val-subset-{args.val_subset}"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".val-subset-{args.val_subset}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_val_subset(args, root, out)
+
+
+def _prepare_val_subset(args: argparse.Namespace, root: Path, out: Path) -> Path:
     n_shards = ranks_per_run(args)
     src_digest = file_sha256(Path(args.val_data) / MANIFEST)
     record = subset_record(out)
@@ -149,43 +178,179 @@ def prepare_val_subset(args: argparse.Namespace, root: Path) -> Path:
     return out
 
 
-def _run_logged(cmd: list[str], log_file: Path, args: argparse.Namespace, what: str) -> None:
+def _run_logged(
+    cmd: list[str], log_file: Path, args: argparse.Namespace, what: str, slot: Slot | None
+) -> None:
     with log_file.open("a") as fh:
-        # stderr carries the progress bar: shown live; stdout (log lines) goes to the log file too.
-        proc = subprocess.run(
-            cmd, cwd=REPO, stdout=fh, stderr=None if args.show_progress else fh, check=False
-        )
+        # stderr carries the trainer's progress bar: shown live when one run runs at a time; with runs side by side
+        # their bars would overwrite each other, so it goes to the log with the rest (the comparison shows its own).
+        live = args.show_progress and getattr(args, "jobs_running", 1) == 1
+        env = None if slot is None else slot.env()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=None if live else fh, env=env)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            proc.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     if proc.returncode != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
         raise CompareError(f"{what} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
 
 
-def run_one(spec: RunSpec, args: argparse.Namespace) -> None:
-    """Train one variant/seed unless it already finished (continue it if it was interrupted); then, with a
-    validation subset, score its last checkpoint on the whole --val-data unless that is done."""
+def run_one(spec: RunSpec, args: argparse.Namespace, slot: Slot | None = None) -> bool:
+    """Train one variant/seed in SLOT unless it already finished (continue it if it was interrupted); then, with a
+    validation subset, score its last checkpoint on the whole --val-data in the same slot unless that is done.
+    True when something ran, False when both were already done."""
     name = f"{spec.variant.name} seed {spec.seed}"
+    ran = False
     if (spec.run_dir / DONE_FILE).is_file():
         log.info("%s: already trained, kept", name)
     else:
         ckpts = spec.run_dir / "checkpoints"
         resume = ckpts.is_dir() and any(ckpts.iterdir())
-        cmd = trainer_command(spec, args, resume)
+        cmd = trainer_command(spec, args, resume, slot)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[compare] {name}{' (resuming)' if resume else ''}: {' '.join(cmd)}", flush=True)
+        where = "" if slot is None else f" [{slot.describe()}]"
+        print(f"[compare] {name}{' (resuming)' if resume else ''}{where}: {' '.join(cmd)}", flush=True)
         start = time.time()
-        _run_logged(cmd, spec.run_dir / "train.log", args, name)
+        _run_logged(cmd, spec.run_dir / "train.log", args, name, slot)
         done = {"variant": spec.variant.name, "seed": spec.seed, "wall_time_s": round(time.time() - start, 1)}
+        if slot is not None:
+            done.update(threads=slot.threads, gpus=len(slot.gpus))
         atomic.write_text(spec.run_dir / DONE_FILE, json.dumps(done) + "\n")
+        ran = True
     if getattr(args, "subset_dir", None) is None or read_full_eval(spec.run_dir) is not None:
-        return
+        return ran
     folder = prepare_full_eval(spec.run_dir)
-    cmd = full_eval_command(spec, args)
+    cmd = full_eval_command(spec, args, slot)
     print(f"[compare] {name}, whole validation split: {' '.join(cmd)}", flush=True)
-    _run_logged(cmd, folder / "eval.log", args, f"{name}: the evaluation on {args.val_data}")
+    _run_logged(cmd, folder / "eval.log", args, f"{name}: the evaluation on {args.val_data}", slot)
     if read_full_eval(spec.run_dir) is None:
         raise CompareError(
             f"{name}: the evaluation on {args.val_data} wrote no metrics; log: {folder / 'eval.log'}"
         )
+    return True
+
+
+# The trainers running now (run_all forwards a SIGTERM to them: each saves a checkpoint and stops).
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C stopped the comparison: its running trainers saved a checkpoint and stopped; the same command
+    continues them. `signum` is the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """One line per finished run, each with the comparison's bar: runs done of all, time so far, time left. Runs
+    kept from before count as done; the time left is the work left (the runs waiting, and what remains of those
+    running, at the mean time of the runs finished so far) shared among the slots."""
+
+    def __init__(self, total: int, kept: int, slots: int, width: int = 20) -> None:
+        self.total, self.done, self.slots, self.width = total, kept, slots, width
+        self.start = time.time()
+        self.durations: list[float] = []
+        self.running: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def started(self, name: str) -> None:
+        with self.lock:
+            self.running[name] = time.time()
+
+    def line(self, name: str, outcome: str) -> str:
+        with self.lock:
+            now = time.time()
+            self.durations.append(now - self.running.pop(name, now))
+            self.done += 1
+            mean = sum(self.durations) / len(self.durations)
+            waiting = self.total - self.done - len(self.running)
+            work = waiting * mean + sum(max(0.0, mean - (now - t)) for t in self.running.values())
+            left = self.total - self.done
+            eta = f"ETA {_clock(work / self.slots)}" if left else "all done"
+            fill = self.width * self.done // max(1, self.total)
+            bar = "#" * fill + "-" * (self.width - fill)
+            return f"[compare] {name}: {outcome}  [{bar}] {self.done}/{self.total} runs, {_clock(now - self.start)}, {eta}"
+
+
+def run_all(specs: list[RunSpec], args: argparse.Namespace, slots: list[Slot]) -> list[str]:
+    """Run every spec, as many at a time as there are slots, each run in one slot at a time; returns the failures
+    (one message each, naming the run and its log) after every other run has finished.
+
+    Ctrl-C reaches every trainer itself (one process group); a SIGTERM to this process alone (a batch system's
+    notice before its time limit) is passed on to them. Either way each trainer saves a checkpoint and stops, no
+    further run starts, and Stopped is raised once they have: the same command continues them (`--resume auto`)."""
+    todo = [s for s in specs if not _finished(s, args)]
+    for spec in specs:
+        if spec not in todo:
+            log.info("%s seed %d: already trained and scored, kept", spec.variant.name, spec.seed)
+    if not todo:
+        return []
+    free: Queue[Slot] = Queue()
+    for slot in slots:
+        free.put(slot)
+    args.jobs_running = len(slots)
+    progress = Progress(len(specs), len(specs) - len(todo), len(slots))
+    stop: list[int] = []
+    failures: list[str] = []
+
+    def work(spec: RunSpec) -> None:
+        if stop:
+            return
+        slot = free.get()
+        name = f"{spec.variant.name} seed {spec.seed}"
+        start = time.time()
+        progress.started(name)
+        try:
+            run_one(spec, args, slot)
+            print(progress.line(name, f"done in {_clock(time.time() - start)}"), flush=True)
+        except CompareError as exc:
+            if stop:  # stopped by the signal, not failed
+                print(f"[compare] {name}: stopped; the same command continues it", flush=True)
+            else:
+                failures.append(str(exc))
+                print(progress.line(name, f"FAILED: {str(exc).splitlines()[0]}"), flush=True)
+        finally:
+            free.put(slot)
+
+    def on_term(signum: int, frame: object) -> None:
+        stop.append(signum)
+        with _RUNNING_LOCK:
+            for proc in _RUNNING:
+                proc.send_signal(signal.SIGTERM)  # a trainer ignores the repeat of one it already got
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="compare-run")
+    try:
+        futures = [pool.submit(work, spec) for spec in todo]
+        for fut in futures:
+            fut.result()
+    except KeyboardInterrupt:
+        stop.append(signal.SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        pool.shutdown(wait=True)
+        signal.signal(signal.SIGTERM, previous)
+    if stop:
+        raise Stopped(stop[0])
+    return failures
+
+
+def _finished(spec: RunSpec, args: argparse.Namespace) -> bool:
+    if not (spec.run_dir / DONE_FILE).is_file():
+        return False
+    return getattr(args, "subset_dir", None) is None or read_full_eval(spec.run_dir) is not None
 
 
 def prepare_full_eval(run_dir: Path) -> Path:
