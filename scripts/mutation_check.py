@@ -118,7 +118,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "ds-batch-one-rank",
-        "trainer/engine.py",
+        "trainer/ds_config.py",
         '"gradient_accumulation_steps": train.grad_accum(world_size),',
         '"gradient_accumulation_steps": train.grad_accum(1),',
         "DeepSpeed is given the accumulation steps of one rank whatever the world size",

@@ -214,7 +214,7 @@ def test_launch_sh_train_preflight_runs_the_module_on_the_trainers_ranks(checkou
         "train", "--preflight", "--num_gpus", "2", "--", "--preset", "tiny", "--run-dir", "/r"
     )[-1]
     assert line == [
-        checkout.deepspeed,
+        *checkout.deepspeed.split(),
         "--num_gpus",
         "2",
         "--module",
@@ -227,5 +227,5 @@ def test_launch_sh_train_preflight_runs_the_module_on_the_trainers_ranks(checkou
     ]
     # The same defaults from the environment as the trainer gets; without --preflight, the trainer as before.
     line = checkout.dry("train", "--preflight", VQA_TRAIN_DATA="/data/train")[-1]
-    assert line[3:] == ["--module", "trainer.preflight", "--train-data", "/data/train"]
-    assert checkout.dry("train", "--preset", "tiny")[-1][3:] == ["trainer/main.py", "--preset", "tiny"]
+    assert line[5:] == ["--module", "trainer.preflight", "--train-data", "/data/train"]
+    assert checkout.dry("train", "--preset", "tiny")[-1][5:] == ["trainer/main.py", "--preset", "tiny"]
