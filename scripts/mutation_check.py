@@ -595,7 +595,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-kill-rate", type=float, default=0.9, help="exit 1 below this rate (default 0.9)"
     )
-    parser.add_argument("--python", default=sys.executable, help="the interpreter that runs pytest")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        # absolute: pytest runs in the throwaway copy, where a path relative to here would name nothing
+        type=lambda p: os.path.abspath(p) if os.sep in p else p,
+        help="the interpreter that runs pytest",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
