@@ -287,7 +287,7 @@ first_free_port() {
     echo "$port"
 }
 
-# True when HOST names this machine: a name or address of its own.
+# True when HOST names the host launch.sh runs on: a name or address of its own.
 is_this_host() {
     local host="$1"
     [[ "$host" == localhost || "$host" == 127.0.0.1 || "$host" == "$(hostname 2>/dev/null)" ||

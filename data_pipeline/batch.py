@@ -27,6 +27,18 @@ Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
 TOKEN_KEYS = ("vilt_ids", "vilt_mask", "clip_ids")
 
 
+def checked_labels(meta: dict[str, Any], n_answers: int) -> list[int]:
+    """A sample's answer indices, each below `n_answers`, else the one-line error that the shards and the answer list
+    do not belong together."""
+    labels = meta.get("labels") or []
+    if labels and max(labels) >= n_answers:
+        raise ValueError(
+            f"question {meta['question_id']}: answer index {max(labels)} >= {n_answers} answers: "
+            "the shards and answers.json do not belong together"
+        )
+    return labels
+
+
 def parse_json(raw: bytes, where: str) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
@@ -75,13 +87,8 @@ def host_fields(
             continue
         valid[i] = True
         qids[i] = int(m["question_id"])
-        labels = m.get("labels") or []
+        labels = checked_labels(m, n_answers)
         if labels:
-            if max(labels) >= n_answers:
-                raise ValueError(
-                    f"question {m['question_id']}: answer index {max(labels)} >= {n_answers} answers: "
-                    "the shards and answers.json do not belong together"
-                )
             targets[i, torch.tensor(labels, dtype=torch.long)] = torch.tensor(
                 m["scores"], dtype=torch.float32
             )

@@ -2,7 +2,7 @@
 would run (--dry-run); then SIGTERM reaching every rank through DeepSpeed's real launcher.
 
 Each test runs a copy of launch.sh in a temporary folder with a fake, already set-up virtual environment and a
-fake nvidia-smi, in an environment built from scratch, so that neither this machine's GPUs and variables nor the
+fake nvidia-smi, in an environment built from scratch, so that neither the host's GPUs and variables nor the
 repository's .venv change what is printed.
 """
 

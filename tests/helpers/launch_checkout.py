@@ -1,6 +1,6 @@
 """A copy of launch.sh in a temporary folder with a fake, already set-up virtual environment and a fake
 nvidia-smi, run in an environment built from scratch: what tests/test_launch.py and the launch faults of
-tests/test_faults_runtime.py run launch.sh in, so that neither this machine's GPUs and variables nor the
+tests/test_faults_runtime.py run launch.sh in, so that neither the host's GPUs and variables nor the
 repository's .venv change what it does."""
 
 from __future__ import annotations
