@@ -113,15 +113,6 @@ def index_lines(tar_path: str | Path) -> list[str]:
     return [" ".join(s) for s in samples]
 
 
-def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
-    """Index an existing tar (any WebDataset tar) into `idx_path`, atomically; returns the number of samples."""
-    lines = index_lines(tar_path)
-    if not lines:
-        raise ValueError(f"{tar_path}: no samples in the tar, cannot index it")
-    atomic.write_bytes(idx_path, _index_text(lines).encode())
-    return len(lines)
-
-
 def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI index file: per sample, {ext: (data offset, size)}."""
     with open(idx_path) as f:

@@ -144,7 +144,7 @@ def _save_step(ck: Checkpointer, step: int) -> None:
     ck.save(step, {"step": step, "epoch": 0, "batch_in_epoch": step, "samples": step})
 
 
-def test_rng_files_hold_plain_data_and_old_ones_load_only_through_an_allow_list(tmp_path: Path) -> None:
+def test_rng_files_hold_plain_data_and_others_are_refused_unloaded(tmp_path: Path) -> None:
     import random
 
     import numpy as np
@@ -162,12 +162,15 @@ def test_rng_files_hold_plain_data_and_old_ones_load_only_through_an_allow_list(
     again = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
 
-    # The older format (numpy's and python's own tuples, an ndarray inside) still resumes, through the allow-list.
-    old = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save(old, rng_file)
-    expected = (np.random.rand(2), random.random())
-    set_rng_state(load_rng_file(rng_file))
-    assert (np.random.rand(2) == expected[0]).all() and random.random() == expected[1]
+    # Numpy's and python's own tuples (an ndarray inside) are not this trainer's format: refused, not unpickled.
+    tuples = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(tuples, rng_file)
+    with pytest.raises(ConfigError, match=r"rng_rank0.pt: holds objects other than tensors .*numpy"):
+        load_rng_file(rng_file)
+    # Plain data in another layout: one line naming the file.
+    torch.save({"torch": torch.get_rng_state(), "numpy": [1], "python": [2]}, rng_file)
+    with pytest.raises(ConfigError, match=r"rng_rank0.pt: not an RNG file of format 'vqa-align/rng/2'"):
+        load_rng_file(rng_file)
 
     # A file that would run code is refused from its opcodes: nothing of it is unpickled.
     target = tmp_path / "created_by_unpickling"

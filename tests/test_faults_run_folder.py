@@ -195,16 +195,20 @@ def test_a_named_damaged_checkpoint_is_refused_and_verification_can_be_turned_of
     assert f"resumed from {ckpts / 'global_step2'}" in caplog.text
 
 
-def test_a_marker_without_hashes_resumes_on_sizes_with_a_note(
-    run: Path, tiny_easyvqa_shards: Path, caplog: pytest.LogCaptureFixture
+def test_a_marker_without_hashes_is_a_damaged_checkpoint(
+    run: Path, tiny_easyvqa_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    marker_file = run / "checkpoints" / "global_step2" / COMPLETE
+    ckpts = run / "checkpoints"
+    marker_file = ckpts / "global_step2" / COMPLETE
     marker = json.loads(marker_file.read_text())
-    marker_file.write_text(json.dumps({k: v for k, v in marker.items() if k != "sha256"}))  # an older marker
-    caplog.set_level(logging.INFO)
-    assert main(train_args(run, tiny_easyvqa_shards, "--resume", "--max-steps", "3")) == 0
-    assert "global_step2: its COMPLETE marker has no content hashes" in caplog.text
-    assert f"resumed from {run / 'checkpoints' / 'global_step2'}" in caplog.text
+    marker_file.write_text(
+        json.dumps({k: v for k, v in marker.items() if k != "sha256"})
+    )  # not this trainer's
+    argv = train_args(run, tiny_easyvqa_shards, "--resume", "global_step2", "--max-steps", "3")
+    line = refused(argv, capsys, tmp_path)  # found by the marker check before the lock
+    assert (
+        f"{ckpts / 'global_step2'} is damaged (its marker lists no files with their sizes and sha256" in line
+    )
 
 
 # -- 3. damaged checkpoints are never started over nor pruned --------------------------------------------------------

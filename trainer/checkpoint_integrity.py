@@ -8,8 +8,8 @@ Intel Xeon, Python 3.11, 2026-12-07, data in memory, 1-8 MiB chunks: sha256 1.14
 md5 0.68 GB/s). Files are read in 4 MiB chunks by a thread pool: hashlib releases the interpreter lock while it
 hashes, so a checkpoint of several files (one per rank and kind) uses every core.
 
-The marker keeps `files` (name -> size, which markers have held since before hashes) and adds `sha256`
-(name -> hex digest); a marker without `sha256` (written before hashes existed) is checked by size only.
+The marker holds `files` (name -> size) and `sha256` (name -> hex digest); a marker without both is no marker this
+trainer wrote, and its folder counts as damaged.
 """
 
 from __future__ import annotations
@@ -19,18 +19,10 @@ import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 HASH = "sha256"
 CHUNK = 4 << 20  # bytes read per hash update: large enough that reading and hashing dominate the loop
-
-
-class Verdict(NamedTuple):
-    """What checking a checkpoint's files against its marker found: `problem` (None when intact), and whether
-    the marker had hashes to check (False: sizes only, an older marker)."""
-
-    problem: str | None
-    hashed: bool
 
 
 def file_digest(path: Path) -> str:
@@ -51,27 +43,26 @@ def digests(folder: Path, names: Iterable[str]) -> dict[str, str]:
         return dict(zip(names, pool.map(lambda n: file_digest(folder / n), names), strict=True))
 
 
-def check_files(folder: Path, marker: Mapping[str, Any], *, hashes: bool = True) -> Verdict:
-    """Every file `marker` lists under `folder`, with its size and (where the marker has them and `hashes`) its
-    digest; the first difference found, as words."""
-    sizes = marker.get("files")
-    if not isinstance(sizes, dict):
-        return Verdict(None, False)  # a marker from before the file list: it vouches for the folder as it is
+def check_files(folder: Path, marker: Mapping[str, Any], *, hashes: bool = True) -> str | None:
+    """Every file `marker` lists under `folder`, with its size and (with `hashes`) its digest; the first difference
+    found, as words (None: intact)."""
+    sizes, recorded = marker.get("files"), marker.get(HASH)
+    if not isinstance(sizes, dict) or not isinstance(recorded, dict):
+        return f"its marker lists no files with their sizes and {HASH} (not written by this trainer)"
     for name, size in sizes.items():
         try:
             actual = (folder / name).stat().st_size
         except OSError:
-            return Verdict(f"{name} is missing", False)
+            return f"{name} is missing"
         if actual != size:
-            return Verdict(f"{name} has {actual} bytes, its marker says {size}", False)
-    recorded = marker.get(HASH)
-    if not isinstance(recorded, dict) or not hashes:
-        return Verdict(None, False)
+            return f"{name} has {actual} bytes, its marker says {size}"
+    if not hashes:
+        return None
     try:
         found = digests(folder, recorded)
     except OSError as exc:
-        return Verdict(f"cannot be read ({exc.strerror or exc})", True)
+        return f"cannot be read ({exc.strerror or exc})"
     for name, digest in recorded.items():
         if found[name] != digest:
-            return Verdict(f"{name} differs from its {HASH} in the marker (same size, other bytes)", True)
-    return Verdict(None, True)
+            return f"{name} differs from its {HASH} in the marker (same size, other bytes)"
+    return None

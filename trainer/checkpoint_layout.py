@@ -90,11 +90,10 @@ class CheckpointRef:
 
 
 def is_complete(path: Path) -> bool:
-    """The marker exists and every file it lists is there with its size (markers written before the list existed
-    vouch for the folder as it is). Content hashes are checked before a resume only (`resolve_resume(verify=True)`):
+    """The marker exists and every file it lists is there with its size. Content hashes are checked before a resume only (`resolve_resume(verify=True)`):
     they read every byte."""
     marker = read_marker(path)
-    return marker is not None and check_files(path, marker, hashes=False).problem is None
+    return marker is not None and check_files(path, marker, hashes=False) is None
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
@@ -180,7 +179,7 @@ def damaged(ckpt_dir: Path) -> list[tuple[str, str]]:
         marker = read_marker(p) if TAG_RE.match(p.name) and p.is_dir() else None
         if marker is None:
             continue
-        why = check_files(p, marker, hashes=False).problem
+        why = check_files(p, marker, hashes=False)
         if why is None:
             try:
                 read_state(p)
@@ -261,7 +260,7 @@ def resolve_resume(
             raise ConfigError(
                 f"--resume {which}: {path} is incomplete (no {COMPLETE} marker: its save was cut off)"
             )
-        why = _content_problem(ref, verify, found)
+        why = _content_problem(ref, verify)
         if why is not None:
             raise ConfigError(
                 f"--resume {which}: {path} is damaged ({why}); not resumed and left as it is (train."
@@ -304,7 +303,7 @@ def _newest_intact(
 
     order = sorted(refs, key=preference, reverse=True)
     for ref in order:
-        why = _content_problem(ref, verify, found)
+        why = _content_problem(ref, verify)
         if why is None:
             passed = [f"{tag} ({w})" for tag, w in failed.items() if _step_of(tag) >= ref.step]
             if passed:
@@ -338,18 +337,11 @@ def _step_of(tag: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _content_problem(ref: CheckpointRef, verify: bool, found: ResumeFindings) -> str | None:
-    """Why `ref`'s files differ from its marker's hashes (None: intact, or not verified)."""
+def _content_problem(ref: CheckpointRef, verify: bool) -> str | None:
+    """Why `ref`'s files differ from its marker (None: intact, or not verified)."""
     if not verify:
         return None
-    marker = read_marker(ref.path) or {}
-    verdict = check_files(ref.path, marker)
-    if verdict.problem is None and not verdict.hashed:
-        found.notes.append(
-            f"{ref.tag}: its {COMPLETE} marker has no content hashes (written before they were recorded): checked "
-            f"by file sizes only"
-        )
-    return verdict.problem
+    return check_files(ref.path, read_marker(ref.path) or {})
 
 
 def has_zero_shards(path: Path) -> bool:

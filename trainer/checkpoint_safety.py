@@ -2,8 +2,7 @@
 
 Every file of a checkpoint this project reads itself is loaded with `torch.load(weights_only=True)`, which unpickles
 tensors and plain containers only and refuses any other object before running anything. The RNG files hold tensors,
-lists and numbers only for that reason; RNG files of the older format (numpy's state as an array) are accepted
-through an explicit allow-list of numpy's array globals. Before DeepSpeed loads a checkpoint (its loader unpickles
+lists and numbers only for that reason. Before DeepSpeed loads a checkpoint (its loader unpickles
 everything), every `.pt` file in it is scanned, without unpickling, for the objects it names; a file that names
 anything outside what DeepSpeed itself writes is refused.
 """
@@ -24,25 +23,6 @@ RNG_FORMAT = "vqa-align/rng/2"
 
 
 # -- RNG files ---------------------------------------------------------------------------------------------------
-# The older RNG format pickled numpy's state as a tuple holding an ndarray: loading it needs numpy's array globals,
-# allowed for that format only. numpy 1 and 2 name the reconstructor differently; both names map to the one here.
-_np_multiarray = getattr(np, "_core", None) or np.core
-_LEGACY_RNG_GLOBALS: list[Any] = [
-    np.ndarray,
-    np.dtype,
-    type(np.dtype(np.uint32)),
-    (_np_multiarray.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-    (_np_multiarray.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
-]
-_LEGACY_RNG_NAMES = {
-    "numpy.ndarray",
-    "numpy.dtype",
-    f"numpy.dtypes.{type(np.dtype(np.uint32)).__name__}",
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
-}
-
-
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors, lists, strings and numbers: a file that `weights_only=True` loads."""
     np_state = np.random.get_state(legacy=False)
@@ -65,22 +45,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved (or the older format, which holds numpy's and python's own tuples)."""
+    """Restore what `rng_state` saved."""
     torch.set_rng_state(state["torch"])
-    if state.get("format") == RNG_FORMAT:
-        n, p = state["numpy"], state["python"]
-        np.random.set_state(
-            {
-                "bit_generator": n["bit_generator"],
-                "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                "has_gauss": n["has_gauss"],
-                "gauss": n["gauss"],
-            }
-        )
-        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    else:
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -99,16 +75,12 @@ def load_rng_file(file: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        # Either the older format (numpy's array inside) or a file naming other objects: decide from its opcodes
-        # before unpickling anything, and allow numpy's array globals for the older format only.
+        # A file naming other objects: say which, read from its opcodes without unpickling anything.
         unsafe = unsafe_globals(file)
-        if not unsafe or not set(unsafe) <= _LEGACY_RNG_NAMES:
-            raise ConfigError(
-                f"{file}: holds objects other than tensors and plain containers ({', '.join(unsafe) or 'unknown'})"
-                f"; not loaded (not an RNG file the trainer wrote)"
-            ) from None
-        with torch.serialization.safe_globals(_LEGACY_RNG_GLOBALS):
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        raise ConfigError(
+            f"{file}: holds objects other than tensors and plain containers ({', '.join(unsafe) or 'unknown'})"
+            f"; not loaded (not an RNG file the trainer wrote)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - a torn or foreign file: one line naming it
         raise ConfigError(f"{file}: not a readable RNG file ({first_line(exc)})") from None
     check_rng_state(state, file)
@@ -116,18 +88,17 @@ def load_rng_file(file: Path) -> dict[str, Any]:
 
 
 def check_rng_state(state: Any, file: Path) -> None:
-    """The shape of either RNG format, checked before any of it is applied."""
-    ok = isinstance(state, dict) and isinstance(state.get("torch"), torch.Tensor)
-    if ok and state.get("format") == RNG_FORMAT:
-        n, p = state.get("numpy"), state.get("python")
-        ok = (
-            isinstance(n, dict)
-            and isinstance(n.get("key"), torch.Tensor)
-            and isinstance(p, dict)
-            and isinstance(p.get("state"), list)
-        )
-    elif ok:
-        ok = isinstance(state.get("numpy"), tuple) and isinstance(state.get("python"), tuple)
+    """The RNG file's shape, checked before any of it is applied."""
+    if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
+        raise ConfigError(f"{file}: not an RNG file of format '{RNG_FORMAT}' (not written by this trainer)")
+    n, p = state.get("numpy"), state.get("python")
+    ok = (
+        isinstance(state.get("torch"), torch.Tensor)
+        and isinstance(n, dict)
+        and isinstance(n.get("key"), torch.Tensor)
+        and isinstance(p, dict)
+        and isinstance(p.get("state"), list)
+    )
     if not ok:
         raise ConfigError(f"{file}: not an RNG file the trainer wrote (unexpected contents)")
 
