@@ -205,7 +205,7 @@ def test_a_marker_without_hashes_is_a_damaged_checkpoint(
         json.dumps({k: v for k, v in marker.items() if k != "sha256"})
     )  # not this trainer's
     argv = train_args(run, tiny_easyvqa_shards, "--resume", "global_step2", "--max-steps", "3")
-    line = refused(argv, capsys, tmp_path)  # found by the marker check before the lock
+    line = refused(argv, capsys, tmp_path, locked=True)
     assert (
         f"{ckpts / 'global_step2'} is damaged (its marker lists no files with their sizes and sha256" in line
     )

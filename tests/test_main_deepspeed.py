@@ -7,7 +7,7 @@ Launches are few and short (each costs ~20-40 s of start-up on 2 cores), and eac
 - ZeRO-3: SIGTERM mid-run leaves a complete checkpoint, which exports to an fp32 export folder (safetensors) that
   loads and answers questions as the run folder does.
 - ZeRO-1 (`torchrun --nproc_per_node 2`): a few steps train.
-- One fp32 rank, in this process: runs at ZeRO stage 0 (no shards); its checkpoint exports (the single-file .pt form)
+- One fp32 rank, in this process: runs at ZeRO stage 0 (no shards); its checkpoint exports (the export folder)
   and predicts, and `to-universal` and a resume on 2 ranks refuse it, saying why.
 """
 
@@ -310,13 +310,15 @@ def test_one_rank_stage0_checkpoint_exports_and_predicts(stage0_run: Path, tmp_p
     assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage"] == 0
     assert not list(ckpt.glob("*optim_states.pt"))  # no ZeRO shards for zero_to_fp32 to gather
 
-    out = tmp_path / "model.pt"
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model"
     assert export.main(["--run-dir", str(stage0_run), "--out", str(out)]) == 0
-    task, tokenizer, answers, cfg = export.load_exported(out)  # strict load of every weight
+    task, tokenizer, answers, cfg = export.from_pretrained(out)  # strict load of every weight
     assert cfg.model.variant == "clip-infonce-dot" and len(answers) == 13
     # The trained weights, in fp32: the module entry DeepSpeed saved.
     module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    exported = torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+    exported = load_file(out / export.WEIGHTS_FILE)
     assert exported.keys() == module.keys() == task.state_dict().keys()
     for name, value in module.items():
         assert exported[name].dtype == (torch.float32 if value.is_floating_point() else value.dtype), name

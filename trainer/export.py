@@ -19,10 +19,6 @@ The folder (`EXPORT_FILES`; each file written atomically, `config.json` last, so
 anyone can be loaded. A missing file, an unreadable one or weights that do not fit the configuration are a one-line
 `ConfigError` naming the file.
 
-`--out FILE.pt` writes the older single-file form instead: one `torch.save`d dict of `format`, `state_dict`,
-`config`, `answers`, `tokenizer_files`, `step` and `tag`, read back by `load_exported(file)` with
-`torch.load(weights_only=True)`, which refuses a file naming any object other than tensors and plain containers before
-anything of it is unpickled; its layout is checked before any of it is used.
 No process group is needed: DeepSpeed's zero_to_fp32 reads a ZeRO checkpoint's shards on one process.
 """
 
@@ -49,10 +45,8 @@ from trainer.config import ConfigError
 from trainer.exported import (
     FOLDER_FORMAT,
     FOLDER_FORMAT_VERSION,
-    FORMAT,
     WEIGHTS_FILE,
     from_pretrained,
-    load_exported,
 )
 from trainer.run_folder import RunFolder
 
@@ -60,9 +54,7 @@ __all__ = [
     "EXPORT_FILES",
     "export",
     "export_folder",
-    "export_file",
     "from_pretrained",
-    "load_exported",
     "main",
 ]
 
@@ -170,11 +162,7 @@ def stage0_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
-    """Export checkpoint `tag` (default: the newest complete) of the run: a folder (`export_folder`), or the
-    single-file form when `out` ends in `.pt` (`export_file`)."""
-    out = Path(out)
-    if out.suffix == ".pt":
-        return export_file(run_dir, out, tag)
+    """Export checkpoint `tag` (default: the newest complete) of the run as the folder `out` (`export_folder`)."""
     return export_folder(run_dir, out, tag)
 
 
@@ -213,7 +201,7 @@ def check_out_folder(out: Path) -> None:
     """`--out` may be new, empty or an earlier export (its own files and temporary files only)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(
-            f"--out {out}: exists and is not a folder (a file name ending in .pt writes one file)"
+            f"--out {out}: exists and is not a folder (an export is a folder: choose a new or empty one)"
         )
     if not out.is_dir():
         return
@@ -259,27 +247,6 @@ def write_safetensors(path: Path, state_dict: dict[str, torch.Tensor], metadata:
             os.close(fd)
 
 
-def export_file(run_dir: Path, out: Path, tag: str | None = None) -> Path:
-    """The single-file form: one `torch.save`d dict (module docstring)."""
-    run_dir = Path(run_dir)
-    tag, step = pick_checkpoint(run_dir, tag)
-    folder = RunFolder(run_dir)
-    payload = {
-        "format": FORMAT,
-        "state_dict": fp32_state_dict(run_dir, tag),
-        "config": folder.read_config().to_dict(),
-        "answers": folder.read_answers(),
-        "tokenizer_files": folder.tokenizer_files(),
-        "step": step,
-        "tag": tag,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.torch_save(payload, out)
-    n = sum(v.numel() for v in payload["state_dict"].values())
-    log.info("exported %s (step %d, %.1f M parameters) -> %s", tag, step, n / 1e6, out)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m trainer.export",
@@ -294,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         required=True,
         type=Path,
-        help="folder to write (new, empty or an earlier export); a name ending in .pt writes the older single-file "
-        "form (a torch file)",
+        help="folder to write (new, empty or an earlier export)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

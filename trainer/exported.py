@@ -1,14 +1,11 @@
-"""Reading an export back (written by trainer/export.py, which describes both forms): the folder form without pickle
-(`from_pretrained`), the single-file form with `torch.load(weights_only=True)` (`load_exported`). Both return
-(task in eval mode, question tokenizer, answers, config); anything wrong with the files is one `ConfigError` line
-naming the file. `trainer.export.from_pretrained` and `trainer.export.load_exported` are these functions.
+"""Reading an export folder back (written by trainer/export.py, which describes it) without pickle
+(`from_pretrained`): (task in eval mode, question tokenizer, answers, config); anything wrong with the files is one
+`ConfigError` line naming the file. `trainer.export.from_pretrained` is this function.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +13,10 @@ import torch
 
 from data_pipeline.errors import BadInputError
 from trainer import run_folder
-from trainer.checkpointing import first_line, unsafe_globals
+from trainer.checkpointing import first_line
 from trainer.config import ConfigError, RunConfig, config_from_dict
 from trainer.run_folder import RunFolder
 
-FORMAT = "vqa-align/fp32-weights/1"  # the single-file (.pt) form
 FOLDER_FORMAT = "vqa-align/export"  # the folder form: config.json's "format" ...
 FOLDER_FORMAT_VERSION = 1  # ... and "format_version"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,6 +35,8 @@ def from_pretrained(
     configured size is rebuilt from that checkpoint (`run_folder.load`), which must then be present."""
     path = Path(path)
     not_export = "not a folder written by `python -m trainer.export`"
+    if path.is_file():  # e.g. a torch file: never unpickled here
+        raise ConfigError(f"{path}: a file, not an export folder ({not_export})")
     if not path.is_dir():
         raise ConfigError(f"{path}: no such folder ({not_export})")
     folder = RunFolder(path)
@@ -108,68 +106,3 @@ def mismatch(exc: RuntimeError) -> str:
     """The first problem `load_state_dict` reports (its message is one header line, then one line per problem)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[1] if len(lines) > 1 else first_line(exc))[:300]
-
-
-# -- loading the single-file form ------------------------------------------------------------------------------
-
-
-def load_exported(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Any, list[str], RunConfig]:
-    """(model in eval mode, question tokenizer, answers, config) from an exported file: its files unpacked into a
-    temporary run folder, rebuilt as every run folder is (trainer/run_folder.py)."""
-    payload = read_exported(Path(path))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = RunFolder(tmp)
-        folder.save(
-            config_from_dict(payload["config"]),
-            answers=list(payload["answers"]),
-            tokenizer_files=payload["tokenizer_files"],
-        )
-        cfg, tokenizer, answers, task = run_folder.load(folder, state_dict=payload["state_dict"])
-    return task.to(device), tokenizer, answers, cfg
-
-
-def read_exported(path: Path) -> dict[str, Any]:
-    """An exported file's payload: loaded with `weights_only=True` (no object other than tensors and plain
-    containers is ever unpickled) and its layout checked; ConfigError with one line for anything else."""
-    not_export = f"{path}: not a file written by `python -m trainer.export`"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Names objects outside the allow-list (or is no pickle at all): say which, read without unpickling.
-        unsafe = [g for g in unsafe_globals(path) if g != "unreadable"]
-        why = f"it names objects other than tensors and plain containers: {', '.join(unsafe)}; not loaded"
-        raise ConfigError(f"{not_export} ({why if unsafe else 'not a torch file'})") from None
-    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: one line naming it
-        raise ConfigError(f"{not_export} ({first_line(exc)})") from None
-    problem = export_layout_problem(payload)
-    if problem:
-        raise ConfigError(f"{not_export} ({problem})")
-    return payload
-
-
-def export_layout_problem(payload: Any) -> str | None:
-    """What is wrong with an unpickled export's layout, or None (every key `load_exported` uses, with its type)."""
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        return f"no format '{FORMAT}'"
-    sd = payload.get("state_dict")
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        return "state_dict is not a dict of tensors"
-    if not isinstance(payload.get("config"), dict):
-        return "config is not a dict"
-    answers = payload.get("answers")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        return "answers is not a list of strings"
-    files = payload.get("tokenizer_files")
-    if not isinstance(files, dict) or not all(isinstance(t, str) for t in files.values()):
-        return "tokenizer_files is not a dict of texts"
-    # The names become files in a temporary folder: plain names only, never a path leading out of it.
-    bad = [
-        n for n in files if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n or "\\" in n
-    ]
-    if bad:
-        return f"tokenizer_files has names that are not plain file names: {bad[:3]}"
-    return None

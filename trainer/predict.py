@@ -5,7 +5,7 @@
     python -m trainer.predict --weights model/ --pairs pairs.jsonl    # {"image": "a.jpg", "question": "..."} a line
 
 `--weights` takes an export folder (`python -m trainer.export`, loaded by `trainer.export.from_pretrained`, without
-pickle) or the single `.pt` file of the older export form.
+pickle).
 
 With one image, every question is about it; with one question, it is asked of every image; otherwise images and
 questions pair up in order. `--pairs FILE` reads the pairs from a JSONL file instead (an image path, relative to the
@@ -16,8 +16,8 @@ size, the model's mean/std), `--batch-size` pairs at a time, on the GPU when the
 `trainer.predictor.Predictor` does the same (the command is that class).
 
 Bad input (exit 2, one line, nothing answered): a missing or unreadable image, an empty question, an export folder
-with a missing or damaged file or weights that do not fit its configuration (the message names the file), a weights
-file that is not an export (it is never unpickled beyond tensors and plain containers: trainer/export.py), `--top-k`
+with a missing or damaged file or weights that do not fit its configuration (the message names the file), a file
+given as `--weights` (an export is a folder; no file is unpickled), `--top-k`
 below 1, a `--pairs` line that is not a JSON object with an image and a question (named by its line number). Images
 and questions are checked before the model is loaded.
 """
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--weights",
         type=Path,
-        help="an export folder written by `python -m trainer.export` (or the .pt file of its single-file form)",
+        help="an export folder written by `python -m trainer.export`",
     )
     p.add_argument(
         "--tag", default=None, help="with --run-dir: checkpoint tag (default: the newest complete)"

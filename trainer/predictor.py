@@ -47,14 +47,13 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Predictor:
-        """From an export folder (`python -m trainer.export`; read without pickle) or the single `.pt` file of the
-        older export form. Bad files: ConfigError, one line naming the file."""
-        from trainer.exported import from_pretrained, load_exported
+        """From an export folder (`python -m trainer.export`; read without pickle). Bad files: ConfigError, one line
+        naming the file."""
+        from trainer.exported import from_pretrained
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every file is local; no library may try the hub
         device = torch.device(device) if device is not None else default_device()
-        load = from_pretrained if Path(path).is_dir() else load_exported
-        task, tokenizer, answers, cfg = load(path, device)
+        task, tokenizer, answers, cfg = from_pretrained(path, device)
         return cls(task, tokenizer, answers, cfg, device)
 
     @classmethod
