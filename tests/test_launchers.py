@@ -79,8 +79,22 @@ def test_each_launcher_gives_rank_world_and_local_rank(case: str) -> None:
         local_rank,
         local_world,
     )
-    # trainer/main.py counts the ranks on the host (for OpenMP's wait policy) before torch loads: the same count.
-    assert ranks_on_this_host(env) == local_world
+
+
+def test_ranks_on_the_host_are_counted_before_torch_loads() -> None:
+    """trainer/main.py sets OpenMP's wait policy from `world_info_from_env`'s count before torch loads OpenMP: the
+    module it comes from imports no torch, and bad launcher values count as one rank (the start refuses them)."""
+    probe = "import sys, trainer.dist; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    assert (
+        ranks_on_this_host({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)"}) == 4
+    )
+    assert ranks_on_this_host({"WORLD_SIZE": "3"}) == 3
+    assert ranks_on_this_host({"SLURM_PROCID": "0", "SLURM_NTASKS": "two"}) == 1
+    assert ranks_on_this_host({}) == 1
 
 
 def test_local_rank_argument_only_where_the_launcher_sets_none() -> None:

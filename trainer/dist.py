@@ -34,11 +34,15 @@ import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as tdist
+from typing import TYPE_CHECKING
 
 from data_pipeline.errors import BadInputError
+
+# torch is imported by the functions that use it: trainer/main.py counts the ranks on its host with
+# `world_info_from_env` before torch loads OpenMP, which reads its wait policy once, when it is loaded.
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as tdist
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +259,8 @@ def init_distributed(timeout_s: float = 1800.0, local_rank_arg: int | None = Non
     """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) and DeepSpeed's communication layer on top of it."""
     global _CONTROL_GROUP
     import deepspeed
+    import torch
+    import torch.distributed as tdist
 
     launch = export_launch_env(local_rank_arg)
     rank = int(os.environ["RANK"])
@@ -289,16 +295,23 @@ def init_distributed(timeout_s: float = 1800.0, local_rank_arg: int | None = Non
 
 
 def is_initialized() -> bool:
+    import torch.distributed as tdist
+
     return tdist.is_available() and tdist.is_initialized()
 
 
 def barrier() -> None:
+    import torch.distributed as tdist
+
     if is_initialized() and tdist.get_world_size() > 1:
         tdist.barrier(group=_CONTROL_GROUP)
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (a host-side collective on the control group)."""
+    import torch
+    import torch.distributed as tdist
+
     if not is_initialized() or tdist.get_world_size() == 1:
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)  # int32 on CPU: gloo reduces it without the GPU
@@ -308,6 +321,8 @@ def any_rank(flag: bool) -> bool:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (in place on a copy); the identity in a single process."""
+    import torch.distributed as tdist
+
     out = t.clone()
     if is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
@@ -316,6 +331,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def gather_objects(obj: object, dst: int = 0) -> list[object] | None:
     """Every rank's picklable `obj` on rank `dst` (in rank order), None elsewhere; over the control group."""
+    import torch.distributed as tdist
+
     if not is_initialized() or tdist.get_world_size() == 1:
         return [obj]
     out: list[object] | None = [None] * tdist.get_world_size() if tdist.get_rank() == dst else None
@@ -324,6 +341,8 @@ def gather_objects(obj: object, dst: int = 0) -> list[object] | None:
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
+    import torch.distributed as tdist
+
     if not is_initialized() or tdist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -334,6 +353,8 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def destroy() -> None:
     """Tear the process group down (safe to call twice), DeepSpeed's references to it included."""
     global _CONTROL_GROUP
+    import torch.distributed as tdist
+
     if is_initialized():
         ds_comm = sys.modules.get("deepspeed.comm.comm")  # the module that holds DeepSpeed's live backend
         cdb = getattr(ds_comm, "cdb", None)

@@ -23,32 +23,26 @@ trainer/run_folder.py; trainer/run.py builds the run from the components; this f
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-# (world size, ranks on the host) variables of each launcher, in trainer/dist.py's order (`world_info_from_env`, which
-# cannot be imported here: it loads torch). tests/test_launchers.py checks that both read the same.
-_LAUNCHER_SIZES = (
-    ("WORLD_SIZE", ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"), None),
-    ("OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_SIZE",), "OMPI_COMM_WORLD_RANK"),
-    ("PMI_SIZE", ("MPI_LOCALNRANKS",), "PMI_RANK"),
-    ("SLURM_NTASKS", ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"), "SLURM_PROCID"),
-)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__" and not __package__:
+    # Run as a file (the deepspeed/torchrun convention): import the project as packages from the repository root,
+    # and drop trainer/ itself from the path so that none of its modules can shadow a package of the same name.
+    sys.path[0] = str(REPO_ROOT)
+
+from trainer.dist import LaunchError, world_info_from_env  # noqa: E402 - imports no torch
 
 
 def ranks_on_this_host(env: Mapping[str, str] = os.environ) -> int:
-    """How many ranks the launcher starts on this host (its per-host count, else its world size; 1 without one)."""
-    for size_var, local_vars, rank_var in _LAUNCHER_SIZES:
-        if size_var not in env or (rank_var is not None and rank_var not in env):
-            continue
-        for name in (*local_vars, size_var):
-            m = re.match(r"\s*(\d+)", env.get(name, ""))
-            if m and int(m.group(1)) > 0:
-                return int(m.group(1))
+    """How many ranks the launcher starts on this host (trainer/dist.py `world_info_from_env`; 1 without a launcher,
+    and where its variables are bad: the start refuses them later, in one line)."""
+    try:
+        return world_info_from_env(env).local_world_size
+    except LaunchError:
         return 1
-    return 1
 
 
 # Before torch loads OpenMP. Several ranks on one host's CPU: idle OpenMP threads sleep instead of spinning, or
@@ -62,12 +56,6 @@ if ranks_on_this_host() > 1:
 # trainer/weights.py), `check` makes sure they are on local disk, and offline mode keeps every library from trying
 # the network. Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if __name__ == "__main__" and not __package__:
-    # Run as a file (the deepspeed/torchrun convention): import the project as packages from the repository root,
-    # and drop trainer/ itself from the path so that none of its modules can shadow a package of the same name.
-    sys.path[0] = str(REPO_ROOT)
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
