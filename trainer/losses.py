@@ -143,9 +143,20 @@ def clip_symmetric_loss(image_features: Tensor, text_features: Tensor, *, temper
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         i = F.normalize(_wide(image_features), dim=-1)
         t = F.normalize(_wide(text_features), dim=-1)
-        logits = i @ t.T / temperature
-        labels = torch.arange(i.shape[0], device=i.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return _clip_cross_entropy(i, t, temperature)
+
+
+def _clip_cross_entropy(i: Tensor, t: Tensor, temperature: float, rows: Tensor | None = None) -> Tensor:
+    """CLIP's symmetric cross-entropy over normalised features `i`, `t`: the anchors `rows` (all by default; a rank's
+    own under data parallelism) against every feature, image->text and text->image, averaged."""
+    if rows is None:
+        logits_i = i @ t.T / temperature
+        logits_t = logits_i.T  # one product serves both directions when every sample is an anchor
+        rows = torch.arange(i.shape[0], device=i.device)
+    else:
+        logits_i = i[rows] @ t.T / temperature
+        logits_t = t[rows] @ i.T / temperature
+    return (F.cross_entropy(logits_i, rows) + F.cross_entropy(logits_t, rows)) / 2
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
@@ -214,11 +225,9 @@ def global_contrastive_loss(
             raise RuntimeError("contrastive loss: every rank must contribute the same number of features")
         local = torch.arange(m_local, device=all_i.device) + rank * m_local
         if kind == "clip":
-            i = F.normalize(all_i, dim=-1)
-            t = F.normalize(all_t, dim=-1)
-            logits_i = i[local] @ t.T / temperature
-            logits_t = t[local] @ i.T / temperature
-            return (F.cross_entropy(logits_i, local) + F.cross_entropy(logits_t, local)) / 2
+            return _clip_cross_entropy(
+                F.normalize(all_i, dim=-1), F.normalize(all_t, dim=-1), temperature, local
+            )
         m_global = all_i.shape[0]
         z = torch.cat([all_i, all_t])
         rows = torch.cat([local, local + m_global])  # this rank's image anchors and text anchors
