@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -27,26 +26,13 @@ import torch
 
 from data_pipeline import build, dali_loader, synthetic, vqa2
 from data_pipeline.loader import LoaderSpec, build_loader, read_sample_info
-from data_pipeline.machine import cpu_model
+from data_pipeline.machine import machine_line
 from data_pipeline.questions import QuestionTable
 
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def machine() -> str:
-    cpu = cpu_model()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    try:
-        import nvidia.dali as dali
-
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = "not installed"
-    return f"{cpu}, {cores} cores, {gpu}; torch {torch.__version__}, DALI {dali_version}"
 
 
 def make_photo_shards(root: Path, samples: int, workers: int) -> Path:
@@ -267,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         table_s = time.perf_counter() - t
         rows = _run_cells(args, folder, kinds, tokenizer, table)
         tok_s = time_tokenizer(tokenizer, folder, args.batch_size)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_line(('torch', 'DALI'))}")
     print(
         f"data: {source}; batch {args.batch_size}; median of {args.runs} runs of {args.max_batches} batches"
     )

@@ -17,7 +17,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -27,36 +26,19 @@ import tarfile
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from data_pipeline import build, sharding, synthetic
-from data_pipeline.machine import cpu_model
+from data_pipeline.machine import machine
 
 # Official VQA v2 counts (questions, images) of the splits a training run converts.
 FULL_VQA2 = {"train2014": (443_757, 82_783), "val2014": (214_354, 40_504)}
 PROJECTED_CORES = 16
 POLL_S = 0.1
 GENERATED_IMAGE_KIB = 160  # for the free-space check only; the measured sizes are reported
-
-
-def machine() -> dict[str, Any]:
-    """CPU, cores, GPU presence and library versions, without importing torch (versions from package metadata)."""
-    versions = {}
-    for pkg in ("torch", "pillow", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    return {
-        "cpu": cpu_model(),
-        "cores": build.default_workers(),
-        "python": platform.python_version(),
-        **versions,
-    }
 
 
 def generate(root: Path, n_images: int, per_image: float, progress: bool) -> synthetic.Vqa2Files:
@@ -329,7 +311,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": "python -m data_pipeline.convert_bench " + shlex.join(sys.argv[1:]),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %z"),
-        "machine": machine(),
+        "machine": machine(("torch", "pillow", "numpy")),
         "workers": args.workers,
         "sizes": args.sizes,
         "load_before": os.getloadavg()[0],

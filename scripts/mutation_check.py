@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import re
 import shutil
 import signal
@@ -522,15 +521,14 @@ def kill_rate(outcomes: list[Outcome]) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """Cores, CPU and Python, from the project's one machine description (read from this checkout, not the copy)."""
+    sys.path.insert(0, str(REPO))
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}"
+        from data_pipeline.machine import machine as describe
+    finally:
+        sys.path.remove(str(REPO))
+    m = describe()
+    return f"{m['cores']} cores, {m['cpu']}; Python {m['python']}"
 
 
 def report(outcomes: list[Outcome], command: str, baseline: float | None, wall: float) -> str:

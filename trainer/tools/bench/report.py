@@ -11,21 +11,10 @@ from typing import Any
 
 import torch
 
+from data_pipeline.machine import machine_line
 from trainer.tools.bench.cells import Setup
 
 GIB = 2**30
-
-
-def machine_line() -> str:
-    from data_pipeline.bench import machine
-
-    try:
-        import deepspeed
-
-        ds = deepspeed.__version__
-    except ImportError:  # pragma: no cover - deepspeed is a pinned dependency
-        ds = "not installed"
-    return f"{machine()}, DeepSpeed {ds}"
 
 
 def _flops(rate: float) -> str:
@@ -93,7 +82,7 @@ def format_table(report: dict[str, Any]) -> str:
 def new_report(args: argparse.Namespace, argv: list[str], setup: Setup) -> dict[str, Any]:
     device = setup.dist.device
     return {
-        "machine": machine_line(),
+        "machine": machine_line(("torch", "DALI", "DeepSpeed")),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m trainer.bench " + shlex.join(argv),

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from data_pipeline import atomic, storage
+from data_pipeline.machine import machine
 from trainer.tools.compare.report import plot_results, write_report
 from trainer.tools.compare.results import (
     DONE_FILE,
@@ -48,16 +48,11 @@ DEFAULT_VARIANTS = ("baseline", "clip-no-infonce", "clip-infonce-cos", "clip-inf
 
 
 def machine_description() -> str:
-    import platform
-
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    except Exception:  # noqa: BLE001
-        pass
-    return f"CPU only, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    """The GPUs the runs share, else the CPU (data_pipeline/machine.py's description)."""
+    m = machine(gpus=True)
+    if m["gpus"]:
+        return f"{len(m['gpus'])} x {m['gpus'][0]}"
+    return f"CPU only, {m['cores']} cores ({m['cpu']})"
 
 
 EPILOG = """variants:
