@@ -29,9 +29,10 @@ import torch
 
 from trainer import dist as D
 from trainer.config import TrainConfig
-from trainer.metrics import MetricsLogger
+from trainer.metrics import MetricsLogger, loss_tag
 from trainer.preemption import StopRequest, shielded
 from trainer.progress import bar_refreshes, logs_lines, progress_bar
+from trainer.task import LOSS_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +218,7 @@ class TrainLoop:
                 self._finite_where.append((self.step + 1, batch["question_id"]))
             self.engine.backward(loss)
             self.engine.step(measure_grad_norm=measure_norm)
-            parts = torch.stack(
-                [out["loss"].detach(), out["vqa_loss"].detach(), out["infonce_loss"].detach()]
-            )
+            parts = torch.stack([out[name].detach() for name in LOSS_NAMES])
             self._sums = parts.float() if self._sums is None else self._sums + parts.float()
             self._n_micro += 1
             micro += 1
@@ -255,12 +254,9 @@ class TrainLoop:
         self.check_finite()
         assert self._sums is not None
         sums = D.all_reduce_sum(self._sums) / (self._n_micro * self.dist.world_size)
-        loss, vqa, infonce = (float(x) for x in sums.tolist())
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         m = {
-            "train/loss": loss,
-            "train/vqa_loss": vqa,
-            "train/infonce_loss": infonce,
+            **{loss_tag(name): float(x) for name, x in zip(LOSS_NAMES, sums.tolist(), strict=True)},
             "train/lr": self.engine.lr(),
             "train/samples_per_second": self._interval_samples / elapsed,
             "train/data_wait_fraction": min(1.0, self._wait / elapsed),
@@ -330,7 +326,7 @@ class TrainLoop:
         if self.dist.is_main and logs_lines(bar):
             log.info(
                 "step %d/%d loss %.4f (vqa %.4f, infonce %.4f) lr %.2e %.0f samples/s",
-                *(self.step, self.t.max_steps, m["train/loss"], m["train/vqa_loss"], m["train/infonce_loss"]),
+                *(self.step, self.t.max_steps, *(m[loss_tag(name)] for name in LOSS_NAMES)),
                 *(m["train/lr"], m["train/samples_per_second"]),
             )
 

@@ -13,12 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from trainer.task import LOSS_NAMES
+
 log = logging.getLogger(__name__)
 
+
+def loss_tag(name: str) -> str:
+    """The TensorBoard tag of the task's loss `name` (trainer/task.py LOSS_NAMES)."""
+    return f"train/{name}"
+
+
 TRAIN_TAGS = (
-    "train/loss",
-    "train/vqa_loss",
-    "train/infonce_loss",
+    *(loss_tag(name) for name in LOSS_NAMES),
     "train/lr",
     "train/grad_norm",
     "train/samples_per_second",

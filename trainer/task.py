@@ -20,6 +20,11 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "norm" in name.lower() or ".ln_" in name or name.startswith("ln_")
 
 
+# The task's losses as `VQATask.forward` returns them: the total (what backward runs on), ViLT's VQA loss and the
+# alignment loss (0 for a variant without one). The loop averages and logs them under `train/<name>`.
+LOSS_NAMES = ("loss", "vqa_loss", "infonce_loss")
+
+
 class VQATask(nn.Module):
     """The fused model plus ViLT's VQA loss and (per variant) the contrastive alignment loss."""
 
@@ -65,7 +70,8 @@ class VQATask(nn.Module):
                 duplicates=self.loss_cfg.duplicate_questions,
             )  # fmt: skip
             total = v_loss + self.loss_cfg.infonce_weight * c_loss
-        return {"loss": total, "vqa_loss": v_loss.detach(), "infonce_loss": c_loss.detach(), "logits": logits}
+        losses = dict(zip(LOSS_NAMES, (total, v_loss.detach(), c_loss.detach()), strict=True))
+        return {**losses, "logits": logits}
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
         """AdamW parameter groups: VQA head at lr * head_lr_mult, CLIP at clip_lr (or frozen), no decay on norms."""
