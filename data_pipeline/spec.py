@@ -7,19 +7,50 @@ from it. Values are checked when the spec is made, each error naming its field.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from data_pipeline import batch as contract
-
+# torch and the batch contract are imported where they are used: the trainer's config checks its data.* settings
+# with `check_loader_settings` without loading torch.
 if TYPE_CHECKING:
+    import torch
+
+    from data_pipeline import batch as contract
     from data_pipeline.questions import QuestionTable
 
 KINDS = ("auto", "dali", "torch")
 ON_SHORT_SHARD = ("error", "warn")
+LOADER_SETTINGS = ("kind", "on_short_shard", "hw_decoder_load", "prefetch_depth", "host_workers")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str], error: type[Exception] = ValueError) -> None:
+    """`error` with one line naming the setting `name` where `value` is not one of `choices`."""
+    if value not in choices:
+        raise error(f"{name}: '{value}' is not one of {', '.join(choices)}")
+
+
+def check_loader_settings(
+    values: Mapping[str, Any], names: Mapping[str, str] | None = None, error: type[Exception] = ValueError
+) -> None:
+    """The loader settings with a fixed set or range of values, for a LoaderSpec and for the trainer's config alike.
+    `values`: LoaderSpec field -> value (any subset of kind, on_short_shard, hw_decoder_load, prefetch_depth,
+    host_workers); each error is one line naming the setting as `names` calls it (the config's `data.*` fields),
+    else by its LoaderSpec field."""
+    names = names or {}
+
+    def named(field: str) -> str:
+        return names.get(field, field)
+
+    for field, choices in (("kind", KINDS), ("on_short_shard", ON_SHORT_SHARD)):
+        if field in values:
+            check_choice(named(field), values[field], choices, error)
+    if "hw_decoder_load" in values and not 0.0 <= values["hw_decoder_load"] <= 1.0:
+        raise error(f"{named('hw_decoder_load')}: must be in [0, 1], got {values['hw_decoder_load']}")
+    if "prefetch_depth" in values and not 1 <= values["prefetch_depth"] <= 8:
+        raise error(f"{named('prefetch_depth')}: must be in 1..8, got {values['prefetch_depth']}")
+    if "host_workers" in values and values["host_workers"] < 0:
+        raise error(f"{named('host_workers')}: must be >= 0, got {values['host_workers']}")
 
 
 @dataclass(frozen=True)
@@ -74,23 +105,14 @@ class LoaderSpec:
             )
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
-        if not 1 <= self.prefetch_depth <= 8:
-            raise ValueError(f"prefetch_depth must be in 1..8, got {self.prefetch_depth}")
-        if self.host_workers < 0:
-            raise ValueError(f"host_workers must be >= 0, got {self.host_workers}")
+        check_loader_settings({field: getattr(self, field) for field in LOADER_SETTINGS})
         if self.skip_batches < 0 or self.num_workers < 0:
             raise ValueError(
                 f"skip_batches and num_workers must be >= 0, got {self.skip_batches} and {self.num_workers}"
             )
-        if self.on_short_shard not in ON_SHORT_SHARD:
-            raise ValueError(
-                f"on_short_shard must be one of {', '.join(ON_SHORT_SHARD)}, got '{self.on_short_shard}'"
-            )
-        contract.normalisation(self.mean, self.std)  # 3 values each, std > 0
+        from data_pipeline.batch import normalisation
+
+        normalisation(self.mean, self.std)  # 3 values each, std > 0
 
     def at(self, epoch: int, skip_batches: int = 0, resume_state: bytes | None = None) -> LoaderSpec:
         """The same reading at another position: epoch `epoch`, its first `skip_batches` batches consumed (and the
@@ -100,4 +122,6 @@ class LoaderSpec:
     @property
     def normalisation(self) -> tuple[list[float], list[float]]:
         """Mean and std on the 0..255 scale, as both loaders apply them."""
-        return contract.normalisation(self.mean, self.std)
+        from data_pipeline.batch import normalisation
+
+        return normalisation(self.mean, self.std)

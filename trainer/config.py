@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.errors import BadInputError
+from data_pipeline.spec import check_choice, check_loader_settings
 
 # Model variants of the paper (and one ablation, and CLIP's own loss for comparison).
 # variant -> (visual embedding, contrastive loss)
@@ -90,8 +91,7 @@ class ModelConfig:
             )
         if not self.init_std > 0:
             raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
-        if self.attention not in ("sdpa", "eager"):
-            raise ConfigError(f"model.attention: '{self.attention}' is not one of sdpa, eager")
+        check_choice("model.attention", self.attention, ("sdpa", "eager"), ConfigError)
         if not 0 <= self.text_len <= self.max_text_len:
             raise ConfigError(
                 f"model.text_len must be in 0..model.max_text_len ({self.max_text_len}), got {self.text_len}"
@@ -101,8 +101,7 @@ class ModelConfig:
                 f"model.clip_text_len must be in 0..model.clip_context_length ({self.clip_context_length}), "
                 f"got {self.clip_text_len}"
             )
-        if self.clip_text_vocab not in ("full", "compact"):
-            raise ConfigError(f"model.clip_text_vocab: '{self.clip_text_vocab}' is not one of full, compact")
+        check_choice("model.clip_text_vocab", self.clip_text_vocab, ("full", "compact"), ConfigError)
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}"
@@ -136,10 +135,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
-        if self.duplicate_questions not in ("none", "mask", "positive"):
-            raise ConfigError(
-                f"loss.duplicate_questions: '{self.duplicate_questions}' is not one of none, mask, positive"
-            )
+        check_choice(
+            "loss.duplicate_questions", self.duplicate_questions, ("none", "mask", "positive"), ConfigError
+        )
         if self.infonce_weight < 0:
             raise ConfigError(f"loss.infonce_weight must be >= 0, got {self.infonce_weight}")
 
@@ -170,18 +168,16 @@ class DataConfig:
     """DALI's prefetch queue depth: batches its pipeline decodes ahead of the training loop (1..8)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dali_hw_decoder_load <= 1.0:
-            raise ConfigError(
-                f"data.dali_hw_decoder_load: must be in [0, 1], got {self.dali_hw_decoder_load}"
-            )
-        if not 1 <= self.dali_prefetch_depth <= 8:
-            raise ConfigError(f"data.dali_prefetch_depth: must be in 1..8, got {self.dali_prefetch_depth}")
-        if self.host_workers < 0:
-            raise ConfigError(f"data.host_workers: must be >= 0, got {self.host_workers}")
-        if self.loader not in ("auto", "dali", "torch"):
-            raise ConfigError(f"data.loader: '{self.loader}' is not one of auto, dali, torch")
-        if self.on_short_shard not in ("error", "warn"):
-            raise ConfigError(f"data.on_short_shard: '{self.on_short_shard}' is not one of error, warn")
+        # The loader's own checks (data_pipeline/spec.py), under this config's field names.
+        names = {
+            "hw_decoder_load": "dali_hw_decoder_load", "prefetch_depth": "dali_prefetch_depth",
+            "host_workers": "host_workers", "kind": "loader", "on_short_shard": "on_short_shard",
+        }  # fmt: skip
+        check_loader_settings(
+            {spec_field: getattr(self, field) for spec_field, field in names.items()},
+            {spec_field: f"data.{field}" for spec_field, field in names.items()},
+            ConfigError,
+        )
 
 
 @dataclass
@@ -242,10 +238,8 @@ class TrainConfig:
     a013f00, 2021-03-11) or vqa-2016 (458a8b2, the older rule that many published numbers used)."""
 
     def __post_init__(self) -> None:
-        if self.vqa_rule not in ("vqa-2021", "vqa-2016"):
-            raise ConfigError(f"train.vqa_rule: '{self.vqa_rule}' is not one of vqa-2021, vqa-2016")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"train.on_nonfinite: '{self.on_nonfinite}' is not one of stop, skip")
+        check_choice("train.vqa_rule", self.vqa_rule, ("vqa-2021", "vqa-2016"), ConfigError)
+        check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"), ConfigError)
         for name in ("global_batch_size", "micro_batch_size", "max_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
