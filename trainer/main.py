@@ -73,6 +73,7 @@ from trainer.presets import PRESETS  # noqa: E402
 from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
 from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
 from trainer.start import (  # noqa: E402
+    RunRequest,
     check_same_model,
     resolve_auto_resume,
     resolve_eval_target,
@@ -165,70 +166,79 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_config(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
+def run_request(args: argparse.Namespace) -> RunRequest:
+    """The parsed command line as the run's request (the Namespace is only read)."""
+    return RunRequest(
+        run_dir=args.run_dir, preset=args.preset, config=args.config, train_data=args.train_data,
+        val_data=args.val_data, max_steps=args.max_steps, overrides=tuple(args.set), resume=args.resume,
+        eval_only=args.eval_only, deepspeed_config=args.deepspeed_config, local_rank=args.local_rank,
+    )  # fmt: skip
+
+
+def resolve_config(req: RunRequest, folder: RunFolder) -> RunConfig:
     """Preset, with --config FILE on top (or the run's saved config on --resume), then --train-data/--val-data/
     --max-steps, then --set."""
-    if args.resume:
+    if req.resume:
         if not folder.config_file.is_file():
             raise ConfigError(f"--resume: {folder.path} has no {CONFIG_FILE} (not a run folder?)")
         ignored = " and ".join(
-            f"--{k} {v}" for k, v in (("preset", args.preset), ("config", args.config)) if v
+            f"--{k} {v}" for k, v in (("preset", req.preset), ("config", req.config)) if v
         )
         if ignored:
             # Expected with --resume auto (one command for the first start and the restarts): no warning then.
-            level = logging.INFO if getattr(args, "auto_resume", False) else logging.WARNING
+            level = logging.INFO if req.auto_resume else logging.WARNING
             log.log(level, "%s ignored: a resumed run continues with its saved %s", ignored, CONFIG_FILE)
         cfg = folder.read_config()
     else:
-        cfg = base_config(args.preset, args.config)
-    overrides = [f"data.train_data={args.train_data}"] if args.train_data else []
-    if args.val_data:
-        overrides.append(f"data.val_data={args.val_data}")
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    return apply_overrides(cfg, overrides + list(args.set))
+        cfg = base_config(req.preset, req.config)
+    overrides = [f"data.train_data={req.train_data}"] if req.train_data else []
+    if req.val_data:
+        overrides.append(f"data.val_data={req.val_data}")
+    if req.max_steps is not None:
+        overrides.append(f"train.max_steps={req.max_steps}")
+    return apply_overrides(cfg, overrides + list(req.overrides))
 
 
 # -- checks before any process group exists ----------------------------------------------------------------------
-def check_same_start(args: argparse.Namespace) -> None:
+def check_same_start(req: RunRequest) -> None:
     """After `--resume auto`, every rank must have decided as rank 0 did (a run folder that is not one shared
     filesystem would have some ranks resume and others start afresh)."""
-    differs = D.broadcast_object(args.resume) != args.resume
+    differs = D.broadcast_object(req.resume) != req.resume
     if D.any_rank(differs):
         raise ConfigError(
-            f"--resume auto: the ranks see different checkpoints in {args.run_dir}: the run folder must be one "
+            f"--resume auto: the ranks see different checkpoints in {req.run_dir}: the run folder must be one "
             f"shared filesystem, mounted at the same path on every node"
         )
 
 
-def check(args: argparse.Namespace, folder: RunFolder) -> RunConfig:
+def check(req: RunRequest, folder: RunFolder) -> tuple[RunRequest, RunConfig]:
     """Everything that can be checked without a process group fails here, in seconds, before anything in the run
-    folder changes; returns the run's config."""
-    resolve_initial(args)
-    if args.eval_only:
-        resolve_eval_target(args, folder)
-    resolve_auto_resume(args, folder)
-    cfg = resolve_config(args, folder)
-    if args.resume:
+    folder changes; returns the request as resolved (which weights the start begins from) and the run's config."""
+    req = resolve_initial(req)
+    if req.eval_only:
+        req = resolve_eval_target(req, folder)
+    req = resolve_auto_resume(req, folder)
+    cfg = resolve_config(req, folder)
+    if req.resume:
         check_same_model(cfg, folder)
     world = D.env_world_size()
-    check_data(cfg.data.train_data, "train_data", world, not args.eval_only, cfg.model.image_size)
-    check_data(cfg.data.val_data, "val_data", world, args.eval_only, cfg.model.image_size)
+    check_data(cfg.data.train_data, "train_data", world, not req.eval_only, cfg.model.image_size)
+    check_data(cfg.data.val_data, "val_data", world, req.eval_only, cfg.model.image_size)
     cfg.train.grad_accum(world)
     from trainer.engine import load_ds_config
 
-    load_ds_config(ds_config_path(args.deepspeed_config))
+    load_ds_config(ds_config_path(req.deepspeed_config))
     from trainer.weights import check_available
 
-    check_available(cfg.model, args.preset)  # on local disk, or one line naming ./launch.sh fetch-weights
-    if not (args.resume or args.eval_only or args.auto_fresh):
+    check_available(cfg.model, req.preset)  # on local disk, or one line naming ./launch.sh fetch-weights
+    if not (req.resume or req.eval_only or req.auto_fresh):
         folder.check_fresh()
     folder.check_tokenizer_source(cfg)
-    if not args.eval_only:
+    if not req.eval_only:
         problem = folder.write_problem()
         if problem:
             raise ConfigError(f"--run-dir {folder.path}: checkpoints cannot be written: {problem}")
-    return cfg
+    return req, cfg
 
 
 def check_data(
@@ -257,8 +267,8 @@ def check_data(
 def train_or_evaluate(run: Run, stop: Any) -> int:
     """Train (or, with --eval-only, evaluate), then close the metrics; the exit status."""
     run.log_hparams()
-    if run.args.eval_only:
-        if run.args.initial:
+    if run.request.eval_only:
+        if run.request.initial:
             log.warning("--eval-only --resume none: evaluating freshly initialised weights")
         run.stop = stop
         run.evaluate(run.current_step())
@@ -268,7 +278,9 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
     run.metrics.close()
     if reason == "interrupted":
         assert stop.signum is not None
-        done = "abandoning the evaluation (nothing written)" if run.args.eval_only else "saving a checkpoint"
+        done = (
+            "abandoning the evaluation (nothing written)" if run.request.eval_only else "saving a checkpoint"
+        )
         log.warning("stopped by signal %d after %s", stop.signum, done)
         return 128 + stop.signum
     return 0
@@ -290,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     if (
         args.print_config
     ):  # what this command would run with, as config.json holds it; nothing checked or started
-        folder = RunFolder(args.run_dir)
-        return print_config(lambda: resolve_auto_resume(args, folder) or resolve_config(args, folder))
+        folder, req = RunFolder(args.run_dir), run_request(args)
+        return print_config(lambda: resolve_config(resolve_auto_resume(req, folder), folder))
     from trainer.checkpointing import CheckpointSpaceError
     from trainer.loop import NonFiniteLossError
     from trainer.preemption import StopRequest
@@ -300,15 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()
     lock = None
     try:
-        cfg = check(args, folder)
+        req, cfg = check(run_request(args), folder)
         # Installed before any loader worker is forked, so that workers inherit it instead of dying on SIGTERM.
         stop.install()
-        dist = D.init_distributed(local_rank_arg=args.local_rank)
-        if args.auto_resume:
-            check_same_start(args)
-        if not args.eval_only:  # evaluation may run beside the training job (it writes only eval/ files)
+        dist = D.init_distributed(local_rank_arg=req.local_rank)
+        if req.auto_resume:
+            check_same_start(req)
+        if not req.eval_only:  # evaluation may run beside the training job (it writes only eval/ files)
             lock = lock_run_dir(folder.path, dist)
-        return train_or_evaluate(Run(args, cfg, folder, dist), stop)
+        return train_or_evaluate(Run(req, cfg, folder, dist), stop)
     except (NonFiniteLossError, CheckpointSpaceError) as exc:  # before `Exception`, which they also are
         print(f"error: {exc}", file=sys.stderr)
         return 1

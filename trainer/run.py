@@ -1,6 +1,6 @@
 """Building one run from its components: engine, checkpointer, metrics, loaders, evaluation; then training it.
 
-`Run(args, cfg, folder, dist)` resolves the checkpoint to resume from and the DeepSpeed config, prepares the run
+`Run(request, cfg, folder, dist)` resolves the checkpoint to resume from and the DeepSpeed config, prepares the run
 folder (trainer/run_folder.py), builds the task and its `Engine`, the `Checkpointer` and the metrics logger, and loads
 the checkpoint; `train(stop)` hands them to the `TrainLoop`, `evaluate(step)` scores --val-data on every rank.
 `lock_run_dir` takes the run folder's lock before a training job builds anything in it. trainer/main.py checks the
@@ -9,7 +9,6 @@ input before any of this is built and decides the exit status.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from trainer.run_folder import RunFolder
 if TYPE_CHECKING:
     from data_pipeline.spec import LoaderSpec
     from trainer.checkpoint_layout import CheckpointRef
+    from trainer.start import RunRequest
 
 INITIAL_EVAL = "initial"  # RUN/eval/initial: --eval-only --resume none, freshly initialised weights
 
@@ -42,7 +42,7 @@ def ds_config_path(arg: str | None) -> Path:
 class Run:
     """The pieces of one run, built in order; `train()` and `evaluate()` use them."""
 
-    def __init__(self, args: argparse.Namespace, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
+    def __init__(self, request: RunRequest, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
         import torch
 
         from trainer import run_folder, text_lengths
@@ -51,13 +51,13 @@ class Run:
         from trainer.evaluation import read_references
         from trainer.metrics import build_logger
 
-        self.args, self.cfg, self.run_dir, self.dist = args, cfg, folder.path, dist
-        if dist.is_main and not args.eval_only:
+        self.request, self.cfg, self.run_dir, self.dist = request, cfg, folder.path, dist
+        if dist.is_main and not request.eval_only:
             # Under the run folder's lock: a save cut off earlier is set aside before anything else looks.
             set_aside_incomplete(self.run_dir / "checkpoints")
-        ref, failed = self._choose_checkpoint(args.resume) if args.resume else (None, [])
+        ref, failed = self._choose_checkpoint(request.resume) if request.resume else (None, [])
         ds_cfg = resolve_ds_config(
-            load_ds_config(ds_config_path(args.deepspeed_config)),
+            load_ds_config(ds_config_path(request.deepspeed_config)),
             cfg.train,
             cfg.optim,
             dist.world_size,
@@ -83,7 +83,7 @@ class Run:
         )
         self.checkpointer.failed.update(failed)
         self.resume_state = self.checkpointer.load(ref) if ref else None
-        if ref and not args.eval_only:  # only now: a start that could not resume has changed nothing
+        if ref and not request.eval_only:  # only now: a start that could not resume has changed nothing
             folder.record(cfg, ds_cfg, answers, dist)
         self.metrics = build_logger(self.out_dir, dist.is_main)
         val = cfg.data.val_data
@@ -97,7 +97,7 @@ class Run:
     ) -> RunFolder:
         """The folder this start writes: the run folder (started afresh, or prepared for a resume), or for
         --eval-only its own evaluation folder."""
-        if self.args.eval_only:
+        if self.request.eval_only:
             # An evaluation writes only under its own folder, named by the weights it scores; the run's config,
             # answers, tokenizer, checkpoints and TensorBoard curves are only read.
             own = RunFolder(self.run_dir / "eval" / (ref.tag if ref else INITIAL_EVAL))
@@ -204,7 +204,7 @@ class Run:
         metrics = result.metrics()
         if self.dist.is_main:
             self.metrics.log(metrics, step)
-            out = self.out_dir if self.args.eval_only else self.run_dir / "eval"
+            out = self.out_dir if self.request.eval_only else self.run_dir / "eval"
             pred_path, _ = write_results(result, out, step)
             score = "n/a (no answers)" if result.vqa_score is None else f"{result.vqa_score:.4f}"
             log.info(

@@ -2,15 +2,16 @@
 is written: `--resume auto` (resume or start afresh), `--eval-only` (which checkpoint, or initial weights with
 `--resume none`), and whether the settings can resume the saved state at all (the model must be the saved one).
 
-trainer/main.py calls these in its `check`, on every rank and before any process group exists; each refusal is a
-one-line `ConfigError` (exit 2) that leaves the run folder as it was.
+trainer/main.py builds a `RunRequest` from the command line and calls these in its `check`, on every rank and before
+any process group exists; each returns the request with its decision in it (the request itself never changes), and
+each refusal is a one-line `ConfigError` (exit 2) that leaves the run folder as it was.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
+from dataclasses import dataclass, replace
 
 from trainer.config import ConfigError, RunConfig
 from trainer.run_folder import RunFolder
@@ -18,27 +19,51 @@ from trainer.run_folder import RunFolder
 log = logging.getLogger(__name__)
 
 
-def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
+@dataclass(frozen=True)
+class RunRequest:
+    """What the command line asks of one start (trainer/main.py's options), and what was decided from the run folder
+    about which weights it begins from."""
+
+    run_dir: str
+    preset: str | None = None
+    config: str | None = None
+    train_data: str | None = None
+    val_data: str | None = None
+    max_steps: int | None = None
+    overrides: tuple[str, ...] = ()
+    """--set SECTION.FIELD=VALUE, in order."""
+    resume: str | None = None
+    """--resume as given (latest, auto, none, a tag), then as resolved: latest, a tag, or None (a fresh start)."""
+    eval_only: bool = False
+    deepspeed_config: str | None = None
+    local_rank: int | None = None
+    initial: bool = False
+    """--eval-only --resume none: score freshly initialised weights."""
+    auto_resume: bool = False
+    """--resume auto was given (and resolved to `latest` or to a fresh start)."""
+    auto_fresh: bool = False
+    """--resume auto found none: a fresh start, beside whatever incomplete checkpoints the folder holds."""
+
+
+def resolve_auto_resume(req: RunRequest, folder: RunFolder) -> RunRequest:
     """`--resume auto`: becomes `--resume latest` where the run folder holds a complete checkpoint, else a fresh
-    start (`args.resume = None`); says which. Checkpoints without their COMPLETE marker (a save cut off before the
+    start (`resume` None); says which. Checkpoints without their COMPLETE marker (a save cut off before the
     first one finished) cannot be resumed: the fresh run sets them aside (trainer/checkpointing.py
     `set_aside_incomplete`). A folder whose checkpoints were complete once but all fail their checks now is
     refused: a fresh run would bury them under its own saves."""
-    args.auto_fresh, args.auto_resume = False, args.resume == "auto"
-    if not args.auto_resume:
-        return
+    if req.resume != "auto":
+        return req
     from trainer.checkpoint_layout import damaged, incomplete, list_complete, move_aside_hint
 
     ckpt_dir = folder.path / "checkpoints"
     refs = list_complete(ckpt_dir)
     if refs:
-        args.resume = "latest"
         log.info(
             "--resume auto: resuming %s from its newest complete checkpoint (step %d)",
             folder.path,
             refs[-1].step,
         )
-        return
+        return replace(req, resume="latest", auto_resume=True)
     bad = damaged(ckpt_dir)
     if bad:
         raise ConfigError(
@@ -46,49 +71,47 @@ def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
             f"ones: {'; '.join(f'{tag} ({why})' for tag, why in bad)}; "
             f"{move_aside_hint(ckpt_dir, [tag for tag, _ in bad])}"
         )
-    args.resume, args.auto_fresh = None, True
     leftovers = [p.name for p in incomplete(ckpt_dir)]
     log.info(
         "--resume auto: no complete checkpoint in %s: starting a fresh run (preset %s)%s",
-        *(folder.path, args.preset or "tiny"),
+        *(folder.path, req.preset or "tiny"),
         f"; its incomplete ones ({', '.join(leftovers)}) cannot be resumed and are set aside"
         if leftovers
         else "",
     )
+    return replace(req, resume=None, auto_resume=True, auto_fresh=True)
 
 
-def resolve_initial(args: argparse.Namespace) -> None:
-    """`--resume none` (with --eval-only only): score freshly initialised weights; `args.initial` says so."""
-    args.initial = args.resume == "none"
-    if not args.initial:
-        return
-    if not args.eval_only:
+def resolve_initial(req: RunRequest) -> RunRequest:
+    """`--resume none` (with --eval-only only): score freshly initialised weights; `initial` says so."""
+    if req.resume != "none":
+        return req
+    if not req.eval_only:
         raise ConfigError(
             "--resume none: only with --eval-only (to score initial weights); a training run without --resume "
             "starts afresh"
         )
-    args.resume = None
+    return replace(req, resume=None, initial=True)
 
 
-def resolve_eval_target(args: argparse.Namespace, folder: RunFolder) -> None:
+def resolve_eval_target(req: RunRequest, folder: RunFolder) -> RunRequest:
     """Which weights `--eval-only` scores. Without --resume: the newest intact checkpoint of a run folder that has
     one (named in the log and in its output folder, RUN/eval/<tag>/): a trained run's weights are what an
     evaluation of that folder means, and the name keeps the result from being taken for another's. A folder with no
     complete checkpoint is refused: scoring untrained weights must be asked for (--resume none)."""
-    if args.initial or args.resume not in (None, "auto"):
-        return
+    if req.initial or req.resume not in (None, "auto"):
+        return req
     from trainer.checkpoint_layout import list_complete
 
     ckpt_dir = folder.path / "checkpoints"
     if list_complete(ckpt_dir):
-        if args.resume is None:
+        if req.resume is None:
             log.info(
                 "--eval-only without --resume: evaluating the newest intact checkpoint of %s (--resume TAG for "
                 "another, --resume none for freshly initialised weights)",
                 folder.path,
             )
-        args.resume = "latest"
-        return
+        return replace(req, resume="latest")
     raise ConfigError(
         f"--eval-only: no complete checkpoint in {ckpt_dir} to evaluate: pass --run-dir of a trained run, or "
         f"--resume none to score freshly initialised weights"
