@@ -103,9 +103,9 @@ class Engine:
     """A DeepSpeed engine around one `nn.Module` whose forward(batch) returns the losses (the VQATask).
 
     `deepspeed.initialize` runs on first use, not here: a resumed run first learns from `load` which ZeRO stage and
-    precision its checkpoint was written with (a single-rank run written under ZeRO before stage 0 became the
-    single-rank choice, e.g. ZeRO-2 with bf16 weights, or one that continued a universal checkpoint) and builds the
-    engine that way, so the checkpoint loads.
+    precision its checkpoint was written with (e.g. a single-rank run that continued a universal checkpoint, which
+    runs under ZeRO, or one whose DeepSpeed file set its own `torch_autocast` section) and builds the engine that way,
+    so the checkpoint loads.
 
     Under DeepSpeed's `torch_autocast` (one bf16 rank, `plain_single_rank`) the module keeps fp32 weights and DeepSpeed
     enters torch.autocast around the module in its forward (deepspeed/runtime/engine.py `forward`, through
@@ -326,9 +326,10 @@ class Engine:
         restart AdamW's moments from zero). So a run resumes at the checkpoint's stage and with the precision recorded
         with it (bf16 weights for a ZeRO bf16 one, autocast for a stage-0 one), and so do its own checkpoints: a ZeRO-2
         run continued under the stage-0 default stays at ZeRO-2, and a stage-0 run continued with a ZeRO file stays at
-        stage 0 (with the overlapped all-reduce on several ranks). This covers one rank (a run written under ZeRO before
-        stage 0 was the single-rank choice, e.g. by the ZeRO-2 bf16 one-GPU run) and several (ZeRO-2 was the multi-rank
-        default before the stage-0 one). A new stage starts with a new run (or, from ZeRO, a universal checkpoint)."""
+        stage 0 (with the overlapped all-reduce on several ranks). This covers one rank (a run that continued a universal
+        checkpoint, or whose DeepSpeed file kept ZeRO with a `torch_autocast` section of its own) and several (a ZeRO
+        file given to the start and not to the resume). A new stage starts with a new run (or, from ZeRO, a universal
+        checkpoint)."""
         configured = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         written, written_cfg = checkpoint_zero(folder)
         if self.ds_config.get("checkpoint", {}).get("load_universal", False):
