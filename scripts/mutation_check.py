@@ -411,8 +411,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     M(
         "clip-loss-one-direction",
         "trainer/losses.py",
-        "return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2",
-        "return F.cross_entropy(logits, labels)",
+        "return (F.cross_entropy(logits_i, rows) + F.cross_entropy(logits_t, rows)) / 2",
+        "return F.cross_entropy(logits_i, rows)",
         "CLIP's symmetric loss keeps only the image-to-text direction",
         ("tests/test_losses.py",),
     ),
