@@ -181,9 +181,7 @@ def resolve_config(req: RunRequest, folder: RunFolder) -> RunConfig:
     if req.resume:
         if not folder.config_file.is_file():
             raise ConfigError(f"--resume: {folder.path} has no {CONFIG_FILE} (not a run folder?)")
-        ignored = " and ".join(
-            f"--{k} {v}" for k, v in (("preset", req.preset), ("config", req.config)) if v
-        )
+        ignored = " and ".join(f"--{k} {v}" for k, v in (("preset", req.preset), ("config", req.config)) if v)
         if ignored:
             # Expected with --resume auto (one command for the first start and the restarts): no warning then.
             level = logging.INFO if req.auto_resume else logging.WARNING
