@@ -208,7 +208,8 @@ def decode_times(images: list[bytes], sizes: list[int], stored: int | None) -> d
 def project(row: dict[str, Any], workers: int) -> dict[str, Any]:
     """Full VQA v2 train2014 + val2014 from one measured conversion. Shards scale with questions (every sample holds
     its own copy of the image); time is scaled by questions too: the generated set has VQA v2's ~5.4 questions per
-    image, so scaling by images instead (the image phase dominates with --image-size) differs by under 2%. The
+    image, so scaling by images instead (the image phase dominates with --image-size) differs little
+    (docs/data_pipeline.md). The
     16-core figure scales the time linearly with cores: an estimate, not a measurement."""
     per_question_s = row["wall_s"] / row["questions"]
     splits = {}

@@ -85,7 +85,8 @@ def _pipeline(
 
     gpu = device_id is not None
 
-    # Checkpointing: no cost per batch; a checkpoint is ~200 bytes and ~0.1 ms to take (2-core CPU, DALI 2.4.0).
+    # Checkpointing: no cost per batch, and a checkpoint is small and cheap to take (docs/performance.md, "Figures
+    # behind choices in the code").
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,

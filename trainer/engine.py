@@ -12,12 +12,11 @@ so no setting has two owners.
 One rank runs without ZeRO (`resolve_ds_config`, `plain_single_rank`): ZeRO stage 0, DeepSpeed steps torch's fused
 AdamW on the module's own fp32 weights and gradients, as a plain PyTorch script does; a bf16 JSON computes in bf16 by
 DeepSpeed's `torch_autocast` section (torch.autocast, entered by DeepSpeed's forward) instead of bf16 weights. With one
-rank ZeRO has nothing to shard. Its flat fp32 copies, gradient buckets and fp64 norm cost the CPU step 15-25%
-(docs/performance.md); on one H200 (2026-11-27, vqa2-base clip-infonce-dot, batch 256, compiled) the ZeRO-2 bf16
-engine ran at 1,392 samples/s at 384 px and 2,048 at 224 px against plain PyTorch's 1,635 and 3,257 (fp32 weights,
-autocast bf16, fused AdamW): its step was host-bound (per-tensor norms, per-parameter gradient hooks and bucket
-copies, 12 stream synchronisations a step); this engine's own GPU figure at stage 0 in autocast is still to be
-measured. Optimizer offload and fp16 keep the JSON's stage and precision.
+rank ZeRO has nothing to shard, and its flat fp32 copies, gradient buckets and fp64 norm cost host time every step:
+on a CPU they slow the step, on a GPU they make it host-bound (per-tensor norms, per-parameter gradient hooks and
+bucket copies, stream synchronisations every step) against plain PyTorch with fp32 weights, autocast bf16 and fused
+AdamW. Figures: docs/performance.md, sections "The DeepSpeed engine against plain PyTorch on one CPU rank" and "On
+one GPU: NVIDIA H200". Optimizer offload and fp16 keep the JSON's stage and precision.
 
 Several ranks run the default file (deepspeed_configs/stage0_*.json) at ZeRO stage 0 too, as DDP does: fp32 weights
 (autocast bf16 on GPUs), torch's fused AdamW on the module's own parameters, and the gradient all-reduce overlapped

@@ -52,10 +52,9 @@ def ranks_on_this_host(env: Mapping[str, str] = os.environ) -> int:
 
 
 # Before torch loads OpenMP. Several ranks on one host's CPU: idle OpenMP threads sleep instead of spinning, or
-# each rank's spinning threads take the cores the others need (tiny preset, 2 ranks on 2 cores: 2-8 samples/s
-# spinning, 24-38 passive). One rank: OpenMP's default (spin a while, then sleep) keeps the cores warm between
-# the many small ops of a tiny model (demo preset on 2 cores: 164-177 samples/s vs 124 passive). The environment
-# variable, when set, decides.
+# each rank's spinning threads take the cores the others need. One rank: OpenMP's default (spin a while, then
+# sleep) keeps the cores warm between the many small ops of a tiny model. Figures: docs/training.md,
+# OMP_WAIT_POLICY. The environment variable, when set, decides.
 if ranks_on_this_host() > 1:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Training never reaches the Hugging Face hub: pretrained weights are fetched beforehand (./launch.sh fetch-weights,

@@ -24,8 +24,8 @@ def matmul_peak(
 ) -> float:
     """The best FLOP/s of `reps` back-to-back n x n @ n x n products in `dtype`, timed again and again for `budget_s`
     seconds (at least 3 times). A fixed number of short trials is not enough: a CPU's first products run at a
-    fraction of its peak (thread pool start, clock ramp; measured on a 2-core AMD EPYC: 32 GFLOP/s fp32 in the
-    first 10 trials of 512 x 512, 214 after ~1 s), which made the MFU column read over 100%. On a shared machine
+    fraction of its peak (thread pool start, clock ramp; docs/performance.md, "Figures behind choices in the code"),
+    which made the MFU column read over 100%. On a shared machine
     the best timing is the peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
