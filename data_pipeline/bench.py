@@ -41,6 +41,7 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     try:
+        # DALI is optional (a host without it benchmarks the PyTorch loader).
         import nvidia.dali as dali
 
         dali_version = dali.__version__
@@ -73,6 +74,7 @@ def make_photo_shards(root: Path, samples: int, workers: int) -> Path:
 def make_tokenizer(folder: Path, work: Path) -> tuple[Callable, str]:
     questions = [m["question"] for m in read_sample_info(folder).values()]
     try:
+        # data_pipeline.text brings transformers and open_clip (seconds): imported only when a tokenizer is built.
         from data_pipeline.text import QuestionTokenizer
     except ImportError as exc:
         raise SystemExit(f"error: data_pipeline.text.QuestionTokenizer is not importable ({exc})") from None

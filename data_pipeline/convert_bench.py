@@ -18,6 +18,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -108,6 +109,7 @@ def _hwm(pid: int, rss: int) -> int:
 
 def _watch(pid: int, done: threading.Event, peaks: dict[str, int]) -> None:
     """Sample the process tree rooted at `pid` until `done`: the largest summed RSS, the largest single peak."""
+    # psutil is optional here (run_measured falls back to VmHWM without it), so it is imported where it is used.
     import psutil
 
     root = psutil.Process(pid)
@@ -154,8 +156,6 @@ def run_measured(argv: list[str], progress: bool) -> dict[str, Any]:
     if watcher is not None:
         watcher.join()
     else:
-        import resource
-
         peaks["process"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     if proc.returncode != 0:
         raise SystemExit(f"error: the converter exited with status {proc.returncode}: {shlex.join(cmd)}")

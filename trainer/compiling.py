@@ -30,6 +30,7 @@ def compile_model(model: torch.nn.Module, *, backend: str | Callable = "inductor
     of the model (shapes, out of memory) are raised as usual. An error while compiling the backward graph surfaces
     in backward and is not caught: set model.compile=false then.
     """
+    # Here, not at the top: importing torch._dynamo takes about 1 s, paid only by a run that compiles.
     from torch._dynamo.exc import TorchDynamoException
 
     eager = model.forward

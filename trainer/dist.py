@@ -246,6 +246,8 @@ def _skip_deepspeed_shm_comm() -> None:
     caches it in the module so that edits persist), and marking the op incompatible there makes DeepSpeed use plain
     gloo collectives; the probe behind the dict is cheap by comparison.
     """
+    # DeepSpeed is imported where it is used, here and below: importing it takes seconds and probes the accelerator,
+    # which trainer/main.py --help and the CPU-only tools need not wait for.
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.compiling import compile_model
 from trainer.config import ConfigError, OptimConfig
@@ -52,6 +53,7 @@ from trainer.ds_config import (  # noqa: F401
     plain_single_rank,
     resolve_ds_config,
 )
+from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS, BucketedAllReduce
 from trainer.optim import WarmupLinearDecay
 
 log = logging.getLogger(__name__)
@@ -141,8 +143,9 @@ class Engine:
         self._armed = False
 
     def _build(self) -> None:
+        # deepspeed here, not at the top: importing it takes seconds and probes the accelerator, and trainer/main.py
+        # imports this module (its --help need not wait).
         import deepspeed
-        from torch.optim.lr_scheduler import LambdaLR
 
         groups = self.task.param_groups(self.optim)
         self._engine, _, _, _ = deepspeed.initialize(
@@ -171,8 +174,6 @@ class Engine:
         elif overlapped_allreduce(self.ds_config, self.dist.world_size):
             # Several ranks at stage 0: the all-reduce runs in buckets during backward (trainer/grad_sync.py), so
             # DeepSpeed must not all-reduce the averaged gradients a second time after it.
-            from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS, BucketedAllReduce
-
             zero = self.ds_config.get("zero_optimization", {})
             self._grad_sync = BucketedAllReduce(
                 self._engine.module,

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 
+from trainer.checkpoint_layout import damaged, incomplete, list_complete, move_aside_hint
 from trainer.config import ConfigError, RunConfig
 from trainer.run_folder import RunFolder
 
@@ -27,8 +28,6 @@ def resolve_auto_resume(args: argparse.Namespace, folder: RunFolder) -> None:
     args.auto_fresh, args.auto_resume = False, args.resume == "auto"
     if not args.auto_resume:
         return
-    from trainer.checkpoint_layout import damaged, incomplete, list_complete, move_aside_hint
-
     ckpt_dir = folder.path / "checkpoints"
     refs = list_complete(ckpt_dir)
     if refs:
@@ -77,8 +76,6 @@ def resolve_eval_target(args: argparse.Namespace, folder: RunFolder) -> None:
     complete checkpoint is refused: scoring untrained weights must be asked for (--resume none)."""
     if args.initial or args.resume not in (None, "auto"):
         return
-    from trainer.checkpoint_layout import list_complete
-
     ckpt_dir = folder.path / "checkpoints"
     if list_complete(ckpt_dir):
         if args.resume is None:

@@ -11,15 +11,16 @@ from typing import Any
 
 import torch
 
+from data_pipeline import atomic
+from data_pipeline.bench import machine
 from trainer.tools.bench.cells import Setup
 
 GIB = 2**30
 
 
 def machine_line() -> str:
-    from data_pipeline.bench import machine
-
     try:
+        # deepspeed only for its version (it takes seconds to import; optional for the report).
         import deepspeed
 
         ds = deepspeed.__version__
@@ -121,8 +122,6 @@ def new_report(args: argparse.Namespace, argv: list[str], setup: Setup) -> dict[
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     """The JSON file, replaced atomically (a reader never sees half a file)."""
-    from data_pipeline import atomic
-
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out, json.dumps(report, indent=2) + "\n")
 

@@ -7,12 +7,15 @@ import argparse
 import json
 import logging
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from data_pipeline import atomic, storage
+from data_pipeline.subset import subset_record
+from trainer.config import VARIANTS
 from trainer.tools.compare.report import plot_results, write_report
 from trainer.tools.compare.results import (
     DONE_FILE,
@@ -48,9 +51,9 @@ DEFAULT_VARIANTS = ("baseline", "clip-no-infonce", "clip-infonce-cos", "clip-inf
 
 
 def machine_description() -> str:
-    import platform
-
     try:
+        # torch only for the report's machine line: the comparison's own process does not load it otherwise (its runs
+        # do).
         import torch
 
         if torch.cuda.is_available():
@@ -74,8 +77,6 @@ example (the demo: the four default variants, validation every 100 steps on 500 
 
 def subset_summary(folder: str) -> dict[str, Any]:
     """results.json's `val_subset`: the subset folder and its draw (data_pipeline/subset.py's record)."""
-    from data_pipeline.subset import subset_record
-
     record = subset_record(folder)
     assert record is not None, f"{folder}: prepare_val_subset wrote it"
     return {
@@ -87,8 +88,6 @@ def subset_summary(folder: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.config import VARIANTS
-
     p = argparse.ArgumentParser(
         prog="python -m trainer.compare",
         description="Run the paper's comparison: every variant with the same seeds, data order and hyperparameters; "
