@@ -21,7 +21,8 @@ API (kept stable: the trainer calls exactly this):
 - `VQALoader`: iterable over the batches of ONE epoch; `len()` = batches it yields (= `batches_per_epoch` -
   `skip_batches`); attributes `kind` ("dali-gpu" | "dali-cpu" | "torch"), `answers`, `n_answers`,
   `batches_per_epoch`, `skip_batches`, `manifest`, `corrupt_skipped`, `host_work`; `state(k)`: the position after
-  k batches, to save with a checkpoint and resume from (`spec.at(e, k, resume_state=...)`: DALI then skips without decoding).
+  k batches, to save with a checkpoint and resume from (`spec.at(e, k, resume_state=...)`: DALI then skips without
+  decoding).
 - `read_answers(shards_dir) -> list[str]`, `read_manifest(shards_dir) -> dict`,
   `read_sample_info(shards_dir) -> {question_id: sample json}` (answer types, raw answers, questions).
 
