@@ -109,7 +109,7 @@ def _hwm(pid: int, rss: int) -> int:
 
 def _watch(pid: int, done: threading.Event, peaks: dict[str, int]) -> None:
     """Sample the process tree rooted at `pid` until `done`: the largest summed RSS, the largest single peak."""
-    # psutil is optional here (run_measured falls back to VmHWM without it), so it is imported where it is used.
+    # psutil is optional here (run_measured falls back to getrusage without it), so it is imported where it is used.
     import psutil
 
     root = psutil.Process(pid)
