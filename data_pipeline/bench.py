@@ -59,6 +59,7 @@ def make_photo_shards(root: Path, samples: int, workers: int) -> Path:
 def make_tokenizer(folder: Path, work: Path) -> tuple[Callable, str]:
     questions = [m["question"] for m in read_sample_info(folder).values()]
     try:
+        # data_pipeline.text brings transformers and open_clip (seconds): imported only when a tokenizer is built.
         from data_pipeline.text import QuestionTokenizer
     except ImportError as exc:
         raise SystemExit(f"error: data_pipeline.text.QuestionTokenizer is not importable ({exc})") from None

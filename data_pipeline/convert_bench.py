@@ -17,6 +17,7 @@ import datetime
 import io
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -90,6 +91,7 @@ def _hwm(pid: int, rss: int) -> int:
 
 def _watch(pid: int, done: threading.Event, peaks: dict[str, int]) -> None:
     """Sample the process tree rooted at `pid` until `done`: the largest summed RSS, the largest single peak."""
+    # psutil is optional here (run_measured falls back to getrusage without it), so it is imported where it is used.
     import psutil
 
     root = psutil.Process(pid)
@@ -136,8 +138,6 @@ def run_measured(argv: list[str], progress: bool) -> dict[str, Any]:
     if watcher is not None:
         watcher.join()
     else:
-        import resource
-
         peaks["process"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     if proc.returncode != 0:
         raise SystemExit(f"error: the converter exited with status {proc.returncode}: {shlex.join(cmd)}")
@@ -190,7 +190,8 @@ def decode_times(images: list[bytes], sizes: list[int], stored: int | None) -> d
 def project(row: dict[str, Any], workers: int) -> dict[str, Any]:
     """Full VQA v2 train2014 + val2014 from one measured conversion. Shards scale with questions (every sample holds
     its own copy of the image); time is scaled by questions too: the generated set has VQA v2's ~5.4 questions per
-    image, so scaling by images instead (the image phase dominates with --image-size) differs by under 2%. The
+    image, so scaling by images instead (the image phase dominates with --image-size) differs little
+    (docs/data_pipeline.md). The
     16-core figure scales the time linearly with cores: an estimate, not a measurement."""
     per_question_s = row["wall_s"] / row["questions"]
     splits = {}

@@ -56,6 +56,8 @@ KEPT_STATES = 16
 
 def available() -> bool:
     try:
+        # DALI is imported where it is used, here and below: it is optional (a host without it uses the PyTorch
+        # loader).
         import nvidia.dali  # noqa: F401
     except ImportError:
         return False
@@ -85,7 +87,7 @@ def _pipeline(
 
     gpu = device_id is not None
 
-    # Checkpointing: no cost per batch; a checkpoint is ~200 bytes and ~0.1 ms to take (2-core CPU, DALI 2.4.0).
+    # Checkpoints cost nothing per batch and little to take: docs/performance.md, "Figures behind choices in the code".
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,

@@ -23,6 +23,7 @@ TEST_ID_OFFSET = 1_000_000
 
 def _package():
     try:
+        # Here, not at the top: easy_vqa is needed only to convert easy-VQA, and a missing package is one line below.
         import easy_vqa
     except ImportError:
         raise ConversionError("the easy-vqa package is not installed (pip install easy-vqa==1.0)") from None

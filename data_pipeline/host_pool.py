@@ -1,9 +1,10 @@
 """The DALI loader's host work (sample JSON parsing, tokenising, targets) in worker processes (`LoaderSpec.host_workers`).
 
-Why: the DALI loader decodes on the GPU, but its host share of a batch (46 ms for 256 questions on one core: ViLT's
-WordPiece and open_clip's BPE, much of it Python) runs in a thread of the training process, where it competes with
-the training loop's own host work for the interpreter lock; measured on one H200, the step grew by 80-90 ms when
-batches came from shards although the loader was always ahead (docs/performance.md). In worker processes that work
+Why: the DALI loader decodes on the GPU, but its host share of a batch (tokenising with ViLT's WordPiece and
+open_clip's BPE, much of it Python) runs in a thread of the training process, where it competes with the training
+loop's own host work for the interpreter lock: on a GPU the step grew when batches came from shards although the
+loader was always ahead (docs/performance.md, "On one GPU: NVIDIA H200", "The goals, and what the profiles say"). In
+worker processes that work
 holds no lock of the trainer's: the loader's thread only sends the padded JSON rows and receives the tensors.
 
 The workers are spawned (never forked: the training process holds CUDA and DALI threads) once per process and

@@ -7,10 +7,11 @@ return a reason instead ("kind: detail", e.g. "undecodable image: x.jpg: image f
 converter lists in the manifest and groups by kind in its summary.
 
 Orientation: an image is used as it is meant to be seen, its EXIF orientation tag applied (as browsers do). DALI's
-decoder applies the tag itself (`fn.decoders.image`, adjust_orientation=True: measured on DALI 2.4.0's CPU decoder,
-JPEG and PNG, pixel for pixel PIL's `ImageOps.exif_transpose`); every PIL path (the PyTorch loader, trainer/predict.py,
-the conversion here) goes through `upright_rgb`. A file stored verbatim keeps its tag, which the loaders apply; a
-re-encoded file (`convert_to_jpeg`) is written upright without EXIF, so that nothing rotates it twice.
+decoder applies the tag itself (`fn.decoders.image`, adjust_orientation=True: the same pixels as PIL's
+`ImageOps.exif_transpose`, docs/data_pipeline.md, "Orientation"); every PIL path (the PyTorch loader,
+trainer/predict.py, the conversion here) goes through `upright_rgb`. A file stored verbatim keeps its tag, which the
+loaders apply; a re-encoded file (`convert_to_jpeg`) is written upright without EXIF, so that nothing rotates it
+twice.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ import mmap
 import os
 from collections.abc import Iterable
 
+from PIL import Image
+
 from data_pipeline import shards, storage
 from data_pipeline.sharding import DataError, Shard, read_index
 
@@ -47,8 +49,6 @@ def _looks_whole(view: mmap.mmap, offset: int, size: int) -> bool:
 
 
 def _decodes(data: bytes) -> bool:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

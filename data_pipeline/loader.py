@@ -8,8 +8,9 @@
 
 API (kept stable: the trainer calls exactly this):
 - `LoaderSpec` (data_pipeline/spec.py): tokenizer, batch_size, image_size, mean, std, train, seed, rank,
-  world_size, epoch, skip_batches, kind, num_workers, shuffle_buffer, device, on_short_shard; each field documented
-  there and checked when the spec is made.
+  world_size, epoch, skip_batches, resume_state, kind, num_workers, shuffle_buffer, device, on_short_shard,
+  host_workers, hw_decoder_load, prefetch_depth, questions; each field documented there and checked when the spec
+  is made.
 - `build_loader(shards_dir, spec) -> VQALoader`.
   - `kind`: "auto" (DALI on the GPU, else DALI on the CPU, else torch when DALI is not installed; one log line
     says which), "dali" (DALI, GPU or CPU), "torch" (webdataset + DataLoader workers + PIL)
@@ -19,8 +20,9 @@ API (kept stable: the trainer calls exactly this):
 - Damaged data is a one-line `DataError` naming the shard (and, for a damaged image under DALI, the sample key).
 - `VQALoader`: iterable over the batches of ONE epoch; `len()` = batches it yields (= `batches_per_epoch` -
   `skip_batches`); attributes `kind` ("dali-gpu" | "dali-cpu" | "torch"), `answers`, `n_answers`,
-  `batches_per_epoch`, `manifest`, `corrupt_skipped`; `state(k)`: the position after k batches, to save with a
-  checkpoint and resume from (`spec.at(e, k, resume_state=...)`: DALI then skips without decoding).
+  `batches_per_epoch`, `skip_batches`, `manifest`, `corrupt_skipped`, `host_work`; `state(k)`: the position after
+  k batches, to save with a checkpoint and resume from (`spec.at(e, k, resume_state=...)`: DALI then skips without
+  decoding).
 - `read_answers(shards_dir) -> list[str]`, `read_manifest(shards_dir) -> dict`,
   `read_sample_info(shards_dir) -> {question_id: sample json}` (answer types, raw answers, questions).
 

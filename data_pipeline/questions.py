@@ -1,8 +1,8 @@
 """Every sample's token ids, masks and answer targets of a shard folder, computed once: `QuestionTable`.
 
 Why: a question's tokens never change during a run, but tokenising them batch after batch (ViLT's WordPiece and
-open_clip's BPE, much of it Python) and parsing every sample json cost the training process 61.3 ms per batch of 256
-on a 2-core AMD EPYC CPU (38.9 ms with the parsing in host workers; docs/performance.md). With a table, a DALI batch
+open_clip's BPE, much of it Python) and parsing every sample json cost the training process most of a DALI batch's
+host time (docs/data_pipeline.md, "Tokenisation on the host"). With a table, a DALI batch
 costs a handful of array operations: the question ids are read out of the padded json bytes by `question_ids`
 (vectorised, no json parsing), the rows found by binary search, and ids, masks and targets gathered from the table.
 
@@ -130,8 +130,8 @@ class QuestionTable:
             raise sharding.DataError(f"{self.folder}: question ids {missing} are not in its question table")
         rows = torch.from_numpy(np.where(real, pos, len(self.qids)))
         valid = torch.from_numpy(np.asarray(real, dtype=bool))
-        # index_select, not tensor[rows]: advanced indexing runs on the intra-op thread pool, which took 11 ms per
-        # gather of 256 rows on a busy 2-core CPU against 4 us for index_select.
+        # index_select, not tensor[rows]: advanced indexing runs on the intra-op thread pool, far slower on a busy
+        # CPU (docs/performance.md, "Figures behind choices in the code").
         sample = rows.clamp(max=len(self.qids) - 1)
         scores = self.scores.index_select(0, sample) * valid[:, None]
         targets = torch.zeros(len(rows), n_answers, dtype=torch.float32)

@@ -116,6 +116,8 @@ def _client() -> Any:
     key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL") or None)
     if key not in _clients:
         try:
+            # boto3 and botocore (about 0.2 s to import) are imported for s3:// folders only, here and below: local
+            # folders and --help never load them.
             import boto3
         except ImportError:
             raise StorageError(

@@ -13,9 +13,13 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import open_clip
 import torch
+from tokenizers import normalizers, pre_tokenizers
+from transformers import BertTokenizerFast
 
 from data_pipeline import atomic
+from data_pipeline.clip_configs import register_project_configs
 from data_pipeline.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,6 @@ def _train_wordpiece(questions: Iterable[str], vocab_size: int) -> dict[str, int
     differs from process to process, and breaks ties between merges by those numbers, so the same questions gave
     another vocabulary (other ids, even other tokens) in every run (tokenizers 0.23.3; upstream report
     huggingface/tokenizers#1794)."""
-    from tokenizers import normalizers, pre_tokenizers
-
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     counts: Counter[str] = Counter()
@@ -65,10 +67,6 @@ class QuestionTokenizer:
     def __init__(
         self, vilt_tokenizer, *, clip_arch: str, max_text_len: int, clip_context_length: int
     ) -> None:
-        import open_clip
-
-        from data_pipeline.clip_configs import register_project_configs
-
         register_project_configs()
         self.vilt = vilt_tokenizer
         self.clip_arch = clip_arch
@@ -93,8 +91,6 @@ class QuestionTokenizer:
     ) -> QuestionTokenizer:
         """Train a BERT WordPiece vocabulary on `questions`, save it (and the settings) in `out_dir`, load it.
         With fit_clip_vocab, also record the CLIP BPE ids the questions use (model.clip_text_vocab=compact)."""
-        from transformers import BertTokenizerFast
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         questions = list(questions)
@@ -118,8 +114,6 @@ class QuestionTokenizer:
         cls, path: str, *, clip_arch: str, max_text_len: int, clip_context_length: int
     ) -> QuestionTokenizer:
         """ViLT's own tokenizer from a transformers checkpoint directory (or a hub name already in the cache)."""
-        from transformers import BertTokenizerFast
-
         try:
             vilt = BertTokenizerFast.from_pretrained(path, local_files_only=True)
         except OSError as exc:
@@ -141,8 +135,6 @@ class QuestionTokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> QuestionTokenizer:
         """Reload a tokenizer saved in a run folder by `build` or `save`."""
-        from transformers import BertTokenizerFast
-
         d = Path(directory)
         meta_file = d / _META
         if not meta_file.is_file():

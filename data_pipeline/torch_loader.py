@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data._utils import signal_handling
 
 from data_pipeline import batch as contract
 from data_pipeline import questions, sharding, storage
@@ -62,6 +63,7 @@ def _reason(exc: BaseException) -> str:
 
 def _read_piece(tar: str, first: int, last: int, total: int) -> Generator[dict[str, Any], None, int]:
     """Samples [first, last) of one tar; returns how many it read. A read error is a DataError naming the tar."""
+    # webdataset (over 1 s to import) only in the PyTorch loader's reads: DALI runs never load it.
     import webdataset as wds
 
     # Object storage: webdataset streams the tar through a pipe: URL (data_pipeline/storage.py `cat`).
@@ -348,8 +350,6 @@ def _kill_workers(it: Any) -> None:
         return
     if getattr(it, "_worker_pids_set", False):
         # Forget the pids first: the DataLoader's SIGCHLD handler would take their death for a crash.
-        from torch.utils.data._utils import signal_handling
-
         signal_handling._remove_worker_pids(id(it))
         it._worker_pids_set = False
     for w in alive:

@@ -20,6 +20,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+from tqdm import tqdm
+
 from data_pipeline import shards, storage
 from data_pipeline.sharding import DataError, read_manifest
 
@@ -66,8 +69,6 @@ def _index_body(idx: Path) -> list[str]:
 
 
 def _undecodable(tar: Path, keys: list[str], index: list[dict[str, tuple[int, int]]]) -> list[str]:
-    from PIL import Image
-
     bad = []
     with open(tar, "rb") as f:
         for key, comps in zip(keys, index, strict=True):
@@ -101,8 +102,6 @@ def verify(
     folder: Path, *, decode: bool = True, workers: int = 1, progress: bool = False
 ) -> tuple[list[str], str]:
     """All problems of the folder, and a summary line."""
-    from tqdm import tqdm
-
     manifest = read_manifest(folder)
     entries = manifest["shards"]
     digests = sum("sha256" in e for e in entries)

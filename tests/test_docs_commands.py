@@ -151,7 +151,7 @@ EXERCISED = [
     (README, "./launch.sh demo", f"{HERE}::test_readme_quick_start_runs_the_demo_and_the_tests"),
     (README, "./launch.sh test", f"{HERE}::test_readme_quick_start_runs_the_demo_and_the_tests"),
     (README, "VQA_DEMO_RUN_DIR=runs/demo-5seeds ./launch.sh demo", f"{HERE}::test_readme_five_seed_study"),
-    (README, "mkdir -p docs/demo_5seeds", f"{HERE}::test_readme_five_seed_study"),
+    (README, "mkdir -p results/demo_5seeds", f"{HERE}::test_readme_five_seed_study"),
     (README, "./launch.sh setup; PY=.venv/bin/python", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
     (README, "$PY -m data_pipeline.convert", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
     (README, ".venv/bin/python -m data_pipeline.synthetic", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
@@ -408,7 +408,7 @@ def test_readme_five_seed_study(site: Site) -> None:
         (site.root / args.run_dir).mkdir(parents=True, exist_ok=True)
         (site.root / args.run_dir / name).write_text(name)
     assert_ok(site.sh(copy.text))
-    assert sorted(p.name for p in (site.root / "docs" / "demo_5seeds").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (site.root / "results" / "demo_5seeds").iterdir()) == sorted(names)
 
 
 def test_readme_vqa2_conversion_on_a_local_stand_in(site: Site) -> None:

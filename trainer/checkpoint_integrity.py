@@ -3,9 +3,9 @@ before a resume.
 
 Sizes (trainer/checkpoint_layout.py `is_complete`) catch a file lost or cut short; a hash also catches bytes that
 changed at the same size (a bad disk block, a copy that wrote garbage, a file edited by hand), which would otherwise
-be resumed as if intact. SHA-256: on CPUs with the SHA extensions it is the fastest of hashlib's strong hashes (2-core
-Intel Xeon, Python 3.11, 2026-12-07, data in memory, 1-8 MiB chunks: sha256 1.14-1.17 GB/s, blake2b 0.89-0.91 GB/s,
-md5 0.68 GB/s). Files are read in 4 MiB chunks by a thread pool: hashlib releases the interpreter lock while it
+be resumed as if intact. SHA-256: on CPUs with the SHA extensions it is the fastest of hashlib's strong hashes
+(docs/performance.md, "Figures behind choices in the code"). Files are read in 4 MiB chunks by a thread pool: hashlib
+releases the interpreter lock while it
 hashes, so a checkpoint of several files (one per rank and kind) uses every core.
 
 The marker holds `files` (name -> size) and `sha256` (name -> hex digest); a marker without both is no marker this

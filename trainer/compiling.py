@@ -19,7 +19,8 @@ def compile_model(model: torch.nn.Module, *, backend: str | Callable = "inductor
     """Compile `model.forward` in place with `torch.compile(dynamic=False)`; run eagerly if compiling fails.
 
     Static shapes: the default (`dynamic=None`) recompiles with dynamic shapes once a second shape is seen, and that
-    recompilation failed on a 384 px prototype of the model in inductor (H100, torch 2.11: `shape '[1472, 768]' is invalid`); with
+    recompilation failed in inductor on a 384 px prototype of the model (docs/performance.md, "What makes training
+    fast"); with
     `dynamic=False` every new shape (an evaluation batch size) gets its own static graph. The forward is replaced as
     an instance attribute, so parameter names, state dicts and checkpoints stay those of the eager model (a
     `torch.compile(module)` wrapper would prefix them with `_orig_mod.`).
@@ -29,6 +30,7 @@ def compile_model(model: torch.nn.Module, *, backend: str | Callable = "inductor
     of the model (shapes, out of memory) are raised as usual. An error while compiling the backward graph surfaces
     in backward and is not caught: set model.compile=false then.
     """
+    # Here, not at the top: importing torch._dynamo takes about 1 s, paid only by a run that compiles.
     from torch._dynamo.exc import TorchDynamoException
 
     eager = model.forward

@@ -81,8 +81,8 @@ class ModelConfig:
     """Fusion encoder attention: sdpa (scaled_dot_product_attention) or eager (transformers' reference)."""
     compile: bool = False
     """torch.compile the fused model with static shapes (dynamic=False); falls back to eager if compiling fails.
-    The first step compiles: 86 s for a prototype of the base model on an H100, 73-135 s for the tiny preset on 2 CPU
-    cores (trainer/engine.py, docs/performance.md)."""
+    The first step compiles, which takes minutes cold (trainer/compiling.py; docs/performance.md, "What makes
+    training fast")."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -223,7 +223,7 @@ class TrainConfig:
     """Checkpoints kept on disk."""
     verify_checkpoints: bool = True
     """Before a resume, check every file of the checkpoint against the content hash in its COMPLETE marker (reads
-    it once more: about 1 s per GB on a 2-core CPU); a checkpoint that fails is passed over, never deleted. false
+    it once more; docs/training.md gives the cost); a checkpoint that fails is passed over, never deleted. false
     resumes damaged bytes as if intact."""
     on_nonfinite: str = "stop"
     """NaN/inf loss: stop (with the step and question ids) or skip the step."""

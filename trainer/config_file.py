@@ -14,7 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from data_pipeline.errors import is_bad_input
 from trainer.config import ConfigError, RunConfig, _coerce
+from trainer.presets import get_preset
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
@@ -33,16 +37,12 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
 
 def base_config(preset: str | None, config: str | None) -> RunConfig:
     """What a fresh run starts from: the preset (tiny by default), with the file of --config over it."""
-    from trainer.presets import get_preset
-
     cfg = get_preset(preset or "tiny")
     return read_config_file(config, cfg) if config else cfg
 
 
 def print_config(resolve: Callable[[], RunConfig]) -> int:
     """--print-config: the configuration `resolve` gives, as config.json holds it; a bad input is one line, exit 2."""
-    from data_pipeline.errors import is_bad_input
-
     try:
         cfg = resolve()
     except Exception as exc:
@@ -71,8 +71,6 @@ def read_config_file(path: str | Path, base: RunConfig) -> RunConfig:
 
 def _parse(text: str, path: Path) -> Any:
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:

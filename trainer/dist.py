@@ -244,12 +244,14 @@ def export_launch_env(local_rank_arg: int | None = None) -> Launch:
 def _skip_deepspeed_shm_comm() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op (`deepspeed_shm_comm`).
 
-    DeepSpeed's TorchBackend builds the op whenever the CPU accelerator reports it compatible: 24-72 s of C++
-    compilation on 2 cores the first time (measured on a 2-core AMD EPYC), for a kernel that only serves inference all-reduce. There is
+    DeepSpeed's TorchBackend builds the op whenever the CPU accelerator reports it compatible: tens of seconds of C++
+    compilation the first time (docs/training.md), for a kernel that only serves inference all-reduce. There is
     no switch; `deepspeed.ops.__compatible_ops__` is the module-level dict that `build_shm_op` consults (DeepSpeed
     caches it in the module so that edits persist), and marking the op incompatible there makes DeepSpeed use plain
-    gloo collectives. The probe behind the dict takes ~0.2 s.
+    gloo collectives; the probe behind the dict is cheap by comparison.
     """
+    # DeepSpeed is imported where it is used, here and below: importing it takes seconds and probes the accelerator,
+    # which trainer/main.py --help and the CPU-only tools need not wait for.
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

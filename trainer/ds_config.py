@@ -128,10 +128,9 @@ def _make_single_rank(ds: dict[str, Any]) -> None:
     if ds.get(bf16_key, {}).get("enabled", False):
         # bf16 by torch.autocast over fp32 weights, not bf16 weights: at stage 0 DeepSpeed 0.19.8 steps bf16 weights
         # through its unfused fp16-style optimizer (runtime/fp16/unfused_optimizer.py: fp32 copies made tensor by
-        # tensor in Python, an overflow check that synchronises the device every step), measured at 983 samples/s
-        # against ZeRO-2 bf16's 1,392 and plain PyTorch's 1,635 (one H200, 2026-11-27, vqa2-base clip-infonce-dot,
-        # 384 px, batch 256, compiled). With fp32 weights DeepSpeed wraps nothing: the step is torch's fused AdamW on
-        # the module's parameters, as plain PyTorch's with autocast.
+        # tensor in Python, an overflow check that synchronises the device every step), slower than ZeRO-2 bf16 and
+        # than plain PyTorch (docs/performance.md, "On one GPU: NVIDIA H200"). With fp32 weights DeepSpeed wraps
+        # nothing: the step is torch's fused AdamW on the module's parameters, as plain PyTorch's with autocast.
         ds[bf16_key] = {**ds[bf16_key], "enabled": False}
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
 
@@ -139,8 +138,8 @@ def _make_single_rank(ds: dict[str, Any]) -> None:
 def _bf16_weights_at_stage_0(ds: Mapping[str, Any]) -> bool:
     """A bf16 JSON at ZeRO stage 0 (`stage0_bf16.json`, the default on GPUs), on any number of ranks, and without a
     `torch_autocast` section of its own: run as autocast bf16 over fp32 weights (`_make_single_rank`), never with bf16
-    weights, which DeepSpeed 0.19.8 steps at stage 0 through its unfused optimizer (983 samples/s on one H200 against
-    1,635 for autocast, 2026-11-27)."""
+    weights, which DeepSpeed 0.19.8 steps at stage 0 through its unfused optimizer, far slower than autocast
+    (docs/performance.md, "On one GPU: NVIDIA H200")."""
     if int(ds.get("zero_optimization", {}).get("stage", 0)) != 0 or "torch_autocast" in ds:
         return False
     return bool(ds.get(_bf16_key(ds), {}).get("enabled", False)) and not ds.get("fp16", {}).get(

@@ -12,12 +12,11 @@ so no setting has two owners.
 One rank runs without ZeRO (`resolve_ds_config`, `plain_single_rank`): ZeRO stage 0, DeepSpeed steps torch's fused
 AdamW on the module's own fp32 weights and gradients, as a plain PyTorch script does; a bf16 JSON computes in bf16 by
 DeepSpeed's `torch_autocast` section (torch.autocast, entered by DeepSpeed's forward) instead of bf16 weights. With one
-rank ZeRO has nothing to shard. Its flat fp32 copies, gradient buckets and fp64 norm cost the CPU step 15-25%
-(docs/performance.md); on one H200 (2026-11-27, vqa2-base clip-infonce-dot, batch 256, compiled) the ZeRO-2 bf16
-engine ran at 1,392 samples/s at 384 px and 2,048 at 224 px against plain PyTorch's 1,635 and 3,257 (fp32 weights,
-autocast bf16, fused AdamW): its step was host-bound (per-tensor norms, per-parameter gradient hooks and bucket
-copies, 12 stream synchronisations a step); this engine's own GPU figure at stage 0 in autocast is still to be
-measured. Optimizer offload and fp16 keep the JSON's stage and precision.
+rank ZeRO has nothing to shard, and its flat fp32 copies, gradient buckets and fp64 norm cost host time every step:
+on a CPU they slow the step, on a GPU they make it host-bound (per-tensor norms, per-parameter gradient hooks and
+bucket copies, stream synchronisations every step) against plain PyTorch with fp32 weights, autocast bf16 and fused
+AdamW. Figures: docs/performance.md, sections "The DeepSpeed engine against plain PyTorch on one CPU rank" and "On
+one GPU: NVIDIA H200". Optimizer offload and fp16 keep the JSON's stage and precision.
 
 Several ranks run the default file (deepspeed_configs/stage0_*.json) at ZeRO stage 0 too, as DDP does: fp32 weights
 (autocast bf16 on GPUs), torch's fused AdamW on the module's own parameters, and the gradient all-reduce overlapped
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.compiling import compile_model
 from trainer.config import ConfigError, OptimConfig
@@ -53,6 +53,7 @@ from trainer.ds_config import (  # noqa: F401
     plain_single_rank,
     resolve_ds_config,
 )
+from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS, BucketedAllReduce
 from trainer.optim import WarmupLinearDecay
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ class Engine:
         self._armed = False
 
     def _build(self) -> None:
+        # deepspeed here, not at the top: importing it takes seconds and probes the accelerator, and trainer/main.py
+        # imports this module (its --help need not wait).
         import deepspeed
-        from torch.optim.lr_scheduler import LambdaLR
 
         groups = self.task.param_groups(self.optim)
         self._engine, _, _, _ = deepspeed.initialize(
@@ -172,8 +174,6 @@ class Engine:
         elif overlapped_allreduce(self.ds_config, self.dist.world_size):
             # Several ranks at stage 0: the all-reduce runs in buckets during backward (trainer/grad_sync.py), so
             # DeepSpeed must not all-reduce the averaged gradients a second time after it.
-            from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS, BucketedAllReduce
-
             zero = self.ds_config.get("zero_optimization", {})
             self._grad_sync = BucketedAllReduce(
                 self._engine.module,

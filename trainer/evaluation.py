@@ -42,7 +42,16 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline import atomic
+from data_pipeline.answers import (
+    check_rule,
+    compared_prediction,
+    normalises_prediction,
+    reference_answers,
+    score_against,
+)
+from data_pipeline.sharding import iter_sample_json, open_folder
 from trainer import dist as D
+from trainer.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +72,6 @@ def read_references(folder: str, rule: str = "vqa-2021") -> dict[int, Reference]
     answer type alone for data with one answer per question and a type; {} for easy-VQA (neither). Rank 0 reads it
     once per run: the sample json of every question (the shards' `answers` field keeps the raw strings), processed
     as version `rule` of the official script does."""
-    from data_pipeline.answers import check_rule, normalises_prediction, reference_answers
-    from data_pipeline.sharding import iter_sample_json, open_folder
-
     check_rule(rule, "train.vqa_rule")
     out: dict[int, Reference] = {}
     for meta in iter_sample_json(open_folder(folder)):
@@ -146,8 +152,6 @@ def evaluate(
     `stop`: this rank's stop request; asked at every batch and agreed across ranks, true on any rank abandons the
     evaluation on all (the module docstring). Every rank passes one or none.
     """
-    from trainer.progress import progress_bar
-
     t0 = time.perf_counter()
     engine.train(False)
     # [loss sum, count]: float64 so that the sums do not depend on how samples fall on ranks.
@@ -243,8 +247,6 @@ def _official_scores(
     """Rank 0: (overall accuracy, accuracy per answer type, questions per type) of the gathered (question id,
     predicted answer index, stored soft score) rows: the official accuracy where the question has annotator answers,
     else its stored score."""
-    from data_pipeline.answers import compared_prediction, score_against
-
     # Once per vocabulary answer, not per question: as compared where the rule normalises it, and where not.
     forms = {n: [compared_prediction(a, n) for a in answers] for n in (True, False)}
     total, type_sums = 0.0, {}

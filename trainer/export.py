@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from data_pipeline import atomic
 from trainer import run_folder
@@ -94,6 +95,7 @@ def fp32_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         # included) writes to the stdout it finds when first imported: both to stderr, so that stdout stays the
         # commands' own output (predict's JSON lines, export's folder name).
         with contextlib.redirect_stdout(sys.stderr):
+            # Imported here (as below): deepspeed takes seconds to import, and only a checkpoint to convert needs it.
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
@@ -225,8 +227,6 @@ def write_safetensors(path: Path, state_dict: dict[str, torch.Tensor], metadata:
     """`state_dict` as a safetensors file, atomically. safetensors stores each tensor on its own: a tensor that
     shares memory with another (tied weights; zero_to_fp32's views into one flat buffer) is written as a copy, and
     loads back into the same parameters."""
-    from safetensors.torch import save_file
-
     seen: set[int] = set()
     tensors = {}
     for name, value in state_dict.items():

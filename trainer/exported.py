@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from data_pipeline.errors import BadInputError
 from trainer import run_folder
@@ -91,8 +92,6 @@ def read_export_config(file: Path) -> RunConfig:
 
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         state_dict = load_file(file, device="cpu")
     except Exception as exc:  # noqa: BLE001 - a torn or foreign file (SafetensorError and others): one line

@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import ConfigError
@@ -56,8 +57,6 @@ class BucketedAllReduce:
             gradient_as_bucket_view=True,
         )
         if comm_dtype == torch.bfloat16:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-
             self._ddp.register_comm_hook(tdist.group.WORLD, bf16_compress_hook)
         self._reducer = self._ddp.reducer
 

@@ -17,11 +17,17 @@ timeouts once the metadata requests have answered.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
+
+import httpx2
+import huggingface_hub
+from huggingface_hub import constants, file_download
+from huggingface_hub.utils import _http
 
 DEFAULT_TIMEOUT_S = 60.0
 GIVE_UP_AFTER_TIMEOUTS = 2
@@ -35,8 +41,6 @@ class EndpointNotAnswering(TimeoutError):
 
 def positive_seconds(text: str) -> float:
     """argparse type of --timeout: a finite number of seconds above 0."""
-    import argparse
-
     try:
         value = float(text)
     except ValueError:
@@ -48,8 +52,6 @@ def positive_seconds(text: str) -> float:
 
 def hub_endpoint() -> str:
     """The Hugging Face endpoint downloads go to (HF_ENDPOINT, else huggingface.co)."""
-    from huggingface_hub import constants
-
     return constants.ENDPOINT
 
 
@@ -70,7 +72,6 @@ def timed_out(exc: BaseException) -> bool:
 
 def _giving_up_transport(seconds: float) -> Any:
     """An httpx2 transport that counts timeouts per endpoint and refuses one that timed out too often in a row."""
-    import httpx2
 
     class GiveUpTransport(httpx2.HTTPTransport):
         def __init__(self) -> None:
@@ -96,9 +97,6 @@ def _giving_up_transport(seconds: float) -> Any:
 
 
 def _client_factory(seconds: float) -> Callable[[], Any]:
-    import httpx2
-    from huggingface_hub.utils import _http
-
     def fill_timeouts(request: Any) -> None:
         given = request.extensions.get("timeout") or {}
         request.extensions["timeout"] = {
@@ -121,10 +119,6 @@ def _client_factory(seconds: float) -> Callable[[], Any]:
 def set_timeout(seconds: float) -> Callable[[], None]:
     """Every network call of this process gives up after `seconds` without an answer (the module docstring).
     Returns what puts the previous settings back (an in-process caller's later network use stays as it was)."""
-    import huggingface_hub
-    from huggingface_hub import constants, file_download
-    from huggingface_hub.utils import _http
-
     before = (
         socket.getdefaulttimeout(),
         {name: os.environ.get(name) for name in _FILE_TIMEOUT_VARS},

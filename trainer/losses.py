@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -167,8 +168,6 @@ def gather_with_grad(x: Tensor) -> Tensor:
     global loss. (Gathering into a list and putting the local tensor back gives gradients wrong by a factor of the
     world size.) torch 2.14 deprecates torch.distributed.nn's all_gather for this function.
     """
-    import torch.distributed._functional_collectives as fc
-
     # torch 2.14's all_gather_single differentiates; older releases (2.11 on some GPU images) name the differentiable
     # one all_gather_tensor_autograd, with the same arguments and the same reduce-scatter backward.
     gather = fc.all_gather_single if _gather_has_autograd() else fc.all_gather_tensor_autograd

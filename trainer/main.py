@@ -46,10 +46,9 @@ def ranks_on_this_host(env: Mapping[str, str] = os.environ) -> int:
 
 
 # Before torch loads OpenMP. Several ranks on one host's CPU: idle OpenMP threads sleep instead of spinning, or
-# each rank's spinning threads take the cores the others need (tiny preset, 2 ranks on 2 cores: 2-8 samples/s
-# spinning, 24-38 passive). One rank: OpenMP's default (spin a while, then sleep) keeps the cores warm between
-# the many small ops of a tiny model (demo preset on 2 cores: 164-177 samples/s vs 124 passive). The environment
-# variable, when set, decides.
+# each rank's spinning threads take the cores the others need. One rank: OpenMP's default (spin a while, then
+# sleep) keeps the cores warm between the many small ops of a tiny model. Figures: docs/training.md,
+# OMP_WAIT_POLICY. The environment variable, when set, decides.
 if ranks_on_this_host() > 1:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Training never reaches the Hugging Face hub: pretrained weights are fetched beforehand (./launch.sh fetch-weights,
@@ -66,9 +65,14 @@ from trainer.logs import add_log_option, quiet_cpu_accelerator, setup_logging  #
 quiet_cpu_accelerator()  # before DeepSpeed is imported (trainer.run below imports it)
 
 from data_pipeline.errors import is_bad_input  # noqa: E402
+from data_pipeline.sharding import check_image_size, open_folder  # noqa: E402
 from trainer import dist as D  # noqa: E402
+from trainer.checkpointing import CheckpointSpaceError  # noqa: E402
 from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
 from trainer.config_file import add_config_options, base_config, print_config  # noqa: E402
+from trainer.engine import load_ds_config  # noqa: E402
+from trainer.loop import NonFiniteLossError  # noqa: E402
+from trainer.preemption import StopRequest  # noqa: E402
 from trainer.presets import PRESETS  # noqa: E402
 from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
 from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
@@ -223,9 +227,8 @@ def check(req: RunRequest, folder: RunFolder) -> tuple[RunRequest, RunConfig]:
     check_data(cfg.data.train_data, "train_data", world, not req.eval_only, cfg.model.image_size)
     check_data(cfg.data.val_data, "val_data", world, req.eval_only, cfg.model.image_size)
     cfg.train.grad_accum(world)
-    from trainer.engine import load_ds_config
-
     load_ds_config(ds_config_path(req.deepspeed_config))
+    # Here, not at the top: trainer.weights brings the hub's HTTP client (~0.1 s), which --help need not wait for.
     from trainer.weights import check_available
 
     check_available(cfg.model, req.preset)  # on local disk, or one line naming ./launch.sh fetch-weights
@@ -244,8 +247,6 @@ def check_data(
 ) -> dict[str, Any] | None:
     """Fail before start-up on a missing or damaged folder (open_folder: every listed file there with the manifest's
     size), fewer shards than ranks, or images stored smaller than `image_size`; returns the folder's manifest."""
-    from data_pipeline.sharding import check_image_size, open_folder
-
     if folder is None:
         if required:
             raise ConfigError(f"{what}: no shard folder given (--{what.replace('_', '-')} DIR)")
@@ -302,10 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     ):  # what this command would run with, as config.json holds it; nothing checked or started
         folder, req = RunFolder(args.run_dir), run_request(args)
         return print_config(lambda: resolve_config(resolve_auto_resume(req, folder), folder))
-    from trainer.checkpointing import CheckpointSpaceError
-    from trainer.loop import NonFiniteLossError
-    from trainer.preemption import StopRequest
-
     folder = RunFolder(args.run_dir)
     stop = StopRequest()
     lock = None

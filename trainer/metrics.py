@@ -78,6 +78,8 @@ class TensorBoardLogger:
     events, so `tensorboard --logdir runs` lists each run under its run folder's name (not `<run>/tensorboard`)."""
 
     def __init__(self, log_dir: Path) -> None:
+        # TensorBoard is imported where events are written (rank 0), here and below: the other ranks and main.py
+        # --help never load it.
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)

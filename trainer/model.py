@@ -109,6 +109,8 @@ def load_vilt(cfg: ModelConfig, vocab_size: int) -> ViltModel:
 
 def load_clip(cfg: ModelConfig) -> nn.Module:
     """An open_clip model by architecture name, random or with weights from a pretrained tag or local file."""
+    # open_clip (about 2 s to import) is imported where a CLIP tower is built, here and below: the baseline variant
+    # never needs it.
     import open_clip
 
     register_project_configs()

@@ -2,8 +2,8 @@
 
 A convolution whose stride equals its kernel, without padding, dilation or groups, sees every pixel once: its output
 at a grid cell is the cell's patch (C x kh x kw values) times the weight viewed as [out, C * kh * kw], plus the bias.
-cuDNN runs such a convolution on kernels that do not use the tensor cores (measured on an H200: CLIP ViT-B/32's
-stem 13.9 ms per step of 256 images at 384 px, ~25 TFLOP/s; docs/performance.md); as a matrix product it is a plain
+cuDNN runs such a convolution on kernels that do not use the tensor cores (docs/performance.md, "Less work per
+sample"); as a matrix product it is a plain
 GEMM. `PatchConv2d` keeps `weight` and `bias` as they are (same names, shapes and values), so every checkpoint,
 export and pretrained weight loads unchanged; only `forward` differs.
 """

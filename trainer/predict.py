@@ -33,8 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from data_pipeline.images import upright_rgb
+from trainer import run_folder
 from trainer.config import ConfigError
+from trainer.export import fp32_state_dict, pick_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,6 @@ def load_from_run(
 ) -> tuple[torch.nn.Module, Any, list[str], Any]:
     """Model, tokenizer, answers and config straight from a run's checkpoint (its fp32 weights read in memory, as
     `trainer.export` reads them: any ZeRO stage, stage 0 included)."""
-    from trainer import run_folder
-    from trainer.export import fp32_state_dict, pick_checkpoint
-
     tag, _ = pick_checkpoint(run_dir, tag)
     cfg, tokenizer, answers, task = run_folder.load(run_dir, state_dict=fp32_state_dict(run_dir, tag))
     return task.to(device), tokenizer, answers, cfg
@@ -54,10 +55,6 @@ def load_from_run(
 
 def open_image(image: Any) -> Any:
     """An image file (a path) or a PIL image as an RGB PIL image: the one place images are opened."""
-    from PIL import Image
-
-    from data_pipeline.images import upright_rgb
-
     if isinstance(image, Image.Image):
         return upright_rgb(image)
     path = Path(image)
@@ -72,8 +69,6 @@ def open_image(image: Any) -> Any:
 
 def to_pixels(image: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """The model's input for an image (a path or a PIL image): the loaders' bilinear squash and normalisation."""
-    from PIL import Image
-
     rgb = open_image(image).resize((size, size), Image.BILINEAR)
     x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
     x = x.permute(2, 0, 1).float() / 255.0
@@ -86,8 +81,6 @@ def load_image(path: Path, size: int, mean: tuple[float, ...], std: tuple[float,
 
 def check_images(paths: list[Path]) -> None:
     """Fail before the model loads on an image that is missing or not an image (only the header is read here)."""
-    from PIL import Image
-
     for path in paths:
         if not path.is_file():
             raise ConfigError(f"--image {path}: no such file")
@@ -201,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from trainer.predictor import Predictor
+    from trainer.predictor import Predictor  # here, not at the top: trainer.predictor imports this module
 
     try:
         if args.pairs is not None:

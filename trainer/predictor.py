@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, RunConfig
+from trainer.exported import from_pretrained
+from trainer.predict import check_questions, load_from_run, pair_up, to_pixels
 
 ImageLike = Any  # a path (str or Path) or a PIL image
 
@@ -49,8 +51,6 @@ class Predictor:
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Predictor:
         """From an export folder (`python -m trainer.export`; read without pickle). Bad files: ConfigError, one line
         naming the file."""
-        from trainer.exported import from_pretrained
-
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every file is local; no library may try the hub
         device = torch.device(device) if device is not None else default_device()
         task, tokenizer, answers, cfg = from_pretrained(path, device)
@@ -61,8 +61,6 @@ class Predictor:
         cls, run_dir: str | Path, tag: str | None = None, device: str | torch.device | None = None
     ) -> Predictor:
         """From a run folder's checkpoint (the newest complete one, or `tag`), any ZeRO stage."""
-        from trainer.predict import load_from_run
-
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         device = torch.device(device) if device is not None else default_device()
         task, tokenizer, answers, cfg = load_from_run(Path(run_dir), tag, device)
@@ -80,8 +78,6 @@ class Predictor:
         """One result per (image, question) pair, in order. One image is asked every question, one question is
         asked of every image; otherwise the two lists pair up and must be as long. Each result: image (the path,
         or None for a PIL image), question, answer, its probability p, and the `top_k` answers ranked."""
-        from trainer.predict import check_questions, pair_up, to_pixels
-
         images = (
             [images] if isinstance(images, str | Path) or not isinstance(images, Sequence) else list(images)
         )

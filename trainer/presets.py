@@ -130,8 +130,8 @@ def demo() -> RunConfig:
 
     Sized so that the demo's comparison (`baseline`, `clip-no-infonce`, `clip-infonce-cos`, `clip-infonce-dot`, each
     validated every 100 steps on 500 fixed test questions and scored on the whole test split at the end) finishes on
-    a 2-core CPU in under 20 minutes, set-up included (README: three variants took 6.3 min on 2026-11-27, four are
-    estimated at 9-12 min), with the CLIP variants above 0.90 on easy-VQA's test split:
+    a 2-core CPU in under 20 minutes, set-up included (the README's quick start has the measured times), with the
+    CLIP variants above 0.90 on easy-VQA's test split:
     ViLT 2 layers x 128 with 8 heads of 16 and init std 0.1 (ViLT's BERT init, 0.02, leaves the image unused for
     hundreds of steps when training from scratch); CLIP's convolutional `RN-tiny` tower (open_clip's
     ModifiedResNet); 64 px images, 12-token questions (the longest easy-VQA question); batch 64, AdamW lr 7e-4 with

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from tqdm import tqdm
+
 # A progress bar into a file or pipe (a job's log) is redrawn with a carriage return each time: thousands of bars on
 # one line. Redrawn at most this often there; every 0.1 s (tqdm's default) on a terminal.
 NON_TTY_BAR_INTERVAL_S = 60.0
@@ -12,8 +14,6 @@ NON_TTY_BAR_INTERVAL_S = 60.0
 
 def progress_bar(enabled: bool, *, file: Any = None, **kwargs: Any) -> Any:
     """A tqdm bar (rank 0 shows it, the others pass enabled=False); on a non-terminal stream it updates rarely."""
-    from tqdm import tqdm
-
     stream = sys.stderr if file is None else file
     tty = bool(getattr(stream, "isatty", lambda: False)())
     return tqdm(

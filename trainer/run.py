@@ -14,9 +14,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from trainer import dist as D
+from trainer import run_folder, text_lengths
+from trainer.checkpoint_layout import ResumeFindings, resolve_resume
+from trainer.checkpointing import Checkpointer, set_aside_incomplete
 from trainer.config import ConfigError, RunConfig
+from trainer.engine import Engine, default_ds_config_path, load_ds_config, resolve_ds_config
+from trainer.evaluation import evaluate, read_references, write_results
+from trainer.loop import TrainLoop
+from trainer.metrics import build_logger
+from trainer.preemption import shielded
 from trainer.run_folder import RunFolder
+from trainer.runlock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
     from data_pipeline.spec import LoaderSpec
@@ -30,12 +41,8 @@ log = logging.getLogger(__name__)
 
 def ds_config_path(arg: str | None) -> Path:
     """--deepspeed_config, else the default for this host's device (trainer/engine.py)."""
-    from trainer.engine import default_ds_config_path
-
     if arg:
         return Path(arg)
-    import torch
-
     return default_ds_config_path(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -43,14 +50,6 @@ class Run:
     """The pieces of one run, built in order; `train()` and `evaluate()` use them."""
 
     def __init__(self, request: RunRequest, cfg: RunConfig, folder: RunFolder, dist: D.DistInfo) -> None:
-        import torch
-
-        from trainer import run_folder, text_lengths
-        from trainer.checkpointing import Checkpointer, set_aside_incomplete
-        from trainer.engine import Engine, load_ds_config, resolve_ds_config
-        from trainer.evaluation import read_references
-        from trainer.metrics import build_logger
-
         self.request, self.cfg, self.run_dir, self.dist = request, cfg, folder.path, dist
         if dist.is_main and not request.eval_only:
             # Under the run folder's lock: a save cut off earlier is set aside before anything else looks.
@@ -116,8 +115,6 @@ class Run:
         (train.verify_checkpoints), and says what it passed over; every rank then takes the same tag, or stops with
         rank 0's one-line error. The tags that failed their check are returned: the run never prunes or replaces
         them."""
-        from trainer.checkpoint_layout import ResumeFindings, resolve_resume
-
         ckpt_dir = self.run_dir / "checkpoints"
         verify = self.cfg.train.verify_checkpoints
         decision: tuple[str | None, str | None, list[str]] | None = None
@@ -147,6 +144,8 @@ class Run:
 
     def loader_spec(self, *, train: bool) -> LoaderSpec:
         """How this rank reads shards for training or evaluation (data_pipeline/spec.py), from the config's sections."""
+        # The loaders are imported where a run reads data, not at the top: trainer/main.py imports this module, and
+        # its --help need not wait for the loader stack (DALI's and PyTorch's loaders, PIL).
         from data_pipeline.loader import LoaderSpec
 
         t, d, data = self.cfg.train, self.dist, self.cfg.data
@@ -174,8 +173,6 @@ class Run:
     def evaluate(self, step: int) -> dict[str, float]:
         """Evaluate on --val-data on every rank; rank 0 logs `val/...` and writes the predictions file."""
         from data_pipeline.loader import build_loader, read_manifest
-        from trainer.evaluation import evaluate, write_results
-        from trainer.preemption import shielded
 
         folder = self.cfg.data.val_data
         if not folder:
@@ -215,7 +212,6 @@ class Run:
 
     def train(self, stop: Any) -> str:
         from data_pipeline.loader import build_loader
-        from trainer.loop import TrainLoop
 
         assert self.cfg.data.train_data is not None
         self.stop = stop
@@ -260,8 +256,6 @@ class Run:
 def lock_run_dir(run_dir: Path, dist: D.DistInfo) -> Any:
     """Rank 0 takes the run folder's lock (trainer/runlock.py); every rank learns the outcome, so that all ranks of a
     refused job stop with the same one-line error instead of waiting on rank 0."""
-    from trainer.runlock import RunLock, RunLockedError
-
     lock, refused = RunLock(run_dir), None
     if dist.is_main:
         try:

@@ -38,8 +38,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import torch
+
 from data_pipeline import atomic
+from data_pipeline.sharding import iter_sample_json, open_folder, read_answers
 from trainer import dist as D
+from trainer.checkpointing import list_complete
 from trainer.config import ConfigError, ModelConfig, RunConfig, config_from_dict
 
 if TYPE_CHECKING:
@@ -110,6 +114,8 @@ class RunFolder:
         return (self.tokenizer_dir / TOKENIZER_META).is_file()
 
     def load_tokenizer(self) -> QuestionTokenizer:
+        # data_pipeline.text (transformers, open_clip) and trainer.task (the model) are imported where used, here and
+        # below: trainer/main.py imports this module, and its --help need not wait seconds for them.
         from data_pipeline.text import QuestionTokenizer
 
         return QuestionTokenizer.load(self.tokenizer_dir)
@@ -150,8 +156,6 @@ class RunFolder:
 
     def check_fresh(self) -> None:
         """A fresh run never writes into a folder that holds checkpoints (it would overwrite them)."""
-        from trainer.checkpointing import list_complete
-
         ckpts = self.path / "checkpoints"
         if ckpts.is_dir() and any(ckpts.iterdir()):
             found = ", ".join(r.tag for r in list_complete(ckpts)) or "incomplete ones"
@@ -266,8 +270,6 @@ def load(
     }
     if state_dict is not None:
         return Loaded(cfg, tokenizer, answers, _trained_task(cfg, state_dict, sizes))
-    import torch
-
     from trainer.task import build_task
 
     if seed is not None:
@@ -319,15 +321,11 @@ def build_tokenizer(
 
 def shard_questions(folder: str) -> Iterator[str]:
     """The question texts of a shard folder, in shard order."""
-    from data_pipeline.sharding import iter_sample_json, open_folder
-
     return (s["question"] for s in iter_sample_json(open_folder(folder)))
 
 
 def data_answers(cfg: RunConfig) -> list[str]:
     """The answer list of the run's data; training and evaluation data must share it."""
-    from data_pipeline.loader import read_answers
-
     data_dir = cfg.data.train_data or cfg.data.val_data
     assert data_dir, "check_data ran before start-up"
     answers = read_answers(data_dir)

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, replace
 
+from trainer.checkpoint_layout import damaged, incomplete, list_complete, move_aside_hint
 from trainer.config import ConfigError, RunConfig
 from trainer.run_folder import RunFolder
 
@@ -53,8 +54,6 @@ def resolve_auto_resume(req: RunRequest, folder: RunFolder) -> RunRequest:
     refused: a fresh run would bury them under its own saves."""
     if req.resume != "auto":
         return req
-    from trainer.checkpoint_layout import damaged, incomplete, list_complete, move_aside_hint
-
     ckpt_dir = folder.path / "checkpoints"
     refs = list_complete(ckpt_dir)
     if refs:
@@ -101,8 +100,6 @@ def resolve_eval_target(req: RunRequest, folder: RunFolder) -> RunRequest:
     complete checkpoint is refused: scoring untrained weights must be asked for (--resume none)."""
     if req.initial or req.resume not in (None, "auto"):
         return req
-    from trainer.checkpoint_layout import list_complete
-
     ckpt_dir = folder.path / "checkpoints"
     if list_complete(ckpt_dir):
         if req.resume is None:

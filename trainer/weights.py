@@ -29,8 +29,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, ModelConfig
+import huggingface_hub
+from huggingface_hub import try_to_load_from_cache
+
+from trainer.config import ConfigError, ModelConfig, apply_overrides
 from trainer.hub_timeouts import DEFAULT_TIMEOUT_S, hub_endpoint, positive_seconds, set_timeout, timed_out
+from trainer.presets import PRESETS, get_preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "VQA_WEIGHTS"
@@ -90,8 +94,6 @@ def local_vilt(name: str) -> Path | None:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         cached = try_to_load_from_cache(name, "config.json")
     except ValueError:  # not a valid repository id either (e.g. a folder path that does not exist)
@@ -110,6 +112,8 @@ def is_clip_file(pretrained: str) -> bool:
 
 def clip_tag_config(arch: str, tag: str) -> dict:
     """open_clip's download entry for `tag` of architecture `arch`; a WeightsError listing the tags if none."""
+    # open_clip (about 2 s to import) is imported where a CLIP tag is looked up or fetched, here and below: the
+    # ViLT-only paths and --help do not wait for it.
     from open_clip import pretrained as oc
 
     from data_pipeline.clip_configs import register_project_configs
@@ -127,7 +131,6 @@ def clip_tag_config(arch: str, tag: str) -> dict:
 
 def local_clip_tag(arch: str, tag: str) -> Path | None:
     """Where open_clip finds the weights of `tag` without downloading (the Hugging Face cache); None if absent."""
-    from huggingface_hub import try_to_load_from_cache
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
     cfg = clip_tag_config(arch, tag)
@@ -148,8 +151,6 @@ def local_clip_tag(arch: str, tag: str) -> Path | None:
 
 def _fetch_advice(model: ModelConfig, preset: str | None, field: str) -> str:
     """The fetch-weights command that gets `field`'s checkpoint: the preset's own when it names the same one."""
-    from trainer.presets import PRESETS, get_preset
-
     ours = get_preset(preset).model if preset in PRESETS else None
     same = ours is not None and getattr(ours, field) == getattr(model, field)
     if field == "vilt_pretrained":
@@ -206,8 +207,6 @@ def fetch_vilt(name: str, cache: Path, timeout: float = DEFAULT_TIMEOUT_S) -> Pa
     """A local folder as it is, else hub repository `name` downloaded into CACHE/vilt/ORG--NAME; the folder."""
     path = Path(name).expanduser()
     if not path.is_dir():
-        import huggingface_hub
-
         path = cache / "vilt" / name.replace("/", "--")
         print(f"fetch-weights: ViLT {name} -> {path}", file=sys.stderr, flush=True)
         try:
@@ -320,9 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:
-    from trainer.config import apply_overrides
-    from trainer.presets import get_preset
-
     overrides = [f"model.vilt_pretrained={args.vilt}"] if args.vilt is not None else []
     if args.clip_arch is not None:
         overrides.append(f"model.clip_arch={args.clip_arch}")

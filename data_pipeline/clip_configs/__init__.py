@@ -15,11 +15,11 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import open_clip
+
 CONFIG_DIR = Path(__file__).parent
 
 
 @cache
 def register_project_configs() -> None:
-    import open_clip
-
     open_clip.add_model_config(CONFIG_DIR)

@@ -30,6 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from data_pipeline.easyvqa import answer_list
+from trainer import run_folder
+from trainer.config import apply_overrides
+from trainer.plain import PlainEngine
+from trainer.presets import get_preset
+from trainer.run_folder import RunFolder
 
 QUESTION_TYPES = ("yes/no", "colour", "shape")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -43,6 +51,7 @@ def question_type(answer: str) -> str:
 
 def derive_clip_arch(base_arch: str, vision: list[str]) -> str:
     """Register an open_clip config equal to `base_arch` but for the given vision_cfg fields; returns its name."""
+    # open_clip (about 2 s to import) only where a CLIP architecture is derived.
     import open_clip
 
     from data_pipeline.clip_configs import register_project_configs
@@ -70,8 +79,9 @@ class EasyVQATensors:
     """One easy-VQA split as tensors: uint8 images, answer indices, image ids, tokenised questions."""
 
     def __init__(self, split: str, tokenizer: Any, answers: list[str], image_size: int, device: torch.device):
+        # easy_vqa where the data is read, here and below, as data_pipeline/easyvqa.py does: an optional package,
+        # reported when missing.
         import easy_vqa
-        from PIL import Image
 
         questions, answer_text, image_ids = (
             easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
@@ -123,13 +133,6 @@ def score(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from data_pipeline.easyvqa import answer_list
-    from trainer import run_folder
-    from trainer.config import apply_overrides
-    from trainer.plain import PlainEngine
-    from trainer.presets import get_preset
-    from trainer.run_folder import RunFolder
-
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.loader import LoaderSpec, build_loader
+from data_pipeline.questions import QuestionTable
 from trainer import dist as D
 from trainer.compiling import compile_model
 from trainer.config import RunConfig, apply_overrides
@@ -106,6 +108,8 @@ class HFViltTask(torch.nn.Module):
     measured against, trained as its own code does (BCE x answers, eager attention, no compilation)."""
 
     def __init__(self, cfg: RunConfig, *, n_answers: int, vilt_vocab: int) -> None:
+        # transformers' ViLT and trainer.task (the model) are imported where a cell is built, here and below: `python
+        # -m trainer.bench --help` need not wait for them.
         from transformers import ViltConfig, ViltForQuestionAnswering
 
         super().__init__()
@@ -197,9 +201,6 @@ def make_batches(setup: Setup, cfg: RunConfig, task: torch.nn.Module, mode: str,
         )  # fmt: skip
         batch["pixels"] = batch["pixels"].to(dtype)
         return DeviceBatch(batch)
-    from data_pipeline.loader import LoaderSpec, build_loader
-    from data_pipeline.questions import QuestionTable
-
     # As the trainer reads: tokens from the folder's question table, at the text lengths the model runs at.
     m, model = cfg.model, getattr(task, "model", None)
     table = QuestionTable.build(setup.args.train_data, setup.tokenizer).trimmed(

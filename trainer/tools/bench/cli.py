@@ -16,13 +16,16 @@ from typing import Any
 import torch
 
 from data_pipeline.errors import is_bad_input
+from data_pipeline.loader import read_answers
+from data_pipeline.sharding import read_manifest
 from trainer import dist as D
-from trainer import text_lengths
+from trainer import run_folder, text_lengths
 from trainer.config import VARIANTS, ConfigError, RunConfig, apply_overrides
 from trainer.engine import default_ds_config_path, load_ds_config
 from trainer.presets import PRESETS, get_preset
 from trainer.tools.bench.cells import HF_VILT, Setup, run_cell, synthetic_batch
 from trainer.tools.bench.measure import measure_peaks
+from trainer.tools.bench.ranks import main as ranks_main
 from trainer.tools.bench.report import format_table, new_report, write_report
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,6 @@ DEFAULT_VILT_VOCAB = 30522
 def build_tokenizer(cfg: RunConfig, folder: str, work: Path):
     """A vocabulary built from the data's questions (never a pretrained ViLT's: the weights are random here) with
     the CLIP ids every variant may need, by the run folder's own builder."""
-    from trainer import run_folder
-
     model = dataclasses.replace(cfg.model, vilt_pretrained=None)
     questions = functools.partial(run_folder.shard_questions, folder)
     return run_folder.build_tokenizer(model, work / run_folder.TOKENIZER_DIR, questions, fit_clip_vocab=True)
@@ -177,8 +178,6 @@ def resolve_args(args: argparse.Namespace) -> Plan:
 
 
 def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) -> Setup:
-    from data_pipeline.loader import read_answers
-
     ds_path = Path(args.deepspeed_config) if args.deepspeed_config else default_ds_config_path(dist.device)
     ds_base = load_ds_config(ds_path)
     bf16 = bool(ds_base.get("bf16", {}).get("enabled", False))
@@ -187,8 +186,6 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
     tokenizer, clip_vocab = None, None
     n_answers, vilt_vocab = DEFAULT_ANSWERS, DEFAULT_VILT_VOCAB
     if args.train_data:
-        from data_pipeline.sharding import read_manifest
-
         read_manifest(args.train_data)  # fails plainly on a folder that is not a finished shard folder
         n_answers = len(read_answers(args.train_data))
         tokenizer = build_tokenizer(plan.base, args.train_data, work)
@@ -265,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):
         # Several ranks: the engine's data-parallel modes against torch DDP, in spawned processes (ranks.py).
-        from trainer.tools.bench.ranks import main as ranks_main
-
         return ranks_main(argv)
     parser = build_parser()
     try:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
 def synchronize(device: torch.device) -> None:
@@ -24,8 +27,8 @@ def matmul_peak(
 ) -> float:
     """The best FLOP/s of `reps` back-to-back n x n @ n x n products in `dtype`, timed again and again for `budget_s`
     seconds (at least 3 times). A fixed number of short trials is not enough: a CPU's first products run at a
-    fraction of its peak (thread pool start, clock ramp; measured on a 2-core AMD EPYC: 32 GFLOP/s fp32 in the
-    first 10 trials of 512 x 512, 214 after ~1 s), which made the MFU column read over 100%. On a shared machine
+    fraction of its peak (thread pool start, clock ramp; docs/performance.md, "Figures behind choices in the code"),
+    which made the MFU column read over 100%. On a shared machine
     the best timing is the peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -44,16 +47,12 @@ def matmul_peak(
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _cpu_sdpa_backward_flops(
     grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
 ):
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -65,8 +64,6 @@ def count_step_flops(
     torch's counter knows the CUDA attention kernels but not the CPU one that `scaled_dot_product_attention` runs on
     the CPU: it is counted here with torch's own attention formulas, so the CPU figure covers attention too.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     aten = torch.ops.aten
     counter = FlopCounterMode(
         display=False,
@@ -108,8 +105,6 @@ class PeakMemory:
                 return int(match.group(1)) * 1024
         except OSError:
             pass
-        import resource
-
         self.label = "process peak RSS since start (ru_maxrss)"
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -129,8 +124,6 @@ def profile_steps(engine: Any, batches: Any, n: int, device: torch.device, out: 
     Returns what the table shows in numbers: host (CPU) time and device time per step from the profiler's own
     totals, and the host synchronisations per step, the ones that keep the host from running ahead of the GPU.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     t0 = time.perf_counter()

@@ -38,8 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 
+from data_pipeline.errors import is_bad_input
+from trainer import dist as D
 from trainer.config import ConfigError
+from trainer.presets import get_preset
+from trainer.tools.bench.ranks_report import format_table
 
 CELLS = ("stage0-overlap", "ddp", "zero2", "stage0-overlap-bf16", "stage0-after-backward", "zero1")
 
@@ -102,8 +107,6 @@ def _checked(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from data_pipeline.errors import is_bad_input
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
@@ -111,8 +114,6 @@ def main(argv: list[str]) -> int:
     args.argv = list(argv)
     try:
         cells = _checked(args)
-        from trainer.presets import get_preset
-
         get_preset(args.preset)  # a bad preset fails here, once, not in every rank
     except Exception as exc:
         if not is_bad_input(exc):
@@ -122,12 +123,8 @@ def main(argv: list[str]) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    import torch.multiprocessing as mp
-
     mp.spawn(_rank_main, args=(args, cells, port), nprocs=args.ranks, join=True)
     report = json.loads(Path(args.out).read_text())
-    from trainer.tools.bench.ranks_report import format_table
-
     print(format_table(report))
     print(f"results: {args.out}")
     return 0
@@ -141,7 +138,7 @@ def _rank_main(rank: int, args: argparse.Namespace, cells: list[str], port: int)
     if not torch.cuda.is_available():
         # The ranks share the host's cores: one thread each on 2 cores, as `deepspeed --num_gpus 2` on CPU runs them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
-    from trainer import dist as D
+    # Here, not at the top: trainer.tools.bench.ranks_cells imports this module.
     from trainer.tools.bench.ranks_cells import run_rank
 
     dist = D.init_distributed()

@@ -16,8 +16,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from trainer import dist as D
 from trainer.config import RunConfig, apply_overrides
-from trainer.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
+from trainer.engine import CONFIG_DIR, Engine, load_ds_config, move_batch, resolve_ds_config
+from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS
 from trainer.plain import PlainEngine
+from trainer.presets import get_preset
+from trainer.task import build_task
 from trainer.tools.bench.cells import synthetic_batch
 from trainer.tools.bench.hostwork import BACKWARD_RANGE, analyse, python_calls_from_autograd
 from trainer.tools.bench.measure import synchronize
@@ -47,15 +50,11 @@ class DDPEngine(PlainEngine):
             )
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        from trainer.engine import move_batch
-
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.ddp(move_batch(batch, self.device, self.dtype))
 
 
 def cell_config(args: argparse.Namespace, world_size: int) -> RunConfig:
-    from trainer.presets import get_preset
-
     base = apply_overrides(get_preset(args.preset), list(args.set))
     batch = args.batch_size or max(1, base.train.global_batch_size // world_size)
     total = args.warmup + args.steps * args.repeats + args.profile_steps + 1
@@ -85,9 +84,6 @@ def _ds_config(cell: str, cfg: RunConfig, dist: D.DistInfo) -> dict[str, Any]:
 
 
 def build_engine(cell: str, cfg: RunConfig, dist: D.DistInfo, n_answers: int, vilt_vocab: int, clip_vocab):
-    from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS
-    from trainer.task import build_task
-
     torch.manual_seed(cfg.train.seed)  # the same initial weights in every cell
     task = build_task(cfg, n_answers=n_answers, vilt_vocab_size=vilt_vocab, clip_vocab=clip_vocab).to(
         dist.device

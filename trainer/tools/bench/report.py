@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline import atomic
 from data_pipeline.machine import machine_line
 from trainer.tools.bench.cells import Setup
 
@@ -110,8 +111,6 @@ def new_report(args: argparse.Namespace, argv: list[str], setup: Setup) -> dict[
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     """The JSON file, replaced atomically (a reader never sees half a file)."""
-    from data_pipeline import atomic
-
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out, json.dumps(report, indent=2) + "\n")
 

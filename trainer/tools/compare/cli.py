@@ -13,6 +13,8 @@ from typing import Any
 
 from data_pipeline import atomic, storage
 from data_pipeline.machine import machine
+from data_pipeline.subset import subset_record
+from trainer.config import VARIANTS
 from trainer.tools.compare.report import plot_results, write_report
 from trainer.tools.compare.results import (
     DONE_FILE,
@@ -69,8 +71,6 @@ example (the demo: the four default variants, validation every 100 steps on 500 
 
 def subset_summary(folder: str) -> dict[str, Any]:
     """results.json's `val_subset`: the subset folder and its draw (data_pipeline/subset.py's record)."""
-    from data_pipeline.subset import subset_record
-
     record = subset_record(folder)
     assert record is not None, f"{folder}: prepare_val_subset wrote it"
     return {
@@ -82,8 +82,6 @@ def subset_summary(folder: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.config import VARIANTS
-
     p = argparse.ArgumentParser(
         prog="python -m trainer.compare",
         description="Run the paper's comparison: every variant with the same seeds, data order and hyperparameters; "

@@ -4,12 +4,15 @@ whichever way they fall."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from data_pipeline import atomic
 from trainer.tools.compare.claims import claims, summary_lines, verdict_table
-from trainer.tools.compare.results import LOSS_CURVE, SMOOTH_STEPS, _val_curve, loss_band
+from trainer.tools.compare.results import LOSS_CURVE, SMOOTH_STEPS, _val_curve, loss_band, validate_results
 
 
 def validation_title(subset: dict[str, Any] | None) -> str:
@@ -63,6 +66,8 @@ def draw(
     score during training (on the subset where there is one), mean with the min-max band, and with a subset the
     whole-split score at the end (star: mean; bar: min-max). One legend entry per variant, below both panels;
     returns the legend's labels."""
+    # matplotlib (about 0.25 s to import) only where a figure is drawn: `python -m trainer.compare --help` and the
+    # table need not wait.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,12 +357,6 @@ These are measurements of this run on this data, not a verdict on the method in 
 
 def main(argv: list[str] | None = None) -> int:
     """Rebuild report.md (and loss_curves.png, where results.json carries the loss curves) beside a results.json."""
-    import argparse
-    import json
-    import sys
-
-    from trainer.tools.compare.results import validate_results
-
     p = argparse.ArgumentParser(
         prog="python -m trainer.tools.compare.report",
         description="Write report.md and loss_curves.png next to a comparison's results.json, from it alone.",

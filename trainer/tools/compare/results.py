@@ -166,6 +166,8 @@ class CompareError(RuntimeError):
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     """All scalars of a run's TensorBoard event files: tag -> [(step, value, wall_time)], sorted by step."""
+    # TensorBoard and trainer.run_folder (torch) are imported where a run's files are read, here and below: `python -m
+    # trainer.compare --help` loads neither.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[str, dict[int, tuple[float, float]]] = {}

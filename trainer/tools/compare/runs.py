@@ -50,6 +50,8 @@ class RunSpec:
 
 def local_gpu_count() -> int:
     try:
+        # torch (seconds to import) only to count GPUs, and trainer.run_folder (torch) only where a run's folder is
+        # read: the comparison's own process stays light.
         import torch
 
         return torch.cuda.device_count()

@@ -3,8 +3,8 @@
 A slot is what one run (its trainer, then its whole-split evaluation) may use:
 - on the CPU, `--threads-per-run` threads (default 1): OMP_NUM_THREADS, MKL_NUM_THREADS and the other BLAS/OpenMP
   variables of its processes, which fix torch's intra-op thread count. Models of the demo's size do not scale across
-  a process's threads but across processes (2-core CPU: one 2-thread process 271 samples/s, two 1-thread processes
-  side by side 480), so `--jobs auto` runs one run per `--threads-per-run` cores;
+  a process's threads but across processes (README, "Since 2026-12-07 the runs go side by side"), so `--jobs auto`
+  runs one run per `--threads-per-run` cores;
 - on GPUs, `--gpus-per-run` GPUs (default 1): its own CUDA_VISIBLE_DEVICES and its own rendezvous port
   (`--master-port` + the slot's index), so that concurrent deepspeed launchers neither share a GPU nor a port.
 

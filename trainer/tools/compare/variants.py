@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.config import VARIANTS
+
 # modifier -> (configuration field, value)
 MODIFIERS: dict[str, tuple[str, str]] = {
     "dup-mask": ("loss.duplicate_questions", "mask"),
@@ -55,14 +57,10 @@ class Variant:
 
 
 def infonce_variants() -> list[str]:
-    from trainer.config import VARIANTS
-
     return [name for name, (_, contrastive) in VARIANTS.items() if contrastive in ("cosine", "dot")]
 
 
 def parse_variant(text: str) -> Variant:
-    from trainer.config import VARIANTS
-
     name = text.strip()
     model, *mods = name.split("+")
     if model not in VARIANTS:

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from data_pipeline import sharding, storage
+
 SAMPLES_TO_READ = 2
 _UNITS = {
     "": 1,
@@ -84,6 +88,8 @@ def _host_memory() -> tuple[int, int] | None:
 
 def check_device(report: RankReport, require_gpu: bool, min_free_fraction: float) -> Any:
     """Fill in the rank's device and memory; returns the torch.device it will use."""
+    # torch and trainer.dist (torch) are imported where a check needs them, here and below: `python -m
+    # trainer.preflight --help` does not load torch.
     import torch
 
     if torch.cuda.is_available():
@@ -131,10 +137,6 @@ def read_first_samples(folder_dir: str, rank: int, world_size: int, n: int = SAM
     The rank's share starts at position N*rank // W of the folder's shards in file order (data_pipeline.sharding);
     raises DataError (or OSError) with one line on anything unreadable.
     """
-    from PIL import Image
-
-    from data_pipeline import sharding, storage
-
     folder = sharding.open_folder(folder_dir)
     start, stop = sharding.rank_range(folder.total, rank, world_size)
     pieces = sharding.segments(list(folder.shards), start, stop)

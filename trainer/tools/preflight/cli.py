@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's own message
         return int(exc.code or 0)
 
+    # trainer.dist and torch.distributed are imported after the arguments are parsed, here and below: --help does not
+    # load torch.
     from trainer import dist as D
 
     try:
