@@ -511,7 +511,6 @@ def real_deepspeed(checkout: Checkout) -> Checkout:
     for name in ("python", "deepspeed"):
         (checkout.venv / "bin" / name).unlink()
         (checkout.venv / "bin" / name).symlink_to(REAL_VENV / "bin" / name)
-    (checkout.root / "trainer").mkdir()
     (checkout.root / "trainer" / "main.py").write_text(STAND_IN_TRAINER)
     (checkout.tmp / "out").mkdir()
     return checkout
