@@ -69,6 +69,96 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
 
 
+# The launch options by group: (name, argparse settings); the values stay strings, as given.
+OPTIONS: dict[str, list[tuple[str, dict]]] = {
+    "checking first": [
+        (
+            "--preflight",
+            {
+                "action": "store_true",
+                "help": "run `python -m trainer.preflight` on the same ranks instead of the trainer (deepspeed "
+                "--module trainer.preflight): every rank checks its GPU and memory, an all-reduce over the world "
+                "(latency, bus bandwidth), reading samples of --train-data/--val-data, and writing to --run-dir; rank "
+                "0 prints one table, and the exit status is 1 when a check fails. TRAINER ARGS stay as they are (the "
+                "preflight ignores the ones it does not use), so adding --preflight to a training command checks "
+                "that command's nodes and paths in seconds.",
+            },
+        ),
+    ],
+    "nodes and GPUs": [
+        (
+            "--num_gpus",
+            {
+                "metavar": "N",
+                "help": "processes on this node (on each node: GPUs 0..N-1 instead of the hostfile's slots). "
+                "Default: one per local GPU (nvidia-smi --list-gpus; with CUDA_VISIBLE_DEVICES set, DeepSpeed takes "
+                "exactly the GPUs listed there); on a machine without a GPU, one CPU process (--num_gpus 1: "
+                "DeepSpeed's CPU accelerator, gloo)",
+            },
+        ),
+        (
+            "--hostfile",
+            {
+                "metavar": "FILE",
+                "help": 'one line per node: HOST slots=GPUS (e.g. "worker-0 slots=8"); # comments allowed. Over '
+                "ssh, the nodes to start; with --no_ssh, the same hostfile on every node, its line order giving the "
+                "node ranks",
+            },
+        ),
+        (
+            "--num_nodes",
+            {
+                "metavar": "K",
+                "help": "use only the first K hosts of the hostfile; with --no_ssh and no hostfile, K nodes with the "
+                "same number of GPUs (--num_gpus, or this node's GPU count)",
+            },
+        ),
+    ],
+    "rendezvous": [
+        (
+            "--master_addr",
+            {
+                "metavar": "ADDR",
+                "help": "address of node 0 that every node can reach (over ssh, default: DeepSpeed asks node 0's "
+                "`hostname -I` over ssh; required with --no_ssh)",
+            },
+        ),
+        (
+            "--master_port",
+            {
+                "metavar": "PORT",
+                "help": "rendezvous port. One node: default the first free one from 29500 upward, so that several "
+                "jobs can share the host (launch.sh says which). Several nodes: DeepSpeed's default 29500; every "
+                "node must use the same, so launch.sh does not change it: with 29500 in use on node 0 it stops and "
+                "says so",
+            },
+        ),
+        ("--ssh_port", {"metavar": "PORT", "help": "ssh port of the nodes, if not 22"}),
+    ],
+    "without ssh": [
+        ("--no_ssh", {"action": "store_true", "help": "one node of several, started on each node alike"}),
+        (
+            "--node_rank",
+            {
+                "metavar": "R",
+                "help": "this node's rank, 0 <= R < number of nodes (node 0 hosts the rendezvous)",
+            },
+        ),
+    ],
+    "environment": [
+        (
+            "--env",
+            {
+                "metavar": "NAME=VALUE",
+                "action": "append",
+                "default": [],
+                "help": "one more variable for the processes of every node (repeatable)",
+            },
+        ),
+    ],
+}
+
+
 def train_parser() -> argparse.ArgumentParser:
     """The launch options of `./launch.sh train`, each value as given (cli.check_values checks them, with the
     project's one-line messages)."""
@@ -80,67 +170,8 @@ def train_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         allow_abbrev=False,
     )
-    checking = parser.add_argument_group("checking first")
-    checking.add_argument(
-        "--preflight",
-        action="store_true",
-        help="run `python -m trainer.preflight` on the same ranks instead of the trainer (deepspeed --module "
-        "trainer.preflight): every rank checks its GPU and memory, an all-reduce over the world (latency, bus "
-        "bandwidth), reading samples of --train-data/--val-data, and writing to --run-dir; rank 0 prints one "
-        "table, and the exit status is 1 when a check fails. TRAINER ARGS stay as they are (the preflight ignores "
-        "the ones it does not use), so adding --preflight to a training command checks that command's nodes and "
-        "paths in seconds.",
-    )
-    nodes = parser.add_argument_group("nodes and GPUs")
-    nodes.add_argument(
-        "--num_gpus",
-        metavar="N",
-        help="processes on this node (on each node: GPUs 0..N-1 instead of the hostfile's slots). Default: one per "
-        "local GPU (nvidia-smi --list-gpus; with CUDA_VISIBLE_DEVICES set, DeepSpeed takes exactly the GPUs listed "
-        "there); on a machine without a GPU, one CPU process (--num_gpus 1: DeepSpeed's CPU accelerator, gloo)",
-    )
-    nodes.add_argument(
-        "--hostfile",
-        metavar="FILE",
-        help='one line per node: HOST slots=GPUS (e.g. "worker-0 slots=8"); # comments allowed. Over ssh, the '
-        "nodes to start; with --no_ssh, the same hostfile on every node, its line order giving the node ranks",
-    )
-    nodes.add_argument(
-        "--num_nodes",
-        metavar="K",
-        help="use only the first K hosts of the hostfile; with --no_ssh and no hostfile, K nodes with the same "
-        "number of GPUs (--num_gpus, or this node's GPU count)",
-    )
-    rendezvous = parser.add_argument_group("rendezvous")
-    rendezvous.add_argument(
-        "--master_addr",
-        metavar="ADDR",
-        help="address of node 0 that every node can reach (over ssh, default: DeepSpeed asks node 0's `hostname -I` "
-        "over ssh; required with --no_ssh)",
-    )
-    rendezvous.add_argument(
-        "--master_port",
-        metavar="PORT",
-        help="rendezvous port. One node: default the first free one from 29500 upward, so that several jobs can "
-        "share the host (launch.sh says which). Several nodes: DeepSpeed's default 29500; every node must use the "
-        "same, so launch.sh does not change it: with 29500 in use on node 0 it stops and says so",
-    )
-    rendezvous.add_argument("--ssh_port", metavar="PORT", help="ssh port of the nodes, if not 22")
-    no_ssh = parser.add_argument_group("without ssh")
-    no_ssh.add_argument(
-        "--no_ssh", action="store_true", help="one node of several, started on each node alike"
-    )
-    no_ssh.add_argument(
-        "--node_rank",
-        metavar="R",
-        help="this node's rank, 0 <= R < number of nodes (node 0 hosts the rendezvous)",
-    )
-    environment = parser.add_argument_group("environment")
-    environment.add_argument(
-        "--env",
-        metavar="NAME=VALUE",
-        action="append",
-        default=[],
-        help="one more variable for the processes of every node (repeatable)",
-    )
+    for title, options in OPTIONS.items():
+        group = parser.add_argument_group(title)
+        for name, settings in options:
+            group.add_argument(name, **settings)
     return parser
