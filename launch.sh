@@ -227,25 +227,37 @@ HELP
 # ---------------------------------------------------------------------------------------------------------------
 # train and tensorboard: their options, checks and the commands they run live in trainer/launch/ (python -m
 # trainer.launch), where tests call them. It runs from the repository root, so that this checkout's package is the
-# one imported, and it needs only the standard library: before the set-up (--help, --dry-run on a fresh clone) any
-# Python 3.11 runs it. exec: the signals (docker stop, Ctrl-C) reach it, which passes them on to the ranks.
+# one imported, and it needs only the standard library: before the set-up (--check, --help, --dry-run on a fresh
+# clone) any Python 3.11 runs it. exec: the signals (docker stop, Ctrl-C) reach it, which passes them on to the ranks.
+# --check first: a mistyped option is refused before the set-up, not after an install.
 launcher() {
-    local caller="$PWD" py="$PY"
+    local py="$PY"
     [[ -x "$py" ]] || py="${PYTHON:-python3.11}"
-    local -a dry=()
-    [[ "$DRY_RUN" != 1 ]] || dry=(--dry-run)
+    local -a options=(--root "$ROOT" --venv "$VENV" --caller-dir "$PWD")
+    [[ "$DRY_RUN" != 1 ]] || options+=(--dry-run)
+    if [[ "$1" == --check ]]; then
+        command -v "$py" >/dev/null || return 0  # no Python 3.11 at all: the set-up says so
+        (cd "$ROOT" && "$py" -m trainer.launch "${options[@]}" "$@")
+        return
+    fi
     cd "$ROOT"
-    exec "$py" -m trainer.launch "${dry[@]}" --root "$ROOT" --venv "$VENV" --caller-dir "$caller" "$@"
+    exec "$py" -m trainer.launch "${options[@]}" "$@"
 }
 
 # docs/cluster.md has the recipes; ./launch.sh train --help says every option.
 cmd_train() {
-    [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]] || cmd_setup
+    if [[ "${1:-}" != "--help" && "${1:-}" != "-h" ]]; then
+        launcher --check train "$@" || exit
+        cmd_setup
+    fi
     launcher train "$@"
 }
 
 cmd_tensorboard() {
-    [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]] || cmd_setup
+    if [[ "${1:-}" != "--help" && "${1:-}" != "-h" ]]; then
+        launcher --check tensorboard "$@" || exit
+        cmd_setup
+    fi
     launcher tensorboard "$@"
 }
 

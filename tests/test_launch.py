@@ -597,10 +597,10 @@ def test_sigterm_before_the_ranks_start_stops_the_launch(real_deepspeed: Checkou
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # DeepSpeed's runner takes seconds to import; stop it while it does.
-    assert wait_for(
-        lambda: subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode == 0, 10
-    )
+    # DeepSpeed's runner takes seconds to import; stop it while it does (launch.sh's pid runs the launcher module,
+    # whose child the runner is).
+    runner = ["pgrep", "-P", str(proc.pid), "-f", "bin/deepspeed"]
+    assert wait_for(lambda: subprocess.run(runner, capture_output=True).returncode == 0, 10)
     proc.send_signal(signal.SIGTERM)
     try:
         assert proc.wait(timeout=15) != 0

@@ -90,6 +90,27 @@ def test_a_refusal_is_one_line_and_exit_status_2(tmp_path: Path, capsys: pytest.
     )
 
 
+def test_the_check_before_the_set_up_is_silent_unless_an_argument_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = [
+        "--root",
+        str(tmp_path),
+        "--venv",
+        str(tmp_path / "venv"),
+        "--caller-dir",
+        str(tmp_path),
+        "--check",
+    ]
+    assert cli.main([*base, "train", "--num_gpus", "2", "--", "--preset", "tiny"]) == 0
+    assert cli.main([*base, "train", "--num_gpus", "2", "--help"]) == 0  # the help comes once set up
+    assert cli.main([*base, "tensorboard", "--logdir", ".", "--help"]) == 0
+    assert cli.main([*base, "tensorboard", "--logdir", "."]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert cli.main([*base, "train", "--hostfile", "missing"]) == 2
+    assert capsys.readouterr() == ("", "launch.sh: error: train: hostfile 'missing' does not exist\n")
+
+
 def test_deepspeeds_log_level_follows_vqa_log_level() -> None:
     assert node_env.ds_log_level({}) == "warning"
     assert node_env.ds_log_level({"VQA_LOG_LEVEL": ""}) == "warning"

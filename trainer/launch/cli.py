@@ -1,7 +1,8 @@
-"""`python -m trainer.launch [--dry-run] --root ROOT --venv VENV --caller-dir DIR {train,tensorboard} ARGS...`: the
-command line of `./launch.sh train` and `./launch.sh tensorboard`. launch.sh runs it from the repository root (so
-that this checkout's package is the one imported) once the virtual environment is set up, and says where it was
-called from, which relative paths of the user's (a hostfile, a log folder) are taken from.
+"""`python -m trainer.launch [--dry-run] [--check] --root ROOT --venv VENV --caller-dir DIR {train,tensorboard} ARGS`:
+the command line of `./launch.sh train` and `./launch.sh tensorboard`. launch.sh runs it from the repository root (so
+that this checkout's package is the one imported): with --check before the set-up, then once the virtual environment
+is set up; it says where it was called from, which relative paths of the user's (a hostfile, a log folder) are
+taken from.
 
 Bad input ends with one line, `launch.sh: error: ...`, and exit status 2, before anything runs.
 """
@@ -46,6 +47,9 @@ class Context:
     caller_dir: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     dry_run: bool = False
+    # Only the checks of the arguments, silent unless one fails: launch.sh runs them before the set-up, so that a
+    # mistyped option does not wait for an install.
+    check_only: bool = False
     launch_dirs: list[str] = field(default_factory=list)
 
     def run(self, words: Sequence[str]) -> None:
@@ -300,6 +304,8 @@ def launcher_options(o: argparse.Namespace, nodes: Nodes, port: str | None, ctx:
 def train(args: Sequence[str], ctx: Context) -> int:
     """`./launch.sh train ARGS`: checks everything first, then runs (or prints) DeepSpeed's launcher."""
     launch_args, trainer_args = split_launch_args(args)
+    if ctx.check_only and any(arg in FLAGS[2:] for arg in launch_args):
+        return 0  # the help, once set up
     o = train_parser().parse_args(launch_args)
     check_values(o)
     nodes = count_nodes(o, ctx.caller_dir)
@@ -310,6 +316,8 @@ def train(args: Sequence[str], ctx: Context) -> int:
             "on every node"
         )
     level = node_env.ds_log_level(ctx.env)
+    if ctx.check_only:
+        return 0
     port = rendezvous_port(o, nodes)
     env_lines = node_environment(o, nodes, ctx.env)
     ctx.run(["cd", str(ctx.root)])
@@ -346,7 +354,7 @@ def tensorboard(args: Sequence[str], ctx: Context) -> int:
         args, "tensorboard", valued=("--logdir", "--host", "--port"), flags=("--help", "-h")
     )
     if any(arg in ("--help", "-h") for arg in launch_args):
-        print(TENSORBOARD_HELP, end="")
+        print("" if ctx.check_only else TENSORBOARD_HELP, end="")
         return 0
     given = dict(arg.split("=", 1) for arg in launch_args if "=" in arg)
     logdir = given.get("--logdir") or ctx.env.get("VQA_RUNS_DIR") or f"{ctx.root}/runs"
@@ -357,6 +365,8 @@ def tensorboard(args: Sequence[str], ctx: Context) -> int:
         raise LaunchError(
             f"tensorboard: log folder '{logdir}' does not exist (train first, or give --logdir)"
         )
+    if ctx.check_only:
+        return 0
     command = [f"{ctx.venv}/bin/tensorboard", "--logdir", logdir, "--host", given.get("--host", "127.0.0.1")]
     command += ["--port", port, *rest]
     if ctx.dry_run:
@@ -376,10 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, required=True, help="the repository root (launch.sh's folder)")
     parser.add_argument("--venv", type=Path, required=True, help="the virtual environment")
     parser.add_argument("--caller-dir", type=Path, required=True, help="the folder launch.sh was called from")
+    parser.add_argument(
+        "--check", action="store_true", help="check the arguments only, silent unless one is wrong"
+    )
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("args", nargs=argparse.REMAINDER)
     o = parser.parse_args(argv)
-    ctx = Context(o.root, o.venv, o.caller_dir, dry_run=o.dry_run)
+    ctx = Context(o.root, o.venv, o.caller_dir, dry_run=o.dry_run, check_only=o.check)
     try:
         return COMMANDS[o.command](o.args, ctx)
     except LaunchError as error:
