@@ -228,6 +228,29 @@ def test_the_users_deepspeed_env_files_home_first_then_the_repository(tmp_path: 
     assert node_env.user_deepspeed_env_lines(env, root) == ["OWN=3"]
 
 
+def test_env_options_count_as_exported_variables(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [
+        "--num_gpus",
+        "1",
+        "--master_port",
+        "29600",
+        "--env",
+        "VQA_LOG_LEVEL=info",
+        "--env",
+        "VQA_RUN_DIR=/r",
+    ]
+    assert cli.train([*args, "--env", "NCCL_DEBUG=INFO", "--", "--preset", "tiny"], context(tmp_path)) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"cd {tmp_path}",
+        "export NCCL_DEBUG=INFO",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "export VQA_LOG_LEVEL=info",
+        "export VQA_RUN_DIR=/r",
+        f"{tmp_path}/venv/bin/deepspeed --log_level info --num_gpus 1 --master_port 29600 trainer/main.py "
+        "--run-dir /r --preset tiny",
+    ]
+
+
 def test_the_environment_fills_the_trainers_paths_unless_given() -> None:
     env = {"VQA_TRAIN_DATA": "/t", "VQA_VAL_DATA": "", "VQA_RUN_DIR": "/r"}
     assert cli.trainer_defaults(["--preset", "tiny"], env) == ["--train-data", "/t", "--run-dir", "/r"]

@@ -222,13 +222,17 @@ def rendezvous_port(o: argparse.Namespace, nodes: Nodes) -> str | None:
     return None
 
 
-def node_environment(o: argparse.Namespace, nodes: Nodes, env: dict[str, str]) -> list[str]:
-    """Adds --env's variables and the defaults to ENV; the NAME=VALUE lines every node's processes get."""
-    names = []
+def apply_env_options(o: argparse.Namespace, env: dict[str, str]) -> None:
+    """--env's variables into ENV at once, so that they count for everything after (VQA_LOG_LEVEL, VQA_RUN_DIR,
+    CUDA_VISIBLE_DEVICES, PATH) as exported variables do."""
     for assignment in o.env:
         name, _, value = assignment.partition("=")
         env[name] = value
-        names.append(name)
+
+
+def node_environment(o: argparse.Namespace, nodes: Nodes, env: dict[str, str]) -> list[str]:
+    """Adds the defaults to ENV; the NAME=VALUE lines every node's processes get."""
+    names = [assignment.partition("=")[0] for assignment in o.env]
     for name, value in node_env.NODE_ENV_DEFAULTS.items():
         env[name] = env.get(name) or value
     lines = node_env.node_env_lines(env, names)
@@ -308,6 +312,7 @@ def train(args: Sequence[str], ctx: Context) -> int:
         return 0  # the help, once set up
     o = train_parser().parse_args(launch_args)
     check_values(o)
+    apply_env_options(o, ctx.env)
     nodes = count_nodes(o, ctx.caller_dir)
     check_mode(o, nodes)
     if nodes.over_ssh and not ctx.dry_run and not shutil.which("pdsh", path=ctx.env.get("PATH")):
