@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.launch_checkout import busy
-from trainer.launch import cli, hosts, node_env, relay
+from trainer.launch import board, cli, context, hosts, node_env, relay
 from trainer.launch.hosts import LaunchError
 
 
-def context(tmp_path: Path, **env: str) -> cli.Context:
+def dry_context(tmp_path: Path, **env: str) -> context.Context:
     """A dry run from TMP_PATH in an environment of ENV alone (no GPU tool on its PATH)."""
-    return cli.Context(
+    return context.Context(
         tmp_path, tmp_path / "venv", tmp_path, env={"PATH": str(tmp_path / "bin"), **env}, dry_run=True
     )
 
@@ -70,7 +70,7 @@ def test_train_refuses_bad_input_before_printing_anything(
         hostfile.write_text(hostfile_text)
     fill = {"tmp": str(tmp_path), "hostfile": str(hostfile)}
     with pytest.raises(LaunchError) as refused:
-        cli.train([*(a.format(**fill) for a in args), "--preset", "tiny"], context(tmp_path))
+        cli.train([*(a.format(**fill) for a in args), "--preset", "tiny"], dry_context(tmp_path))
     assert str(refused.value).startswith("train: ") and message.format(**fill) in str(refused.value)
     assert capsys.readouterr().out == ""
 
@@ -125,7 +125,9 @@ def test_deepspeeds_log_level_follows_vqa_log_level() -> None:
 
 
 def test_launch_options_come_first_and_the_rest_goes_to_the_trainer() -> None:
-    split = cli.split_launch_args
+    def split(args: list[str]) -> tuple[list[str], list[str]]:
+        return context.split_launch_args(args, "train", (*cli.VALUED, "--env"), cli.FLAGS)
+
     assert split(["--num_gpus", "2", "--preset", "tiny", "--num_gpus", "5"]) == (
         ["--num_gpus=2"],
         ["--preset", "tiny", "--num_gpus", "5"],
@@ -141,7 +143,7 @@ def test_launch_options_come_first_and_the_rest_goes_to_the_trainer() -> None:
 
 def test_train_help_says_every_option(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as done:
-        cli.train(["--num_gpus", "2", "--help"], context(tmp_path))
+        cli.train(["--num_gpus", "2", "--help"], dry_context(tmp_path))
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith("Usage: ./launch.sh train [LAUNCH OPTIONS] [--] [TRAINER ARGS...]\n")
@@ -239,7 +241,9 @@ def test_env_options_count_as_exported_variables(tmp_path: Path, capsys: pytest.
         "--env",
         "VQA_RUN_DIR=/r",
     ]
-    assert cli.train([*args, "--env", "NCCL_DEBUG=INFO", "--", "--preset", "tiny"], context(tmp_path)) == 0
+    assert (
+        cli.train([*args, "--env", "NCCL_DEBUG=INFO", "--", "--preset", "tiny"], dry_context(tmp_path)) == 0
+    )
     assert capsys.readouterr().out.splitlines() == [
         f"cd {tmp_path}",
         "export NCCL_DEBUG=INFO",
@@ -357,8 +361,8 @@ def test_the_exit_status_of_a_launcher_a_signal_ended(tmp_path: Path) -> None:
 def test_tensorboard_logdir_relative_to_the_caller(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "runs").mkdir()
     assert (
-        cli.tensorboard(
-            ["--logdir", "runs", "--host=0.0.0.0", "--samples_per_plugin", "x=1"], context(tmp_path)
+        board.tensorboard(
+            ["--logdir", "runs", "--host=0.0.0.0", "--samples_per_plugin", "x=1"], dry_context(tmp_path)
         )
         == 0
     )
@@ -366,6 +370,6 @@ def test_tensorboard_logdir_relative_to_the_caller(tmp_path: Path, capsys: pytes
         f"{tmp_path}/venv/bin/tensorboard --logdir runs --host 0.0.0.0 --port 6006 --samples_per_plugin x=1\n"
     )
     with pytest.raises(LaunchError, match="tensorboard: log folder 'elsewhere' does not exist"):
-        cli.tensorboard(["--logdir", "elsewhere"], context(tmp_path))
+        board.tensorboard(["--logdir", "elsewhere"], dry_context(tmp_path))
     with pytest.raises(LaunchError, match="tensorboard: --port must be a number from 1 to 65535, got '0'"):
-        cli.tensorboard(["--port", "0"], context(tmp_path))
+        board.tensorboard(["--port", "0"], dry_context(tmp_path))

@@ -10,21 +10,21 @@ Bad input ends with one line, `launch.sh: error: ...`, and exit status 2, before
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.launch import hosts, node_env, relay
-from trainer.launch.help import TENSORBOARD_HELP, train_parser
+from trainer.launch.board import tensorboard
+from trainer.launch.context import Context, is_uint, split_launch_args
+from trainer.launch.help import train_parser
 from trainer.launch.hosts import DEFAULT_MASTER_PORT, LaunchError
 from trainer.launch.relay import note
 
-# The launch options that take a value; the others are flags.
+# train's launch options that take a value; the others are flags.
 VALUED = (
     "--num_gpus",
     "--hostfile",
@@ -37,102 +37,21 @@ VALUED = (
 FLAGS = ("--no_ssh", "--preflight", "--help", "-h")
 
 
-@dataclass
-class Context:
-    """Where the launch runs: the repository root, the virtual environment, the caller's folder, the environment
-    its processes inherit (changed as the launch adds to it), and whether it only prints what it would run."""
-
-    root: Path
-    venv: Path
-    caller_dir: Path
-    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    dry_run: bool = False
-    # Only the checks of the arguments, silent unless one fails: launch.sh runs them before the set-up, so that a
-    # mistyped option does not wait for an install.
-    check_only: bool = False
-    launch_dirs: list[str] = field(default_factory=list)
-
-    def run(self, words: Sequence[str]) -> None:
-        """Prints a command the launch does itself (cd, export, mktemp), in a dry run."""
-        if self.dry_run:
-            print(shlex.join(words), flush=True)
-
-    def write_lines(self, file: str, lines: Sequence[str]) -> None:
-        """LINES to FILE, one a line; a dry run prints the shell command that would do it instead."""
-        if self.dry_run:
-            print(f"printf '%s\\n' {shlex.join(lines)} > {shlex.quote(file)}", flush=True)
-        else:
-            Path(file).write_text("".join(f"{line}\n" for line in lines))
-
-    def make_launch_dir(self) -> str:
-        """A temporary folder for the files handed to DeepSpeed (env file, generated hostfile), removed when the
-        launch ends. A dry run prints the mktemp command and uses its template as the path."""
-        template = f"{self.env.get('TMPDIR') or '/tmp'}/vqa-align.XXXXXX"
-        if self.dry_run:
-            self.run(["mktemp", "-d", template])
-            return template
-        folder = tempfile.mkdtemp(prefix="vqa-align.", dir=os.path.dirname(template))
-        self.launch_dirs.append(folder)
-        return folder
-
-    def remove_launch_dirs(self) -> None:
-        for folder in self.launch_dirs:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def split_launch_args(
-    args: Sequence[str],
-    command: str = "train",
-    valued: Sequence[str] = (*VALUED, "--env"),
-    flags: Sequence[str] = FLAGS,
-) -> tuple[list[str], list[str]]:
-    """ARGS as (COMMAND's own options, each valued one as --option=value; the arguments it passes on): its options
-    come first, and the first other argument, or everything after `--`, is passed on unchanged."""
-    launch, rest = [], list(args)
-    while rest:
-        arg = rest[0]
-        name, has_value, value = arg.partition("=")
-        if arg == "--":
-            return launch, rest[1:]
-        if arg in flags:
-            launch.append(rest.pop(0))
-            continue
-        if name not in valued:
-            break
-        if not has_value:
-            value = rest[1] if len(rest) > 1 else ""
-            rest.pop(0)
-        if not value or value.startswith("--"):
-            raise LaunchError(f"{command}: {name} needs a value (see ./launch.sh {command} --help)")
-        launch.append(f"{name}={value}")
-        rest.pop(0)
-    return launch, rest
-
-
-def _uint(value: str | None, least: int = 0, most: int | None = None) -> bool:
-    return (
-        value is not None
-        and value.isascii()
-        and value.isdigit()
-        and least <= int(value) <= (most or int(value))
-    )
-
-
 def check_values(o: argparse.Namespace) -> None:
     """The values alone, first, so that every later message can rely on them."""
     for assignment in o.env:
         if not node_env.is_env_assignment(assignment):
             raise LaunchError(f"train: --env takes NAME=VALUE, got '{assignment}'")
-    if o.num_gpus is not None and not _uint(o.num_gpus, 1):
+    if o.num_gpus is not None and not is_uint(o.num_gpus, 1):
         raise LaunchError(f"train: --num_gpus must be a whole number of at least 1, got '{o.num_gpus}'")
-    if o.num_nodes is not None and not _uint(o.num_nodes, 1):
+    if o.num_nodes is not None and not is_uint(o.num_nodes, 1):
         raise LaunchError(f"train: --num_nodes must be a whole number of at least 1, got '{o.num_nodes}'")
-    if o.node_rank is not None and not _uint(o.node_rank):
+    if o.node_rank is not None and not is_uint(o.node_rank):
         raise LaunchError(
             f"train: --node_rank must be a whole number (0 for the first node), got '{o.node_rank}'"
         )
     for port in (o.master_port, o.ssh_port):
-        if port is not None and not _uint(port, 1, 65535):
+        if port is not None and not is_uint(port, 1, 65535):
             raise LaunchError(f"train: a port must be a number from 1 to 65535, got '{port}'")
 
 
@@ -307,7 +226,7 @@ def launcher_options(o: argparse.Namespace, nodes: Nodes, port: str | None, ctx:
 
 def train(args: Sequence[str], ctx: Context) -> int:
     """`./launch.sh train ARGS`: checks everything first, then runs (or prints) DeepSpeed's launcher."""
-    launch_args, trainer_args = split_launch_args(args)
+    launch_args, trainer_args = split_launch_args(args, "train", (*VALUED, "--env"), FLAGS)
     if ctx.check_only and any(arg in FLAGS[2:] for arg in launch_args):
         return 0  # the help, once set up
     o = train_parser().parse_args(launch_args)
@@ -351,35 +270,6 @@ def train(args: Sequence[str], ctx: Context) -> int:
         return status
     finally:
         ctx.remove_launch_dirs()
-
-
-def tensorboard(args: Sequence[str], ctx: Context) -> int:
-    """`./launch.sh tensorboard ARGS`: TensorBoard for every run under the log folder, on loopback unless told."""
-    launch_args, rest = split_launch_args(
-        args, "tensorboard", valued=("--logdir", "--host", "--port"), flags=("--help", "-h")
-    )
-    if any(arg in ("--help", "-h") for arg in launch_args):
-        print("" if ctx.check_only else TENSORBOARD_HELP, end="")
-        return 0
-    given = dict(arg.split("=", 1) for arg in launch_args if "=" in arg)
-    logdir = given.get("--logdir") or ctx.env.get("VQA_RUNS_DIR") or f"{ctx.root}/runs"
-    port = given.get("--port", "6006")
-    if not _uint(port, 1, 65535):
-        raise LaunchError(f"tensorboard: --port must be a number from 1 to 65535, got '{port}'")
-    if not (ctx.caller_dir / logdir).is_dir():
-        raise LaunchError(
-            f"tensorboard: log folder '{logdir}' does not exist (train first, or give --logdir)"
-        )
-    if ctx.check_only:
-        return 0
-    command = [f"{ctx.venv}/bin/tensorboard", "--logdir", logdir, "--host", given.get("--host", "127.0.0.1")]
-    command += ["--port", port, *rest]
-    if ctx.dry_run:
-        print(shlex.join(command), flush=True)
-        return 0
-    os.chdir(ctx.caller_dir)  # a relative --logdir is the caller's
-    os.execve(command[0], command, ctx.env)
-    return 127  # not reached: exec replaces this process
 
 
 COMMANDS = {"train": train, "tensorboard": tensorboard}
