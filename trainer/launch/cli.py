@@ -293,3 +293,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LaunchError as error:
         print(f"launch.sh: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the relay's handlers are in place: no traceback, as after them
+        note("SIGINT before the launch: not launching")
+        return 130
