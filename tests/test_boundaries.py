@@ -10,11 +10,15 @@
 - Files are renamed into place only by `data_pipeline.atomic`.
 - Small files: `trainer/main.py` stays a thin entry point (under 350 lines), no module of either package (the tools
   included) exceeds 400 lines, and no function of the core (both packages without the tools) exceeds 60 lines.
+- launch.sh stays thin (300 lines at most): set-up, tests and the demo, which must work before `.venv` exists, and
+  hand-overs to Python; `trainer/launch/`, which `train` and `tensorboard` hand over to, imports the standard library
+  and `data_pipeline.errors` alone, so that its --help and --dry-run run before the set-up.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 import tomllib
 from pathlib import Path
 
@@ -142,6 +146,30 @@ def test_no_function_in_the_core_is_too_long() -> None:
         and node.end_lineno - node.lineno + 1 > FUNCTION_MAX_LINES
     }
     assert too_long == {}, f"functions over {FUNCTION_MAX_LINES} lines: {too_long}"
+
+
+LAUNCH_SH_MAX_LINES = 300
+
+
+def test_launch_sh_stays_thin() -> None:
+    assert _lines(REPO / "launch.sh") <= LAUNCH_SH_MAX_LINES
+
+
+def test_the_launcher_needs_nothing_installed() -> None:
+    modules = sorted((REPO / "trainer" / "launch").glob("*.py"))
+    assert len(modules) > 3, modules  # a moved folder must not make the check vacuous
+    allowed = {"data_pipeline", "data_pipeline.errors", "trainer.launch"}
+    offending = {
+        _rel(path): sorted(
+            name
+            for name in _imported(_parse(path))
+            if name.split(".")[0] not in sys.stdlib_module_names
+            and name not in allowed
+            and not name.startswith(("trainer.launch.", "data_pipeline.errors."))
+        )
+        for path in modules
+    }
+    assert {k: v for k, v in offending.items() if v} == {}
 
 
 def _constructs_adamw(path: Path) -> bool:

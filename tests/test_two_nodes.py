@@ -19,9 +19,9 @@ import pytest
 import test_launch
 from test_launch import REAL_VENV, Checkout
 
+from tests.helpers.launch_checkout import link_repository
 from tests.helpers.launch_env import wait_all
 
-REPO = Path(__file__).resolve().parents[1]
 TRAINER_ARGS = [
     *("--preset", "tiny", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4"),
     *("--set", "train.log_every=1", "--set", "train.progress_bar=false", "--set", "data.num_workers=1"),
@@ -42,9 +42,7 @@ def cluster_checkout(checkout: Checkout) -> Checkout:
     for name in ("python", "deepspeed"):
         (checkout.venv / "bin" / name).unlink()
         (checkout.venv / "bin" / name).symlink_to(REAL_VENV / "bin" / name)
-    for name in ("trainer", "data_pipeline", "deepspeed_configs"):
-        (checkout.root / name).symlink_to(REPO / name)
-    return checkout
+    return link_repository(checkout)
 
 
 def _free_port() -> int:

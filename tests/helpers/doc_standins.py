@@ -22,7 +22,8 @@ real program would run, on this host:
   SLURM_NODEID, SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS Slurm gives it; exits with the highest status.
 - scontrol show hostnames: the hosts of $STANDIN_SLURM_HOSTS, one a line; scontrol requeue: recorded.
 - python: recorded; `-m MODULE` for a module named in $STANDIN_RUN (comma-separated; "-c" for `python -c`) is then
-  run by the real interpreter, with the repository under test first on the path.
+  run by the real interpreter, with the repository under test first on the path. `-m trainer.launch`, launch.sh's
+  own launcher, is not recorded and always runs.
 - nvidia-smi --list-gpus: $STANDIN_GPUS GPUs.
 """
 
@@ -419,10 +420,15 @@ def scontrol(argv: list[str]) -> int:
 
 
 def python(argv: list[str]) -> int:
-    record("python", argv)
+    # launch.sh's own launcher (train, tensorboard) always runs: the commands it runs are the ones recorded.
+    launcher = argv[:2] == ["-m", "trainer.launch"]
+    if not launcher:
+        record("python", argv)
     allowed = set(filter(None, os.environ.get("STANDIN_RUN", "").split(",")))
-    runs = (argv[:1] == ["-c"] and "-c" in allowed) or (
-        argv[:1] == ["-m"] and argv[1:2] and argv[1] in allowed
+    runs = (
+        launcher
+        or (argv[:1] == ["-c"] and "-c" in allowed)
+        or (argv[:1] == ["-m"] and argv[1:2] and argv[1] in allowed)
     )
     if not runs:
         return exit_status("python")

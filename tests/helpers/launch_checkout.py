@@ -1,7 +1,8 @@
 """A copy of launch.sh in a temporary folder with a fake, already set-up virtual environment and a fake
 nvidia-smi, run in an environment built from scratch: what tests/test_launch.py and the launch faults of
 tests/test_faults_runtime.py run launch.sh in, so that neither the host's GPUs and variables nor the
-repository's .venv change what it does."""
+repository's .venv change what it does. The checkout holds the repository's launcher package (trainer/launch,
+which `train` and `tensorboard` hand over to) and the fake interpreter runs it with the real one."""
 
 from __future__ import annotations
 
@@ -102,14 +103,27 @@ def stamp_for(launch_sh: Path) -> str:
     return result.stdout
 
 
+# The set-up interpreter's stand-in: launch.sh's own launcher runs for real, anything else does nothing.
+FAKE_PYTHON = f"""#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "trainer.launch" ]; then exec {sys.executable} "$@"; fi
+exit 0
+"""
+
+
 def make_checkout(tmp_path: Path) -> Checkout:
     root, venv, bin_dir, tmp, home = (tmp_path / n for n in ("repo", "venv", "bin", "tmp", "home"))
-    for d in (root, venv / "bin", bin_dir, tmp, home):
+    for d in (root / "trainer", root / "data_pipeline", venv / "bin", bin_dir, tmp, home):
         d.mkdir(parents=True)
     shutil.copy2(REPO / "launch.sh", root / "launch.sh")
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
     shutil.copy2(REPO / "requirements.lock", root / "requirements.lock")
-    for name in ("python", "deepspeed", "tensorboard", "ruff"):
+    # The launcher package and what it imports (the standard library besides), nothing of the trainer.
+    for package in ("trainer", "data_pipeline"):
+        (root / package / "__init__.py").write_text("")
+    (root / "trainer" / "launch").symlink_to(REPO / "trainer" / "launch")
+    (root / "data_pipeline" / "errors.py").symlink_to(REPO / "data_pipeline" / "errors.py")
+    write_executable(venv / "bin" / "python", FAKE_PYTHON)
+    for name in ("deepspeed", "tensorboard", "ruff"):
         write_executable(venv / "bin" / name, "#!/bin/sh\nexit 0\n")
     (venv / ".setup-stamp").write_text(stamp_for(root / "launch.sh"))
     c = Checkout(root, venv, bin_dir, tmp, home)
@@ -125,7 +139,14 @@ def with_real_trainer(checkout: Checkout) -> Checkout:
     assert deepspeed.exists(), f"no DeepSpeed launcher in {REAL_VENV}/bin: run ./launch.sh setup"
     (checkout.venv / "bin" / "deepspeed").unlink()
     (checkout.venv / "bin" / "deepspeed").symlink_to(deepspeed)
+    return link_repository(checkout)
+
+
+def link_repository(checkout: Checkout) -> Checkout:
+    """The checkout's trainer, data pipeline and DeepSpeed configs: the repository's own (links)."""
     for name in ("trainer", "data_pipeline", "deepspeed_configs"):
+        if (checkout.root / name).is_dir() and not (checkout.root / name).is_symlink():
+            shutil.rmtree(checkout.root / name)  # the launcher's part alone, which make_checkout put there
         (checkout.root / name).symlink_to(REPO / name)
     return checkout
 
