@@ -6,8 +6,7 @@ written to a temporary file beside the target, flushed to disk, and renamed over
 (atomic on POSIX within one file system). A write that fails (a full disk) removes its temporary file; one that is
 killed leaves `.<name>.tmp-<pid>`, which folder listings skip (a leading dot) and `TEMP_GLOB` finds for clean-up.
 
-It lives in `data_pipeline`, the lower of the two packages, so that the data pipeline and the trainer share it
-without `data_pipeline` importing `trainer`.
+It lives in `common`, so that the data pipeline and the trainer share it without either importing the other.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ found, a model that cannot be built from what was asked) ends a command with a o
 any other exception is a failure of the program and keeps its traceback. Which is which is decided by type: every
 bad-input exception of the project subclasses `BadInputError`.
 
-It lives here, in the lower of the two packages, because both raise such errors: `trainer` imports `data_pipeline`,
-never the reverse, so a base class in `trainer` could not be used by `data_pipeline` without a cycle. The module
-imports nothing, so an entry point can classify an error without waiting for the model libraries to load.
+It lives in `common`, which both packages import and which imports neither, because both raise such errors. The
+module imports nothing, so an entry point can classify an error without waiting for the model libraries to load.
 """
 
 from __future__ import annotations

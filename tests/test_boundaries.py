@@ -243,3 +243,49 @@ def test_clip_configs_ship_as_package_data() -> None:
     package = ".".join(CONFIG_DIR.relative_to(REPO).parts)
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "*.json" in declared.get(package, []), f"pyproject.toml: package-data for {package}"
+
+
+def _documented_map() -> dict[str, set[str]]:
+    """The package map at the top of docs/training.md: each folder with the modules it lists. Two spaces of indent
+    per level; a token ending in `/` is a folder one level below the folder above it, `.py` tokens are modules of the
+    folder one level up; `#` starts the comment."""
+    text = (REPO / "docs" / "training.md").read_text()
+    block = text.split("## Where each stage lives", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    folders: dict[str, set[str]] = {}
+    stack: list[str] = []
+    for line in block.splitlines():
+        body = line.split("#", 1)[0]
+        depth = (len(body) - len(body.lstrip(" "))) // 2
+        for token in body.split():
+            if token.endswith("/"):
+                name = token.rstrip("/")
+                stack[depth:] = [f"{stack[depth - 1]}/{name}" if depth else name]
+                folders.setdefault(stack[depth], set())
+            else:
+                folders[stack[depth - 1]].add(token)
+    return folders
+
+
+def test_the_documented_map_matches_the_folders() -> None:
+    documented = _documented_map()
+    actual = {
+        _rel(init.parent): {p.name for p in init.parent.glob("*.py") if not p.name.startswith("__")}
+        for package in PACKAGES
+        for init in (REPO / package).rglob("__init__.py")
+    }
+    assert len(actual) > 10  # a moved folder must not make the check vacuous
+    assert documented == actual
+
+
+def test_the_sizes_report_lists_the_longest_first(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import sizes
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert sizes.main(["--top", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("longest modules (") and out[4].startswith("longest functions (")
+    module_lines = [int(line.split()[0]) for line in out[1:4]]
+    longest = max(_lines(p) for package in PACKAGES for p in _modules(package))
+    assert module_lines == sorted(module_lines, reverse=True) and module_lines[0] == longest

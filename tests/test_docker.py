@@ -244,7 +244,7 @@ def test_dockerignore_keeps_data_runs_and_checkpoints_out_of_the_build() -> None
     }
     assert {"data", "runs", "checkpoints", "weights", ".venv", ".git"} <= patterns
     # ... and keeps in what the build needs.
-    for needed in ("pyproject.toml", "launch.sh", "docker", "trainer", "data_pipeline"):
+    for needed in ("pyproject.toml", "launch.sh", "docker", "trainer", "data_pipeline", "common"):
         assert needed not in patterns and not any(p in ("*", "**") for p in patterns), needed
 
 

@@ -3,11 +3,9 @@
 open_clip builds models by architecture name from JSON configs; registering this folder adds the names here
 (e.g. `ViT-tiny-8`) beside open_clip's own (`ViT-B-32`, `RN50`, ...).
 
-Both packages need the names: `data_pipeline.text` builds the CLIP tokenizer of an architecture, `trainer.modeling.model` the
-CLIP tower. They live in `data_pipeline`, the lower of the two packages, because `trainer` already imports it and
-`data_pipeline` imports nothing of `trainer`; a third package for two JSON files and one function would add an
-install entry without removing a dependency. The JSON files ship as package data (pyproject.toml) and are found
-beside this file.
+Both packages need the names: `data_pipeline.text` builds the CLIP tokenizer of an architecture,
+`trainer.modeling.model` the CLIP tower. They live in `common`, which both import. The JSON files ship as package data
+(pyproject.toml) and are found beside this file.
 """
 
 from __future__ import annotations

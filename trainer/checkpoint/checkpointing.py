@@ -66,7 +66,7 @@ from trainer.engine import dist as D
 
 log = logging.getLogger(__name__)
 
-# Names a checkpoint folder is set aside under (checkpoint_layout.set_aside): never listed or resumed. The next save's
+# Names a checkpoint folder is set aside under (layout.set_aside): never listed or resumed. The next save's
 # pruning removes incomplete ones (they never counted); damaged ones are never removed by the trainer.
 INCOMPLETE_LABEL = "incomplete"  # <tag>.incomplete-<n>: a save cut off, set aside at the next start
 DAMAGED_LABEL = "damaged"  # <tag>.damaged-<n>: failed its checks, moved out of a new save's way

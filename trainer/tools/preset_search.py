@@ -295,3 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_grid(args)
     print(json.dumps(run(args)), flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
