@@ -2,7 +2,7 @@
 from it to a model.
 
     RUN/
-      config.json             the resolved RunConfig (trainer/config/config.py)       rank 0, every training start
+      config.json             the resolved RunConfig (trainer/config/config.py) rank 0, every training start
       deepspeed_config.json   the resolved DeepSpeed JSON of that start         rank 0, every training start
       answers.json            the answer list (index -> answer string)          rank 0, every training start
       tokenizer/              the question tokenizer (data_pipeline/text.py)    this module, rank 0, once per run
