@@ -18,7 +18,7 @@ Commands:
   setup        create or update the virtual environment .venv from pyproject.toml (idempotent)
   test         set up, then run the whole test suite (ruff + pytest); extra ARGS go to pytest
   demo         set up, convert the embedded easy-VQA data (once), run the paper's comparison on it
-  compare      set up, then run the paper's comparison on any preset and data (ARGS go to trainer.compare)
+  compare      set up, then run the paper's comparison on any preset and data (ARGS go to trainer.tools.compare)
   fetch-weights  set up, then download a preset's pretrained checkpoints into a folder the nodes share and
                print the --set options that point training at them (training itself never downloads)
   train        set up, then train with DeepSpeed: this node's GPUs, several nodes over ssh, or one node of
@@ -138,7 +138,7 @@ the GPUs when there are any, on the CPU otherwise. The runs go side by side (--j
 with one thread, or one per GPU; a run's numbers are the same whatever --jobs. Every run validates every 100 steps
 on a fixed subset of 500 test questions (a shard folder written once in the output folder) and its last checkpoint
 is scored on the whole test split. Output in runs/demo (VQA_DEMO_RUN_DIR overrides): report.md, results.json,
-loss_curves.png and one TensorBoard run per variant. Extra arguments go to `python -m trainer.compare` and win over
+loss_curves.png and one TensorBoard run per variant. Extra arguments go to `python -m trainer.tools.compare` and win over
 the demo's (e.g. --seeds 0,1,2 or --variants clip-infonce-dot,clip-infonce-dot+dup-mask).
 HELP
         return 0
@@ -146,7 +146,7 @@ HELP
     cmd_setup
     cd "$ROOT"
     ensure_easyvqa
-    run "$PY" -m trainer.compare --preset demo --train-data "$DEMO_DATA/train" --val-data "$DEMO_DATA/test" \
+    run "$PY" -m trainer.tools.compare --preset demo --train-data "$DEMO_DATA/train" --val-data "$DEMO_DATA/test" \
         --run-dir "$DEMO_RUN_DIR" --val-subset 500 --val-every 100 "$@"
     note "report: $DEMO_RUN_DIR/report.md"
     note "watch:  ./launch.sh tensorboard --logdir $DEMO_RUN_DIR   (or: tensorboard --logdir $DEMO_RUN_DIR)"
@@ -156,7 +156,7 @@ cmd_compare() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
         cat <<'HELP'
 Usage: ./launch.sh compare [--preset P] [--data D] [--variants V1,V2,...] [--steps N] [--seeds S1,S2,...]
-                           [--run-dir R] [other trainer.compare options]
+                           [--run-dir R] [other trainer.tools.compare options]
 
 Run the paper's comparison with any preset: every variant with the same seeds, data order and hyperparameters.
 --data D is a folder holding train/ and test/ (or val/) shard folders as `python -m data_pipeline.convert`
@@ -165,7 +165,7 @@ separately instead. Output (default runs/compare-PRESET): report.md, results.jso
 Runs go side by side (--jobs, default auto: one per --gpus-per-run GPUs, else one per --threads-per-run cores);
 --only V --seeds S runs one cell of a study (one node of a cluster), --report-only gathers the report afterwards.
 HELP
-        "$PY" -m trainer.compare --help 2>/dev/null | sed -n '/^options:/,$p' || true
+        "$PY" -m trainer.tools.compare --help 2>/dev/null | sed -n '/^options:/,$p' || true
         return 0
     fi
     cmd_setup
@@ -195,7 +195,7 @@ HELP
         [[ -f "$val/manifest.json" ]] || die "compare: --data $data: no test/ or val/ shard folder with a manifest.json"
         data_args=(--train-data "$data/train" --val-data "$val")
     fi
-    run "$PY" -m trainer.compare --preset "$preset" --run-dir "${run_dir:-$ROOT/runs/compare-$preset}" \
+    run "$PY" -m trainer.tools.compare --preset "$preset" --run-dir "${run_dir:-$ROOT/runs/compare-$preset}" \
         "${data_args[@]}" "${rest[@]}"
 }
 
@@ -217,11 +217,11 @@ Every network call gives up after --timeout SECONDS (default 60) without an answ
 huggingface.co) that times out twice in a row is given up on, with one line naming it.
 Exit status: 0 done, 1 a download failed (or timed out), 2 bad input.
 HELP
-        "$PY" -m trainer.weights --help 2>/dev/null | sed -n '/^options:/,$p' || true
+        "$PY" -m trainer.modeling.weights --help 2>/dev/null | sed -n '/^options:/,$p' || true
         return 0
     fi
     cmd_setup
-    run "$PY" -m trainer.weights "$@"
+    run "$PY" -m trainer.modeling.weights "$@"
 }
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ min(1, matching annotators / 3): 0, 0.3, 0.6, 0.9, 1.0 for 0, 1, 2, 3, >=4 match
 Two definitions use this, on purpose different:
 - training targets and the answer vocabulary (`answer_scores`, `build_vocabulary`): every annotator answer fully
   normalised, as ViLT builds them;
-- the reported accuracy (`vqa_score`, which trainer/evaluation.py computes for every prediction from the raw
+- the reported accuracy (`vqa_score`, which trainer/run/evaluation.py computes for every prediction from the raw
   annotator answers in the shards): exactly the official script, quirks included, so that the number matches
   published ones. Two versions of the script are in use (`VQA_RULES`):
   - "vqa-2021" (the default): vqaEval.py at GT-Vision-Lab/VQA commit a013f00 (2021-03-11, "Fixed processing

@@ -18,9 +18,9 @@ import torch
 from tokenizers import normalizers, pre_tokenizers
 from transformers import BertTokenizerFast
 
-from data_pipeline import atomic
-from data_pipeline.clip_configs import register_project_configs
-from data_pipeline.errors import BadInputError
+from common import atomic
+from common.clip_configs import register_project_configs
+from common.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

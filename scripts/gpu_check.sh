@@ -6,16 +6,16 @@
 #      model shapes and random weights, DALI's GPU decoder, bf16 ZeRO-2, model.compile, --steps steps with a
 #      checkpoint half-way, the process killed (kill -9) a few steps after that checkpoint, then `--resume latest` to
 #      the end; smoke.json says whether the loss fell and whether the resumed losses continue the first run's curve;
-#   3. bench: `python -m trainer.bench`, clip-infonce-dot at each --sizes, modes synthetic / shards / plain,
+#   3. bench: `python -m trainer.tools.bench`, clip-infonce-dot at each --sizes, modes synthetic / shards / plain,
 #      compiled, a torch.profiler table per cell, and transformers' ViltForQuestionAnswering at the first size;
 #      then the shards mode at the first size with data.host_workers=2 (the loader's host work out of the trainer);
 #   4. zero: ZeRO-2 and ZeRO-1 with bf16 weights on one GPU, as several GPUs run them (compiled, batches already on
 #      the GPU), to compare with the one-rank default that the bench's cells run (stage 0, fp32 weights, autocast bf16);
-#   5. ranks: with 2 or more GPUs, `python -m trainer.bench --ranks N` over all of them: the engine's data-parallel
+#   5. ranks: with 2 or more GPUs, `python -m trainer.tools.bench --ranks N` over all of them: the engine's data-parallel
 #      modes (the stage-0 default with its all-reduce overlapped with backward, bf16 communication, DeepSpeed's own
 #      stage-0 all-reduce, ZeRO-1, ZeRO-2) against torch DDP, interleaved, with the all-reduce's overlap and the host
 #      work per step; on one GPU it says it skipped;
-#   6. loaders: images/s of DALI's GPU decoding and of the PyTorch loader alone (python -m data_pipeline.bench).
+#   6. loaders: images/s of DALI's GPU decoding and of the PyTorch loader alone (python -m data_pipeline.tools.bench).
 # Compiling the model's graphs takes most of the time: before the timed stages they are compiled once each, in
 # parallel processes where the GPU has the memory for it (>= 120 GiB), into inductor's on-disk cache, which the
 # timed runs then read. A stage that cannot finish within the budget left is skipped, and says so.
@@ -186,9 +186,9 @@ fi
 DATA_ROOT="$OUT/data"
 DATA="$DATA_ROOT/shards"
 make_shards() {
-    # VQA v2-format files with 6 questions per image (VQA v2 has ~5.4) by data_pipeline/synthetic.py, then the
+    # VQA v2-format files with 6 questions per image (VQA v2 has ~5.4) by data_pipeline/convert/synthetic.py, then the
     # real converter; photo-like images so that JPEGs weigh and decode like COCO's.
-    "$PY" -c 'import sys; from data_pipeline.synthetic import write_vqa2
+    "$PY" -c 'import sys; from data_pipeline.convert.synthetic import write_vqa2
 write_vqa2(sys.argv[1], n_images=max(1, -(-int(sys.argv[2]) // 6)), questions_per_image=6, bad=False,
            sizes=(640, 640, 480, 480), photo_like=True)' "$DATA_ROOT/raw" "$SAMPLES" \
     && "$PY" -m data_pipeline.convert vqa2 --questions "$DATA_ROOT/raw/questions.json" \
@@ -204,9 +204,9 @@ if wants smoke || wants bench || wants zero || wants loaders; then
 fi
 
 FIRST="${SIZE_LIST[0]}"
-bench() {  # bench ARGS...: trainer.bench on the shard folder, compiled; DALI required where there is a GPU
+bench() {  # bench ARGS...: trainer.tools.bench on the shard folder, compiled; DALI required where there is a GPU
     local dali=(); [[ "$GPU_GIB" != 0 ]] && dali=(--set data.loader=dali)
-    "$PY" -m trainer.bench --preset "$PRESET" --batch-size "$BATCH" --variants clip-infonce-dot --train-data "$DATA" \
+    "$PY" -m trainer.tools.bench --preset "$PRESET" --batch-size "$BATCH" --variants clip-infonce-dot --train-data "$DATA" \
         --set "model.compile=$COMPILE" --set "data.num_workers=$WORKERS" "${dali[@]}" "$@"
 }
 
@@ -363,7 +363,7 @@ if wants ranks; then
     GPU_COUNT=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
     if (( GPU_COUNT >= 2 )); then
         # --batch-size per rank as the bench's: the graphs compiled for it serve every rank's cells.
-        run_stage ranks 60 300 "$PY" -m trainer.bench --ranks "$GPU_COUNT" --preset "$PRESET" --batch-size "$BATCH" \
+        run_stage ranks 60 300 "$PY" -m trainer.tools.bench --ranks "$GPU_COUNT" --preset "$PRESET" --batch-size "$BATCH" \
             --image-size "$FIRST" --set "model.compile=$COMPILE" --warmup 3 --steps 5 --repeats 3 --profile-steps 2 \
             --out "$OUT/ranks/bench_ranks.json"
     else
@@ -374,7 +374,7 @@ fi
 
 # -- 6. the loaders alone ----------------------------------------------------------------------------------------------
 if wants loaders; then
-    run_stage loaders 30 90 "$PY" -m data_pipeline.bench --data "$DATA" --sizes "${SIZE_LIST[@]}" \
+    run_stage loaders 30 90 "$PY" -m data_pipeline.tools.bench --data "$DATA" --sizes "${SIZE_LIST[@]}" \
         --batch-size "$BATCH" --workers "$WORKERS" --runs 3 --max-batches 10
 fi
 

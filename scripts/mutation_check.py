@@ -52,7 +52,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- pixels ----------------------------------------------------------------------------------------------------
     M(
         "loader-mean-std-swapped",
-        "data_pipeline/batch.py",
+        "data_pipeline/loaders/batch.py",
         "return [float(m) * 255.0 for m in mean], [float(s) * 255.0 for s in std]",
         "return [float(s) * 255.0 for s in std], [float(m) * 255.0 for m in mean]",
         "the loaders' normalisation takes the std as mean and the mean as std",
@@ -60,7 +60,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "model-clip-mean-std-swapped",
-        "trainer/model.py",
+        "trainer/modeling/model.py",
         "self.image_mean = tuple(self.clip.visual.image_mean)\n            self.image_std = tuple(self.clip.visual.image_std)",
         "self.image_mean = tuple(self.clip.visual.image_std)\n            self.image_std = tuple(self.clip.visual.image_mean)",
         "the model hands CLIP's image_std out as its mean and image_mean as its std",
@@ -68,7 +68,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "predict-bgr",
-        "trainer/predict.py",
+        "trainer/serve/predict.py",
         "x = x.permute(2, 0, 1).float() / 255.0",
         "x = x.flip(-1).permute(2, 0, 1).float() / 255.0",
         "predict feeds the image in BGR order instead of RGB",
@@ -77,7 +77,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- optimisation ----------------------------------------------------------------------------------------------
     M(
         "accumulation-unscaled",
-        "trainer/engine.py",
+        "trainer/engine/engine.py",
         "self.engine.backward(loss)",
         "self.engine.backward(loss, scale_wrt_gas=False)",
         "the engine's backward does not divide the loss by the gradient accumulation steps",
@@ -85,7 +85,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "fusion-at-clip-lr",
-        "trainer/task.py",
+        "trainer/modeling/task.py",
         '"fusion": optim.lr}',
         '"fusion": clip_lr}',
         "the fusion layers train at CLIP's learning rate instead of the base one",
@@ -93,7 +93,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "head-lr-mult-dropped",
-        "trainer/task.py",
+        "trainer/modeling/task.py",
         '"head": optim.lr * optim.head_lr_mult',
         '"head": optim.lr',
         "the VQA head trains at the base rate, not 10x",
@@ -101,7 +101,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "decay-on-norms",
-        "trainer/task.py",
+        "trainer/modeling/task.py",
         '"weight_decay": 0.0 if no_decay else optim.weight_decay',
         '"weight_decay": optim.weight_decay',
         "weight decay applied to biases and norms",
@@ -109,7 +109,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "schedule-decays-from-zero",
-        "trainer/optim.py",
+        "trainer/engine/optim.py",
         "return max(0.0, (self.total - step) / max(1, self.total - self.warmup))",
         "return max(0.0, (self.total - step) / max(1, self.total))",
         "the linear decay starts below the peak rate after the warm-up",
@@ -117,7 +117,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "ds-batch-one-rank",
-        "trainer/ds_config.py",
+        "trainer/engine/ds_config.py",
         '"gradient_accumulation_steps": train.grad_accum(world_size),',
         '"gradient_accumulation_steps": train.grad_accum(1),',
         "DeepSpeed is given the accumulation steps of one rank whatever the world size",
@@ -125,7 +125,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "config-batch-check-dropped",
-        "trainer/config.py",
+        "trainer/config/config.py",
         "if self.global_batch_size % per_step:",
         "if False:",
         "a global batch that is not a multiple of micro-batch x world size is rounded down silently",
@@ -134,7 +134,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- logged figures --------------------------------------------------------------------------------------------
     M(
         "logged-loss-times-world",
-        "trainer/loop.py",
+        "trainer/run/loop.py",
         "sums = D.all_reduce_sum(self._sums) / (self._n_micro * self.dist.world_size)",
         "sums = D.all_reduce_sum(self._sums) / self._n_micro",
         "logged training losses are the sum over ranks, i.e. multiplied by the world size",
@@ -142,7 +142,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "lr-logged-one-step-ahead",
-        "trainer/engine.py",
+        "trainer/engine/engine.py",
         "self.schedule(max(0, self.engine.lr_scheduler.last_epoch - 1))",
         "self.schedule(max(0, self.engine.lr_scheduler.last_epoch))",
         "train/lr logs the next step's rate, not the one applied",
@@ -150,7 +150,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "eval-no-cross-rank-sum",
-        "trainer/evaluation.py",
+        "trainer/run/evaluation.py",
         "sums = D.all_reduce_sum(sums).cpu()",
         "sums = sums.cpu()",
         "evaluation loss and count are rank 0's alone",
@@ -158,7 +158,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "eval-counts-padding",
-        "trainer/evaluation.py",
+        "trainer/run/evaluation.py",
         "sums[1] += valid.sum()",
         "sums[1] += float(valid.numel())",
         "evaluation counts the padding rows of the last batch as questions",
@@ -167,7 +167,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- resume ----------------------------------------------------------------------------------------------------
     M(
         "resume-rng-not-restored",
-        "trainer/checkpointing.py",
+        "trainer/checkpoint/checkpointing.py",
         "        if rng is not None:\n            set_rng_state(rng)",
         "        if rng is not None:\n            pass",
         "a resumed run does not restore its random streams",
@@ -175,7 +175,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "resume-scheduler-not-restored",
-        "trainer/engine.py",
+        "trainer/engine/engine.py",
         "load_optimizer_states=True, load_lr_scheduler_states=True",
         "load_optimizer_states=True, load_lr_scheduler_states=False",
         "a resumed run restarts the learning-rate schedule",
@@ -183,7 +183,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "samples-counted-per-micro-batch",
-        "trainer/loop.py",
+        "trainer/run/loop.py",
         "step_samples = self.t.global_batch_size",
         "step_samples = self.t.micro_batch_size",
         "the samples seen (logged throughput, resume state) count one micro-batch per step",
@@ -191,7 +191,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "resume-position-ignored",
-        "trainer/loop.py",
+        "trainer/run/loop.py",
         "        self.batch_in_epoch = batch\n        self.last_saved_step = self.step",
         "        self.batch_in_epoch = 0\n        self.last_saved_step = self.step",
         "a resumed run starts its epoch over instead of continuing at the saved batch",
@@ -199,7 +199,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "export-drops-int-buffers",
-        "trainer/export.py",
+        "trainer/serve/export.py",
         "return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}",
         "return {k: v.float() for k, v in sd.items() if v.is_floating_point()}",
         "the export leaves integer buffers out of the weights",
@@ -208,7 +208,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- loaders and sharding --------------------------------------------------------------------------------------
     M(
         "dali-seed-ignores-epoch",
-        "data_pipeline/dali_loader.py",
+        "data_pipeline/loaders/dali_loader.py",
         "reader_seed=sharding.derive_seed(spec.seed, spec.epoch, spec.rank)",
         "reader_seed=sharding.derive_seed(spec.seed, 0, spec.rank)",
         "DALI's reader shuffles every epoch in the same order",
@@ -216,7 +216,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "torch-seed-ignores-epoch",
-        "data_pipeline/torch_loader.py",
+        "data_pipeline/loaders/torch_loader.py",
         '"seed": sharding.derive_seed(seed, epoch, rank, w),',
         '"seed": sharding.derive_seed(seed, 0, rank, w),',
         "the torch loader's shuffle buffer repeats its order every epoch",
@@ -224,7 +224,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "shard-order-ignores-epoch",
-        "data_pipeline/sharding.py",
+        "data_pipeline/shards/sharding.py",
         "random.Random(derive_seed(seed, epoch, 0x5AD)).shuffle(order)",
         "random.Random(derive_seed(seed, 0, 0x5AD)).shuffle(order)",
         "the shard order is the same every epoch",
@@ -232,7 +232,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "rank-ranges-overlap",
-        "data_pipeline/sharding.py",
+        "data_pipeline/shards/sharding.py",
         "return total * rank // world_size, total * (rank + 1) // world_size",
         "return total * rank // world_size, min(total, total * (rank + 1) // world_size + 1)",
         "neighbouring ranks read one sample twice",
@@ -240,7 +240,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "eval-batches-floor",
-        "data_pipeline/sharding.py",
+        "data_pipeline/shards/sharding.py",
         "return math.ceil(math.ceil(total / world_size) / batch_size)",
         "return math.ceil(total / world_size) // batch_size",
         "evaluation drops the last partial batch of each rank",
@@ -248,7 +248,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "targets-ignore-scores",
-        "data_pipeline/batch.py",
+        "data_pipeline/loaders/batch.py",
         'targets[i, torch.tensor(labels, dtype=torch.long)] = torch.tensor(\n                m["scores"], dtype=torch.float32\n            )',
         "targets[i, torch.tensor(labels, dtype=torch.long)] = 1.0",
         "training targets are 1 for every annotated answer instead of its soft score",
@@ -256,7 +256,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "padding-marked-valid",
-        "data_pipeline/batch.py",
+        "data_pipeline/loaders/batch.py",
         "valid = torch.zeros(b, dtype=torch.bool)",
         "valid = torch.ones(b, dtype=torch.bool)",
         "evaluation padding rows are marked as real questions",
@@ -264,7 +264,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "convert-skip-out-of-vocab-ignored",
-        "data_pipeline/convert.py",
+        "data_pipeline/convert/cli.py",
         "skip_out_of_vocab=args.skip_out_of_vocab,",
         "skip_out_of_vocab=False,",
         "--skip-out-of-vocab is ignored: questions with all-zero targets are kept",
@@ -362,7 +362,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- losses ----------------------------------------------------------------------------------------------------
     M(
         "vqa-loss-averaged-over-answers",
-        "trainer/losses.py",
+        "trainer/modeling/losses.py",
         "F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype)) * targets.shape[1]",
         "F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))",
         "the VQA loss is averaged over answers instead of summed (ViLT's x n_answers)",
@@ -370,7 +370,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "infonce-temperature-multiplies",
-        "trainer/losses.py",
+        "trainer/modeling/losses.py",
         "logits = (z[rows] @ z.T) / temperature",
         "logits = (z[rows] @ z.T) * temperature",
         "InfoNCE multiplies by the temperature instead of dividing",
@@ -378,7 +378,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "infonce-anchor-in-denominator",
-        "trainer/losses.py",
+        "trainer/modeling/losses.py",
         '    own = F.one_hot(rows, z.shape[0]).bool()\n    logits = logits.masked_fill(own, float("-inf"))',
         "    own = F.one_hot(rows, z.shape[0]).bool()\n    logits = logits",
         "InfoNCE keeps the anchor itself in its own denominator",
@@ -386,7 +386,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "infonce-cosine-unnormalised",
-        "trainer/losses.py",
+        "trainer/modeling/losses.py",
         '    if similarity == "cosine":\n        z = F.normalize(z, dim=-1)',
         '    if similarity == "cosine":\n        z = z',
         "the cosine InfoNCE uses inner products",
@@ -394,7 +394,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "infonce-summed-over-anchors",
-        "trainer/losses.py",
+        "trainer/modeling/losses.py",
         "return _anchor_losses(z, rows, temperature, similarity, groups, duplicates).mean()",
         "return _anchor_losses(z, rows, temperature, similarity, groups, duplicates).sum()",
         "InfoNCE sums over anchors instead of averaging (scales with the batch)",
@@ -402,7 +402,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "contrastive-rank-offset-dropped",
-        "trainer/losses.py",
+        "trainer/modeling/losses.py",
         "local = torch.arange(m_local, device=all_i.device) + rank * m_local",
         "local = torch.arange(m_local, device=all_i.device)",
         "on every rank the contrastive anchors are rank 0's samples of the gathered batch",
@@ -410,7 +410,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     M(
         "clip-loss-one-direction",
-        "trainer/losses.py",
+        "trainer/modeling/losses.py",
         "return (F.cross_entropy(logits_i, rows) + F.cross_entropy(logits_t, rows)) / 2",
         "return F.cross_entropy(logits_i, rows)",
         "CLIP's symmetric loss keeps only the image-to-text direction",
@@ -524,7 +524,7 @@ def machine() -> str:
     """Cores, CPU and Python, from the project's one machine description (read from this checkout, not the copy)."""
     sys.path.insert(0, str(REPO))
     try:
-        from data_pipeline.machine import machine as describe
+        from common.machine import machine as describe
     finally:
         sys.path.remove(str(REPO))
     m = describe()

@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _destroy_process_group():
     """A test that initialises torch.distributed in-process must not leak the group into the next test."""
     yield
-    from trainer import dist
+    from trainer.engine import dist
 
     # The project's teardown releases DeepSpeed's cached world group too, not only torch's.
     dist.destroy()
@@ -34,8 +34,8 @@ def tiny_easyvqa_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     first questions of each split (the full set takes minutes to convert on 2 cores)."""
     import dataclasses
 
-    from data_pipeline import easyvqa
-    from data_pipeline.build import build_shard_folder
+    from data_pipeline.convert import easyvqa
+    from data_pipeline.convert.build import build_shard_folder
 
     root = tmp_path_factory.mktemp("easyvqa_tiny")
     for split, n, shard_size in (("train", 128, 64), ("test", 32, 16)):

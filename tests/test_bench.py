@@ -1,4 +1,4 @@
-"""`python -m trainer.bench` on the CPU: the tiny preset through its three modes (the DeepSpeed engine on an on-device
+"""`python -m trainer.tools.bench` on the CPU: the tiny preset through its three modes (the DeepSpeed engine on an on-device
 batch, real shards through build_loader, plain AdamW), the table and the JSON file; the FLOP count; bad input."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_bench_tiny_preset_all_modes(tiny_easyvqa_shards: Path, tmp_path: Path, 
     assert report["n_answers"] == len(
         json.loads((tiny_easyvqa_shards / "train" / "answers.json").read_text())
     )
-    assert report["command"].startswith("python -m trainer.bench --preset tiny")
+    assert report["command"].startswith("python -m trainer.tools.bench --preset tiny")
     for r in rows:
         assert len(r["windows"]) == 3
         assert r["batch_size"] == 8 and r["precision"] == "fp32"
@@ -56,7 +56,7 @@ def test_bench_tiny_preset_all_modes(tiny_easyvqa_shards: Path, tmp_path: Path, 
         assert 0 <= r["data_wait_fraction"] <= 1
         assert "RSS" in r["memory_measure"] and r["peak_memory_bytes"] > 100 * 2**20
         assert r["first_step_s"] > 0 and r["epoch_restarts"] == 0  # 16 batches an epoch, 7 steps a cell
-    # One rank runs without ZeRO (trainer/engine.py `resolve_ds_config`): stage 0, the default file's stage.
+    # One rank runs without ZeRO (trainer/engine/engine.py `resolve_ds_config`): stage 0, the default file's stage.
     assert [r["engine"] for r in rows] == ["DeepSpeed ZeRO-0 float32"] * 2 + ["torch AdamW, fp32"]
     assert rows[0]["loader"] == rows[2]["loader"] == "on-device batch"
     assert rows[1]["loader"] in ("dali-cpu", "torch")

@@ -1,4 +1,4 @@
-"""`python -m trainer.bench --ranks 2` on the CPU (2 spawned gloo ranks, the tiny preset): the engine's default, torch
+"""`python -m trainer.tools.bench --ranks 2` on the CPU (2 spawned gloo ranks, the tiny preset): the engine's default, torch
 DDP and ZeRO-2 in one interleaved run; the report's host work tells the modes apart; bad input fails plainly."""
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def test_two_ranks_time_the_default_ddp_and_zero2_and_show_their_host_work(tmp_p
 
 def _trainable_tensors():
     from tests.helpers.tiny import tiny_config
-    from trainer.config import apply_overrides
-    from trainer.presets import get_preset
-    from trainer.task import build_task
+    from trainer.config.config import apply_overrides
+    from trainer.config.presets import get_preset
+    from trainer.modeling.task import build_task
 
     cfg = apply_overrides(get_preset("tiny"), ["model.vilt_pretrained=none", "model.clip_pretrained=none"])
     assert cfg.model.variant == tiny_config("clip-infonce-dot").model.variant

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from trainer.checkpointing import COMPLETE, Checkpointer, list_complete, resolve_resume
-from trainer.config import ConfigError
-from trainer.dist import DistInfo
+from trainer.checkpoint.checkpointing import Checkpointer
+from trainer.checkpoint.layout import COMPLETE, list_complete, resolve_resume
+from trainer.config.config import ConfigError
+from trainer.engine.dist import DistInfo
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -92,7 +93,7 @@ class Stage0FilesEngine(FilesEngine):
 def test_a_stage0_checkpoint_resumes_on_any_world_size_and_to_universal_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from trainer.checkpointing import main, to_universal
+    from trainer.checkpoint.universal import main, to_universal
 
     ck = Checkpointer(tmp_path, Stage0FilesEngine(), DIST, every=1, keep_last=3)
     ck.save(3, {"step": 3, "epoch": 0, "batch_in_epoch": 3, "samples": 3})
@@ -109,7 +110,7 @@ def test_a_stage0_checkpoint_resumes_on_any_world_size_and_to_universal_says_so(
 
 
 def test_stage0_weights_are_read_safely_and_in_fp32(tmp_path: Path) -> None:
-    from trainer.export import stage0_state_dict
+    from trainer.serve.export import stage0_state_dict
 
     weights = {"a": torch.randn(3, dtype=torch.bfloat16), "index": torch.arange(4)}
     states = {"module": weights, "optimizer": {"state": {}}, "ds_config": {"zero_optimization": {"stage": 0}}}
@@ -149,7 +150,7 @@ def test_rng_files_hold_plain_data_and_others_are_refused_unloaded(tmp_path: Pat
 
     import numpy as np
 
-    from trainer.checkpointing import load_rng_file, set_rng_state
+    from trainer.checkpoint.safety import load_rng_file, set_rng_state
 
     ck = Checkpointer(tmp_path, FilesEngine(), DIST, every=1, keep_last=2)
     _save_step(ck, 1)
@@ -209,7 +210,7 @@ def test_an_interrupted_prune_leaves_nothing_that_looks_complete(
 ) -> None:
     import shutil
 
-    from trainer import checkpointing
+    from trainer.checkpoint import checkpointing, universal
 
     ck = Checkpointer(tmp_path, FilesEngine(), DIST, every=1, keep_last=1)
     _save_step(ck, 1)
@@ -222,7 +223,7 @@ def test_an_interrupted_prune_leaves_nothing_that_looks_complete(
     assert calls == ["global_step1.deleting"]  # renamed away before a single file went
     assert (ck.ckpt_dir / "global_step1.deleting" / COMPLETE).is_file()
 
-    assert checkpointing.main(["list", "--run-dir", str(tmp_path)]) == 0
+    assert universal.main(["list", "--run-dir", str(tmp_path)]) == 0
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["global_step2"]
     with pytest.raises(ConfigError, match="no checkpoint 'global_step1'.*complete ones: global_step2"):
         resolve_resume(ck.ckpt_dir, "global_step1", 1)
@@ -231,7 +232,7 @@ def test_an_interrupted_prune_leaves_nothing_that_looks_complete(
 
 
 def test_a_checkpoint_missing_a_file_its_marker_lists_is_not_complete(tmp_path: Path) -> None:
-    from trainer.checkpointing import is_complete
+    from trainer.checkpoint.layout import is_complete
 
     ck = Checkpointer(tmp_path, FilesEngine(), DIST, every=1, keep_last=3)
     _save_step(ck, 1)
@@ -266,8 +267,8 @@ def _usage(free: int) -> Any:
 def test_a_save_that_cannot_fit_is_refused_before_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer import checkpointing
-    from trainer.checkpointing import CheckpointSpaceError, human_bytes
+    from trainer.checkpoint import checkpointing
+    from trainer.checkpoint.checkpointing import CheckpointSpaceError, human_bytes
 
     ck = Checkpointer(tmp_path, FilesEngine(), DIST, every=1, keep_last=2)
     _save_step(ck, 1)
@@ -310,7 +311,7 @@ class FullDiskEngine(FilesEngine):
 def test_running_out_of_space_mid_save_is_named_and_costs_no_earlier_checkpoint(
     tmp_path: Path, error: Exception
 ) -> None:
-    from trainer.checkpointing import CheckpointSpaceError
+    from trainer.checkpoint.checkpointing import CheckpointSpaceError
 
     engine = FullDiskEngine(error)
     ck = Checkpointer(tmp_path, engine, DIST, every=1, keep_last=2)
@@ -353,7 +354,7 @@ class ModuleStatesEngine(Stage0FilesEngine):
 def test_the_export_keeps_integer_buffers(tmp_path: Path) -> None:
     """The exported state dict holds every entry of the module's: floating weights in fp32, integer buffers (position
     ids, compact vocabulary maps) as they are; strict loading needs both."""
-    from trainer.export import fp32_state_dict
+    from trainer.serve.export import fp32_state_dict
 
     Checkpointer(tmp_path, ModuleStatesEngine(), DIST, every=1, keep_last=1).save(
         2, {"step": 2, "epoch": 0, "batch_in_epoch": 2, "samples": 2}

@@ -1,9 +1,9 @@
-"""`python -m data_pipeline.bench`'s sweep: one cell per combination of the settings asked for, DALI's settings only
+"""`python -m data_pipeline.tools.bench`'s sweep: one cell per combination of the settings asked for, DALI's settings only
 for DALI, and row names that show what varies."""
 
 from __future__ import annotations
 
-from data_pipeline import bench
+from data_pipeline.tools import bench
 
 
 def test_sweep_cells_and_labels():

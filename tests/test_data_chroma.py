@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from data_pipeline import convert, synthetic
-from data_pipeline.buildspec import BuildSpec, ConversionError
+from data_pipeline.convert import cli as convert
+from data_pipeline.convert import synthetic
+from data_pipeline.convert.buildspec import BuildSpec, ConversionError
 from tests.helpers.synthetic_shards import convert_synthetic
 
 

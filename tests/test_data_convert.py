@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import build, convert, shards, synthetic
 from data_pipeline.answers import normalize_answer, soft_score
+from data_pipeline.convert import build, synthetic
+from data_pipeline.convert import cli as convert
+from data_pipeline.shards import format as shards
 
 
 def run(*argv: str) -> int:
@@ -350,7 +352,7 @@ def test_image_size_stores_the_loaders_squash_and_the_trainer_refuses_a_larger_s
     import numpy as np
     from PIL import Image
 
-    from data_pipeline.sharding import DataError, check_image_size
+    from data_pipeline.shards.sharding import DataError, check_image_size
 
     out = tmp_path / "small"
     # 4:4:4: the comparison below bounds the JPEG error of the squash, not 4:2:0's halved colour resolution.
@@ -404,7 +406,7 @@ def test_skip_out_of_vocab_leaves_out_questions_with_all_zero_targets(raw, tmp_p
     """With a vocabulary that covers only some questions: kept by default (all-zero targets, counted), left out with
     --skip-out-of-vocab, and the manifest says which."""
     from data_pipeline.answers import normalize_answer
-    from data_pipeline.sharding import iter_sample_json, open_folder
+    from data_pipeline.shards.sharding import iter_sample_json, open_folder
 
     annotations = json.loads(raw.annotations.read_text())["annotations"]
     vocab = sorted({normalize_answer(a["multiple_choice_answer"]) for a in annotations})[:2]
@@ -438,7 +440,7 @@ def test_skip_out_of_vocab_leaves_out_questions_with_all_zero_targets(raw, tmp_p
 
 
 def test_synthetic_command_writes_the_official_layout_once(tmp_path, capsys) -> None:
-    from data_pipeline import synthetic
+    from data_pipeline.convert import synthetic
 
     raw = tmp_path / "raw"
     assert synthetic.main(["--out", str(raw), "--images", "3"]) == 0

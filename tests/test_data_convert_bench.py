@@ -1,4 +1,4 @@
-"""`python -m data_pipeline.convert_bench` on a tiny set: the report agrees with the converter's own manifests and
+"""`python -m data_pipeline.tools.convert_bench` on a tiny set: the report agrees with the converter's own manifests and
 files, the question count follows --questions-per-image, and the projection is the stated arithmetic."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import convert_bench
+from data_pipeline.tools import convert_bench
 
 
 def test_convert_bench_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import shards
-from data_pipeline.loader import (
+from data_pipeline.loaders.loader import (
     DataError,
     LoaderSpec,
     build_loader,
@@ -19,6 +18,7 @@ from data_pipeline.loader import (
     read_manifest,
     read_sample_info,
 )
+from data_pipeline.shards import format as shards
 from tests.helpers.synthetic_shards import convert_synthetic
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
@@ -201,7 +201,7 @@ def test_dali_host_thread_stops_early_and_reraises(folder: Path) -> None:
 def test_auto_falls_back_and_says_so(
     folder: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from data_pipeline import dali_loader
+    from data_pipeline.loaders import dali_loader
 
     spec = LoaderSpec(
         tokenizer=FakeTokenizer(), batch_size=4, image_size=32, mean=MEAN, std=STD, rank=0, world_size=1,

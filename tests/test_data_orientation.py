@@ -5,7 +5,7 @@ Tagged JPEGs are made here: an asymmetric square picture (four coloured quadrant
 give is computed without the code under test: the stored pixels as decoded with the tag ignored, turned with numpy.
 The paths: the converter without --image-size (the file kept as it is, tag included) read by both loaders (DALI on
 the CPU, PyTorch), the converter with --image-size (re-encoded upright, tag dropped) read by both loaders, and
-trainer.predict's preprocessing of the original file; DALI's GPU (nvJPEG) decoder where CUDA is present.
+trainer.serve.predict's preprocessing of the original file; DALI's GPU (nvJPEG) decoder where CUDA is present.
 
 Tolerances: the loaders and predict decode the same JPEG bytes with libjpeg-turbo and the image size equals the
 stored size (no resize), so they give the expected pixels within 1 of 255 levels (the normalisation's float
@@ -25,9 +25,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline import convert, synthetic
-from data_pipeline.images import EXIF_ORIENTATION, orientation
-from data_pipeline.loader import LoaderSpec, build_loader
+from data_pipeline.convert import cli as convert
+from data_pipeline.convert import synthetic
+from data_pipeline.convert.images import EXIF_ORIENTATION, orientation
+from data_pipeline.loaders.loader import LoaderSpec, build_loader
 
 SIZE = 64
 MEAN = (0.5, 0.5, 0.5)
@@ -180,7 +181,7 @@ def test_the_converter_keeps_tagged_files_or_reencodes_them_upright_without_the_
 
 
 def test_the_converter_records_the_upright_size(tmp_path: Path) -> None:
-    from data_pipeline.images import check_image, convert_to_jpeg
+    from data_pipeline.convert.images import check_image, convert_to_jpeg
 
     path = tmp_path / "wide.jpg"
     path.write_bytes(
@@ -195,7 +196,7 @@ def test_the_converter_records_the_upright_size(tmp_path: Path) -> None:
 
 
 def test_predict_preprocesses_tagged_photos_upright(photos: dict) -> None:
-    from trainer.predict import load_image
+    from trainer.serve.predict import load_image
 
     for path in photos["files"]:
         x = load_image(path, SIZE, MEAN, STD)

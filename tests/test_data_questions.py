@@ -1,4 +1,4 @@
-"""The question table (data_pipeline/questions.py): question ids read from json bytes with array operations, and both
+"""The question table (data_pipeline/loaders/questions.py): question ids read from json bytes with array operations, and both
 loaders' batches from the table equal to the batches tokenised per batch, in training and padded evaluation."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import questions
-from data_pipeline.loader import DataError, read_sample_info
-from data_pipeline.questions import QuestionTable, question_ids, text_lengths
+from data_pipeline.loaders import questions
+from data_pipeline.loaders.loader import DataError, read_sample_info
+from data_pipeline.loaders.questions import QuestionTable, question_ids, text_lengths
 from tests.helpers.synthetic_shards import convert_synthetic
 from tests.test_data_loader import FakeTokenizer, load
 
@@ -25,7 +25,7 @@ def _rows(texts: list[bytes], width: int | None = None) -> np.ndarray:
     return out
 
 
-def _compact(meta: dict) -> bytes:  # as the converters write a sample json (data_pipeline/build.py)
+def _compact(meta: dict) -> bytes:  # as the converters write a sample json (data_pipeline/convert/build.py)
     return json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -98,7 +98,7 @@ def test_a_table_serves_only_its_own_folder(folder: Path, tmp_path: Path):
 
 
 def test_dali_counts_its_host_work_per_batch(folder: Path):
-    from data_pipeline.loader import LoaderSpec, build_loader
+    from data_pipeline.loaders.loader import LoaderSpec, build_loader
     from tests.test_data_loader import MEAN, STD
 
     table = QuestionTable.build(str(folder), FakeTokenizer())

@@ -19,9 +19,17 @@ import pytest
 import torch
 from test_data_loader import MEAN, STD, FakeTokenizer
 
-from data_pipeline import convert, dali_loader, integrity, sharding, storage, verify
-from data_pipeline.errors import BadInputError
-from data_pipeline.loader import LoaderSpec, build_loader, read_answers, read_manifest, read_sample_info
+from common.errors import BadInputError
+from data_pipeline.convert import cli as convert
+from data_pipeline.loaders import dali_loader
+from data_pipeline.loaders.loader import (
+    LoaderSpec,
+    build_loader,
+    read_answers,
+    read_manifest,
+    read_sample_info,
+)
+from data_pipeline.shards import integrity, sharding, storage, verify
 from tests.helpers.synthetic_shards import convert_synthetic
 
 pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
@@ -130,7 +138,7 @@ def _assert_same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tenso
 
 
 def test_torch_loader_reads_s3_as_local(local: Path, remote: str) -> None:
-    """Through webdataset's pipe: URLs (python -m data_pipeline.storage cat): the same batches, both modes."""
+    """Through webdataset's pipe: URLs (python -m data_pipeline.shards.storage cat): the same batches, both modes."""
     _assert_same(_load(local, "torch"), _load(remote, "torch"))
     _assert_same(_load(local, "torch", train=True, epoch=1), _load(remote, "torch", train=True, epoch=1))
 
@@ -189,7 +197,9 @@ def test_storage_cat_and_unreachable_endpoint_are_one_line(
 ) -> None:
     missing = f"{remote}/no-such-shard.tar"
     run = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.storage", "cat", missing], capture_output=True, timeout=60
+        [sys.executable, "-m", "data_pipeline.shards.storage", "cat", missing],
+        capture_output=True,
+        timeout=60,
     )
     assert run.returncode == 2 and run.stdout == b""
     assert run.stderr.decode().strip().count("\n") == 0 and "no such object" in run.stderr.decode(), (
@@ -230,7 +240,7 @@ def test_locations() -> None:
     obj = storage.ObjectPath("s3://bucket/a/b.tar")
     assert (obj.bucket, obj.key, obj.name) == ("bucket", "a/b.tar", "b.tar")
     url = storage.pipe_url("s3://b/k.tar")
-    assert url.startswith("pipe:") and url.endswith("-m data_pipeline.storage cat s3://b/k.tar")
+    assert url.startswith("pipe:") and url.endswith("-m data_pipeline.shards.storage cat s3://b/k.tar")
 
 
 def test_torch_loader_names_a_shard_that_vanished(

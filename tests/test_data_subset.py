@@ -1,4 +1,4 @@
-"""A fixed validation subset (data_pipeline/subset.py): deterministic, a valid shard folder the loader reads, its
+"""A fixed validation subset (data_pipeline/convert/subset.py): deterministic, a valid shard folder the loader reads, its
 command line, and how the comparison writes it once and keeps it."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import argparse
 import pytest
 import torch
 
-from data_pipeline import convert
-from data_pipeline.build import ConversionError
-from data_pipeline.loader import LoaderSpec, build_loader
-from data_pipeline.sharding import read_sample_info
-from data_pipeline.subset import select, subset_record, write_subset
-from data_pipeline.verify import verify
+from data_pipeline.convert import cli as convert
+from data_pipeline.convert.build import ConversionError
+from data_pipeline.convert.subset import select, subset_record, write_subset
+from data_pipeline.loaders.loader import LoaderSpec, build_loader
+from data_pipeline.shards.sharding import read_sample_info
+from data_pipeline.shards.verify import verify
 
 
 class Tokenizer:

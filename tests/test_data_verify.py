@@ -1,4 +1,4 @@
-"""`python -m data_pipeline.verify`: an intact folder passes; bit rot, a cut-short copy, a stale or missing index are
+"""`python -m data_pipeline.shards.verify`: an intact folder passes; bit rot, a cut-short copy, a stale or missing index are
 named. The trainer's start-up check compares shard sizes with the manifest and names the command when they differ."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import shards, verify
+from data_pipeline.shards import format as shards
+from data_pipeline.shards import verify
 from tests.helpers.synthetic_shards import convert_synthetic
 
 
@@ -72,7 +73,7 @@ def test_missing_index_is_named(folder: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_trainer_start_checks_sizes_and_names_verify(folder: Path, tmp_path: Path) -> None:
-    from data_pipeline.sharding import DataError, open_folder
+    from data_pipeline.shards.sharding import DataError, open_folder
     from trainer.main import check_data
 
     assert check_data(str(folder), "train_data", world_size=1, required=True)["totals"]["samples"] > 0
@@ -84,4 +85,4 @@ def test_trainer_start_checks_sizes_and_names_verify(folder: Path, tmp_path: Pat
         with pytest.raises(DataError) as err:
             check()
         assert str(err.value).startswith(expected)
-        assert str(err.value).endswith(f"check the folder with python -m data_pipeline.verify {bad}")
+        assert str(err.value).endswith(f"check the folder with python -m data_pipeline.shards.verify {bad}")

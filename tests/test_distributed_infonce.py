@@ -20,7 +20,7 @@ from tests.helpers.tiny import (
     to_double,
     with_duplicate_questions,
 )
-from trainer.task import build_task
+from trainer.modeling.task import build_task
 
 # Two gloo ranks on local ports; each waits up to 300 s for the other.
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]

@@ -203,9 +203,9 @@ def test_deepspeed_is_installed_after_torch_without_compiling_any_op() -> None:
     # No fused Adam: the trainer steps torch's fused AdamW, so DeepSpeed's own would never run.
     text = DOCKERFILE.read_text()
     assert "DS_BUILD_FUSED_ADAM" not in text and "TORCH_CUDA_ARCH_LIST" not in text
-    from trainer.config import OptimConfig
-    from trainer.engine import load_ds_config, resolve_ds_config
-    from trainer.presets import get_preset
+    from trainer.config.config import OptimConfig
+    from trainer.config.presets import get_preset
+    from trainer.engine.engine import load_ds_config, resolve_ds_config
 
     for name in ("zero2_bf16.json", "zero3_bf16.json"):
         ds = resolve_ds_config(
@@ -244,7 +244,7 @@ def test_dockerignore_keeps_data_runs_and_checkpoints_out_of_the_build() -> None
     }
     assert {"data", "runs", "checkpoints", "weights", ".venv", ".git"} <= patterns
     # ... and keeps in what the build needs.
-    for needed in ("pyproject.toml", "launch.sh", "docker", "trainer", "data_pipeline"):
+    for needed in ("pyproject.toml", "launch.sh", "docker", "trainer", "data_pipeline", "common"):
         assert needed not in patterns and not any(p in ("*", "**") for p in patterns), needed
 
 

@@ -7,8 +7,8 @@ whose programs the test machine lacks or must not run for real are stand-ins (te
 docker runs the image's entry point on the host with its volumes' paths translated, sbatch and srun run the batch
 script and its tasks here, kubectl records the manifest, DeepSpeed's launcher and the trainer record their
 arguments. What the stand-ins record is then checked by the real parsers: DeepSpeed's own launcher options
-(deepspeed.launcher.runner), trainer/main.py's options, the preset and every `--set` field, trainer.preflight's,
-trainer.compare's and data_pipeline.convert's options. What is cheap runs for real: the VQA v2 conversions (on a
+(deepspeed.launcher.runner), trainer/main.py's options, the preset and every `--set` field, trainer.tools.preflight's,
+trainer.tools.compare's and data_pipeline.convert's options. What is cheap runs for real: the VQA v2 conversions (on a
 synthetic VQA v2 stand-in for the visualqa.org and COCO downloads), `fetch-weights` (against a local stand-in for the
 Hugging Face hub), the universal-checkpoint conversion and the export (against the run folder the page's training
 writes; the export also on a real tiny run, marked slow). Downloads themselves are the exceptions; `test_every_documented_command_is_exercised_or_excepted` lists
@@ -154,12 +154,12 @@ EXERCISED = [
     (README, "mkdir -p results/demo_5seeds", f"{HERE}::test_readme_five_seed_study"),
     (README, "./launch.sh setup; PY=.venv/bin/python", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
     (README, "$PY -m data_pipeline.convert", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
-    (README, ".venv/bin/python -m data_pipeline.synthetic", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
+    (README, ".venv/bin/python -m data_pipeline.convert.synthetic", f"{HERE}::test_readme_vqa2_conversion_on_a_local_stand_in"),
     (README, "./launch.sh fetch-weights", f"{HERE}::test_readme_fetch_weights_prints_the_documented_lines"),
     (README, "./launch.sh train", f"{HERE}::test_readme_one_node_many_nodes"),
     (README, ".venv/bin/python -m pytest", f"{HERE}::test_readme_development_commands"),
     (README, ".venv/bin/ruff", f"{HERE}::test_readme_development_commands"),
-    (README, ".venv/bin/python -m trainer.bench", f"{HERE}::test_readme_development_commands"),
+    (README, ".venv/bin/python -m trainer.tools.bench", f"{HERE}::test_readme_development_commands"),
     (README, "scripts/gpu_check.sh", "test_gpu_check.py::test_help_and_bad_options"),
     (CLUSTER, "docker build", f"{HERE}::test_cluster_image_build_tag_push"),
     (CLUSTER, "docker tag", f"{HERE}::test_cluster_image_build_tag_push"),
@@ -191,11 +191,11 @@ EXERCISED = [
     (CLUSTER, "cat > hostfile", f"{HERE}::test_cluster_hostfile_over_ssh"),
     (CLUSTER, "./launch.sh train --hostfile hostfile", f"{HERE}::test_cluster_hostfile_over_ssh"),
     (CLUSTER, "docker compose -f docker/compose.yaml run --rm trainer train -- --preset vqa2-base --resume auto", f"{HERE}::test_cluster_resume"),
-    (CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.checkpointing", f"{HERE}::test_cluster_resume"),
+    (CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.checkpoint", f"{HERE}::test_cluster_resume"),
     (CLUSTER, "docker compose -f docker/compose.yaml run --rm trainer train -- --resume", f"{HERE}::test_cluster_resume"),
     (CLUSTER, "docker compose -f docker/compose.yaml up -d tensorboard", f"{HERE}::test_cluster_tensorboard"),
     (CLUSTER, "ssh -N -L", f"{HERE}::test_cluster_tensorboard"),
-    (CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.export", f"{HERE}::test_cluster_export_finds_the_run_folder"),
+    (CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.serve.export", f"{HERE}::test_cluster_export_finds_the_run_folder"),
 ]  # fmt: skip
 
 
@@ -310,7 +310,7 @@ def site(tmp_path: Path) -> Site:
 def write_raw_vqa2(raw: Path) -> None:
     """A stand-in for the visualqa.org and cocodataset.org downloads, under the official names: train2014 (with a
     truncated JPEG and a missing image, as real downloads can have) and val2014."""
-    from data_pipeline import synthetic
+    from data_pipeline.convert import synthetic
 
     raw.mkdir(parents=True, exist_ok=True)
     settings = {"train2014": {"n_images": 12, "seed": 0}, "val2014": {"n_images": 6, "seed": 1, "bad": False}}
@@ -336,9 +336,9 @@ def deepspeed_parse() -> Callable[[list[str]], object]:
 def trainer_args(call: dict, deepspeed_parse) -> object:
     """The trainer's options in a recorded deepspeed call, after DeepSpeed's parser took its own: parsed by
     trainer/main.py's parser, the preset and every --set field applied."""
-    from trainer.config import apply_overrides
+    from trainer.config.config import apply_overrides
+    from trainer.config.presets import get_preset
     from trainer.main import build_parser
-    from trainer.presets import get_preset
 
     launch = deepspeed_parse(call["argv"])
     assert (launch.user_script, launch.module) == ("trainer/main.py", False), call["argv"]
@@ -375,7 +375,7 @@ def test_readme_quick_start_runs_the_demo_and_the_tests(site: Site) -> None:
     assert_ok(result)
     compare, pytest_call = site.calls("python")
     args = build_parser().parse_args(compare["argv"][2:])
-    assert compare["argv"][:2] == ["-m", "trainer.compare"]
+    assert compare["argv"][:2] == ["-m", "trainer.tools.compare"]
     assert (args.preset, args.val_subset, args.val_every) == ("demo", 500, 100)
     assert (args.train_data, args.val_data) == (str(data / "train"), str(data / "test"))
     assert args.run_dir == str(site.root / "runs" / "demo")
@@ -413,14 +413,14 @@ def test_readme_five_seed_study(site: Site) -> None:
 
 def test_readme_vqa2_conversion_on_a_local_stand_in(site: Site) -> None:
     """The README's synthetic stand-in for the downloads, then its conversion commands, as written."""
-    synthetic = block(README, ".venv/bin/python -m data_pipeline.synthetic").text
+    synthetic = block(README, ".venv/bin/python -m data_pipeline.convert.synthetic").text
     result = site.sh(
         synthetic + block(README, "./launch.sh setup; PY=").text,
-        STANDIN_RUN="data_pipeline.convert,data_pipeline.synthetic",
+        STANDIN_RUN="data_pipeline.convert,data_pipeline.convert.synthetic",
     )
     assert_ok(result)
     assert [c["argv"][:3] for c in site.calls("python")] == [
-        ["-m", "data_pipeline.synthetic", "--out"],
+        ["-m", "data_pipeline.convert.synthetic", "--out"],
         ["-m", "data_pipeline.convert", "vqa2-answers"],
         ["-m", "data_pipeline.convert", "vqa2"],
         ["-m", "data_pipeline.convert", "vqa2"],
@@ -458,10 +458,10 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def fetch(call: dict, capsys: pytest.CaptureFixture[str]) -> list[str]:
-    """A recorded `python -m trainer.weights ...` run for real, in this process; its stdout lines."""
-    from trainer import weights
+    """A recorded `python -m trainer.modeling.weights ...` run for real, in this process; its stdout lines."""
+    from trainer.modeling import weights
 
-    assert call["argv"][:2] == ["-m", "trainer.weights"]
+    assert call["argv"][:2] == ["-m", "trainer.modeling.weights"]
     capsys.readouterr()
     assert weights.main(call["argv"][2:]) == 0, capsys.readouterr().err
     return capsys.readouterr().out.splitlines()
@@ -470,9 +470,9 @@ def fetch(call: dict, capsys: pytest.CaptureFixture[str]) -> list[str]:
 def test_readme_fetch_weights_prints_the_documented_lines(
     site: Site, fake_hub: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from trainer import weights
-    from trainer.config import apply_overrides
-    from trainer.presets import get_preset
+    from trainer.config.config import apply_overrides
+    from trainer.config.presets import get_preset
+    from trainer.modeling import weights
 
     assert_ok(site.sh(block(README, "./launch.sh fetch-weights").text))
     (call,) = site.calls("python")
@@ -538,7 +538,7 @@ def test_readme_development_commands(site: Site) -> None:
     assert [c["argv"] for c in site.calls("ruff")][-2:] == [["format", "."], ["check", "."]]
     assert (Path(sys.executable).parent / "ruff").exists()  # the dev extra's ruff, where the README calls it
     # The benchmark reads the demo's easy-VQA shards, where ./launch.sh demo converts them.
-    (bench,) = [c["argv"] for c in site.calls("python") if c["argv"][:2] == ["-m", "trainer.bench"]]
+    (bench,) = [c["argv"] for c in site.calls("python") if c["argv"][:2] == ["-m", "trainer.tools.bench"]]
     args = build_parser().parse_args(bench[2:])
     assert (args.preset, args.train_data) == ("tiny", "data/easy-vqa/train")
     dry = site.sh("./launch.sh --dry-run demo")
@@ -581,9 +581,9 @@ def test_inline_launch_sh_commands_are_accepted(site: Site, deepspeed_parse) -> 
 
 
 def test_readme_export_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer import export
+    from trainer.serve import export
 
-    (span,) = [s for s in inline_code(README) if s.startswith("python -m trainer.export")]
+    (span,) = [s for s in inline_code(README) if s.startswith("python -m trainer.serve.export")]
     placeholders = {"RUN": str(tmp_path / "run"), "DIR": str(tmp_path / "out")}
     argv = [placeholders.get(word, word) for word in shlex.split(span)[3:]]
     # Every option the README gives is known and none it needs is missing: what stops it is export's own check of
@@ -619,7 +619,8 @@ def test_cluster_image_checks(site: Site, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_cluster_conversion_through_the_image(site: Site) -> None:
-    from data_pipeline import convert, easyvqa
+    from data_pipeline.convert import cli as convert
+    from data_pipeline.convert import easyvqa
 
     write_raw_vqa2(site.mnt / "raw")
     result = site.sh(block(CLUSTER, "CONVERT=").text)
@@ -693,7 +694,7 @@ def test_cluster_preflight(site: Site, deepspeed_parse) -> None:
     assert_ok(site.sh(block(CLUSTER, "./launch.sh train --preflight").text))
     (call,) = site.calls("deepspeed")
     launch = deepspeed_parse(call["argv"])
-    assert (launch.module, launch.user_script, launch.num_gpus) == (True, "trainer.preflight", 8)
+    assert (launch.module, launch.user_script, launch.num_gpus) == (True, "trainer.tools.preflight", 8)
     args, ignored = build_parser().parse_known_args(launch.user_args)
     assert ignored == ["--preset", "vqa2-base"]  # the trainer's own options, which the preflight ignores
     assert (args.train_data, args.run_dir) == (f"{site.mnt}/shards/train", f"{site.mnt}/runs/vqa2-clip-dot")
@@ -814,7 +815,7 @@ def test_cluster_slurm_one_task_per_node(
 
 
 def test_cluster_slurm_one_task_per_gpu(site: Site) -> None:
-    from trainer import dist
+    from trainer.engine import dist
     from trainer.main import build_parser
 
     result = site.sh(block(CLUSTER, "cat > train-tasks.sbatch").text, exits={"python": 143})
@@ -852,7 +853,7 @@ def test_cluster_study_as_a_slurm_job_array(site: Site, cell_exit: int) -> None:
     (job,) = site.calls("sbatch")
     assert job["job_status"] == cell_exit and job["options"]["--signal"] == "TERM@120"
     cells = [build_parser().parse_args(c["argv"][2:]) for c in site.calls("python")]
-    assert all(c["argv"][:2] == ["-m", "trainer.compare"] for c in site.calls("python"))
+    assert all(c["argv"][:2] == ["-m", "trainer.tools.compare"] for c in site.calls("python"))
     variants = [v.name for v in parse_variants(cells[0].variants)]
     assert len(variants) == 5 and len(cells) == int(job["options"]["--array"].split("-")[1]) + 1
     assert sorted((a.only, a.seeds) for a in cells) == sorted((v, str(s)) for v in variants for s in range(5))
@@ -891,8 +892,8 @@ def test_cluster_hostfile_over_ssh(site: Site, deepspeed_parse) -> None:
 
 
 def test_cluster_resume(site: Site, deepspeed_parse, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer import checkpoint_universal
-    from trainer.checkpoint_layout import UNIVERSAL_SUFFIX, tag_for_step
+    from trainer.checkpoint import universal as checkpoint_universal
+    from trainer.checkpoint.layout import UNIVERSAL_SUFFIX, tag_for_step
 
     auto = command(CLUSTER, "docker compose -f docker/compose.yaml run --rm trainer train -- --preset vqa2-base --resume auto")  # fmt: skip
     assert_ok(site.sh(compose_exports() + "\n" + auto.text))
@@ -902,10 +903,10 @@ def test_cluster_resume(site: Site, deepspeed_parse, capsys: pytest.CaptureFixtu
     assert (args.resume, args.run_dir) == ("auto", run_dir)
     # Another number of GPUs: the conversion looks in the run folder the trainer writes, and the trainer resumes
     # from the tag it prints.
-    universal = block(CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.checkpointing")  # fmt: skip
+    universal = block(CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.checkpoint")  # fmt: skip
     assert_ok(site.sh(compose_exports() + "\n" + universal.text))
     (convert,) = site.calls("python")
-    assert convert["argv"][:3] == ["-m", "trainer.checkpointing", "to-universal"]
+    assert convert["argv"][:3] == ["-m", "trainer.checkpoint", "to-universal"]
     capsys.readouterr()
     assert (
         checkpoint_universal.main(convert["argv"][2:]) == 2
@@ -931,11 +932,11 @@ def test_cluster_tensorboard(site: Site) -> None:
 
 
 def test_cluster_export_finds_the_run_folder(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer import export
+    from trainer.serve import export
 
-    assert_ok(site.sh(compose_exports() + "\n" + block(CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.export").text))  # fmt: skip
+    assert_ok(site.sh(compose_exports() + "\n" + block(CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.serve.export").text))  # fmt: skip
     (call,) = site.calls("python")
-    assert call["argv"][:2] == ["-m", "trainer.export"]
+    assert call["argv"][:2] == ["-m", "trainer.serve.export"]
     capsys.readouterr()
     assert (
         export.main(call["argv"][2:]) == 2
@@ -948,22 +949,22 @@ def test_cluster_export_commands_export_a_run(
     site: Site, tiny_easyvqa_shards: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Both export commands of section 8 on a real (tiny, 2-step) run in the run folder the page uses."""
-    from trainer import exported
     from trainer.main import main
+    from trainer.serve import exported
 
     run_dir = site.mnt / "runs" / "vqa2-clip-dot"
     tiny = ["--preset", "tiny", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=8"]
     tiny += ["--set", "train.progress_bar=false", "--set", "data.num_workers=1"]
     train = ["--train-data", str(tiny_easyvqa_shards / "train"), "--run-dir", str(run_dir)]
     assert main([*tiny, *train, "--max-steps", "2", "--set", "train.ckpt_every=2"]) == 0
-    in_image = block(CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.export")  # fmt: skip
-    result = site.sh(compose_exports() + "\n" + in_image.text, STANDIN_RUN="trainer.export")
+    in_image = block(CLUSTER, "docker compose -f docker/compose.yaml run --rm --entrypoint python trainer -m trainer.serve.export")  # fmt: skip
+    result = site.sh(compose_exports() + "\n" + in_image.text, STANDIN_RUN="trainer.serve.export")
     assert_ok(result)
     (call,) = site.calls("python")
     out = Path(call["argv"][call["argv"].index("--out") + 1])
     assert out.parent == site.mnt / "weights"  # the weights volume, /checkpoints in the container
-    (span,) = [s for s in inline_code(CLUSTER) if s.startswith(".venv/bin/python -m trainer.export")]
-    assert_ok(site.sh(span, STANDIN_RUN="trainer.export"))
+    (span,) = [s for s in inline_code(CLUSTER) if s.startswith(".venv/bin/python -m trainer.serve.export")]
+    assert_ok(site.sh(span, STANDIN_RUN="trainer.serve.export"))
     local = Path(site.localize(shlex.split(span)[-1]))
     for folder in (out, local):
         task, _, answers, _ = exported.from_pretrained(folder)

@@ -1,4 +1,4 @@
-"""The real DeepSpeed engine (trainer/engine.py) on a tiny task in one process: gradient accumulation against the
+"""The real DeepSpeed engine (trainer/engine/engine.py) on a tiny task in one process: gradient accumulation against the
 plain step on the joined batch, the logged learning rate against the one applied, the optimizer's state and the RNG
 after a checkpoint round trip, and the batch sizes DeepSpeed is given for several ranks. A linear model in float64
 keeps each test well under a second after DeepSpeed's import."""
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import dist as D
-from trainer.config import OptimConfig, TrainConfig
-from trainer.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
-from trainer.optim import build_adamw
+from trainer.config.config import OptimConfig, TrainConfig
+from trainer.engine import dist as D
+from trainer.engine.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
+from trainer.engine.optim import build_adamw
 
 OPTIM = OptimConfig(lr=0.05, weight_decay=0.01, warmup_ratio=0.3)
 
@@ -118,7 +118,8 @@ def test_the_logged_rate_is_the_rate_the_step_applied(one_process: None) -> None
 def test_a_checkpoint_restores_the_schedule_the_optimizer_and_the_random_streams(
     one_process: None, tmp_path: Path
 ) -> None:
-    from trainer.checkpointing import Checkpointer, resolve_resume
+    from trainer.checkpoint.checkpointing import Checkpointer
+    from trainer.checkpoint.layout import resolve_resume
 
     dist = D.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     engine = _engine(global_batch=4, micro=4)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, RunConfig, TrainConfig, apply_overrides
-from trainer.engine import CONFIG_DIR, load_ds_config, resolve_ds_config
-from trainer.optim import WarmupLinearDecay
-from trainer.presets import PRESETS, get_preset
+from trainer.config.config import ConfigError, RunConfig, TrainConfig, apply_overrides
+from trainer.config.presets import PRESETS, get_preset
+from trainer.engine.engine import CONFIG_DIR, load_ds_config, resolve_ds_config
+from trainer.engine.optim import WarmupLinearDecay
 
 
 def test_every_shipped_deepspeed_config_parses_and_sets_gradient_clipping() -> None:
@@ -66,7 +66,7 @@ def test_resolved_config_takes_batches_and_optimizer_from_the_trainer() -> None:
 
 
 def test_one_rank_runs_without_zero_and_everything_else_keeps_the_json_stage() -> None:
-    """trainer/engine.py's single-rank choice (`plain_single_rank`): one rank has nothing to shard, and ZeRO's flat
+    """trainer/engine/engine.py's single-rank choice (`plain_single_rank`): one rank has nothing to shard, and ZeRO's flat
     copies cost the CPU step 15-25% (docs/performance.md); several ranks stay sharded, offload keeps ZeRO, and so does
     a run that loads a universal checkpoint (only a ZeRO optimizer restores one)."""
     cfg = get_preset("tiny")
@@ -217,7 +217,7 @@ def test_presets_default_to_the_papers_proposal() -> None:
 
 
 def test_config_round_trips_and_validates(tmp_path: Path) -> None:
-    from trainer.config import config_from_dict
+    from trainer.config.config import config_from_dict
 
     cfg = apply_overrides(get_preset("tiny"), ["train.eval_at_start=true", "optim.betas=0.8,0.9"])
     cfg.save(tmp_path / "c.json")
@@ -232,7 +232,7 @@ def test_the_default_is_stage_0_with_the_overlapped_all_reduce_on_every_number_o
     """deepspeed_configs/stage0_*.json (README, deepspeed_configs/README.md "Several ranks"): ZeRO stage 0 for one rank
     and for several; bf16 as autocast over fp32 weights on any number of ranks; the engine's own all-reduce,
     overlapped with backward, on several ranks only (one rank needs none); fp32 on the wire unless the file says bf16."""
-    from trainer.engine import default_ds_config_path, overlapped_allreduce
+    from trainer.engine.engine import default_ds_config_path, overlapped_allreduce
 
     assert default_ds_config_path(torch.device("cuda", 0)).name == "stage0_bf16.json"
     assert default_ds_config_path(torch.device("cpu")).name == "stage0_fp32.json"

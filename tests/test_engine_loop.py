@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from trainer.config import apply_overrides
-from trainer.dist import DistInfo
-from trainer.loop import NonFiniteLossError, TrainLoop
-from trainer.preemption import StopRequest
-from trainer.presets import get_preset
+from trainer.config.config import apply_overrides
+from trainer.config.presets import get_preset
+from trainer.engine.dist import DistInfo
+from trainer.run.loop import NonFiniteLossError, TrainLoop
+from trainer.run.preemption import StopRequest
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 EPOCH_LEN = 5  # micro-batches per epoch: with accumulation 2 an optimizer step straddles the epoch boundary
@@ -266,7 +266,7 @@ def test_loader_workers_survive_a_signal_meant_for_the_trainer_and_end_with_the_
     signal to the trainer's process group does: they must survive it (a dead worker ends the run with "worker
     killed"). Whichever way the loop ends, its workers are gone when `run` returns or raises, not later at garbage
     collection: pytest.raises keeps the traceback, and with it the frames that hold the loader, alive."""
-    from data_pipeline.loader import LoaderSpec, build_loader
+    from data_pipeline.loaders.loader import LoaderSpec, build_loader
 
     tokenizer = _Tokenizer(fail_after=3 if path == "loader error" else None)
 
@@ -335,10 +335,10 @@ def test_a_bar_into_a_log_file_also_logs_a_line_per_logged_step(
     """A batch job's stderr is a file: every train.log_every steps a log line, beside a labelled bar."""
     import logging
 
-    from trainer.progress import logs_lines, progress_bar
+    from common.progress import logs_lines, progress_bar
 
     loop = loop_for(FakeEngine(), "train.max_steps=4", "train.log_every=2", "train.progress_bar=true")
-    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+    with caplog.at_level(logging.INFO, logger="trainer.run.loop"):
         assert loop.run() == "done"
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split(" loss")[0] for line in lines] == ["step 2/4", "step 4/4"], lines
@@ -365,7 +365,7 @@ def test_samples_seen_is_logged_beside_the_step_and_events_go_in_the_run_folder(
     `tensorboard --logdir runs` names each run after its folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainer.metrics import TRAIN_TAGS, build_logger
+    from trainer.run.metrics import TRAIN_TAGS, build_logger
 
     loop = loop_for(FakeEngine(), "train.max_steps=4", "train.log_every=2")
     assert loop.run() == "done"

@@ -1,4 +1,4 @@
-"""The one-rank engine against the benchmark's plain step (trainer/plain.py): what `python -m trainer.bench --modes
+"""The one-rank engine against the benchmark's plain step (trainer/engine/plain.py): what `python -m trainer.tools.bench --modes
 synthetic,plain` compares must be the same arithmetic, so that the difference it times is DeepSpeed's own cost.
 
 Counted, not timed: the same optimizer settings in every param group, the same losses step for step, and the
@@ -16,10 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tests.helpers.tiny import N_ANSWERS, VOCAB, synthetic_batch, tiny_config
-from trainer import dist as D
-from trainer.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
-from trainer.plain import PlainEngine
-from trainer.task import build_task
+from trainer.engine import dist as D
+from trainer.engine.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
+from trainer.engine.plain import PlainEngine
+from trainer.modeling.task import build_task
 
 # Per step, beyond plain's operators: DeepSpeed divides the loss by the accumulation steps (runtime/engine.py
 # `backward`) and the loss's gradient again (`_backward_prologue_per_tensor`): 2 `div`, 1 `DivBackward0`, and the

@@ -1,5 +1,5 @@
 """The multi-rank default (deepspeed_configs/stage0_fp32.json: ZeRO stage 0, the gradient all-reduce overlapped with
-backward in buckets, trainer/grad_sync.py) on 2 gloo ranks against 1 process, the gradients' communication dtype, and
+backward in buckets, trainer/engine/grad_sync.py) on 2 gloo ranks against 1 process, the gradients' communication dtype, and
 resuming across the stage-0 default and ZeRO-2 in both directions. One 2-process launch (tests/helpers/
 engine_ranks_worker.py) serves every check: process start-up dominates on 2 cores."""
 
@@ -18,9 +18,9 @@ import torch
 from tests.helpers.engine_ranks_worker import PER_RANK, config
 from tests.helpers.tiny import N_ANSWERS, VOCAB, synthetic_batch, to_double
 from tests.test_distributed_infonce import assert_equal_to_float64_round_off
-from trainer import dist as D
-from trainer.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
-from trainer.task import build_task
+from trainer.engine import dist as D
+from trainer.engine.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
+from trainer.modeling.task import build_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
 

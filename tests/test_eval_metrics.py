@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.evaluation import Reference, evaluate, write_results
+from trainer.run.evaluation import Reference, evaluate, write_results
 
 ANSWERS = ["yes", "no", "2", "red"]
 

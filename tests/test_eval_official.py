@@ -1,4 +1,4 @@
-"""The reported VQA score (trainer/evaluation.py) against the official VQA accuracy, computed here on raw answers.
+"""The reported VQA score (trainer/run/evaluation.py) against the official VQA accuracy, computed here on raw answers.
 
 The official definition here is the 2016 VQA evaluation script (`vqaEval.py` of the VQA API, GT-Vision-Lab/VQA at
 commit 458a8b2; `train.vqa_rule=vqa-2016`), written out below from its text (tests/test_vqa_rules.py checks the
@@ -13,7 +13,7 @@ training targets, whose soft scores come from fully normalised annotator answers
 from the targets would fail here.
 
 A small VQA v2-format set (official JSON layouts, COCO-named JPEGs) is converted by `data_pipeline.convert`, so
-the targets are the ones the converter writes and the batch contract (data_pipeline/batch.py) builds.
+the targets are the ones the converter writes and the batch contract (data_pipeline/loaders/batch.py) builds.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 from data_pipeline.answers import reference_answers
-from data_pipeline.batch import assemble
-from data_pipeline.sharding import iter_sample_json, open_folder
-from trainer.evaluation import Reference, evaluate, read_references
+from data_pipeline.loaders.batch import assemble
+from data_pipeline.shards.sharding import iter_sample_json, open_folder
+from trainer.run.evaluation import Reference, evaluate, read_references
 
 # -- the official accuracy ---------------------------------------------------------------------------------------
 _PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]  # fmt: skip
@@ -118,7 +118,7 @@ def write_and_convert(
     root: Path, cases: list[tuple[int, str, list[str], str]], split: str = "val2014"
 ) -> Path:
     """Official-format questions/annotations and images for `cases`, converted with the vocabulary VOCAB."""
-    from data_pipeline.convert import main as convert
+    from data_pipeline.convert.cli import main as convert
 
     images = root / "images"
     images.mkdir(parents=True)
@@ -188,7 +188,7 @@ def _tokens(questions: list[str]) -> dict[str, torch.Tensor]:
 
 
 def reported(metas: list[dict[str, Any]], answer_of: dict[int, str], batch_size: int = 4):
-    """trainer/evaluation.py's result on these samples, in batches as the loaders build them (last one padded)."""
+    """trainer/run/evaluation.py's result on these samples, in batches as the loaders build them (last one padded)."""
     batches = []
     for start in range(0, len(metas), batch_size):
         rows: list[dict[str, Any] | None] = list(metas[start : start + batch_size])
@@ -320,7 +320,7 @@ def test_predictions_file_scores_as_each_version_of_the_script(tmp_path: Path, r
     it writes; the predictions file rescored by the transcription of that version (tests/helpers/vqa_official.py)
     gives the reported score, and the metrics file names the rule."""
     from tests.helpers.vqa_official import OFFICIAL
-    from trainer.evaluation import write_results
+    from trainer.run.evaluation import write_results
 
     cases = AGREEING + KNOWN_DIFFERENT + RULES_DIFFER
     folder = write_and_convert(tmp_path / "data", cases)

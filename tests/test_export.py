@@ -1,6 +1,6 @@
-"""The export folder (trainer/export.py): its layout, loading it without pickle, and damaged folders.
+"""The export folder (trainer/serve/export.py): its layout, loading it without pickle, and damaged folders.
 
-One fp32 rank trains 2 steps in this process (ZeRO stage 0, as trainer/engine.py runs one rank) with the compact CLIP
+One fp32 rank trains 2 steps in this process (ZeRO stage 0, as trainer/engine/engine.py runs one rank) with the compact CLIP
 token table, so that the export carries the tokenizer's CLIP ids too.
 """
 
@@ -33,7 +33,7 @@ def tiny_run(tiny_easyvqa_shards: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer import export
+    from trainer.serve import export
 
     out = tmp_path_factory.mktemp("export") / "model"
     assert export.main(["--run-dir", str(tiny_run), "--out", str(out)]) == 0
@@ -61,7 +61,7 @@ def _no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _answers(capsys: pytest.CaptureFixture, argv: list[str]) -> list[dict]:
-    from trainer import predict
+    from trainer.serve import predict
 
     capsys.readouterr()
     assert predict.main(argv) == 0
@@ -71,7 +71,7 @@ def _answers(capsys: pytest.CaptureFixture, argv: list[str]) -> list[dict]:
 def test_the_export_is_a_folder_of_safetensors_json_and_the_tokenizer(tiny_run: Path, exported: Path) -> None:
     from safetensors.torch import load_file
 
-    from trainer.export import fp32_state_dict
+    from trainer.serve.export import fp32_state_dict
 
     assert sorted(p.name for p in exported.iterdir()) == [
         "answers.json",
@@ -113,7 +113,7 @@ def test_from_pretrained_loads_without_pickle_and_predicts_as_the_run(
     capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from trainer import export
+    from trainer.serve import export
 
     pairs = ["--image", images[0], "--question", QUESTIONS[0], "--question", QUESTIONS[1]]
     many = [x for im in images for x in ("--image", im)] + ["--question", QUESTIONS[0]]
@@ -151,8 +151,8 @@ def test_a_damaged_export_is_a_one_line_error_naming_the_file(
 ) -> None:
     from safetensors.torch import load_file, save_file
 
-    from trainer import export, predict
-    from trainer.config import ConfigError
+    from trainer.config.config import ConfigError
+    from trainer.serve import export, predict
 
     folder = tmp_path / "model"
     shutil.copytree(exported, folder)
@@ -196,7 +196,7 @@ def test_a_damaged_export_is_a_one_line_error_naming_the_file(
 def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(
     tiny_run: Path, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from trainer import export
+    from trainer.serve import export
 
     folder = tmp_path / "model"
     shutil.copytree(exported, folder)
@@ -221,10 +221,10 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(
 def test_predictor_answers_a_list_of_pairs_as_the_command_does(
     exported: Path, images: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Predictor.predict on paths and PIL images, batched, equals `python -m trainer.predict --pairs FILE`."""
+    """Predictor.predict on paths and PIL images, batched, equals `python -m trainer.serve.predict --pairs FILE`."""
     from PIL import Image
 
-    from trainer.predictor import Predictor
+    from trainer.serve.predictor import Predictor
 
     pairs = [(im, q) for im in images for q in QUESTIONS]  # 6 pairs, answered 4 at a time below
     lines = [json.dumps({"image": Path(im).name, "question": q}) for im, q in pairs]  # relative to the file
@@ -249,8 +249,8 @@ def test_predictor_answers_a_list_of_pairs_as_the_command_does(
 
 
 def test_the_exported_module_answers_without_targets(exported: Path) -> None:
-    from trainer.export import from_pretrained
-    from trainer.predict import to_pixels
+    from trainer.serve.export import from_pretrained
+    from trainer.serve.predict import to_pixels
 
     task, tokenizer, answers, cfg = from_pretrained(exported)
     batch = dict(tokenizer(QUESTIONS))
@@ -269,7 +269,7 @@ def test_the_exported_module_answers_without_targets(exported: Path) -> None:
 def test_export_files_are_readable_as_the_umask_says(tiny_run: Path, tmp_path: Path) -> None:
     import os
 
-    from trainer import export
+    from trainer.serve import export
 
     previous = os.umask(0o027)
     try:
@@ -284,7 +284,7 @@ def test_export_files_are_readable_as_the_umask_says(tiny_run: Path, tmp_path: P
 def test_predict_pairs_file_errors_name_the_line(
     exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from trainer import predict
+    from trainer.serve import predict
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"image": "a.png", "question": "what?"}\n["not", "a", "pair"]\n')

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import shards
+from data_pipeline.shards import format as shards
 from tests.helpers.launch_env import running_in_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +39,9 @@ def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
 
 def with_tokenizer(run_dir: Path, data: Path) -> Path:
     """A run folder that already holds the tiny preset's question tokenizer (built from healthy data)."""
-    from data_pipeline.sharding import iter_sample_json, open_folder
+    from data_pipeline.shards.sharding import iter_sample_json, open_folder
     from data_pipeline.text import QuestionTokenizer
-    from trainer.presets import get_preset
+    from trainer.config.presets import get_preset
 
     m = get_preset("tiny").model
     QuestionTokenizer.build(
@@ -116,7 +116,7 @@ def run_in_own_group(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProc
 # the DataLoader iterator alive while the interpreter exits.
 FAULTY_WORKER_TRAINER = """
 import runpy, sys
-from data_pipeline import torch_loader
+from data_pipeline.loaders import torch_loader
 batch, calls = torch_loader._EpochBlocks._batch, [0]
 def faulty(self, rows):
     calls[0] += 1
@@ -221,8 +221,8 @@ def test_any_exception_inside_the_loader_exits_without_waiting_for_its_workers(
 import sys
 sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / "tests")!r})
 from test_data_loader import MEAN, STD, BrokenTokenizer
-from data_pipeline.loader import LoaderSpec, build_loader
-from trainer.preemption import shielded
+from data_pipeline.loaders.loader import LoaderSpec, build_loader
+from trainer.run.preemption import shielded
 loader = build_loader({str(tiny_easyvqa_shards / "train")!r}, LoaderSpec(tokenizer=BrokenTokenizer(), batch_size=4,
     image_size=32, mean=MEAN, std=STD, rank=0, world_size=1, train=True, seed=0, kind="torch", num_workers=2))
 for batch in shielded(loader):
@@ -267,7 +267,7 @@ def test_shard_cut_short_is_one_line_from_build_loader(
 ) -> None:
     from test_data_loader import MEAN, STD, FakeTokenizer
 
-    from data_pipeline.loader import DataError, LoaderSpec, build_loader
+    from data_pipeline.loaders.loader import DataError, LoaderSpec, build_loader
 
     broken = truncated_copy(tiny_easyvqa_shards / "test", tmp_path / "broken", "shard-000000.tar")
     kw = dict(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint_layout import COMPLETE
+from trainer.checkpoint.layout import COMPLETE
 from trainer.main import REPO_ROOT, main
 
 TINY = [
@@ -299,7 +299,7 @@ def test_a_read_only_checkpoint_folder_stops_the_start(
 # -- 5. a comparison killed during a run's first checkpoint save continues -----------------------------------------
 KILL_AT_FIRST_MARKER = """\
 import os, signal
-import trainer.checkpoint_layout as layout
+import trainer.checkpoint.layout as layout
 
 def killed(path, marker):  # every file of the first checkpoint is written; the process dies before its marker
     os.kill(os.getpid(), signal.SIGKILL)
@@ -319,7 +319,7 @@ def test_a_comparison_killed_during_the_first_save_continues_with_the_same_comma
     )  # imported by every Python the comparison starts
     out = tmp_path / "cmp"
     cmd = [
-        sys.executable, "-m", "trainer.compare", "--preset", "tiny", "--variants", "baseline", "--steps", "2",
+        sys.executable, "-m", "trainer.tools.compare", "--preset", "tiny", "--variants", "baseline", "--steps", "2",
         "--train-data", str(tiny_easyvqa_shards / "train"), "--val-data", str(tiny_easyvqa_shards / "test"),
         "--run-dir", str(out), "--num-gpus", "0", "--quiet",
         *(x for s in TINY[2:] for x in ("--set", s) if s != "--set"),

@@ -48,8 +48,8 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def long_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An easy-VQA shard folder of VAL_QUESTIONS questions (the converter's own API; about a second to write)."""
-    from data_pipeline import easyvqa
-    from data_pipeline.build import build_shard_folder
+    from data_pipeline.convert import easyvqa
+    from data_pipeline.convert.build import build_shard_folder
 
     out = tmp_path_factory.mktemp("long_val") / "val"
     spec = easyvqa.make_spec("train", out, shard_size=VAL_QUESTIONS // 2, seed=0, workers=1, progress=False)
@@ -117,7 +117,7 @@ def _logged_at(log: str, needle: str) -> int:
 
 
 def _assert_abandoned_and_saved(run_dir: Path, log: str, world_size: int) -> None:
-    from trainer.checkpointing import list_complete
+    from trainer.checkpoint.layout import list_complete
 
     assert "received SIGTERM" in log, log[-5000:]
     assert "step 2: evaluation abandoned after" in log, log[-5000:]
@@ -229,7 +229,7 @@ def test_a_second_two_rank_job_on_the_host_takes_another_rendezvous_port(
     first job's rendezvous: the job trains on a port of its own instead of dying with EADDRINUSE (rank 0) and
     knocking at the other job's port (rank 1)."""
     from tests.helpers.launch_checkout import busy, make_checkout, with_real_trainer
-    from trainer.checkpointing import list_complete
+    from trainer.checkpoint.layout import list_complete
 
     c, run_dir = with_real_trainer(make_checkout(tmp_path)), tmp_path / "run"
     with busy(29500):
@@ -300,7 +300,7 @@ def test_fetch_weights_gives_up_on_an_endpoint_that_never_answers(
     env.update(HF_ENDPOINT=silent_endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
     t0 = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.weights", "--cache", str(tmp_path / "weights"), "--timeout", "1", *what],
+        [sys.executable, "-m", "trainer.modeling.weights", "--cache", str(tmp_path / "weights"), "--timeout", "1", *what],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     elapsed = time.monotonic() - t0

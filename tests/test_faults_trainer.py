@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers.launch_env import wait_for_output
 from trainer.main import REPO_ROOT, main
-from trainer.runlock import LOCK_FILE, RunLock, RunLockedError
+from trainer.run.runlock import LOCK_FILE, RunLock, RunLockedError
 
 TINY = [
     "--preset", "tiny", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=8",
@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 def test_nan_loss_is_a_one_line_error_with_exit_1(
     tiny_easyvqa_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer.task import VQATask
+    from trainer.modeling.task import VQATask
 
     forward = VQATask.forward
 
@@ -70,7 +70,7 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
         assert holder["pid"] == os.getpid()
         # Another process is refused, with this process named.
         probe = (
-            "import sys; from pathlib import Path; from trainer.runlock import RunLock, RunLockedError\n"
+            "import sys; from pathlib import Path; from trainer.run.runlock import RunLock, RunLockedError\n"
             "try:\n    RunLock(Path(sys.argv[1])).acquire()\nexcept RunLockedError as e:\n    print(e); sys.exit(3)"
         )
         other = subprocess.run(
@@ -83,7 +83,7 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
         assert other.returncode == 3 and f"pid {os.getpid()}" in other.stdout, other.stdout + other.stderr
     # A holder killed with SIGKILL leaves the file but not the lock.
     holder_code = (
-        "import sys, time; from pathlib import Path; from trainer.runlock import RunLock\n"
+        "import sys, time; from pathlib import Path; from trainer.run.runlock import RunLock\n"
         "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)"
     )
     log = tmp_path / "holder.log"
@@ -166,7 +166,7 @@ def tiny_run(tiny_easyvqa_shards: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer import export
+    from trainer.serve import export
 
     out = tmp_path_factory.mktemp("export") / "model"
     assert export.main(["--run-dir", str(tiny_run), "--out", str(out)]) == 0
@@ -192,10 +192,10 @@ def _one_error(err: str) -> str:
 
 
 def _listed(run_dir: Path, capsys: pytest.CaptureFixture) -> list[str]:
-    from trainer import checkpointing
+    from trainer.checkpoint import universal
 
     capsys.readouterr()
-    assert checkpointing.main(["list", "--run-dir", str(run_dir)]) == 0
+    assert universal.main(["list", "--run-dir", str(run_dir)]) == 0
     return [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
 
 
@@ -204,7 +204,7 @@ def test_an_rng_file_that_would_run_code_is_refused_on_resume(
 ) -> None:
     import torch
 
-    from trainer.checkpointing import COMPLETE, write_complete_marker
+    from trainer.checkpoint.layout import COMPLETE, write_complete_marker
 
     run_dir = _copy(tiny_run, tmp_path)
     target = tmp_path / "created_by_unpickling"
@@ -236,7 +236,7 @@ def test_a_weights_file_that_would_run_code_is_refused_by_predict(tmp_path: Path
     raw.write_bytes(pickle.dumps(MkdirPayload(target)))  # a plain pickle, no torch zip around it
     for weights in (crafted, raw):
         out = subprocess.run(
-            [sys.executable, "-m", "trainer.predict", "--weights", str(weights), "--image", str(image),
+            [sys.executable, "-m", "trainer.serve.predict", "--weights", str(weights), "--image", str(image),
              "--question", "what shape is it?"],
             cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -259,7 +259,7 @@ def _write_image(path: Path) -> None:
 def test_predict_bad_input_is_one_line_and_exit_2(
     case: str, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from trainer import predict
+    from trainer.serve import predict
 
     image, text = tmp_path / "image.png", tmp_path / "notes.txt"
     _write_image(image)
@@ -305,7 +305,7 @@ def test_a_prune_cut_short_is_never_listed_nor_resumed(
 ) -> None:
     import shutil
 
-    from trainer import checkpointing
+    from trainer.checkpoint import checkpointing
 
     run_dir = _copy(tiny_run, tmp_path)
     ckpts = run_dir / "checkpoints"

@@ -1,4 +1,4 @@
-"""The fused forward (trainer/model.py) against references built here, in float64.
+"""The fused forward (trainer/modeling/model.py) against references built here, in float64.
 
 - baseline: the whole forward against transformers' own `ViltModel` with the same weights, on the same ids, mask and
   pixels (square and non-square images): the pooled vector the VQA head reads, the head's logits, and the final
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import ViltConfig, ViltModel
 
-from trainer.config import ModelConfig
-from trainer.model import FusedViltClip
+from trainer.config.config import ModelConfig
+from trainer.modeling.model import FusedViltClip
 
 VOCAB = 60
 N_ANSWERS = 5

@@ -75,7 +75,7 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ranks_stage_says_it_skipped_without_several_gpus(tmp_path: Path) -> None:
-    """The multi-rank bench (`python -m trainer.bench --ranks N`) runs only where there are 2 or more GPUs."""
+    """The multi-rank bench (`python -m trainer.tools.bench --ranks N`) runs only where there are 2 or more GPUs."""
     out_dir = tmp_path / "check"
     out = run("--allow-cpu", "--stages", "ranks", "--budget", "120", "--out", str(out_dir))
     assert out.returncode == 0, out.stderr[-3000:]

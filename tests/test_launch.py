@@ -628,7 +628,7 @@ def test_train_trains_with_the_real_trainer_through_deepspeeds_launcher(
     environment variables; the run folder then holds the logged losses and the final checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainer.checkpointing import list_complete
+    from trainer.checkpoint.layout import list_complete
 
     c, run_dir = real_trainer, real_trainer.tmp / "run"
     result = subprocess.run(

@@ -1,5 +1,5 @@
 """Every common launcher forms one job: rank, world size and local rank from deepspeed/torchrun, Slurm, OpenMPI and
-MPICH/PMI variables (trainer/dist.py `world_info_from_env`), the rendezvous address, the refusal of several ranks
+MPICH/PMI variables (trainer/engine/dist.py `world_info_from_env`), the rendezvous address, the refusal of several ranks
 without one, and an srun-style start of two `trainer/main.py` processes given only Slurm's variables."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.launch_env import clean_env, wait_all
-from trainer import dist as D
+from trainer.engine import dist as D
 from trainer.main import REPO_ROOT, main, ranks_on_this_host
 
 # (environment, launcher, rank, world size, local rank, ranks on the host)
@@ -84,7 +84,7 @@ def test_each_launcher_gives_rank_world_and_local_rank(case: str) -> None:
 def test_ranks_on_the_host_are_counted_before_torch_loads() -> None:
     """trainer/main.py sets OpenMP's wait policy from `world_info_from_env`'s count before torch loads OpenMP: the
     module it comes from imports no torch, and bad launcher values count as one rank (the start refuses them)."""
-    probe = "import sys, trainer.dist; print('torch' in sys.modules)"
+    probe = "import sys, trainer.engine.dist; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.loader import LoaderSpec, build_loader, read_manifest
+from data_pipeline.loaders.loader import LoaderSpec, build_loader, read_manifest
 from tests.helpers.synthetic_shards import convert_synthetic
 
 
@@ -53,7 +53,7 @@ def test_each_epoch_of_one_shard_has_its_own_order_and_a_seed_repeats_it(one_sha
 
 
 def test_the_shard_order_follows_the_epoch(tmp_path: Path) -> None:
-    from data_pipeline.sharding import epoch_order, open_folder
+    from data_pipeline.shards.sharding import epoch_order, open_folder
 
     folder = open_folder(str(convert_synthetic(tmp_path, shard_size=3, bad=False, n_images=8)))
     assert len(folder.shards) >= 6

@@ -18,8 +18,8 @@ import pytest
 import torch
 from test_data_loader import MEAN, STD, FakeTokenizer, folder  # noqa: F401  (the module's shard folder fixture)
 
-from data_pipeline import dali_loader, loader_state
-from data_pipeline.loader import LoaderSpec, build_loader
+from data_pipeline.loaders import dali_loader, loader_state
+from data_pipeline.loaders.loader import LoaderSpec, build_loader
 
 pytest.importorskip(
     "nvidia.dali", reason="DALI is pinned in pyproject.toml; without it there is no DALI state"
@@ -94,7 +94,7 @@ def test_resume_from_dali_state_equals_the_exact_path_and_decodes_nothing_skippe
     exact = list(build_loader(folder, s.at(1, K)))
     assert pipeline_runs == list(range(len(full)))  # the exact path runs the skipped batches too
     pipeline_runs.clear()
-    with caplog.at_level(logging.INFO, logger="data_pipeline.dali_loader"):
+    with caplog.at_level(logging.INFO, logger="data_pipeline.loaders.dali_loader"):
         restored = list(build_loader(folder, s.at(1, K, state)))
     assert pipeline_runs == list(range(K, len(full)))  # only the remaining ones
     assert "resuming from the saved loader state" in caplog.text
@@ -116,7 +116,7 @@ def test_a_state_from_another_reading_is_refused_and_the_exact_path_taken(
     }
     for why, other in cases.items():
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="data_pipeline.dali_loader"):
+        with caplog.at_level(logging.INFO, logger="data_pipeline.loaders.dali_loader"):
             batches = list(build_loader(folder, other))
         assert why in caplog.text and "resuming by decoding" in caplog.text, (why, caplog.text)
         if other.epoch == 1 and other.batch_size == 2:
@@ -149,7 +149,7 @@ def test_trainer_saves_loader_positions_and_a_resumed_dali_run_continues_the_los
     ckpt = run_dir / "checkpoints" / "global_step2"
     assert (ckpt / "loader_rank0.bin").is_file()
     assert b'"batch": 2' in (ckpt / "loader_rank0.bin").read_bytes().partition(b"\n")[0]
-    with caplog.at_level(logging.INFO, logger="data_pipeline.dali_loader"):
+    with caplog.at_level(logging.INFO, logger="data_pipeline.loaders.dali_loader"):
         resumed = resume(run_dir, tmp_path / "resumed", ds_json)
     assert "resuming from the saved loader state" in caplog.text
     assert_resumed_equal(run_dir, resumed)

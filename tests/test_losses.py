@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import clip_symmetric_loss, global_contrastive_loss, info_nce, vqa_loss
+from trainer.modeling.losses import clip_symmetric_loss, global_contrastive_loss, info_nce, vqa_loss
 
 I = [[1.0, 0.0], [0.6, 0.8]]  # noqa: E741  (the paper names image features I)
 T = [[0.8, 0.6], [0.0, 2.0]]
@@ -207,8 +207,8 @@ def test_duplicate_mode_errors_are_clear():
 
 def test_duplicate_questions_setting_is_checked():
     from tests.helpers.tiny import N_ANSWERS, VOCAB, tiny_config
-    from trainer.config import ConfigError, LossConfig
-    from trainer.task import build_task
+    from trainer.config.config import ConfigError, LossConfig
+    from trainer.modeling.task import build_task
 
     with pytest.raises(
         ConfigError, match="loss.duplicate_questions: 'twice' is not one of none, mask, positive"
@@ -241,7 +241,7 @@ def test_clip_symmetric_loss_averages_both_directions():
 def test_two_ranks_shares_average_to_the_global_batchs_loss(monkeypatch: pytest.MonkeyPatch, kind: str):
     """Each rank's share of the contrastive loss, with the all-gather faked for rank r of 2 in this process: the
     mean of the shares is the single-process loss of the joined batch (rank 1's anchors sit after rank 0's)."""
-    from trainer import losses
+    from trainer.modeling import losses
 
     g = torch.Generator().manual_seed(0)
     i, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import RunConfig
+from trainer.config.config import RunConfig
 from trainer.main import REPO_ROOT, main
 
 
@@ -114,8 +114,8 @@ def test_runs_as_a_file_without_shadowing() -> None:
 
 
 def test_saved_config_round_trips_through_the_run_dir(tmp_path: Path) -> None:
-    from trainer.config import config_from_dict
-    from trainer.presets import get_preset
+    from trainer.config.config import config_from_dict
+    from trainer.config.presets import get_preset
 
     cfg = get_preset("vqa2-base")
     cfg.save(tmp_path / "config.json")
@@ -147,7 +147,7 @@ class _Stream:
 
 
 def test_progress_bar_in_a_log_file_updates_rarely() -> None:
-    from trainer.progress import NON_TTY_BAR_INTERVAL_S, bar_refreshes, progress_bar
+    from common.progress import NON_TTY_BAR_INTERVAL_S, bar_refreshes, progress_bar
 
     log = _Stream(tty=False)
     bar = progress_bar(True, file=log, total=10_000, unit="step")
@@ -168,7 +168,7 @@ def test_progress_bar_in_a_log_file_updates_rarely() -> None:
 def test_evaluation_shows_a_progress_bar_where_asked(capsys: pytest.CaptureFixture) -> None:
     import torch
 
-    from trainer.evaluation import evaluate
+    from trainer.run.evaluation import evaluate
 
     class Engine:
         def train(self, mode: bool = True) -> None:
@@ -196,8 +196,8 @@ def test_evaluation_shows_a_progress_bar_where_asked(capsys: pytest.CaptureFixtu
 
 
 def test_print_config_shows_the_resolved_configuration(capsys: pytest.CaptureFixture) -> None:
-    from trainer.config import apply_overrides
-    from trainer.presets import get_preset
+    from trainer.config.config import apply_overrides
+    from trainer.config.presets import get_preset
 
     argv = [
         "--preset",
@@ -222,9 +222,9 @@ def test_a_run_started_from_another_runs_config_resolves_to_the_same_config(
 ) -> None:
     """--config takes a run folder's config.json (written by RunFolder.save) and gives back the same configuration;
     --set still applies on top; a YAML file of the same schema, in part, fills in the rest from --preset."""
-    from trainer.config import apply_overrides
-    from trainer.presets import get_preset
-    from trainer.run_folder import RunFolder
+    from trainer.config.config import apply_overrides
+    from trainer.config.presets import get_preset
+    from trainer.run.run_folder import RunFolder
 
     cfg = apply_overrides(
         get_preset("tiny"), ["train.max_steps=11", "model.image_size=64", "loss.temperature=0.1"]
@@ -269,12 +269,12 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_field(
 
 LOGGING_PROBE = """
 import logging, warnings
-from trainer.logs import setup_logging
+from trainer.run.logs import setup_logging
 setup_logging(0, None)
 logging.getLogger().info("a library's info line on the root logger")
 logging.getLogger("open_clip").info("a library's own logger")
 logging.getLogger("DeepSpeed").info("a DeepSpeed configuration dump")
-logging.getLogger("trainer.loop").info("the trainer's own line")
+logging.getLogger("trainer.run.loop").info("the trainer's own line")
 logging.getLogger().warning("a library's warning")
 warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
 """
@@ -308,7 +308,7 @@ def test_other_libraries_info_lines_stay_below_warning_unless_asked(level: str |
 def test_log_level_option_and_a_cpu_only_machine_quiets_deepspeeds_accelerator_warning(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from trainer import logs
+    from trainer.run import logs
 
     assert main(["--log-level", "loud", "--print-config"]) == 2
     assert "--log-level: invalid choice: 'loud'" in capsys.readouterr().err

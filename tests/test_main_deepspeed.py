@@ -27,9 +27,10 @@ import pytest
 import torch
 
 from tests.helpers.launch_env import running_in_group, wait_for_output, wait_group
-from trainer.checkpointing import COMPLETE, list_complete, to_universal
+from trainer.checkpoint.layout import COMPLETE, list_complete
+from trainer.checkpoint.universal import to_universal
 from trainer.main import REPO_ROOT
-from trainer.metrics import GPU_TAGS, TRAIN_TAGS, VAL_TAGS
+from trainer.run.metrics import GPU_TAGS, TRAIN_TAGS, VAL_TAGS
 
 # Each launch has its own deadline (300 s); a test with a 2-rank fixture launch and its own may take two.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -248,7 +249,7 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_exports_and_predicts(
     assert state["zero_stage"] == 3
     assert 0.0 <= scalars(run_dir)["val/vqa_score"][0] <= 1.0
 
-    from trainer import export, predict
+    from trainer.serve import export, predict
 
     out = tmp_path / "model"  # an export folder; zero_to_fp32's weights are views into one buffer each
     assert export.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
@@ -289,7 +290,7 @@ def test_zero1_trains_under_torchrun(tiny_easyvqa_shards: Path, tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def stage0_run(tiny_easyvqa_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One fp32 rank in this process (seconds): trainer/engine.py runs it at ZeRO stage 0."""
+    """One fp32 rank in this process (seconds): trainer/engine/engine.py runs it at ZeRO stage 0."""
     from trainer.main import main
 
     run_dir = tmp_path_factory.mktemp("stage0") / "run"
@@ -304,7 +305,7 @@ def test_one_rank_stage0_checkpoint_exports_and_predicts(stage0_run: Path, tmp_p
     import easy_vqa
     import torch
 
-    from trainer import export, predict
+    from trainer.serve import export, predict
 
     ckpt = stage0_run / "checkpoints" / "global_step2"
     assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage"] == 0
@@ -336,10 +337,10 @@ def test_one_rank_stage0_checkpoint_exports_and_predicts(stage0_run: Path, tmp_p
 
 
 def test_one_rank_stage0_checkpoint_needs_and_gets_no_universal_conversion(stage0_run: Path, capsys) -> None:
-    from trainer import checkpointing
+    from trainer.checkpoint import layout, universal
 
     capsys.readouterr()
-    assert checkpointing.main(["to-universal", "--run-dir", str(stage0_run)]) == 2
+    assert universal.main(["to-universal", "--run-dir", str(stage0_run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert (
@@ -349,7 +350,7 @@ def test_one_rank_stage0_checkpoint_needs_and_gets_no_universal_conversion(stage
     assert "--resume global_step2" in err
     assert not (stage0_run / "checkpoints" / "global_step2_universal").exists()
     # Nothing sharded: it resumes as it is on another number of ranks (tests/test_main_default_ranks.py runs it).
-    assert checkpointing.resolve_resume(stage0_run / "checkpoints", "latest", 2).tag == "global_step2"
+    assert layout.resolve_resume(stage0_run / "checkpoints", "latest", 2).tag == "global_step2"
 
 
 def test_resume_auto_starts_fresh_then_continues(

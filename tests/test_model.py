@@ -17,9 +17,9 @@ from tests.helpers.tiny import (
     synthetic_batch,
     tiny_config,
 )
-from trainer.config import VARIANTS, ConfigError, ModelConfig
-from trainer.model import FusedViltClip, ModelBuildError
-from trainer.task import build_task
+from trainer.config.config import VARIANTS, ConfigError, ModelConfig
+from trainer.modeling.model import FusedViltClip, ModelBuildError
+from trainer.modeling.task import build_task
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -119,7 +119,7 @@ def test_pretrained_vilt_round_trip(tmp_path):
 
 def test_pretrained_clip_round_trip(tmp_path):
     """CLIP weights load from a local open_clip checkpoint file (torch.save of a state dict)."""
-    from data_pipeline.clip_configs import register_project_configs
+    from common.clip_configs import register_project_configs
 
     register_project_configs()
     torch.manual_seed(1)
@@ -167,7 +167,7 @@ def test_convolutional_clip_tower():
     """open_clip's convolutional towers work too: their feature map becomes the visual tokens."""
     import json
 
-    from data_pipeline.clip_configs import CONFIG_DIR
+    from common.clip_configs import CONFIG_DIR
 
     assert json.loads((CONFIG_DIR / "RN-tiny.json").read_text())["vision_cfg"]["layers"]
     cfg = dataclasses.replace(TINY_MODEL, variant="clip-infonce-cos", clip_arch="RN-tiny")

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from transformers import ViltModel
 
-from data_pipeline.clip_configs import register_project_configs
+from common.clip_configs import register_project_configs
 from tests.helpers.tiny import EOT, N_ANSWERS, TINY_MODEL, VOCAB, to_double
-from trainer.config import VARIANTS, ConfigError, ModelConfig
-from trainer.model import FusedViltClip, ModelBuildError
-from trainer.patch_stem import PatchConv2d, as_matmul, is_patchify
+from trainer.config.config import VARIANTS, ConfigError, ModelConfig
+from trainer.modeling.model import FusedViltClip, ModelBuildError
+from trainer.modeling.patch_stem import PatchConv2d, as_matmul, is_patchify
 
 LONG = dataclasses.replace(TINY_MODEL, max_text_len=16, clip_context_length=24)
 
@@ -101,8 +101,8 @@ def _questions(n: int, seed: int, cfg: ModelConfig, vilt_max: int, clip_max: int
 def test_trimmed_text_equals_full_length_float64(variant):
     """Text cut to 8 tokens (ViLT's table holds 16, CLIP's 24) gives the full-length model's logits, features and
     every gradient, for questions that fit."""
-    from trainer.config import RunConfig
-    from trainer.task import build_task
+    from trainer.config.config import RunConfig
+    from trainer.modeling.task import build_task
 
     cfg = RunConfig(model=dataclasses.replace(LONG, variant=variant))
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from data_pipeline.loader import LoaderSpec, build_loader
+from data_pipeline.loaders.loader import LoaderSpec, build_loader
 
 COLOURS = {101: (200, 90, 30), 102: (20, 140, 230)}  # image id -> RGB, every channel different
 SIZE = 32
@@ -36,7 +36,7 @@ def _solid_jpeg(path: Path, rgb: tuple[int, int, int]) -> None:
 @pytest.fixture(scope="module")
 def solid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A converted VQA v2-format folder: two questions on each of two solid-colour images."""
-    from data_pipeline.convert import main as convert
+    from data_pipeline.convert.cli import main as convert
 
     root = tmp_path_factory.mktemp("solid")
     images = root / "images"
@@ -128,7 +128,7 @@ def test_loaders_normalise_with_clips_constants_in_rgb_order(solid: Path, kind: 
 
 
 def test_predict_preprocesses_as_the_loaders(tmp_path: Path) -> None:
-    from trainer.predict import load_image
+    from trainer.serve.predict import load_image
 
     for image_id, rgb in COLOURS.items():
         path = tmp_path / f"{image_id}.jpg"
@@ -139,9 +139,9 @@ def test_predict_preprocesses_as_the_loaders(tmp_path: Path) -> None:
 
 
 def test_the_clip_models_mean_and_std_are_openai_clips() -> None:
-    """What the run hands the loaders and predict (trainer/run.py, trainer/predict.py): the task's mean/std."""
+    """What the run hands the loaders and predict (trainer/run/run.py, trainer/serve/predict.py): the task's mean/std."""
     from tests.helpers.tiny import N_ANSWERS, VOCAB, tiny_config
-    from trainer.task import build_task
+    from trainer.modeling.task import build_task
 
     task = build_task(tiny_config("clip-infonce-dot"), n_answers=N_ANSWERS, vilt_vocab_size=VOCAB)
     assert task.image_mean == pytest.approx(tuple(OPENAI_DATASET_MEAN), abs=1e-9)

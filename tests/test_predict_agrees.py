@@ -1,7 +1,7 @@
 """`predict` answers as the run's own evaluation does, from ZeRO-2, ZeRO-3 and universal checkpoints of 2 ranks.
 
 Each run trains 2 steps on 2 CPU ranks and evaluates the test split at the end with the PyTorch loader, whose image
-preprocessing (PIL, RGB, bilinear squash) is the one `python -m trainer.predict` applies to an image file. The test
+preprocessing (PIL, RGB, bilinear squash) is the one `python -m trainer.serve.predict` applies to an image file. The test
 then writes the very JPEG bytes the shards hold for a few evaluation questions to files and asks `predict`, from the
 run folder (its ZeRO shards gathered by zero_to_fp32, or the ZeRO-2 checkpoint's universal conversion) and from an
 export folder of each (safetensors, no pickle), the same questions about them: every answer must be the one in the
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from test_main_deepspeed import TINY, launch
 
-from data_pipeline import shards
-from data_pipeline.sharding import open_folder
+from data_pipeline.shards import format as shards
+from data_pipeline.shards.sharding import open_folder
 
 pytestmark = pytest.mark.slow
 QUESTIONS_ASKED = 8
@@ -43,7 +43,7 @@ def _evaluation_samples(folder: Path, out: Path, n: int) -> list[tuple[int, Path
 def _predict(
     capsys: pytest.CaptureFixture, source: list[str], samples: list[tuple[int, Path, str]]
 ) -> list[str]:
-    from trainer import predict
+    from trainer.serve import predict
 
     answers = []
     for _, image, question in samples:  # one pair per call: an image and a question
@@ -75,7 +75,7 @@ def test_predict_gives_the_evaluation_answers(
 
     assert _predict(capsys, ["--run-dir", str(run_dir)], samples) == expected
 
-    from trainer import export
+    from trainer.serve import export
 
     out = tmp_path / "model"
     assert export.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
@@ -83,7 +83,7 @@ def test_predict_gives_the_evaluation_answers(
 
     if ds_json.startswith("zero2"):
         # The same weights through DeepSpeed's universal checkpoint (one fp32 file per parameter).
-        from trainer.checkpointing import to_universal
+        from trainer.checkpoint.universal import to_universal
 
         universal = to_universal(run_dir, "global_step2").name
         assert _predict(capsys, ["--run-dir", str(run_dir), "--tag", universal], samples) == expected

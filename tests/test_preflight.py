@@ -1,4 +1,4 @@
-"""trainer/tools/preflight/ (`python -m trainer.preflight`): every rank's device, all-reduce, data and run-folder checks, rank 0's table and the exit
+"""trainer/tools/preflight/ (`python -m trainer.tools.preflight`): every rank's device, all-reduce, data and run-folder checks, rank 0's table and the exit
 status; a plain process in-process, two ranks started as a launcher starts them (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT), and `./launch.sh train --preflight` running it on the trainer's ranks."""
 
@@ -130,7 +130,7 @@ def _free_port() -> int:
 
 
 def run_two_ranks(args: list[str], tmp_path: Path) -> tuple[list[int], list[str], list[str]]:
-    """Start `python -m trainer.preflight ARGS` as ranks 0 and 1 of one job; (exit codes, stdouts, stderrs)."""
+    """Start `python -m trainer.tools.preflight ARGS` as ranks 0 and 1 of one job; (exit codes, stdouts, stderrs)."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
@@ -143,7 +143,11 @@ def run_two_ranks(args: list[str], tmp_path: Path) -> tuple[list[int], list[str]
         out, err = (tmp_path / f"rank{rank}.out").open("w"), (tmp_path / f"rank{rank}.err").open("w")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "trainer.preflight", *args], cwd=REPO, env=env, stdout=out, stderr=err
+                [sys.executable, "-m", "trainer.tools.preflight", *args],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=err,
             )
         )
     wait_all(procs, 60)
@@ -218,7 +222,7 @@ def test_launch_sh_train_preflight_runs_the_module_on_the_trainers_ranks(checkou
         "--num_gpus",
         "2",
         "--module",
-        "trainer.preflight",
+        "trainer.tools.preflight",
         "--preset",
         "tiny",
     ] + [
@@ -227,5 +231,5 @@ def test_launch_sh_train_preflight_runs_the_module_on_the_trainers_ranks(checkou
     ]
     # The same defaults from the environment as the trainer gets; without --preflight, the trainer as before.
     line = checkout.dry("train", "--preflight", VQA_TRAIN_DATA="/data/train")[-1]
-    assert line[5:] == ["--module", "trainer.preflight", "--train-data", "/data/train"]
+    assert line[5:] == ["--module", "trainer.tools.preflight", "--train-data", "/data/train"]
     assert checkout.dry("train", "--preset", "tiny")[-1][5:] == ["trainer/main.py", "--preset", "tiny"]

@@ -18,7 +18,7 @@ import pytest
 from test_preflight import error_lines, rows
 
 from tests.helpers.launch_env import clean_env, wait_all
-from trainer import dist as D
+from trainer.engine import dist as D
 from trainer.tools.preflight import checks as P
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 def run_ranks(per_rank_args: list[list[str]], tmp_path: Path) -> tuple[list[int], list[str], list[str]]:
-    """`python -m trainer.preflight ARGS[r]` as rank r of one job, as a launcher starts it; (codes, outs, errs)."""
+    """`python -m trainer.tools.preflight ARGS[r]` as rank r of one job, as a launcher starts it; (codes, outs, errs)."""
     port, world = str(_free_port()), str(len(per_rank_args))
     procs = []
     for rank, args in enumerate(per_rank_args):
@@ -47,7 +47,7 @@ def run_ranks(per_rank_args: list[list[str]], tmp_path: Path) -> tuple[list[int]
             }
         )
         out, err = (tmp_path / f"rank{rank}.out").open("w"), (tmp_path / f"rank{rank}.err").open("w")
-        command = [sys.executable, "-m", "trainer.preflight", "--sizes", "1KiB", *args]
+        command = [sys.executable, "-m", "trainer.tools.preflight", "--sizes", "1KiB", *args]
         procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err))
     wait_all(procs, 60)
     outs = [(tmp_path / f"rank{r}.out").read_text() for r in range(len(procs))]

@@ -1,4 +1,4 @@
-"""trainer.preset_search: the search tool behind the demo preset runs the project's model on easy-VQA and reports
+"""trainer.tools.preset_search: the search tool behind the demo preset runs the project's model on easy-VQA and reports
 scores per question type; a derived CLIP tower is built as asked; grid mode appends one line per run."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_question_types_cover_easy_vqa_answers():
-    from data_pipeline.easyvqa import answer_list
+    from data_pipeline.convert.easyvqa import answer_list
 
     types = {a: preset_search.question_type(a) for a in answer_list()}
     assert {t for t in types.values()} == set(preset_search.QUESTION_TYPES)
@@ -57,7 +57,7 @@ def test_grid_mode_appends_one_line_per_run(tmp_path):
         [
             sys.executable,
             "-m",
-            "trainer.preset_search",
+            "trainer.tools.preset_search",
             "--device",
             "cpu",
             "--grid",

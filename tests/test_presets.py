@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.helpers.tiny import check_one_training_step, synthetic_batch
-from trainer.config import apply_overrides
-from trainer.presets import PRESETS, get_preset
-from trainer.task import build_task
+from trainer.config.config import apply_overrides
+from trainer.config.presets import PRESETS, get_preset
+from trainer.modeling.task import build_task
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

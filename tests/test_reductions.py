@@ -1,5 +1,5 @@
 """The cross-rank reductions behind logged and reported figures, with the reduction faked for a second rank in one
-process: the logged training losses (trainer/loop.py) and the evaluation's sums (trainer/evaluation.py) must come out
+process: the logged training losses (trainer/run/loop.py) and the evaluation's sums (trainer/run/evaluation.py) must come out
 per sample whatever the world size, not multiplied by it."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tests.helpers.logged_loss import QidLossEngine, Recorder, loader_of, train_config
-from trainer import dist as D
-from trainer.config import TrainConfig
-from trainer.dist import DistInfo
-from trainer.loop import TrainLoop
+from trainer.config.config import TrainConfig
+from trainer.engine import dist as D
+from trainer.engine.dist import DistInfo
+from trainer.run.loop import TrainLoop
 
 
 class _Engine(QidLossEngine):
@@ -64,7 +64,7 @@ class _PickEngine:
 
 def test_evaluation_sums_count_every_ranks_samples(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks with the same 3 real samples each (and one padding row): 6 questions, the same mean loss and score."""
-    from trainer import evaluation
+    from trainer.run import evaluation
 
     batch = {
         "question_id": torch.tensor([1, 2, 3, -1]),

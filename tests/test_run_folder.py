@@ -1,4 +1,4 @@
-"""The run folder (trainer/run_folder.py): its files round-trip, are written atomically, and a damaged one is a
+"""The run folder (trainer/run/run_folder.py): its files round-trip, are written atomically, and a damaged one is a
 one-line error naming it. Tiny sizes, CPU, seconds."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer import run_folder
-from trainer.config import ConfigError, apply_overrides
-from trainer.presets import get_preset
-from trainer.run_folder import ANSWERS_FILE, CONFIG_FILE, DS_CONFIG_FILE, TOKENIZER_DIR, RunFolder
+from trainer.config.config import ConfigError, apply_overrides
+from trainer.config.presets import get_preset
+from trainer.run import run_folder
+from trainer.run.run_folder import ANSWERS_FILE, CONFIG_FILE, DS_CONFIG_FILE, TOKENIZER_DIR, RunFolder
 
 QUESTIONS = ["what shape is in the image?", "what color is the shape?", "is there a circle?"] * 4
 

@@ -1,4 +1,4 @@
-"""The speed settings against the unoptimised fp32 path: model.compile (trainer/compiling.py compile_model), bf16 with
+"""The speed settings against the unoptimised fp32 path: model.compile (trainer/modeling/compiling.py compile_model), bf16 with
 the losses in fp32, and the shipped bf16 DeepSpeed settings (deepspeed_configs/README.md, "Speed on one GPU").
 
 On the CPU, torch.compile is exercised with the `aot_eager` backend: dynamo captures the fused model with static
@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-import trainer.engine as engine_module
+import trainer.engine.engine as engine_module
 from tests.helpers.tiny import N_ANSWERS, VOCAB, synthetic_batch, tiny_config
-from trainer import dist as D
-from trainer.compiling import compile_model
-from trainer.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
-from trainer.task import build_task
+from trainer.engine import dist as D
+from trainer.engine.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config
+from trainer.modeling.compiling import compile_model
+from trainer.modeling.task import build_task
 
 
 def _task(variant: str = "clip-infonce-dot", **model):
@@ -84,7 +84,7 @@ def test_compile_falls_back_to_eager_on_a_compiler_error(caplog: pytest.LogCaptu
     x = torch.randn(2, 4)
     expected = model(x)
     compile_model(model, backend=broken_backend)
-    with caplog.at_level(logging.WARNING, logger="trainer.engine"):
+    with caplog.at_level(logging.WARNING, logger="trainer.engine.engine"):
         torch.testing.assert_close(model(x), expected)
         torch.testing.assert_close(model(x), expected)
     assert len(calls) == 1  # one attempt, then eager for good
@@ -196,7 +196,7 @@ def test_shipped_bf16_engine_trains_like_fp32_and_compiled_like_eager(
 def test_one_fp32_rank_steps_torch_fused_adamw_without_zero_and_trains_and_resumes_like_zero2(
     tmp_path: Path,
 ) -> None:
-    """The single-rank choice of trainer/engine.py (deepspeed_configs/README.md): stage 0, DeepSpeed's own optimizer
+    """The single-rank choice of trainer/engine/engine.py (deepspeed_configs/README.md): stage 0, DeepSpeed's own optimizer
     is torch's fused AdamW on the module's weights, no 1-rank all-reduce; same losses and gradient norms as ZeRO-2;
     checkpoints resume, a ZeRO-2 one at its own stage."""
     dist = D.init_distributed()
@@ -209,7 +209,7 @@ def test_one_fp32_rank_steps_torch_fused_adamw_without_zero_and_trains_and_resum
         assert (
             ds.optimizer is ds.basic_optimizer and type(ds.optimizer) is torch.optim.AdamW
         )  # no ZeRO wrapper
-        assert all(g["fused"] for g in ds.optimizer.param_groups)  # as trainer/plain.py's PlainEngine
+        assert all(g["fused"] for g in ds.optimizer.param_groups)  # as trainer/engine/plain.py's PlainEngine
         assert {id(p) for g in ds.optimizer.param_groups for p in g["params"]} == {
             id(p) for p in plain.task.parameters() if p.requires_grad
         }  # it steps the module's own weights, not a flat copy
@@ -242,11 +242,11 @@ def _autocast_cfg():
 
 @pytest.mark.slow
 def test_one_bf16_rank_runs_at_stage_0_in_autocast_and_trains_like_plain_pytorch() -> None:
-    """zero2_bf16.json on one rank (trainer/engine.py `plain_single_rank`, deepspeed_configs/README.md): ZeRO stage 0,
+    """zero2_bf16.json on one rank (trainer/engine/engine.py `plain_single_rank`, deepspeed_configs/README.md): ZeRO stage 0,
     fp32 weights, DeepSpeed's torch_autocast in bf16 around the forward, and torch's fused AdamW stepping the module's
-    own parameters: the plain cell of trainer/bench.py (fp32 weights, torch.autocast bf16, fused AdamW), step for
+    own parameters: the plain cell of trainer/tools/bench/ (fp32 weights, torch.autocast bf16, fused AdamW), step for
     step."""
-    from trainer.plain import PlainEngine
+    from trainer.engine.plain import PlainEngine
 
     dist = D.init_distributed()
     try:
@@ -255,7 +255,7 @@ def test_one_bf16_rank_runs_at_stage_0_in_autocast_and_trains_like_plain_pytorch
         ds = engine.engine
         assert engine.zero_stage == 0 and not ds.bfloat16_enabled() and ds.torch_autocast_enabled()
         assert engine.dtype == torch.float32 and engine.autocast_dtype == torch.bfloat16
-        assert engine.precision == "fp32 weights, autocast bf16"  # trainer/bench.py's engine label
+        assert engine.precision == "fp32 weights, autocast bf16"  # trainer/tools/bench/'s engine label
         assert all(p.dtype == torch.float32 for p in engine.task.parameters())
         assert ds.optimizer is ds.basic_optimizer and type(ds.optimizer) is torch.optim.AdamW  # no wrapper
         assert all(g["fused"] for g in ds.optimizer.param_groups)
@@ -285,7 +285,7 @@ def test_one_bf16_rank_runs_at_stage_0_in_autocast_and_trains_like_plain_pytorch
                 out = eng.forward(batch)
                 if eng is engine:
                     # DeepSpeed entered autocast in its forward: the model's matmuls ran in bf16, the losses in fp32
-                    # (trainer/losses.py turns autocast off for them); no autocast is left on afterwards.
+                    # (trainer/modeling/losses.py turns autocast off for them); no autocast is left on afterwards.
                     assert linear_out and set(linear_out) == {torch.bfloat16}
                     assert out["logits"].dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
                     for key in ("loss", "vqa_loss", "infonce_loss"):

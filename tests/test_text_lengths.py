@@ -1,4 +1,4 @@
-"""Start-up (trainer/text_lengths.py): the run's question tables and the text lengths of its model follow the data,
+"""Start-up (trainer/modeling/text_lengths.py): the run's question tables and the text lengths of its model follow the data,
 a configured length that cuts questions is reported once with their count, and a run trains on them end to end."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.questions import round_up
-from data_pipeline.sharding import iter_sample_json, open_folder
+from data_pipeline.loaders.questions import round_up
+from data_pipeline.shards.sharding import iter_sample_json, open_folder
 from data_pipeline.text import QuestionTokenizer
-from trainer import text_lengths
-from trainer.config import DataConfig, RunConfig
-from trainer.model import FusedViltClip
-from trainer.presets import get_preset
+from trainer.config.config import DataConfig, RunConfig
+from trainer.config.presets import get_preset
+from trainer.modeling import text_lengths
+from trainer.modeling.model import FusedViltClip
 
 
 def _setup(shards: Path, tmp_path: Path, **model) -> tuple[RunConfig, QuestionTokenizer, FusedViltClip]:
@@ -36,7 +36,7 @@ def _setup(shards: Path, tmp_path: Path, **model) -> tuple[RunConfig, QuestionTo
 
 def test_lengths_follow_the_data(tiny_easyvqa_shards: Path, tmp_path: Path, caplog) -> None:
     cfg, tok, model = _setup(tiny_easyvqa_shards, tmp_path)
-    with caplog.at_level(logging.INFO, logger="trainer.text_lengths"):
+    with caplog.at_level(logging.INFO, logger="trainer.modeling.text_lengths"):
         tables = text_lengths.prepare(cfg, tok, model, is_main=True)
     assert set(tables) == {True, False}
     vilt_long = max(int(t.vilt_lengths.max()) for t in tables.values())
@@ -55,7 +55,9 @@ def test_lengths_follow_the_data(tiny_easyvqa_shards: Path, tmp_path: Path, capl
         < cfg.model.clip_context_length
     )
     assert not [
-        r for r in caplog.records if r.name == "trainer.text_lengths" and r.levelno >= logging.WARNING
+        r
+        for r in caplog.records
+        if r.name == "trainer.modeling.text_lengths" and r.levelno >= logging.WARNING
     ]
     # Every question's end-of-text token is inside the cut: CLIP pools at the same token as at full length.
     full = tok(["what color is the shape?"])["clip_ids"]
@@ -66,7 +68,7 @@ def test_a_question_over_the_configured_cut_is_reported_once(
     tiny_easyvqa_shards: Path, tmp_path: Path, caplog
 ):
     cfg, tok, model = _setup(tiny_easyvqa_shards, tmp_path, text_len=6, clip_text_len=7)
-    with caplog.at_level(logging.INFO, logger="trainer.text_lengths"):
+    with caplog.at_level(logging.INFO, logger="trainer.modeling.text_lengths"):
         tables = text_lengths.prepare(cfg, tok, model, is_main=True)
     over = sum(int((t.vilt_lengths > 6).sum()) for t in tables.values())
     over_clip = sum(int((t.clip_lengths > 7).sum()) for t in tables.values())
@@ -74,7 +76,7 @@ def test_a_question_over_the_configured_cut_is_reported_once(
     warnings = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "trainer.text_lengths" and r.levelno == logging.WARNING
+        if r.name == "trainer.modeling.text_lengths" and r.levelno == logging.WARNING
     ]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"{over} questions are longer than model.text_len=6 WordPiece tokens")
@@ -111,7 +113,7 @@ def test_a_run_trains_and_evaluates_from_the_tables(
 
 @pytest.mark.slow
 def test_the_bench_counts_flops_at_the_lengths_of_the_data(tiny_easyvqa_shards: Path, tmp_path: Path) -> None:
-    from trainer.task import build_task
+    from trainer.modeling.task import build_task
     from trainer.tools.bench.cells import synthetic_batch
     from trainer.tools.bench.measure import count_step_flops
 

@@ -3,7 +3,7 @@ dropout: the weights move, the loss falls on a repeated batch, and a run checkpo
 logs the losses of the uninterrupted run.
 
 - The shipped bf16 JSON on one rank runs at ZeRO stage 0 with fp32 weights and DeepSpeed's `torch_autocast` in bf16
-  (trainer/engine.py `plain_single_rank`).
+  (trainer/engine/engine.py `plain_single_rank`).
 - A bf16 JSON with a `torch_autocast` section of its own is kept as written: ZeRO (stage 2, and stage 3, which a
   single fp32 rank never keeps) with bf16 weights.
 - Dropout > 0: the resumed run must continue the random stream the interrupted one saved, not the fresh seed.
@@ -51,8 +51,8 @@ def one_batch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 easy-VQA training questions in one shard: with batch 8, every step trains on the same batch."""
     import dataclasses
 
-    from data_pipeline import easyvqa
-    from data_pipeline.build import build_shard_folder
+    from data_pipeline.convert import easyvqa
+    from data_pipeline.convert.build import build_shard_folder
 
     out = tmp_path_factory.mktemp("one_batch") / "train"
     spec = easyvqa.make_spec("train", out, shard_size=8, seed=0, workers=1, progress=False)
@@ -104,7 +104,7 @@ def assert_trains(run_dir: Path) -> None:
     """Finite losses that fall on the repeated batch; every weight tensor but a few moved between steps 2 and 4."""
     import torch
 
-    from trainer.export import fp32_state_dict
+    from trainer.serve.export import fp32_state_dict
 
     s = scalars(run_dir)
     assert sorted(s["train/loss"]) == list(range(1, STEPS + 1))

@@ -86,7 +86,7 @@ def test_each_version_scores_the_written_out_cases(
 
 
 def test_the_current_script_is_the_default() -> None:
-    from trainer.config import TrainConfig
+    from trainer.config.config import TrainConfig
 
     assert A.DEFAULT_VQA_RULE == "vqa-2021"
     assert TrainConfig().vqa_rule == "vqa-2021"
@@ -94,7 +94,7 @@ def test_the_current_script_is_the_default() -> None:
 
 
 def test_an_unknown_version_is_a_clear_error() -> None:
-    from trainer.config import ConfigError, TrainConfig
+    from trainer.config.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match=r"train\.vqa_rule: 'vqa-2017' is not one of vqa-2021, vqa-2016"):
         TrainConfig(vqa_rule="vqa-2017")

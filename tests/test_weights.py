@@ -1,4 +1,4 @@
-"""trainer/weights.py and `./launch.sh fetch-weights`: a preset's pretrained checkpoints fetched into a cache folder,
+"""trainer/modeling/weights.py and `./launch.sh fetch-weights`: a preset's pretrained checkpoints fetched into a cache folder,
 the `--set` lines printed for them, the trainer loading them with the hub out of reach, and the one-line error at
 start when a checkpoint is not on local disk.
 
@@ -28,9 +28,9 @@ import torch
 from test_launch import Checkout
 
 from tests.helpers.launch_env import clean_env
-from trainer import weights as W
-from trainer.config import apply_overrides
-from trainer.presets import get_preset
+from trainer.config.config import apply_overrides
+from trainer.config.presets import get_preset
+from trainer.modeling import weights as W
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = "0" * 40
@@ -88,7 +88,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str], list[str]]:
-    """`python -m trainer.weights ARGV` in-process: (exit status, stdout lines, stderr `error:` lines)."""
+    """`python -m trainer.modeling.weights ARGV` in-process: (exit status, stdout lines, stderr `error:` lines)."""
     rc = W.main(argv)
     out, err = capsys.readouterr()
     return rc, out.splitlines(), [line for line in err.splitlines() if line.startswith("error:")]
@@ -216,7 +216,7 @@ def test_launch_sh_fetch_weights_runs_the_module(checkout: Checkout) -> None:
         [
             f"{checkout.venv}/bin/python",
             "-m",
-            "trainer.weights",
+            "trainer.modeling.weights",
             "--preset",
             "vqa2-base",
             "--cache",
@@ -291,9 +291,9 @@ def save_tiny_checkpoints(hub: FakeHub, shards: Path, scratch: Path) -> tuple[Pa
     import open_clip
     from transformers import ViltConfig, ViltModel
 
-    from data_pipeline.clip_configs import register_project_configs
+    from common.clip_configs import register_project_configs
     from data_pipeline.text import QuestionTokenizer
-    from trainer.run_folder import shard_questions
+    from trainer.run.run_folder import shard_questions
 
     questions = list(shard_questions(str(shards / "train")))
     sizes = {"clip_arch": "ViT-tiny-8", "max_text_len": 16, "clip_context_length": 32}

@@ -5,19 +5,19 @@
     srun trainer/main.py ...    mpirun -x MASTER_ADDR=H -x MASTER_PORT=P trainer/main.py ...   (one task per rank)
     python trainer/main.py --preset tiny ...           (a plain single process, CPU or GPU)
 
-Each launcher's rank variables are read by trainer/dist.py (`world_info_from_env`). `--resume auto` resumes from the
+Each launcher's rank variables are read by trainer/engine/dist.py (`world_info_from_env`). `--resume auto` resumes from the
 newest complete checkpoint when the run folder has one and starts afresh otherwise: one command for the first start
 of a job and all its restarts. Which weights a start begins from is decided before anything in the run folder is
-written (trainer/start.py); a start that cannot resume the saved state changes nothing there.
+written (trainer/run/start.py); a start that cannot resume the saved state changes nothing there.
 
 `main(argv) -> int` is also called in-process by tests. Exit status: 0 done, 2 bad input (configuration, data,
 checkpoint), 1 a failure while training (e.g. a non-finite loss), 128 + signal after a SIGTERM/SIGINT checkpoint.
 A disk too full for the next checkpoint is a failure while training (exit 1, one line naming the folder, the free and
 the needed space): the input was fine and the same command succeeds once there is room; the earlier checkpoints are
-left intact (trainer/checkpointing.py).
+left intact (trainer/checkpoint/checkpointing.py).
 
 The run folder (--run-dir) and what is in it (config, DeepSpeed config, answers, tokenizer) belong to
-trainer/run_folder.py; trainer/run.py builds the run from the components; this file checks the input and runs it.
+trainer/run/run_folder.py; trainer/run/run.py builds the run from the components; this file checks the input and runs it.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ if __name__ == "__main__" and not __package__:
     # and drop trainer/ itself from the path so that none of its modules can shadow a package of the same name.
     sys.path[0] = str(REPO_ROOT)
 
-from trainer.dist import LaunchError, world_info_from_env  # noqa: E402 - imports no torch
+from trainer.engine.dist import LaunchError, world_info_from_env  # noqa: E402 - imports no torch
 
 
 def ranks_on_this_host(env: Mapping[str, str] = os.environ) -> int:
-    """How many ranks the launcher starts on this host (trainer/dist.py `world_info_from_env`; 1 without a launcher,
+    """How many ranks the launcher starts on this host (trainer/engine/dist.py `world_info_from_env`; 1 without a launcher,
     and where its variables are bad: the start refuses them later, in one line)."""
     try:
         return world_info_from_env(env).local_world_size
@@ -52,7 +52,7 @@ def ranks_on_this_host(env: Mapping[str, str] = os.environ) -> int:
 if ranks_on_this_host() > 1:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Training never reaches the Hugging Face hub: pretrained weights are fetched beforehand (./launch.sh fetch-weights,
-# trainer/weights.py), `check` makes sure they are on local disk, and offline mode keeps every library from trying
+# trainer/modeling/weights.py), `check` makes sure they are on local disk, and offline mode keeps every library from trying
 # the network. Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,23 +60,23 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
 
-from trainer.logs import add_log_option, quiet_cpu_accelerator, setup_logging  # noqa: E402
+from trainer.run.logs import add_log_option, quiet_cpu_accelerator, setup_logging  # noqa: E402
 
-quiet_cpu_accelerator()  # before DeepSpeed is imported (trainer.run below imports it)
+quiet_cpu_accelerator()  # before DeepSpeed is imported (trainer.run.run below imports it)
 
-from data_pipeline.errors import is_bad_input  # noqa: E402
-from data_pipeline.sharding import check_image_size, open_folder  # noqa: E402
-from trainer import dist as D  # noqa: E402
-from trainer.checkpointing import CheckpointSpaceError  # noqa: E402
-from trainer.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
-from trainer.config_file import add_config_options, base_config, print_config  # noqa: E402
-from trainer.engine import load_ds_config  # noqa: E402
-from trainer.loop import NonFiniteLossError  # noqa: E402
-from trainer.preemption import StopRequest  # noqa: E402
-from trainer.presets import PRESETS  # noqa: E402
-from trainer.run import Run, ds_config_path, lock_run_dir  # noqa: E402
-from trainer.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
-from trainer.start import (  # noqa: E402
+from common.errors import is_bad_input  # noqa: E402
+from data_pipeline.shards.sharding import check_image_size, open_folder  # noqa: E402
+from trainer.checkpoint.checkpointing import CheckpointSpaceError  # noqa: E402
+from trainer.config.config import ConfigError, RunConfig, apply_overrides, fields_help  # noqa: E402
+from trainer.config.config_file import add_config_options, base_config, print_config  # noqa: E402
+from trainer.config.presets import PRESETS  # noqa: E402
+from trainer.engine import dist as D  # noqa: E402
+from trainer.engine.engine import load_ds_config  # noqa: E402
+from trainer.run.loop import NonFiniteLossError  # noqa: E402
+from trainer.run.preemption import StopRequest  # noqa: E402
+from trainer.run.run import Run, ds_config_path, lock_run_dir  # noqa: E402
+from trainer.run.run_folder import CONFIG_FILE, RunFolder  # noqa: E402
+from trainer.run.start import (  # noqa: E402
     RunRequest,
     check_same_model,
     resolve_auto_resume,
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         metavar="latest|auto|TAG|none",
         help="continue the run in --run-dir from its newest intact checkpoint (latest, the default) or a tag "
-        "such as global_step1000 (or global_step1000_universal after `python -m trainer.checkpointing "
+        "such as global_step1000 (or global_step1000_universal after `python -m trainer.checkpoint "
         "to-universal`, to resume on a different number of ranks). auto: resume from the newest complete "
         "checkpoint when there is one, else start a fresh run from --preset and the other options; one command "
         "for the first start and every restart (a requeued Slurm job, a restarted Kubernetes pod). none: with "
@@ -228,8 +228,8 @@ def check(req: RunRequest, folder: RunFolder) -> tuple[RunRequest, RunConfig]:
     check_data(cfg.data.val_data, "val_data", world, req.eval_only, cfg.model.image_size)
     cfg.train.grad_accum(world)
     load_ds_config(ds_config_path(req.deepspeed_config))
-    # Here, not at the top: trainer.weights brings the hub's HTTP client (~0.1 s), which --help need not wait for.
-    from trainer.weights import check_available
+    # Here, not at the top: trainer.modeling.weights brings the hub's HTTP client (~0.1 s), which --help need not wait for.
+    from trainer.modeling.weights import check_available
 
     check_available(cfg.model, req.preset)  # on local disk, or one line naming ./launch.sh fetch-weights
     if not (req.resume or req.eval_only or req.auto_fresh):
@@ -262,7 +262,7 @@ def check_data(
     return manifest
 
 
-# -- running (the run itself is built by trainer/run.py) ---------------------------------------------------------
+# -- running (the run itself is built by trainer/run/run.py) ---------------------------------------------------------
 def train_or_evaluate(run: Run, stop: Any) -> int:
     """Train (or, with --eval-only, evaluate), then close the metrics; the exit status."""
     run.log_hparams()
@@ -289,7 +289,7 @@ def train_or_evaluate(run: Run, stop: Any) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse, check (before any process group exists), build the run, train or evaluate, close. An error that means
     "the input is wrong" (a one-line message, exit 2) rather than "the program failed" (a traceback) subclasses
-    data_pipeline.errors.BadInputError; `is_bad_input` decides by type."""
+    common.errors.BadInputError; `is_bad_input` decides by type."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     setup_logging(
         D.env_rank(), args.log_level
-    )  # the rank whichever launcher started it gave (trainer/dist.py)
+    )  # the rank whichever launcher started it gave (trainer/engine/dist.py)
     if (
         args.print_config
     ):  # what this command would run with, as config.json holds it; nothing checked or started

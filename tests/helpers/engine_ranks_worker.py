@@ -1,6 +1,6 @@
 """One rank of the multi-rank engine checks (run by tests/test_engine_ranks.py, 2 processes, gloo, CPU).
 
-Each rank builds the tiny task and trainer/engine.py's `Engine` from a shipped DeepSpeed JSON as a 2-rank run resolves
+Each rank builds the tiny task and trainer/engine/engine.py's `Engine` from a shipped DeepSpeed JSON as a 2-rank run resolves
 it, trains on its half of each global batch, and rank 0 saves what the test compares:
 - `parity`: float64, the stage-0 default (all-reduce overlapped with backward, small buckets so that there are
   several): the losses of 3 steps, the gradients of the first step (read after backward, before the optimizer step)
@@ -25,9 +25,9 @@ import torch.distributed as tdist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.helpers.tiny import N_ANSWERS, VOCAB, synthetic_batch, tiny_config, to_double  # noqa: E402
-from trainer import dist as D  # noqa: E402
-from trainer.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config  # noqa: E402
-from trainer.task import build_task  # noqa: E402
+from trainer.engine import dist as D  # noqa: E402
+from trainer.engine.engine import CONFIG_DIR, Engine, load_ds_config, resolve_ds_config  # noqa: E402
+from trainer.modeling.task import build_task  # noqa: E402
 
 PER_RANK = 4
 SMALL_BUCKET = 4000  # elements: the tiny task's ~100 gradients fall into several buckets
@@ -138,7 +138,7 @@ def compiled(dist: D.DistInfo) -> dict:
     (`aot_eager`: graph capture and AOTAutograd without inductor's minutes on the CPU) against eager, 3 steps each;
     the graphs dynamo handed the backend (one per bucket's share of the model when the engine's forward marks its DDP
     object active, one without)."""
-    from trainer.compiling import compile_model
+    from trainer.modeling.compiling import compile_model
 
     results = {}
     for mode in ("eager", "compiled"):

@@ -112,16 +112,16 @@ exit 0
 
 def make_checkout(tmp_path: Path) -> Checkout:
     root, venv, bin_dir, tmp, home = (tmp_path / n for n in ("repo", "venv", "bin", "tmp", "home"))
-    for d in (root / "trainer", root / "data_pipeline", venv / "bin", bin_dir, tmp, home):
+    for d in (root / "trainer", root / "common", venv / "bin", bin_dir, tmp, home):
         d.mkdir(parents=True)
     shutil.copy2(REPO / "launch.sh", root / "launch.sh")
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
     shutil.copy2(REPO / "requirements.lock", root / "requirements.lock")
     # The launcher package and what it imports (the standard library besides), nothing of the trainer.
-    for package in ("trainer", "data_pipeline"):
+    for package in ("trainer", "common"):
         (root / package / "__init__.py").write_text("")
     (root / "trainer" / "launch").symlink_to(REPO / "trainer" / "launch")
-    (root / "data_pipeline" / "errors.py").symlink_to(REPO / "data_pipeline" / "errors.py")
+    (root / "common" / "errors.py").symlink_to(REPO / "common" / "errors.py")
     write_executable(venv / "bin" / "python", FAKE_PYTHON)
     for name in ("deepspeed", "tensorboard", "ruff"):
         write_executable(venv / "bin" / name, "#!/bin/sh\nexit 0\n")
@@ -132,7 +132,7 @@ def make_checkout(tmp_path: Path) -> Checkout:
 
 
 def with_real_trainer(checkout: Checkout) -> Checkout:
-    """The checkout with the repository's trainer, data pipeline and DeepSpeed configs, and a venv whose `deepspeed`
+    """The checkout with the repository's trainer, data pipeline, common package and DeepSpeed configs, and a venv whose `deepspeed`
     is the real launcher (its script runs the interpreter it was installed with)."""
     deepspeed = REAL_VENV / "bin" / "deepspeed"
     # pyproject.toml pins deepspeed, which installs its launcher beside the interpreter: missing, the set-up is broken.
@@ -143,8 +143,8 @@ def with_real_trainer(checkout: Checkout) -> Checkout:
 
 
 def link_repository(checkout: Checkout) -> Checkout:
-    """The checkout's trainer, data pipeline and DeepSpeed configs: the repository's own (links)."""
-    for name in ("trainer", "data_pipeline", "deepspeed_configs"):
+    """The checkout's trainer, data pipeline, common package and DeepSpeed configs: the repository's own (links)."""
+    for name in ("trainer", "data_pipeline", "common", "deepspeed_configs"):
         if (checkout.root / name).is_dir() and not (checkout.root / name).is_symlink():
             shutil.rmtree(checkout.root / name)  # the launcher's part alone, which make_checkout put there
         (checkout.root / name).symlink_to(REPO / name)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config.config import TrainConfig
 
 MICRO_BATCHES = 6  # per rank and epoch
 

@@ -1,5 +1,5 @@
 """One rank of the logged-loss check (run by tests/test_reductions.py, 2 processes, gloo): the real training loop
-(trainer/loop.py) with an engine whose losses are fixed functions of the question ids, so that the figures rank 0
+(trainer/run/loop.py) with an engine whose losses are fixed functions of the question ids, so that the figures rank 0
 logs can be compared with one process that reads both ranks' micro-batches. Rank 0 writes what it logged as JSON."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.distributed as tdist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.helpers.logged_loss import QidLossEngine, Recorder, loader_of, train_config  # noqa: E402
-from trainer.dist import DistInfo  # noqa: E402
-from trainer.loop import TrainLoop  # noqa: E402
+from trainer.engine.dist import DistInfo  # noqa: E402
+from trainer.run.loop import TrainLoop  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -23,7 +23,7 @@ from tests.helpers.tiny import (  # noqa: E402
     to_double,
     with_duplicate_questions,
 )
-from trainer.task import build_task  # noqa: E402
+from trainer.modeling.task import build_task  # noqa: E402
 
 
 def run(variants: list[str], per_rank: int, out: str) -> None:

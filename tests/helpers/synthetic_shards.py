@@ -1,4 +1,4 @@
-"""A small VQA v2-format shard folder made from scratch (data_pipeline.synthetic + the real converter): the folder
+"""A small VQA v2-format shard folder made from scratch (data_pipeline.convert.synthetic + the real converter): the folder
 most data tests read."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import convert, synthetic
+from data_pipeline.convert import cli as convert
+from data_pipeline.convert import synthetic
 
 
 def convert_synthetic(root: Path, *, shard_size: int = 5, **write_kw: Any) -> Path:

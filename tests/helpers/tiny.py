@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from trainer.config import LossConfig, ModelConfig, RunConfig
+from trainer.config.config import LossConfig, ModelConfig, RunConfig
 
 TINY_MODEL = ModelConfig(
     hidden_size=32,

@@ -10,6 +10,6 @@ virtual environment and hands over to `python -m trainer.launch`.
 - `relay`: the launcher in a session of its own, SIGTERM and SIGINT passed to every rank, and the last line of a run
   a signal stopped.
 
-Only the standard library (and `data_pipeline.errors`, which imports nothing): `./launch.sh train --help` and
+Only the standard library (and `common.errors`, which imports nothing): `./launch.sh train --help` and
 `--dry-run` work before the set-up has installed anything.
 """

@@ -256,7 +256,7 @@ def train(args: Sequence[str], ctx: Context) -> int:
             ctx.run(["export", f"DS_ENV_FILE={env_file}"])
             ctx.env["DS_ENV_FILE"] = env_file
         # The preflight runs as a module (as `python -m`), from the repository root like the trainer.
-        program = ["--module", "trainer.preflight"] if o.preflight else ["trainer/main.py"]
+        program = ["--module", "trainer.tools.preflight"] if o.preflight else ["trainer/main.py"]
         trainer_argv = [*trainer_defaults(trainer_args, ctx.env), *trainer_args]
         command += [*program, *trainer_argv]
         if ctx.dry_run:

@@ -76,8 +76,8 @@ OPTIONS: dict[str, list[tuple[str, dict]]] = {
             "--preflight",
             {
                 "action": "store_true",
-                "help": "run `python -m trainer.preflight` on the same ranks instead of the trainer (deepspeed "
-                "--module trainer.preflight): every rank checks its GPU and memory, an all-reduce over the world "
+                "help": "run `python -m trainer.tools.preflight` on the same ranks instead of the trainer (deepspeed "
+                "--module trainer.tools.preflight): every rank checks its GPU and memory, an all-reduce over the world "
                 "(latency, bus bandwidth), reading samples of --train-data/--val-data, and writing to --run-dir; rank "
                 "0 prints one table, and the exit status is 1 when a check fails. TRAINER ARGS stay as they are (the "
                 "preflight ignores the ones it does not use), so adding --preflight to a training command checks "

@@ -10,7 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from data_pipeline.errors import BadInputError
+from common.errors import BadInputError
 
 DEFAULT_MASTER_PORT = 29500
 # DeepSpeed reads "HOST slots=N" and ignores the rest of the line (a trailing comment, say).

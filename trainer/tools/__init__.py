@@ -1,14 +1,15 @@
 """The project's tools, apart from its core.
 
-The core is the rest of `trainer/`: configuration and presets, the model, the losses and the task, the DeepSpeed
-engine (`engine.py`), the training loop (`loop.py`), checkpointing, evaluation, the run folder, the optimizer
-settings (`optim.py`) and the training step without DeepSpeed (`plain.py`). `trainer/main.py` trains with it.
+The core is the rest of `trainer/`: configuration and presets (`config/`), the model, the losses and the task
+(`modeling/`), the DeepSpeed engine, the optimizer settings and the training step without DeepSpeed (`engine/`), the
+training loop, evaluation and the run folder (`run/`), checkpointing (`checkpoint/`) and the export (`serve/`).
+`trainer/main.py` trains with it.
 
 The tools measure or explore with the core and are not needed to train:
-- `bench/`: training throughput of the model variants (`python -m trainer.bench`);
-- `compare/`: the paper's comparison, one real training run per variant and seed (`python -m trainer.compare`);
-- `preset_search.py`: many short trainings on easy-VQA, scored per question type (`python -m trainer.preset_search`).
+- `bench/`: training throughput of the model variants (`python -m trainer.tools.bench`);
+- `compare/`: the paper's comparison, one real training run per variant and seed (`python -m trainer.tools.compare`);
+- `preset_search.py`: many short trainings on easy-VQA, scored per question type (`python -m trainer.tools.preset_search`).
 
-Tools import the core, never the other way: no core module imports `trainer.tools` (tests/test_boundaries.py). The
-command names are the small entry modules `trainer/bench.py`, `trainer/compare.py` and `trainer/preset_search.py`.
+Tools import the core, never the other way: no core module imports `trainer.tools` (tests/test_boundaries.py). Each
+tool is its own command: `python -m trainer.tools.<tool>` (a package's `__main__.py`, or the module itself).
 """

@@ -3,11 +3,11 @@
 Choosing the `demo` preset needs dozens of short trainings, each judged by the test score per question type
 (easy-VQA's shape questions are learned last). Running each through the whole stack would cost minutes of set-up per
 trial; here the data set sits in device memory as tensors, each step is the training step without DeepSpeed
-(trainer/plain.py: AdamW with ViLT's warm-up and linear decay), and one JSON line per run says what was learned when.
+(trainer/engine/plain.py: AdamW with ViLT's warm-up and linear decay), and one JSON line per run says what was learned when.
 
-    python -m trainer.preset_search --variant clip-no-infonce --set optim.lr=7e-4 --seed 1 --evals 400,600
-    python -m trainer.preset_search --clip-vision width=24 --device cuda       # a wider CLIP tower, derived
-    python -m trainer.preset_search --grid trials.txt --jobs 12 --out search.jsonl   # one run per line, K at once
+    python -m trainer.tools.preset_search --variant clip-no-infonce --set optim.lr=7e-4 --seed 1 --evals 400,600
+    python -m trainer.tools.preset_search --clip-vision width=24 --device cuda       # a wider CLIP tower, derived
+    python -m trainer.tools.preset_search --grid trials.txt --jobs 12 --out search.jsonl   # one run per line, K at once
 
 What it does not measure: wall time of the real stack (loader, DeepSpeed engine); time the chosen preset with
 `./launch.sh demo` afterwards. The data order is a seeded permutation per epoch, not the shard loader's order, so a
@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.easyvqa import answer_list
-from trainer import run_folder
-from trainer.config import apply_overrides
-from trainer.plain import PlainEngine
-from trainer.presets import get_preset
-from trainer.run_folder import RunFolder
+from data_pipeline.convert.easyvqa import answer_list
+from trainer.config.config import apply_overrides
+from trainer.config.presets import get_preset
+from trainer.engine.plain import PlainEngine
+from trainer.run import run_folder
+from trainer.run.run_folder import RunFolder
 
 QUESTION_TYPES = ("yes/no", "colour", "shape")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -54,7 +54,7 @@ def derive_clip_arch(base_arch: str, vision: list[str]) -> str:
     # open_clip (about 2 s to import) only where a CLIP architecture is derived.
     import open_clip
 
-    from data_pipeline.clip_configs import register_project_configs
+    from common.clip_configs import register_project_configs
 
     register_project_configs()
     cfg = open_clip.get_model_config(base_arch)
@@ -79,7 +79,7 @@ class EasyVQATensors:
     """One easy-VQA split as tensors: uint8 images, answer indices, image ids, tokenised questions."""
 
     def __init__(self, split: str, tokenizer: Any, answers: list[str], image_size: int, device: torch.device):
-        # easy_vqa where the data is read, here and below, as data_pipeline/easyvqa.py does: an optional package,
+        # easy_vqa where the data is read, here and below, as data_pipeline/convert/easyvqa.py does: an optional package,
         # reported when missing.
         import easy_vqa
 
@@ -219,7 +219,14 @@ def run_grid(args: argparse.Namespace) -> int:
     while pending or running:
         while pending and len(running) < args.jobs:
             i, line = pending.pop(0)
-            cmd = [sys.executable, "-m", "trainer.preset_search", "--device", args.device, *shlex.split(line)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "trainer.tools.preset_search",
+                "--device",
+                args.device,
+                *shlex.split(line),
+            ]
             running.append(
                 (
                     i,
@@ -245,7 +252,7 @@ def run_grid(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.preset_search",
+        prog="python -m trainer.tools.preset_search",
         description=__doc__.split("\n\n")[0]
         + " One JSON line per run on stdout (or appended to --out with --grid).",
     )
@@ -288,3 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_grid(args)
     print(json.dumps(run(args)), flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

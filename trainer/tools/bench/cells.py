@@ -1,5 +1,5 @@
 """What runs in one cell of the benchmark: the configuration of a variant at an image size, the task, the engine of
-the mode (the DeepSpeed engine, or the plain step of trainer/plain.py), its batches (one on-device batch or the
+the mode (the DeepSpeed engine, or the plain step of trainer/engine/plain.py), its batches (one on-device batch or the
 shard loader, epoch after epoch) and transformers' ViLT as the stock reference; then the cell's row of the report."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from data_pipeline.loader import LoaderSpec, build_loader
-from data_pipeline.questions import QuestionTable
-from trainer import dist as D
-from trainer.compiling import compile_model
-from trainer.config import RunConfig, apply_overrides
-from trainer.engine import Engine, resolve_ds_config
-from trainer.plain import PlainEngine
+from data_pipeline.loaders.loader import LoaderSpec, build_loader
+from data_pipeline.loaders.questions import QuestionTable
+from trainer.config.config import RunConfig, apply_overrides
+from trainer.engine import dist as D
+from trainer.engine.engine import Engine, resolve_ds_config
+from trainer.engine.plain import PlainEngine
+from trainer.modeling.compiling import compile_model
 from trainer.tools.bench.measure import Timing, count_step_flops, mfu_basis, profile_steps, time_engine
 
 CLIP_VOCAB = 49408  # open_clip's BPE; its last id, end-of-text, marks where CLIP pools the text feature
@@ -29,7 +29,7 @@ CLIP_VOCAB = 49408  # open_clip's BPE; its last id, end-of-text, marks where CLI
 def synthetic_batch(
     cfg: RunConfig, *, n_answers: int, vilt_vocab: int, batch_size: int, device: torch.device, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """A batch of the loader's contract (data_pipeline/batch.py) with random content, on `device`. Its questions fit
+    """A batch of the loader's contract (data_pipeline/loaders/batch.py) with random content, on `device`. Its questions fit
     the text lengths the model runs at (model.text_len / model.clip_text_len where set), as the data's all do."""
     m = cfg.model
     g = torch.Generator().manual_seed(seed)
@@ -108,8 +108,8 @@ class HFViltTask(torch.nn.Module):
     measured against, trained as its own code does (BCE x answers, eager attention, no compilation)."""
 
     def __init__(self, cfg: RunConfig, *, n_answers: int, vilt_vocab: int) -> None:
-        # transformers' ViLT and trainer.task (the model) are imported where a cell is built, here and below: `python
-        # -m trainer.bench --help` need not wait for them.
+        # transformers' ViLT and trainer.modeling.task (the model) are imported where a cell is built, here and below: `python
+        # -m trainer.tools.bench --help` need not wait for them.
         from transformers import ViltConfig, ViltForQuestionAnswering
 
         super().__init__()
@@ -183,7 +183,7 @@ def cell_config(setup: Setup, variant: str, image_size: int) -> RunConfig:
 
 
 def build_cell_task(setup: Setup, cfg: RunConfig) -> torch.nn.Module:
-    from trainer.task import build_task
+    from trainer.modeling.task import build_task
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights in every mode
     return build_task(

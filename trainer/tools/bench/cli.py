@@ -1,4 +1,4 @@
-"""`python -m trainer.bench`'s command line and run: the cells asked for, checked; the set-up they share (DeepSpeed
+"""`python -m trainer.tools.bench`'s command line and run: the cells asked for, checked; the set-up they share (DeepSpeed
 config, the data's answers and tokenizer, the matrix-product peaks); every cell in turn, the report after each."""
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from typing import Any
 
 import torch
 
-from data_pipeline.errors import is_bad_input
-from data_pipeline.loader import read_answers
-from data_pipeline.sharding import read_manifest
-from trainer import dist as D
-from trainer import run_folder, text_lengths
-from trainer.config import VARIANTS, ConfigError, RunConfig, apply_overrides
-from trainer.engine import default_ds_config_path, load_ds_config
-from trainer.presets import PRESETS, get_preset
+from common.errors import is_bad_input
+from data_pipeline.loaders.loader import read_answers
+from data_pipeline.shards.sharding import read_manifest
+from trainer.config.config import VARIANTS, ConfigError, RunConfig, apply_overrides
+from trainer.config.presets import PRESETS, get_preset
+from trainer.engine import dist as D
+from trainer.engine.engine import default_ds_config_path, load_ds_config
+from trainer.modeling import text_lengths
+from trainer.run import run_folder
 from trainer.tools.bench.cells import HF_VILT, Setup, run_cell, synthetic_batch
 from trainer.tools.bench.measure import measure_peaks
 from trainer.tools.bench.ranks import main as ranks_main
@@ -48,7 +49,7 @@ def build_tokenizer(cfg: RunConfig, folder: str, work: Path):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.bench",
+        prog="python -m trainer.tools.bench",
         description="Training throughput (samples/s, step time, peak memory, model FLOPs utilisation, data wait) of "
         "model variants and image sizes: with batches already on the device (synthetic), from real shards through "
         "the data loader (shards), and without the DeepSpeed engine (plain). One table at the end, the same numbers "
@@ -189,7 +190,7 @@ def prepare(args: argparse.Namespace, plan: Plan, dist: D.DistInfo, work: Path) 
         read_manifest(args.train_data)  # fails plainly on a folder that is not a finished shard folder
         n_answers = len(read_answers(args.train_data))
         tokenizer = build_tokenizer(plan.base, args.train_data, work)
-        # The text lengths a training run on this data would use (trainer/text_lengths.py): FLOPs at those shapes.
+        # The text lengths a training run on this data would use (trainer/modeling/text_lengths.py): FLOPs at those shapes.
         plan = dataclasses.replace(
             plan, base=text_lengths.fixed_from_data(plan.base, tokenizer, args.train_data)
         )
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     plan = resolve_args(args)
     if D.env_world_size() != 1:
         raise ConfigError(
-            "trainer.bench runs in one process: start it with python -m trainer.bench, no launcher"
+            "trainer.tools.bench runs in one process: start it with python -m trainer.tools.bench, no launcher"
         )
     dist = D.init_distributed()
     with tempfile.TemporaryDirectory(prefix="vqa-bench-") as tmp:

@@ -1,6 +1,6 @@
 """The benchmark's measurements: matrix-product peaks, the FLOPs of one training step, peak memory, the timed windows
 of a cell and the profiler. Nothing here builds a model or an engine: an engine is anything with train, forward,
-backward and step (trainer.engine.Engine, trainer.plain.PlainEngine)."""
+backward and step (trainer.engine.engine.Engine, trainer.engine.plain.PlainEngine)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,19 @@
-"""`python -m trainer.bench --ranks N`: the DeepSpeed engine's data-parallel modes against plain torch DDP, on N ranks
+"""`python -m trainer.tools.bench --ranks N`: the DeepSpeed engine's data-parallel modes against plain torch DDP, on N ranks
 in one run.
 
-    python -m trainer.bench --ranks 2 --preset demo                       (the CPU: 2 gloo ranks, spawned here)
-    python -m trainer.bench --ranks 8 --preset vqa2-base --batch-size 256 --set model.compile=true     (8 GPUs, NCCL)
+    python -m trainer.tools.bench --ranks 2 --preset demo                       (the CPU: 2 gloo ranks, spawned here)
+    python -m trainer.tools.bench --ranks 8 --preset vqa2-base --batch-size 256 --set model.compile=true     (8 GPUs, NCCL)
 
 It spawns N processes (gloo on the CPU, NCCL on GPUs, one GPU per rank). Each builds every cell's engine on the same
 task (same seed, same weights) and its own synthetic batch of `--batch-size` samples (the preset's global batch / N by
 default), so that every cell trains the same model on the same global batch in the same precision:
 
 - `stage0-overlap`: the default, deepspeed_configs/stage0_*.json: ZeRO stage 0, the gradient all-reduce overlapped
-  with backward in buckets (trainer/grad_sync.py); `stage0-overlap-bf16`: the same with `communication_data_type` bf16;
+  with backward in buckets (trainer/engine/grad_sync.py); `stage0-overlap-bf16`: the same with `communication_data_type` bf16;
 - `stage0-after-backward`: the same file with `overlap_comm` false: DeepSpeed's own stage-0 all-reduce after backward;
 - `zero1`, `zero2`: zero1_*.json, zero2_*.json (ZeRO-2 was the multi-rank default before the stage-0 one);
 - `ddp`: no DeepSpeed: torch's DistributedDataParallel (the default's bucket size, gradients as bucket views), the
-  same fused AdamW and schedule (trainer/plain.py), autocast bf16 where the engine computes in bf16.
+  same fused AdamW and schedule (trainer/engine/plain.py), autocast bf16 where the engine computes in bf16.
 
 `*_fp32.json` on the CPU, `*_bf16.json` on GPUs. After `--warmup` steps of each, `--repeats` rounds of `--steps`
 steps per cell are timed, the cells taking turns step by step (A B C A B C ...: on a shared machine a slow spell hits
@@ -40,10 +40,10 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from data_pipeline.errors import is_bad_input
-from trainer import dist as D
-from trainer.config import ConfigError
-from trainer.presets import get_preset
+from common.errors import is_bad_input
+from trainer.config.config import ConfigError
+from trainer.config.presets import get_preset
+from trainer.engine import dist as D
 from trainer.tools.bench.ranks_report import format_table
 
 CELLS = ("stage0-overlap", "ddp", "zero2", "stage0-overlap-bf16", "stage0-after-backward", "zero1")
@@ -51,7 +51,7 @@ CELLS = ("stage0-overlap", "ddp", "zero2", "stage0-overlap-bf16", "stage0-after-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.bench --ranks N",
+        prog="python -m trainer.tools.bench --ranks N",
         description="The DeepSpeed engine's data-parallel modes and plain torch DDP on N ranks, interleaved: "
         "samples/s, time in gradient all-reduce and how much of it overlaps backward, host work per step.",
     )
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _checked(args: argparse.Namespace) -> list[str]:
     if args.ranks < 2:
-        raise ConfigError(f"--ranks must be >= 2, got {args.ranks} (one rank: python -m trainer.bench)")
+        raise ConfigError(f"--ranks must be >= 2, got {args.ranks} (one rank: python -m trainer.tools.bench)")
     if torch.cuda.is_available() and torch.cuda.device_count() < args.ranks:
         raise ConfigError(f"--ranks {args.ranks}: this host has {torch.cuda.device_count()} GPUs")
     for name in ("steps", "warmup", "repeats", "profile_steps"):

@@ -1,4 +1,4 @@
-"""One rank of `python -m trainer.bench --ranks N` (trainer/tools/bench/ranks.py): the cells' engines on one task
+"""One rank of `python -m trainer.tools.bench --ranks N` (trainer/tools/bench/ranks.py): the cells' engines on one task
 configuration, the interleaved timed windows, the profiles, and (rank 0) the report."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 import torch.distributed as tdist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from trainer import dist as D
-from trainer.config import RunConfig, apply_overrides
-from trainer.engine import CONFIG_DIR, Engine, load_ds_config, move_batch, resolve_ds_config
-from trainer.grad_sync import DEFAULT_BUCKET_ELEMENTS
-from trainer.plain import PlainEngine
-from trainer.presets import get_preset
-from trainer.task import build_task
+from trainer.config.config import RunConfig, apply_overrides
+from trainer.config.presets import get_preset
+from trainer.engine import dist as D
+from trainer.engine.engine import CONFIG_DIR, Engine, load_ds_config, move_batch, resolve_ds_config
+from trainer.engine.grad_sync import DEFAULT_BUCKET_ELEMENTS
+from trainer.engine.plain import PlainEngine
+from trainer.modeling.task import build_task
 from trainer.tools.bench.cells import synthetic_batch
 from trainer.tools.bench.hostwork import BACKWARD_RANGE, analyse, python_calls_from_autograd
 from trainer.tools.bench.measure import synchronize
@@ -28,7 +28,7 @@ from trainer.tools.bench.ranks import now, summarise_windows
 
 
 class DDPEngine(PlainEngine):
-    """trainer/plain.py's step (fused AdamW, schedule, autocast bf16 where asked) with the task wrapped in torch's
+    """trainer/engine/plain.py's step (fused AdamW, schedule, autocast bf16 where asked) with the task wrapped in torch's
     DistributedDataParallel, bucketed as the engine's default (`bucket_elements`, gradients as bucket views)."""
 
     def __init__(
@@ -205,7 +205,7 @@ def run_rank(args: argparse.Namespace, cells: list[str], dist: D.DistInfo) -> di
         row["vs_ddp"] = statistics.median(rounds) if ddp else None
         row["cpu_vs_ddp"] = row["cpu_s_per_step"] / ddp["cpu_s_per_step"] if ddp else None
     return {
-        "command": "python -m trainer.bench " + " ".join(args.argv),
+        "command": "python -m trainer.tools.bench " + " ".join(args.argv),
         "ranks": dist.world_size,
         "backend": tdist.get_backend(),
         "device": torch.cuda.get_device_name(dist.device)

@@ -1,4 +1,4 @@
-"""The table of `python -m trainer.bench --ranks N` (trainer/tools/bench/ranks.py) from its JSON report."""
+"""The table of `python -m trainer.tools.bench --ranks N` (trainer/tools/bench/ranks.py) from its JSON report."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from data_pipeline import atomic
-from data_pipeline.machine import machine_line
+from common import atomic
+from common.machine import machine_line
 from trainer.tools.bench.cells import Setup
 
 GIB = 2**30
@@ -86,7 +86,7 @@ def new_report(args: argparse.Namespace, argv: list[str], setup: Setup) -> dict[
         "machine": machine_line(("torch", "DALI", "DeepSpeed")),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m trainer.bench " + shlex.join(argv),
+        "command": "python -m trainer.tools.bench " + shlex.join(argv),
         "preset": args.preset,
         "settings": {
             "batch_size": setup.batch_size,

@@ -1,7 +1,7 @@
 """The paper's experiment as one command: train every variant with the same seeds, data order and hyperparameters,
 then write `results.json`, `loss_curves.png` (the paper's Figure 3, plus validation VQA score) and `report.md`.
 
-    python -m trainer.compare --preset demo --train-data data/easy-vqa/train --val-data data/easy-vqa/test \
+    python -m trainer.tools.compare --preset demo --train-data data/easy-vqa/train --val-data data/easy-vqa/test \
         --run-dir runs/demo --variants baseline,clip-no-infonce,clip-infonce-cos,clip-infonce-dot \
         --val-subset 500 --val-every 100 --seeds 0
 
@@ -20,7 +20,7 @@ study (e.g. one node of a Slurm job array, docs/cluster.md) and `--report-only` 
 folders once every cell is done.
 
 Validation: every `--val-every` steps on --val-data; with `--val-subset N`, on a fixed subset of N of its questions
-instead (a shard folder written once in --run-dir by data_pipeline/subset.py, seed 0, the same for every run), and
+instead (a shard folder written once in --run-dir by data_pipeline/convert/subset.py, seed 0, the same for every run), and
 each run's last checkpoint is then scored on the whole --val-data by the trainer's own `--eval-only` (in the run's
 slot, right after its training, so that scoring too runs beside the other runs), in a run folder
 RUN/full_eval that reads RUN/checkpoints through a link (results in RUN/full_eval/eval/<tag>/). The report shows the

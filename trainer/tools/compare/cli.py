@@ -1,4 +1,4 @@
-"""`python -m trainer.compare`'s command line: check the arguments, run every variant and seed, then write
+"""`python -m trainer.tools.compare`'s command line: check the arguments, run every variant and seed, then write
 results.json, loss_curves.png and report.md in --run-dir."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import atomic, storage
-from data_pipeline.machine import machine
-from data_pipeline.subset import subset_record
-from trainer.config import VARIANTS
+from common import atomic
+from common.machine import machine
+from data_pipeline.convert.subset import subset_record
+from data_pipeline.shards import storage
+from trainer.config.config import VARIANTS
 from trainer.tools.compare.report import plot_results, write_report
 from trainer.tools.compare.results import (
     DONE_FILE,
@@ -50,7 +51,7 @@ DEFAULT_VARIANTS = ("baseline", "clip-no-infonce", "clip-infonce-cos", "clip-inf
 
 
 def machine_description() -> str:
-    """The GPUs the runs share, else the CPU (data_pipeline/machine.py's description)."""
+    """The GPUs the runs share, else the CPU (common/machine.py's description)."""
     m = machine(gpus=True)
     if m["gpus"]:
         return f"{len(m['gpus'])} x {m['gpus'][0]}"
@@ -65,12 +66,12 @@ A variant with a modifier is also checked against the plain variant it modifies 
 threshold, higher whole-split VQA score), under the same noise rule as the paper's claims.
 
 example (the demo: the four default variants, validation every 100 steps on 500 fixed test questions):
-  python -m trainer.compare --preset demo --train-data data/easy-vqa/train --val-data data/easy-vqa/test \\
+  python -m trainer.tools.compare --preset demo --train-data data/easy-vqa/train --val-data data/easy-vqa/test \\
       --run-dir runs/demo --val-subset 500 --val-every 100"""
 
 
 def subset_summary(folder: str) -> dict[str, Any]:
-    """results.json's `val_subset`: the subset folder and its draw (data_pipeline/subset.py's record)."""
+    """results.json's `val_subset`: the subset folder and its draw (data_pipeline/convert/subset.py's record)."""
     record = subset_record(folder)
     assert record is not None, f"{folder}: prepare_val_subset wrote it"
     return {
@@ -83,7 +84,7 @@ def subset_summary(folder: str) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.compare",
+        prog="python -m trainer.tools.compare",
         description="Run the paper's comparison: every variant with the same seeds, data order and hyperparameters; "
         "write results.json, loss_curves.png and report.md in --run-dir.",
         epilog=EPILOG,
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-log = logging.getLogger("trainer.compare")
+log = logging.getLogger("trainer.tools.compare")
 
 
 def main(argv: list[str] | None = None) -> int:

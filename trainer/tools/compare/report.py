@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import atomic
+from common import atomic
 from trainer.tools.compare.claims import claims, summary_lines, verdict_table
 from trainer.tools.compare.results import LOSS_CURVE, SMOOTH_STEPS, _val_curve, loss_band, validate_results
 
@@ -66,7 +66,7 @@ def draw(
     score during training (on the subset where there is one), mean with the min-max band, and with a subset the
     whole-split score at the end (star: mean; bar: min-max). One legend entry per variant, below both panels;
     returns the legend's labels."""
-    # matplotlib (about 0.25 s to import) only where a figure is drawn: `python -m trainer.compare --help` and the
+    # matplotlib (about 0.25 s to import) only where a figure is drawn: `python -m trainer.tools.compare --help` and the
     # table need not wait.
     import matplotlib
 

@@ -166,8 +166,8 @@ class CompareError(RuntimeError):
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     """All scalars of a run's TensorBoard event files: tag -> [(step, value, wall_time)], sorted by step."""
-    # TensorBoard and trainer.run_folder (torch) are imported where a run's files are read, here and below: `python -m
-    # trainer.compare --help` loads neither.
+    # TensorBoard and trainer.run.run_folder (torch) are imported where a run's files are read, here and below: `python -m
+    # trainer.tools.compare --help` loads neither.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[str, dict[int, tuple[float, float]]] = {}
@@ -240,7 +240,7 @@ def verdict(a: list[float], b: list[float]) -> tuple[str, float | None, float | 
 def read_full_eval(run_dir: Path) -> dict[str, Any] | None:
     """The whole-split evaluation of a run's last checkpoint (RUN/full_eval/eval/<tag>/, the metrics file of the
     trainer's --eval-only); None until it is written for the run's last step."""
-    from trainer.run_folder import RunFolder
+    from trainer.run.run_folder import RunFolder
 
     files = sorted((run_dir / FULL_EVAL_DIR / "eval").glob("*/val_metrics_step*.json"), key=lambda p: p.name)
     config = RunFolder(run_dir).config_file
@@ -266,7 +266,7 @@ def summarise_run(
 ) -> dict[str, Any]:
     """One finished run's numbers. `full_eval`: the runs validated on a subset, and the whole-split score is that of
     RUN/full_eval; otherwise the runs validated on the whole split, and it is their last evaluation."""
-    from trainer.run_folder import RunFolder
+    from trainer.run.run_folder import RunFolder
 
     scalars = read_scalars(run_dir)
     if "train/vqa_loss" not in scalars:

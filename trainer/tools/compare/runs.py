@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
 
-from data_pipeline import atomic
-from data_pipeline.build import ConversionError
-from data_pipeline.sharding import read_manifest
-from data_pipeline.shards import MANIFEST, file_sha256
-from data_pipeline.subset import subset_record, write_subset
+from common import atomic
+from data_pipeline.convert.build import ConversionError
+from data_pipeline.convert.subset import subset_record, write_subset
+from data_pipeline.shards.format import MANIFEST, file_sha256
+from data_pipeline.shards.sharding import read_manifest
 from trainer.tools.compare.results import DONE_FILE, FULL_EVAL_DIR, CompareError, read_full_eval
 from trainer.tools.compare.schedule import Slot
 from trainer.tools.compare.variants import Variant
@@ -50,7 +50,7 @@ class RunSpec:
 
 def local_gpu_count() -> int:
     try:
-        # torch (seconds to import) only to count GPUs, and trainer.run_folder (torch) only where a run's folder is
+        # torch (seconds to import) only to count GPUs, and trainer.run.run_folder (torch) only where a run's folder is
         # read: the comparison's own process stays light.
         import torch
 
@@ -144,7 +144,7 @@ def full_eval_command(spec: RunSpec, args: argparse.Namespace, slot: Slot | None
 
 
 def prepare_val_subset(args: argparse.Namespace, root: Path) -> Path:
-    """The fixed validation subset of --val-data in ROOT/val-subset-N (written once; data_pipeline/subset.py).
+    """The fixed validation subset of --val-data in ROOT/val-subset-N (written once; data_pipeline/convert/subset.py).
 
     Kept when it holds the same draw (source manifest, count, seed); rewritten when only its shard count differs
     (the same questions, for another number of ranks); a different draw is refused: earlier runs of this
@@ -359,7 +359,7 @@ def prepare_full_eval(run_dir: Path) -> Path:
     """RUN/full_eval: a run folder for the trainer's --eval-only with the run's configuration, answers and tokenizer,
     and its checkpoints through a link to RUN/checkpoints; its TensorBoard events and eval/ files stay apart from
     the run's own validations (which score the subset at the same steps)."""
-    from trainer.run_folder import RunFolder
+    from trainer.run.run_folder import RunFolder
 
     src, dst = RunFolder(run_dir), RunFolder(run_dir / FULL_EVAL_DIR)
     dst.save(src.read_config(), answers=src.read_answers(), tokenizer_files=src.tokenizer_files())

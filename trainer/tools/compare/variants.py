@@ -1,6 +1,6 @@
 """What a comparison compares: `--variants`, each a model variant of the trainer with optional loss modifiers.
 
-    NAME[+MODIFIER]      NAME: a model variant (trainer/config.py VARIANTS), the trainer's model.variant
+    NAME[+MODIFIER]      NAME: a model variant (trainer/config/config.py VARIANTS), the trainer's model.variant
                          MODIFIER: dup-mask | dup-positive, the trainer's loss.duplicate_questions=mask | positive,
                          for the InfoNCE variants only (clip-infonce-cos, clip-infonce-dot)
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.config import VARIANTS
+from trainer.config.config import VARIANTS
 
 # modifier -> (configuration field, value)
 MODIFIERS: dict[str, tuple[str, str]] = {

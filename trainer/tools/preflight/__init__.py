@@ -1,16 +1,16 @@
 """Preflight: check every rank's GPU, network, data and run folder in seconds, before a long training job.
 
     ./launch.sh train --preflight -- --train-data D/train --val-data D/val --run-dir R     (the trainer's ranks)
-    deepspeed --num_gpus 8 --module trainer.preflight --train-data D/train --run-dir R
-    torchrun --nproc_per_node 8 -m trainer.preflight ...      srun python -m trainer.preflight ...
-    python -m trainer.preflight --train-data D/train --run-dir R                           (a plain single process)
+    deepspeed --num_gpus 8 --module trainer.tools.preflight --train-data D/train --run-dir R
+    torchrun --nproc_per_node 8 -m trainer.tools.preflight ...      srun python -m trainer.tools.preflight ...
+    python -m trainer.tools.preflight --train-data D/train --run-dir R                           (a plain single process)
 
 Why: a cluster job can wait an hour in the queue and then fail in its first minute, on a node whose GPUs the
 container cannot see, a network the ranks cannot reach each other over, shards a node cannot read, or a run folder
 it cannot write (a read-only or unmounted volume, the wrong owner). Run with the same launcher, nodes and paths as
 the training job, the preflight finds each of these in seconds and names the host and rank at fault.
 
-On every rank (the launcher's variables are read by trainer/dist.py, as for the trainer):
+On every rank (the launcher's variables are read by trainer/engine/dist.py, as for the trainer):
 - device: the GPU the rank will use (name, free and total memory); a CUDA device file without a usable CUDA device
   (a driver or container problem), a local rank with no GPU of its own, or a GPU already mostly full
   (--min-free-fraction) fails; without GPUs the device is "cpu" (host memory shown), which fails only with

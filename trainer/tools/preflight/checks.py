@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from data_pipeline import sharding, storage
+from data_pipeline.shards import sharding, storage
 
 SAMPLES_TO_READ = 2
 _UNITS = {
@@ -88,8 +88,8 @@ def _host_memory() -> tuple[int, int] | None:
 
 def check_device(report: RankReport, require_gpu: bool, min_free_fraction: float) -> Any:
     """Fill in the rank's device and memory; returns the torch.device it will use."""
-    # torch and trainer.dist (torch) are imported where a check needs them, here and below: `python -m
-    # trainer.preflight --help` does not load torch.
+    # torch and trainer.engine.dist (torch) are imported where a check needs them, here and below: `python -m
+    # trainer.tools.preflight --help` does not load torch.
     import torch
 
     if torch.cuda.is_available():
@@ -134,7 +134,7 @@ def check_device(report: RankReport, require_gpu: bool, min_free_fraction: float
 def read_first_samples(folder_dir: str, rank: int, world_size: int, n: int = SAMPLES_TO_READ) -> str:
     """Read the first `n` samples of the rank's share of a shard folder through its index; a one-line summary.
 
-    The rank's share starts at position N*rank // W of the folder's shards in file order (data_pipeline.sharding);
+    The rank's share starts at position N*rank // W of the folder's shards in file order (data_pipeline.shards.sharding);
     raises DataError (or OSError) with one line on anything unreadable.
     """
     folder = sharding.open_folder(folder_dir)
@@ -195,8 +195,8 @@ def check_run_dir(report: RankReport, run_dir: str) -> list[Path]:
         finally:
             probe.unlink()
         # The checkpoints go into checkpoints/, which can be a link elsewhere (one to nothing) or a read-only mount:
-        # the trainer's own start refuses those too (trainer/run_folder.py `write_problem`).
-        from trainer.run_folder import RunFolder
+        # the trainer's own start refuses those too (trainer/run/run_folder.py `write_problem`).
+        from trainer.run.run_folder import RunFolder
 
         problem = RunFolder(path).write_problem()
         report.checks["run folder"] = (
@@ -229,7 +229,7 @@ def check_shared_run_dir(report: RankReport, run_dir: str, is_main: bool, wait_s
     node's local disk instead of one shared filesystem), where each node would write its part of every checkpoint:
     the checkpoints would be split between the nodes and no node could resume. A collective over the world; no
     entry where a rank's run folder already failed its own check, or rank 0's did."""
-    from trainer import dist as D
+    from trainer.engine import dist as D
 
     token = uuid.uuid4().hex
     probe = Path(run_dir) / f"{SHARED_PROBE}{token[:12]}"
@@ -270,7 +270,7 @@ def check_all_reduce(report: RankReport, device: Any, sizes: list[int], iters: i
     import torch
     import torch.distributed as tdist
 
-    from trainer import dist as D
+    from trainer.engine import dist as D
 
     world = tdist.get_world_size()
     try:

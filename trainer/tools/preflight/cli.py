@@ -1,4 +1,4 @@
-"""`python -m trainer.preflight`: arguments, the checks on this rank, and the verdict gathered on rank 0."""
+"""`python -m trainer.tools.preflight`: arguments, the checks on this rank, and the verdict gathered on rank 0."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ DEFAULT_SIZES_CPU = ("1KiB", "1MiB")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.preflight",
+        prog="python -m trainer.tools.preflight",
         description=(
             "Check, on every rank of a job, the GPU and its memory, an all-reduce over the world (latency and bus "
             "bandwidth), reading samples of each shard folder, and writing to the run folder (the same folder on "
             "every rank); rank 0 prints one table. Exit 0 when every check passes, 1 when one fails (one line names the host, rank and check). "
-            "Start it with the training job's launcher (deepspeed --module trainer.preflight, torchrun -m, srun, "
+            "Start it with the training job's launcher (deepspeed --module trainer.tools.preflight, torchrun -m, srun, "
             "plain python); ./launch.sh train --preflight does. Unknown arguments are ignored."
         ),
     )
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's own message
         return int(exc.code or 0)
 
-    # trainer.dist and torch.distributed are imported after the arguments are parsed, here and below: --help does not
+    # trainer.engine.dist and torch.distributed are imported after the arguments are parsed, here and below: --help does not
     # load torch.
-    from trainer import dist as D
+    from trainer.engine import dist as D
 
     try:
         launch = D.world_info_from_env(local_rank_arg=args.local_rank)
@@ -131,7 +131,7 @@ def _checks_over_the_world(
     of the folders this rank made for its probe; the exit status."""
     import torch.distributed as tdist
 
-    from trainer import dist as D
+    from trainer.engine import dist as D
 
     sizes = _sizes(args, device.type == "cuda")
     if args.run_dir and world_size > 1:
@@ -154,7 +154,7 @@ def _checks_over_the_world(
 
 def _verdict(report: RankReport, sizes: list[int], backend: str, is_main: bool) -> int:
     """Every rank's report to rank 0, which prints the tables and the first failure; the exit status, on every rank."""
-    from trainer import dist as D
+    from trainer.engine import dist as D
 
     gathered = D.gather_objects(report)
     verdict = 0

@@ -1,0 +1,1 @@
+"""The data side's measuring tools: the loader benchmark and the conversion benchmark."""

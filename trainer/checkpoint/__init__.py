@@ -1,0 +1,1 @@
+"""Stage 7, checkpoint: the Checkpointer, what is on disk, safe loading, integrity, universal checkpoints."""

@@ -1,0 +1,1 @@
+"""The typed run configuration, its presets and config files."""

@@ -1,0 +1,1 @@
+"""Stage 5, engine: the DeepSpeed engine and its config, the process group, the optimizer, the plain step."""

@@ -1,0 +1,1 @@
+"""Stage 4, model: the fused ViLT + CLIP model, its losses, the task, compilation and pretrained weights."""
