@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -453,3 +454,29 @@ def test_synthetic_command_writes_the_official_layout_once(tmp_path, capsys) -> 
     assert synthetic.main(["--out", str(raw), "--images", "3"]) == 2  # never over an existing download
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds" in err[0], err
+
+
+def test_a_conversion_logged_to_a_file_draws_each_bar_rarely(tmp_path, monkeypatch, capsys) -> None:
+    """Into a job's log (stderr not a terminal) a bar is drawn when it starts and ends, not every 0.1 s with a
+    carriage return: a conversion of many images would otherwise write thousands of redraws onto one line."""
+    import easy_vqa
+
+    for name in ("get_train_questions", "get_test_questions"):
+        full = getattr(easy_vqa, name)()
+        monkeypatch.setattr(easy_vqa, name, lambda full=full: tuple(col[:600] for col in full))
+    monkeypatch.setattr("common.progress.NON_TTY_BAR_INTERVAL_S", 3600.0)
+    convert_image = build.convert_to_jpeg
+
+    def slow(task):  # ~0.6 s per split: a bar redrawn every 0.1 s would show up several times
+        time.sleep(0.01)
+        return convert_image(task)
+
+    monkeypatch.setattr(build, "convert_to_jpeg", slow)
+    assert (
+        convert.main(["easyvqa", "--out", str(tmp_path / "e"), "--shard-size", "100", "--workers", "1"]) == 0
+    )
+    err = capsys.readouterr().err
+    for split in ("train", "test"):
+        for bar in ("check images", "write shards"):
+            draws = err.count(f"{split}: {bar}:")
+            assert 1 <= draws <= 3, (split, bar, draws)  # the start, the end, and at most one refresh between

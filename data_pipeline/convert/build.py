@@ -30,9 +30,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from common import atomic
+from common.progress import progress_bar
 from data_pipeline.convert.buildspec import (
     CHROMA_SUBSAMPLING,
     DEFAULT_SHARD_SIZE,
@@ -183,7 +182,7 @@ def _check_images(spec: BuildSpec, work: Path) -> dict[str, CheckResult]:
     else:
         fn, tasks = check_image, todo
     chunk = max(1, min(64, len(tasks) // (spec.workers * 8) if spec.workers else 1))
-    bar = tqdm(total=len(tasks), desc=f"{spec.split}: check images", unit="img", disable=not spec.progress)
+    bar = progress_bar(spec.progress, total=len(tasks), desc=f"{spec.split}: check images", unit="img")
     with open(log_path, "a") as logf, bar:
         for r in _parallel_map(fn, tasks, spec.workers, chunk):
             results[r.path] = r
@@ -316,11 +315,8 @@ def _write_shards(spec: BuildSpec, plan: list[list[Candidate]], work: Path) -> l
         log.info(
             "%s: %d of %d shards already written, %d to go", spec.out, len(records), len(plan), len(tasks)
         )
-    bar = tqdm(
-        total=sum(len(t[3]) for t in tasks),
-        desc=f"{spec.split}: write shards",
-        unit="sample",
-        disable=not spec.progress,
+    bar = progress_bar(
+        spec.progress, total=sum(len(t[3]) for t in tasks), desc=f"{spec.split}: write shards", unit="sample"
     )
     with bar:
         for record in _parallel_map(_write_shard, tasks, spec.workers):

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
+from common.progress import progress_bar
 from data_pipeline.shards import format as shards
 from data_pipeline.shards import storage
 from data_pipeline.shards.sharding import DataError, read_manifest
@@ -108,8 +108,8 @@ def verify(
     digests = sum("sha256" in e for e in entries)
     tasks = [(str(folder), e, decode) for e in entries]
     problems: list[str] = []
-    for _, found in tqdm(
-        _mapped(_check, tasks, workers), total=len(tasks), unit="shard", disable=not progress
+    for _, found in progress_bar(
+        progress, iterable=_mapped(_check, tasks, workers), total=len(tasks), unit="shard"
     ):
         problems += found
     checked = "sizes, digests, index" if digests == len(entries) else "sizes, index (no digests recorded)"
