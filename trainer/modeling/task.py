@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config.config import ConfigError, LossConfig, ModelConfig, OptimConfig, RunConfig
+from trainer.modeling.loss_names import LOSS_NAMES
 from trainer.modeling.losses import global_contrastive_loss, vqa_loss
 from trainer.modeling.model import FusedViltClip
 
@@ -18,11 +19,6 @@ from trainer.modeling.model import FusedViltClip
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     # As ViLT: no weight decay on biases and normalisation weights (all 1-D parameters here).
     return param.ndim < 2 or "norm" in name.lower() or ".ln_" in name or name.startswith("ln_")
-
-
-# The task's losses as `VQATask.forward` returns them: the total (what backward runs on), ViLT's VQA loss and the
-# alignment loss (0 for a variant without one). The loop averages and logs them under `train/<name>`.
-LOSS_NAMES = ("loss", "vqa_loss", "infonce_loss")
 
 
 class VQATask(nn.Module):

@@ -30,8 +30,8 @@ import torch
 from common.progress import bar_refreshes, logs_lines, progress_bar
 from trainer.config.config import TrainConfig
 from trainer.engine import dist as D
-from trainer.modeling.task import LOSS_NAMES
-from trainer.run.metrics import MetricsLogger, loss_tag
+from trainer.modeling.loss_names import LOSS_NAMES, loss_tag
+from trainer.run.metrics import MetricsLogger
 from trainer.run.preemption import StopRequest, shielded
 
 log = logging.getLogger(__name__)

@@ -13,14 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.modeling.task import LOSS_NAMES
+from trainer.modeling.loss_names import LOSS_NAMES, loss_tag
 
 log = logging.getLogger(__name__)
-
-
-def loss_tag(name: str) -> str:
-    """The TensorBoard tag of the task's loss `name` (trainer/modeling/task.py LOSS_NAMES)."""
-    return f"train/{name}"
 
 
 TRAIN_TAGS = (

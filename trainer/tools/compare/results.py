@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from trainer.modeling.loss_names import loss_tag
 from trainer.tools.compare.variants import Variant, describe
 
 REPO = Path(__file__).resolve().parents[3]  # trainer/tools/compare/results.py -> the repository
@@ -269,10 +270,11 @@ def summarise_run(
     from trainer.run.run_folder import RunFolder
 
     scalars = read_scalars(run_dir)
-    if "train/vqa_loss" not in scalars:
-        raise CompareError(f"{run_dir}: no train/vqa_loss in its TensorBoard events (did the run log?)")
-    steps = [s for s, _, _ in scalars["train/vqa_loss"]]
-    vqa = [v for _, v, _ in scalars["train/vqa_loss"]]
+    vqa_tag = loss_tag("vqa_loss")
+    if vqa_tag not in scalars:
+        raise CompareError(f"{run_dir}: no {vqa_tag} in its TensorBoard events (did the run log?)")
+    steps = [s for s, _, _ in scalars[vqa_tag]]
+    vqa = [v for _, v, _ in scalars[vqa_tag]]
     smoothed = smooth(steps, vqa, window)
     val = scalars.get("val/vqa_score", [])
     best = max(val, key=lambda p: p[1]) if val else None
@@ -305,8 +307,8 @@ def summarise_run(
         "curves": {
             "step": steps,
             "vqa_loss": vqa,
-            "loss": [v for _, v, _ in scalars.get("train/loss", [])],
-            "infonce_loss": [v for _, v, _ in scalars.get("train/infonce_loss", [])],
+            "loss": [v for _, v, _ in scalars.get(loss_tag("loss"), [])],
+            "infonce_loss": [v for _, v, _ in scalars.get(loss_tag("infonce_loss"), [])],
             "val_step": [s for s, _, _ in val],
             "val_vqa_score": [v for _, v, _ in val],
         },
