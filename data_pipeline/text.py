@@ -13,10 +13,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-import open_clip
 import torch
 from tokenizers import normalizers, pre_tokenizers
-from transformers import BertTokenizerFast
 
 from common import atomic
 from common.clip_configs import register_project_configs
@@ -72,6 +70,8 @@ class QuestionTokenizer:
         self.clip_arch = clip_arch
         self.max_text_len = max_text_len
         self.clip_context_length = clip_context_length
+        import open_clip  # lazy, as transformers below: ~2 s that building a vocabulary alone need not pay
+
         self.clip = open_clip.get_tokenizer(clip_arch, context_length=clip_context_length)
         # The BPE ids of the training questions, for model.clip_text_vocab=compact (None until fitted).
         self.clip_vocab: list[int] | None = None
@@ -97,6 +97,8 @@ class QuestionTokenizer:
         vocab = _train_wordpiece(questions, vocab_size)
         # BertTokenizerFast adds [CLS] ... [SEP] itself (the raw `tokenizers` trainer does not): ViLT's pooler
         # reads the [CLS] position.
+        from transformers import BertTokenizerFast  # lazy: see open_clip above
+
         vilt = BertTokenizerFast(vocab=vocab, do_lower_case=True)
         vilt.save_pretrained(str(out))
         self = cls(
@@ -115,6 +117,8 @@ class QuestionTokenizer:
     ) -> QuestionTokenizer:
         """ViLT's own tokenizer from a transformers checkpoint directory (or a hub name already in the cache)."""
         try:
+            from transformers import BertTokenizerFast  # lazy: see open_clip above
+
             vilt = BertTokenizerFast.from_pretrained(path, local_files_only=True)
         except OSError as exc:
             raise TokenizerError(
@@ -140,6 +144,8 @@ class QuestionTokenizer:
         if not meta_file.is_file():
             raise TokenizerError(f"no question tokenizer in '{d}' ({_META} is missing)")
         meta = json.loads(meta_file.read_text())
+        from transformers import BertTokenizerFast  # lazy: see open_clip above
+
         vilt = BertTokenizerFast.from_pretrained(str(d), local_files_only=True)
         self = cls(
             vilt,

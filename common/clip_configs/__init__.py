@@ -13,11 +13,11 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import open_clip
-
 CONFIG_DIR = Path(__file__).parent
 
 
 @cache
 def register_project_configs() -> None:
+    import open_clip  # lazy: ~2 s, which importing the modules that call this need not pay
+
     open_clip.add_model_config(CONFIG_DIR)
