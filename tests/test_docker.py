@@ -314,7 +314,7 @@ def test_tensorboard_reads_the_runs_volume_on_loopback_only() -> None:
     for name, service in services.items():
         for port in service.get("ports", []):
             host_ip = port.rsplit(":", 2)[0] if port.count(":") == 2 else None
-            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond this machine"
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond the local host"
     assert services["tensorboard"]["ports"] == ["127.0.0.1:6006:6006"]
     assert "ports" not in trainer and trainer["network_mode"] == "host"
 

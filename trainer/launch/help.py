@@ -51,7 +51,7 @@ Usage: ./launch.sh tensorboard [--logdir DIR] [--host HOST] [--port PORT] [--] [
 Serve TensorBoard for every run under DIR (default: $VQA_RUNS_DIR, else runs/ in the repository), which the
 trainer fills from rank 0 (train/..., val/... tags).
   --logdir DIR   the folder of run folders
-  --host HOST    address to listen on (default 127.0.0.1: this machine only; from elsewhere, tunnel with
+  --host HOST    address to listen on (default 127.0.0.1: the local host only; from elsewhere, tunnel with
                  ssh -L 6006:127.0.0.1:6006 NODE). Inside a container use 0.0.0.0 and let the published
                  port decide who can reach it (docker/compose.yaml publishes it on 127.0.0.1).
   --port PORT    default 6006

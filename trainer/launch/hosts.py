@@ -61,8 +61,8 @@ def absolute(shown: str, caller_dir: Path) -> str:
 
 
 def local_gpu_count(path: str | None, dev: Path = Path("/dev")) -> int:
-    """GPUs of this machine: nvidia-smi's list (nvidia-smi found on PATH), else the /dev/nvidiaN device files (a
-    container given GPUs but not the driver's utilities sees only its own); 0 where neither shows one."""
+    """GPUs of the host it runs on: nvidia-smi's list (nvidia-smi found on PATH), else the /dev/nvidiaN device files
+    (a container given GPUs but not the driver's utilities sees only its own); 0 where neither shows one."""
     smi = shutil.which("nvidia-smi", path=path)
     if smi:
         try:
