@@ -62,6 +62,15 @@ pip_install() {
     run "$PY" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
+# A first install writes about 7 GiB (torch's CUDA build): refuse with the numbers, not halfway through pip.
+need_free_space() {  # DIR GIB: DIR, or the nearest folder above it that exists, has GIB GiB free
+    local dir="$1" need="$2" free_kib
+    while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done
+    free_kib="$(df -Pk "$dir" | awk 'NR == 2 {print $4}')"
+    ((free_kib >= need * 1048576)) || die "setup: $VENV needs about $need GiB free; $dir has" \
+        "$((free_kib / 1048576)) GiB (free some space, or set VQA_VENV to a folder on a larger disk)"
+}
+
 cmd_setup() {
     if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
         echo "Usage: ./launch.sh setup"
@@ -78,6 +87,7 @@ cmd_setup() {
     local python="${PYTHON:-python3.11}"
     command -v "$python" >/dev/null || die "Python 3.11 is required ('$python' not found; set PYTHON=/path/to/python3.11)"
     if [[ ! -x "$PY" ]]; then
+        need_free_space "$VENV" 7
         echo "launch.sh: creating virtual environment $VENV" >&2
         run "$python" -m venv "$VENV"
     fi

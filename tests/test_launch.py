@@ -671,3 +671,26 @@ def test_launch_sh_can_be_sourced_without_running() -> None:
         env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")},
     )
     assert result.returncode == 0 and result.stdout == "sourced\n", result.stderr
+
+
+def test_a_first_setup_without_room_stops_before_pip_with_the_numbers(tmp_path: Path) -> None:
+    """The folder check that a first setup runs: it climbs to the nearest existing folder and names the space."""
+    script = 'source "$1" && VENV="$2" && need_free_space "$2" "$3" && echo room'
+    venv = tmp_path / "not" / "yet" / ".venv"
+
+    def check(gib: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "-c", script, "_", str(REPO / "launch.sh"), str(venv), str(gib)],
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")},
+        )
+
+    assert check(0).stdout == "room\n"
+    refused = check(1 << 30)  # a billion GiB: more than any disk
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(
+        f"launch.sh: error: setup: {venv} needs about {1 << 30} GiB free; {tmp_path} has"
+    )
+    assert "set VQA_VENV" in refused.stderr
