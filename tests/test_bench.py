@@ -105,9 +105,33 @@ def test_bench_refuses_what_cannot_run(tmp_path: Path, capsys) -> None:
     assert main(["--variants", "vilt-large", "--out", str(tmp_path / "x.json")]) == 2
     assert "unknown variant 'vilt-large'" in capsys.readouterr().err
     assert main(["--steps", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["--modes", "none", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--modes none leaves nothing to time: add --hf-vilt" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
     assert main(["--help"]) == 0
     usage = capsys.readouterr().out
     for option in ("--variants", "--image-sizes", "--preset", "--batch-size", "--steps", "--warmup", "--repeats",
                    "--train-data", "--modes", "--out"):  # fmt: skip
         assert option in usage
+
+
+@pytest.mark.slow
+def test_bench_times_transformers_vilt_alone(tmp_path: Path) -> None:
+    """`--modes none --hf-vilt`: transformers' ViltForQuestionAnswering at the preset's ViLT shape, in the plain
+    mode, eager, and nothing else (the GPU check runs it as its own time-limited stage)."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "--preset", "tiny", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "1",
+        "--modes", "none", "--hf-vilt", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"]
+    [row] = report["results"]
+    assert (row["variant"], row["image_size"], row["mode"], row["compile"]) == (
+        "transformers-vilt",
+        64,
+        "plain",
+        False,
+    )
+    assert row["samples_per_s"] > 0 and row["flops_per_step"] > 0

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--modes", default=None, help="comma-separated, of synthetic, shards, plain (default: all three with "
-        "--train-data, else synthetic,plain)",
+        "--train-data, else synthetic,plain); none: only transformers' ViLT (--hf-vilt)",
     )  # fmt: skip
     p.add_argument(
         "--train-data", metavar="DIR", help="shard folder for the shards mode (data_pipeline.convert)"
@@ -154,7 +154,10 @@ def resolve_args(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--variants: unknown variant '{v}' (one of: {', '.join(VARIANTS)})")
     sizes = _csv(args.image_sizes, [base.model.image_size], int, "--image-sizes")
     default_modes = list(MODES) if args.train_data else ["synthetic", "plain"]
-    modes = _csv(args.modes, default_modes, str, "--modes")
+    # `none` times only transformers' ViLT, so that a time-limited caller can run the stock reference on its own.
+    modes = [] if args.modes == "none" else _csv(args.modes, default_modes, str, "--modes")
+    if not modes and not args.hf_vilt:
+        raise ConfigError("--modes none leaves nothing to time: add --hf-vilt (transformers' ViLT)")
     for m in modes:
         if m not in MODES:
             raise ConfigError(f"--modes: unknown mode '{m}' (one of: {', '.join(MODES)})")
