@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,83 @@ def test_help_and_bad_options() -> None:
     assert bad.returncode == 2 and "unknown stage 'nonsense'" in bad.stderr
     assert run("--steps", "6").returncode == 2  # too few steps for checkpoint, kill and resume
     assert run("--budget", "zero").returncode == 2
+
+
+def plan(*args: str) -> tuple[list[str], list[list[str]]]:
+    """`--plan`: its comment lines, and one (name, least s, most s, command) per stage in the order they run."""
+    out = run("--plan", *args)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    return [x for x in lines if x.startswith("#")], [x.split("\t") for x in lines if not x.startswith("#")]
+
+
+def test_the_plan_runs_the_questions_first_and_writes_nothing(tmp_path: Path) -> None:
+    notes, stages = plan("--out", str(tmp_path / "r"))
+    assert [s[0] for s in stages] == [
+        "shards",
+        # the first size: the engine, end to end and plain; the host-worker loader; transformers' ViLT
+        "bench_384px", "bench_384px_host_workers", "hf_vilt_384px",
+        "bench_224px",
+        "loaders", "loaders_dali_hw_load", "loaders_dali_threads", "loaders_dali_prefetch",
+        "smoke_first", "smoke", "tests", "zero2", "zero1", "ranks",
+    ]  # fmt: skip
+    assert not (tmp_path / "r").exists()
+    # The shard folder holds more batches than a timed cell reads, and no whole number of them: no loader epoch
+    # ends inside a cell's windows or its profile (4,608 samples = 18 batches once did).
+    assert notes[0] == "# budget 480 s; shard folder: 6016 samples, 23 batches of 256, a timed cell reads 21"
+    _, small = plan("--batch", "32", "--stages", "loaders")
+    assert [s[0] for s in small][:2] == ["shards", "loaders"]
+    assert all(int(lo) <= int(hi) for _, lo, hi, _ in stages)
+
+
+def test_every_command_of_the_plan_is_accepted_by_its_tool() -> None:
+    """The plan's bench and loader commands, through the tools' own argument checks (nothing runs)."""
+    from data_pipeline.tools.bench import build_parser as loaders_parser
+    from trainer.tools.bench.cli import build_parser as bench_parser
+    from trainer.tools.bench.cli import resolve_args
+
+    _, stages = plan()
+    seen = set()
+    for name, _, _, command in stages:
+        words = command.split()
+        if words[0] == "bench":  # the script's bench(): these options come first
+            argv = ["--preset", "vqa2-base", "--batch-size", "256", "--variants", "clip-infonce-dot"]
+            argv += ["--train-data", "d", "--set", "model.compile=true", *words[1:]]
+            resolve_args(bench_parser().parse_args(argv))
+            seen.add("bench")
+        elif words[1:3] == ["-m", "data_pipeline.tools.bench"]:
+            args = loaders_parser().parse_args(words[3:])
+            seen.add("loaders")
+            if name != "loaders":  # one DALI setting at a time, two values each
+                assert args.kinds == ["dali"] and args.sizes == [384], name
+                swept = [len(args.workers), len(args.hw_decoder_load), len(args.prefetch)]
+                assert sorted(swept) == [1, 1, 2], name
+    assert seen == {"bench", "loaders"}
+
+
+def test_the_archive_leaves_out_the_largest_files_past_its_limit(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check_summary
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    out = tmp_path / "check"
+    (out / "profiles").mkdir(parents=True)
+    (out / "summary.txt").write_text("summary\n")
+    (out / "bench_384px.json").write_text('{"results": []}\n')
+    (out / "profiles" / "big.txt").write_bytes(os.urandom(3 * 2**20))  # incompressible
+    (out / "profiles" / "small.txt").write_bytes(os.urandom(2**19))
+    archive = tmp_path / "check.tar.gz"
+    assert gpu_check_summary.write_archive(out, archive, 1) == [out / "profiles" / "big.txt"]
+    assert archive.stat().st_size <= 2**20
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        omitted = tar.extractfile("check/archive_omitted.txt").read().decode()
+    assert names == {
+        "check/summary.txt", "check/bench_384px.json", "check/profiles/small.txt", "check/archive_omitted.txt"
+    }  # fmt: skip
+    assert omitted == f"{3 * 2**20}\tprofiles/big.txt\n"
+    assert gpu_check_summary.write_archive(out, archive, 60) == []  # all of it fits in 60 MiB
 
 
 @pytest.mark.skipif(
@@ -54,7 +132,7 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     stages = (out_dir / "stages.tsv").read_text().splitlines()
     status = dict(line.split("\t")[:2] for line in stages[1:])
-    assert status == {"shards": "ok", "compile": "ok", "smoke": "ok"}, stages
+    assert status == {"shards": "ok", "smoke_first": "ok", "smoke": "ok"}, stages
     first = (out_dir / "smoke" / "first.log").read_text()
     assert "killed (kill -9) after step 14 was logged" in first
     verdict = json.loads((out_dir / "smoke" / "smoke.json").read_text())
@@ -69,7 +147,12 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
     # Step 12 is mid-epoch (8 batches an epoch): the resumed run restored DALI's own checkpoint.
     assert not verdict["dali_gpu"] and verdict["dali_state_restored"]
     assert not (out_dir / "data").exists()  # the shards (gigabytes at the real size) are removed at the end
-    assert "smoke:" in (out_dir / "summary.txt").read_text()
+    assert "smoke: loss_falls True" in (out_dir / "summary.txt").read_text()
+    # Everything in one archive beside the folder, the summary and the verdict included.
+    with tarfile.open(f"{out_dir}.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"check/summary.txt", "check/stages.tsv", "check/smoke/smoke.json"} <= names
+    assert "check/archive_omitted.txt" not in names  # far under the 60 MiB limit
 
 
 @pytest.mark.slow
