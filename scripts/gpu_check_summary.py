@@ -51,6 +51,16 @@ def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
+def _loader_host_share(shards: dict, synthetic: dict | None) -> float | None:
+    """The part of a shards step in which the GPU idles beyond what it idles with batches already on it (the
+    synthetic cell): host work the loader adds to the step, which data wait alone does not show."""
+    a, b = shards.get("profile"), (synthetic or {}).get("profile")
+    if not a or not b or not a["device_busy_s_per_step"] or not b["device_busy_s_per_step"]:
+        return None
+    idle = lambda p: p["wall_s_per_step"] - p["device_busy_s_per_step"]  # noqa: E731
+    return max(0.0, idle(a) - idle(b)) / a["wall_s_per_step"]
+
+
 def goal_lines(rows: list[tuple[str, dict]], gpu: str, first: int) -> list[str]:
     """One line per goal that the cells measured: the figures, the threshold, met or MISSED."""
     cells: dict[tuple[str, int, str], dict] = {}
@@ -85,6 +95,13 @@ def goal_lines(rows: list[tuple[str, dict]], gpu: str, first: int) -> list[str]:
                 f"{size} px {label}: data wait {wait * 100:.1f}% of the step (goal < {DATA_WAIT_GOAL * 100:g}%): "
                 f"{_verdict(wait < DATA_WAIT_GOAL)}"
             )
+            loader_host = _loader_host_share(r, ours.get("synthetic"))
+            if loader_host is not None:
+                lines.append(
+                    f"{size} px {label}: the loader's host work in the step (profiled GPU idle time beyond the "
+                    f"engine's own) {loader_host * 100:.1f}% of the step (goal < {DATA_WAIT_GOAL * 100:g}%): "
+                    f"{_verdict(loader_host < DATA_WAIT_GOAL)}"
+                )
         if "synthetic" in ours and "plain" in ours:
             engine, plain = ours["synthetic"]["samples_per_s"], ours["plain"]["samples_per_s"]
             gap = 1 - engine / plain

@@ -166,3 +166,45 @@ def test_ranks_stage_says_it_skipped_without_several_gpus(tmp_path: Path) -> Non
     assert [(r[0], r[1]) for r in rows] == [("ranks", "skipped")], rows
     assert "needs 2 or more" in rows[0][3]
     assert "ranks: skipped, 0 GPU(s) here" in out.stderr
+
+
+def test_the_summary_gives_each_goal_its_figures_and_verdict(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check_summary
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def row(
+        mode: str,
+        rate: float,
+        wait: float = 0.0,
+        busy: float | None = None,
+        variant: str = "clip-infonce-dot",
+    ):
+        wall = 256 / rate
+        profile = None if busy is None else {"wall_s_per_step": wall, "device_busy_s_per_step": busy}
+        return {
+            "variant": variant, "image_size": 384, "mode": mode, "engine": "e", "samples_per_s": rate, "mfu": 0.4,
+            "data_wait_fraction": wait, "first_step_s": 1.0, "epoch_restarts": 0, "profile": profile,
+        }  # fmt: skip
+
+    out = tmp_path / "check"
+    out.mkdir()
+    (out / "machine.txt").write_text("name, memory.total\nNVIDIA H100 80GB HBM3, 81559 MiB\n")
+    # synthetic: 0.128 s a step, 0.120 busy (8 ms idle); shards: 0.1333 s, 0.120 busy (13.3 ms idle: 5.3 ms more).
+    cells = [row("synthetic", 2000, busy=0.120), row("shards", 1920, 0.01, busy=0.120), row("plain", 2050)]
+    (out / "bench_384px.json").write_text(json.dumps({"results": cells}))
+    hf = [row("plain", 900, variant="transformers-vilt")]
+    (out / "hf_vilt_384px.json").write_text(json.dumps({"results": hf}))
+    text = gpu_check_summary.summary(out, 384)
+    goals = text.split("goals (H100):\n")[1].split("\n\n")[0].splitlines()
+    assert [g.strip() for g in goals] == [
+        "384 px end to end: 1920.0 samples/s against transformers' ViLT 900.0: 2.13x (goal >= 2x): met",
+        "384 px end to end: 1920.0 samples/s (goal on an H100 >= 1900): met",
+        "384 px end to end: data wait 1.0% of the step (goal < 2%): met",
+        "384 px end to end: the loader's host work in the step (profiled GPU idle time beyond the engine's own) "
+        "4.0% of the step (goal < 2%): MISSED",
+        "384 px engine (batches on the GPU) 2000.0 against plain PyTorch 2050.0 samples/s: 2.4% slower "
+        "(goal <= 5%): met",
+    ]
