@@ -107,7 +107,8 @@ def goal_lines(rows: list[tuple[str, dict]], gpu: str, first: int) -> list[str]:
             gap = 1 - engine / plain
             lines.append(
                 f"{size} px engine (batches on the GPU) {engine:.1f} against plain PyTorch {plain:.1f} samples/s: "
-                f"{gap * 100:.1f}% slower (goal <= {ENGINE_GAP_GOAL * 100:g}%): {_verdict(gap <= ENGINE_GAP_GOAL)}"
+                f"{abs(gap) * 100:.1f}% {'slower' if gap >= 0 else 'faster'} (goal: at most "
+                f"{ENGINE_GAP_GOAL * 100:g}% slower): {_verdict(gap <= ENGINE_GAP_GOAL)}"
             )
     return lines
 

@@ -206,5 +206,5 @@ def test_the_summary_gives_each_goal_its_figures_and_verdict(tmp_path: Path) -> 
         "384 px end to end: the loader's host work in the step (profiled GPU idle time beyond the engine's own) "
         "4.0% of the step (goal < 2%): MISSED",
         "384 px engine (batches on the GPU) 2000.0 against plain PyTorch 2050.0 samples/s: 2.4% slower "
-        "(goal <= 5%): met",
+        "(goal: at most 5% slower): met",
     ]
