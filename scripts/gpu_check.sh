@@ -135,12 +135,12 @@ if (( PLAN )); then
     echo "# budget ${BUDGET} s; shard folder: $SAMPLES samples, $(( SAMPLES / BATCH )) batches of $BATCH, a timed cell reads $CELL_STEPS"
     echo "# stage, least seconds (skipped with less left), most seconds, command; as on an 80 GiB GPU"
 else
-    "$PY" -c 'import deepspeed, open_clip, transformers' 2>/dev/null \
-        || die "deepspeed, open_clip or transformers is not importable from $PY (./launch.sh setup, or set VQA_PYTHON)"
     GPU_GIB=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 if torch.cuda.is_available() else 0)')
     if [[ "$GPU_GIB" == 0 && "$ALLOW_CPU" == 0 ]]; then
         die "torch sees no CUDA GPU here (--allow-cpu checks the script itself on a CPU)"
     fi
+    "$PY" -c 'import deepspeed, open_clip, transformers' 2>/dev/null \
+        || die "deepspeed, open_clip or transformers is not importable from $PY (./launch.sh setup, or set VQA_PYTHON)"
     OUT="${OUT:-$ROOT/runs/gpu_check/$(date -u +%Y%m%dT%H%M%SZ)}"
     mkdir -p "$OUT"
     OUT="$(cd "$OUT" && pwd)"

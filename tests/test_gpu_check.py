@@ -1,5 +1,7 @@
-"""scripts/gpu_check.sh on the CPU: its options, its refusal without a GPU, and the training smoke's plumbing (shards,
-a run killed with kill -9 after its half-way checkpoint, the resumed run, the verdict file) at the tiny preset."""
+"""scripts/gpu_check.sh on the CPU: its options, its plan (the stages' order, the shard folder's size, every command
+accepted by its tool), its refusal without a GPU, the training smoke's plumbing (shards, a run killed with kill -9
+after its half-way checkpoint, the resumed run, the verdict file) at the tiny preset, the summary's goal verdicts and
+the archive's size limit."""
 
 from __future__ import annotations
 
@@ -112,7 +114,6 @@ def test_the_archive_leaves_out_the_largest_files_past_its_limit(tmp_path: Path)
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU"
 )
-@pytest.mark.slow
 def test_refuses_without_a_gpu_unless_asked(tmp_path: Path) -> None:
     out = run("--out", str(tmp_path / "r"))
     assert out.returncode == 2 and "torch sees no CUDA GPU" in out.stderr
@@ -126,13 +127,16 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
     out = run(
         # 24 steps of 32 samples: after the checkpoint at step 12 the run has ~10 steps left in which the watcher
         # must see step 14 logged and kill it (a run that ends first fails the smoke, as it should).
-        "--allow-cpu", "--no-compile", "--stages", "smoke", "--preset", "tiny", "--sizes", "32", "--batch", "32",
+        "--allow-cpu", "--no-compile", "--stages", "smoke,ranks", "--preset", "tiny", "--sizes", "32", "--batch", "32",
         "--samples", "256", "--steps", "24", "--workers", "1", "--budget", "500", "--out", str(out_dir),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     stages = (out_dir / "stages.tsv").read_text().splitlines()
     status = dict(line.split("\t")[:2] for line in stages[1:])
-    assert status == {"shards": "ok", "smoke_first": "ok", "smoke": "ok"}, stages
+    assert status == {"shards": "ok", "smoke_first": "ok", "smoke": "ok", "ranks": "skipped"}, stages
+    # The multi-rank bench (`python -m trainer.tools.bench --ranks N`) runs only where there are 2 or more GPUs.
+    assert stages[-1].split("\t")[3] == "0 GPU(s): needs 2 or more"
+    assert "ranks: skipped, 0 GPU(s) here" in out.stderr
     first = (out_dir / "smoke" / "first.log").read_text()
     assert "killed (kill -9) after step 14 was logged" in first
     verdict = json.loads((out_dir / "smoke" / "smoke.json").read_text())
@@ -153,19 +157,6 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
         names = set(tar.getnames())
     assert {"check/summary.txt", "check/stages.tsv", "check/smoke/smoke.json"} <= names
     assert "check/archive_omitted.txt" not in names  # far under the 60 MiB limit
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_ranks_stage_says_it_skipped_without_several_gpus(tmp_path: Path) -> None:
-    """The multi-rank bench (`python -m trainer.tools.bench --ranks N`) runs only where there are 2 or more GPUs."""
-    out_dir = tmp_path / "check"
-    out = run("--allow-cpu", "--stages", "ranks", "--budget", "120", "--out", str(out_dir))
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split("\t") for line in (out_dir / "stages.tsv").read_text().splitlines()[1:]]
-    assert [(r[0], r[1]) for r in rows] == [("ranks", "skipped")], rows
-    assert "needs 2 or more" in rows[0][3]
-    assert "ranks: skipped, 0 GPU(s) here" in out.stderr
 
 
 def test_the_summary_gives_each_goal_its_figures_and_verdict(tmp_path: Path) -> None:
