@@ -107,6 +107,7 @@ done
 # A timed cell reads CELL_STEPS batches from one loader; the default folder holds 2.5 batches more, and an epoch
 # that is not a whole number of batches, so that no epoch ends inside a cell's windows or its profile.
 CELL_STEPS=$(( WARMUP + STEPS * REPEATS + PROFILE_STEPS ))
+CELL=(--warmup "$WARMUP" --steps "$STEPS" --repeats "$REPEATS")  # every timed cell's options
 [[ -n "$SAMPLES" ]] || SAMPLES=$(( (CELL_STEPS + 2) * BATCH + BATCH / 2 ))
 for pair in "budget:$BUDGET" "batch:$BATCH" "samples:$SAMPLES" "steps:$SMOKE_STEPS" "workers:$WORKERS" \
     "archive-mib:$ARCHIVE_MIB"; do
@@ -288,18 +289,17 @@ fi
 
 # -- 3. the benchmark: the first size's cells, the host-worker loader, transformers' ViLT, then the other sizes -----
 if wants bench; then
-    cell=(--warmup "$WARMUP" --steps "$STEPS" --repeats "$REPEATS")
     profile=(--profile "$OUT/profiles" --profile-steps "$PROFILE_STEPS")
-    run_stage "bench_${FIRST}px" 45 240 bench --image-sizes "$FIRST" --modes synthetic,shards,plain "${cell[@]}" \
+    run_stage "bench_${FIRST}px" 45 240 bench --image-sizes "$FIRST" --modes synthetic,shards,plain "${CELL[@]}" \
         "${profile[@]}" --out "$OUT/bench_${FIRST}px.json"
     # The DALI loader's host work (JSON, tokens) in 2 processes instead of a thread of the trainer: shards mode only.
     run_stage "bench_${FIRST}px_host_workers" 30 90 bench --image-sizes "$FIRST" --modes shards \
-        --set data.host_workers=2 "${cell[@]}" "${profile[@]}" --out "$OUT/bench_${FIRST}px_host_workers.json"
+        --set data.host_workers=2 "${CELL[@]}" "${profile[@]}" --out "$OUT/bench_${FIRST}px_host_workers.json"
     # The stock reference: transformers' ViltForQuestionAnswering, eager, as its own code runs it.
-    run_stage "hf_vilt_${FIRST}px" 30 90 bench --image-sizes "$FIRST" --modes none --hf-vilt "${cell[@]}" \
+    run_stage "hf_vilt_${FIRST}px" 30 90 bench --image-sizes "$FIRST" --modes none --hf-vilt "${CELL[@]}" \
         --out "$OUT/hf_vilt_${FIRST}px.json"
     for size in "${SIZE_LIST[@]:1}"; do
-        run_stage "bench_${size}px" 45 240 bench --image-sizes "$size" --modes synthetic,shards,plain "${cell[@]}" \
+        run_stage "bench_${size}px" 45 240 bench --image-sizes "$size" --modes synthetic,shards,plain "${CELL[@]}" \
             "${profile[@]}" --out "$OUT/bench_${size}px.json"
     done
 fi
@@ -401,7 +401,7 @@ if wants zero; then
     # weights as several GPUs do (zero_configs above). Their graph compiles in the first step unless warmed above.
     for stage in 2 1; do
         run_stage "zero$stage" 40 150 bench --image-sizes "$FIRST" --modes synthetic \
-            --warmup "$WARMUP" --steps "$STEPS" --repeats "$REPEATS" --deepspeed-config "$OUT/zero/stage$stage.json" \
+            "${CELL[@]}" --deepspeed-config "$OUT/zero/stage$stage.json" \
             --out "$OUT/zero/bench_stage$stage.json"
     done
 fi
@@ -412,8 +412,7 @@ if wants ranks; then
     if (( GPU_COUNT >= 2 )); then
         # --batch-size per rank as the bench's: the graphs compiled for it serve every rank's cells.
         run_stage ranks 60 300 "$PY" -m trainer.tools.bench --ranks "$GPU_COUNT" --preset "$PRESET" --batch-size "$BATCH" \
-            --image-size "$FIRST" --set "model.compile=$COMPILE" --warmup "$WARMUP" --steps "$STEPS" \
-            --repeats "$REPEATS" --profile-steps 2 --out "$OUT/ranks/bench_ranks.json"
+            --image-size "$FIRST" --set "model.compile=$COMPILE" "${CELL[@]}" --profile-steps 2 --out "$OUT/ranks/bench_ranks.json"
     else
         note "ranks: skipped, ${GPU_COUNT} GPU(s) here (it needs 2 or more)"
         record ranks skipped 0 "${GPU_COUNT} GPU(s): needs 2 or more"

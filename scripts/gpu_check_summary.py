@@ -40,7 +40,7 @@ def bench_rows(out: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def gpu_name(rows: list[tuple[str, dict]], out: Path) -> str:
+def gpu_name(out: Path) -> str:
     """H100 or H200 where the reports' machine line names one of them, else ''."""
     text = " ".join(json.loads(f.read_text()).get("machine", "") for f in out.glob("*.json"))
     text += (out / "machine.txt").read_text() if (out / "machine.txt").is_file() else ""
@@ -134,7 +134,7 @@ def summary(out: Path, first: int) -> str:
         if restarts:
             table.append("loader epochs restarted inside the timing: " + ", ".join(restarts))
         parts.append("\n".join(table))
-        gpu = gpu_name(rows, out)
+        gpu = gpu_name(out)
         goals = goal_lines(rows, gpu, first)
         if goals:
             parts.append("goals" + (f" ({gpu})" if gpu else "") + ":\n" + "\n".join("  " + g for g in goals))

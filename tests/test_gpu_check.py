@@ -34,6 +34,16 @@ def test_help_and_bad_options() -> None:
     assert run("--budget", "zero").returncode == 2
 
 
+def summary_module():
+    """scripts/gpu_check_summary.py, imported as the script runs it (scripts/ is not a package)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check_summary
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return gpu_check_summary
+
+
 def plan(*args: str) -> tuple[list[str], list[list[str]]]:
     """`--plan`: its comment lines, and one (name, least s, most s, command) per stage in the order they run."""
     out = run("--plan", *args)
@@ -87,11 +97,7 @@ def test_every_command_of_the_plan_is_accepted_by_its_tool() -> None:
 
 
 def test_the_archive_leaves_out_the_largest_files_past_its_limit(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import gpu_check_summary
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    gpu_check_summary = summary_module()
     out = tmp_path / "check"
     (out / "profiles").mkdir(parents=True)
     (out / "summary.txt").write_text("summary\n")
@@ -160,11 +166,7 @@ def test_smoke_stage_kills_resumes_and_judges(tmp_path: Path) -> None:
 
 
 def test_the_summary_gives_each_goal_its_figures_and_verdict(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import gpu_check_summary
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    gpu_check_summary = summary_module()
 
     def row(
         mode: str,
